@@ -1,0 +1,612 @@
+"""Backbone feature maps (torchvision models or any ``nn.Module``) as an sklearn transformer.
+
+torchvision is imported only when a backbone is built by name, so importing this
+module needs torch alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import pickle
+import threading
+from collections.abc import Mapping
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+from sklearn_compat.utils.validation import check_array, validate_data
+
+__all__ = ["FeatureExtractor"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESNET_LAYERS = ("layer1", "layer2", "layer3")
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _resolve_device(device) -> torch.device:
+    """``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda[:i]"``, ``"mps"`` or a device."""
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'mps' or a torch.device"
+        ) from exc
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if dev.type not in available:
+        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
+    if not available[dev.type]:
+        raise ValueError(f"device {device!r} was requested but {dev.type} is not available here")
+    return dev
+
+
+def _init_seed(random_state) -> int:
+    """Seed for the backbone's random initialisation; never reads a global RNG."""
+    if random_state is None:
+        return torch.Generator().seed()  # fresh OS entropy, local generator
+    if isinstance(random_state, Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _is_weight_file(weights) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    return (
+        "/" in weights
+        or os.sep in weights
+        or weights.endswith(_WEIGHT_FILE_SUFFIXES)
+        or Path(weights).exists()
+    )
+
+
+def _load_state_dict(path) -> Mapping:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with clear errors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {os.fspath(path)!r} does not exist")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(
+            f"could not read {os.fspath(path)!r} with torch.load(weights_only=True); save "
+            f"the weights with torch.save(model.state_dict(), path): {exc}"
+        ) from exc
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"{os.fspath(path)!r} holds a {type(state_dict).__name__}, not a state_dict; "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return state_dict
+
+
+def _load_into(model: torch.nn.Module, path) -> None:
+    try:
+        model.load_state_dict(_load_state_dict(path), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the state_dict in {os.fspath(path)!r} does not match the backbone: {exc}"
+        ) from exc
+
+
+def _weight_enum(models, name: str, weights: str):
+    """torchvision weights enum member for ``weights`` ("IMAGENET1K_V1", "DEFAULT" or
+    "ResNet18_Weights.IMAGENET1K_V1") of model ``name``."""
+    enum_cls = models.get_model_weights(name)
+    prefix, _, member = weights.rpartition(".")
+    if prefix not in ("", enum_cls.__name__) or member not in enum_cls.__members__:
+        valid = ", ".join(enum_cls.__members__)
+        raise ValueError(
+            f"unknown weights {weights!r} for backbone {name!r}; torchvision offers "
+            f"{enum_cls.__name__}.{{{valid}}}, or pass a path to a state_dict file"
+        )
+    return enum_cls[member]
+
+
+def _build_torchvision(name: str, weights, seed: int) -> torch.nn.Module:
+    """Build torchvision classification model ``name``; random init is seeded by ``seed``
+    inside :func:`torch.random.fork_rng`, so the global RNG comes out unchanged."""
+    try:
+        import torchvision.models as models
+    except ImportError as exc:
+        raise ImportError(
+            f"building backbone {name!r} by name needs torchvision; install it or pass "
+            "an nn.Module as backbone"
+        ) from exc
+    names = models.list_models(module=models)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown backbone {name!r}{hint} torchvision classification models include "
+            f"{', '.join(names[:8])}, ... ({len(names)} in all, see "
+            "torchvision.models.list_models()); or pass an nn.Module"
+        )
+    from_file = weights is not None and _is_weight_file(weights)
+    enum = None if weights is None or from_file else _weight_enum(models, name, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        try:
+            model = models.get_model(name, weights=enum)
+        except (OSError, RuntimeError) as exc:
+            if enum is None:
+                raise
+            raise ValueError(
+                f"could not load torchvision weights {enum} (downloaded on first use, then "
+                "cached under torch.hub.get_dir()); without network access, pass the path of "
+                f"a local state_dict file as weights instead: {exc}"
+            ) from exc
+    if from_file:
+        _load_into(model, weights)
+    return model
+
+
+def _check_layers(model: torch.nn.Module, layers) -> tuple[str, ...]:
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    top = ", ".join(name for name, _ in model.named_children())
+    if layers is None:
+        if all(name in modules for name in _RESNET_LAYERS):
+            return _RESNET_LAYERS
+        raise ValueError(
+            f"layers=None means {_RESNET_LAYERS} and works only for ResNet-style backbones; "
+            f"name the layers of this backbone explicitly (its top-level modules: {top})"
+        )
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers is empty; name at least one module of the backbone")
+    bad_type = [layer for layer in layers if not isinstance(layer, str)]
+    if bad_type:
+        raise TypeError(f"layers must be module names (str), got {bad_type!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} name a module more than once")
+    for layer in layers:
+        if layer not in modules:
+            close = difflib.get_close_matches(layer, modules, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"backbone has no module named {layer!r}.{hint} Names are those of "
+                f"dict(backbone.named_modules()); its top-level modules are: {top}"
+            )
+    return layers
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end a forward pass once every layer is captured."""
+
+
+def _forward_layers(model, layers, x, stop_after=None) -> tuple[dict, int]:
+    """Run ``model(x)`` with forward hooks on ``layers``.
+
+    Returns the output of each hooked layer (its last call) and the number of hook
+    calls; the forward stops after ``stop_after`` calls when given. Hooks are removed
+    on exit and ignore forwards run by other threads on the same model.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    calls = 0
+    thread = threading.get_ident()
+
+    def make_hook(name):
+        def hook(module, args, output):
+            nonlocal calls
+            if threading.get_ident() != thread:
+                return
+            outputs[name] = output
+            calls += 1
+            if calls == stop_after:
+                raise _StopForward
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, calls
+
+
+def _embed(outputs: dict, layers) -> torch.Tensor:
+    """Resize every layer's map to the first layer's grid (nearest) and concatenate."""
+    size = outputs[layers[0]].shape[-2:]
+    maps = [F.interpolate(outputs[name], size=size, mode="nearest") for name in layers]
+    return torch.cat(maps, dim=1)
+
+
+def _first_conv_in_channels(model) -> int | None:
+    convs = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    return next((conv.in_channels for conv in convs), None)
+
+
+def _channels_last_hint(shape, channels) -> str:
+    if len(shape) == 4 and shape[-1] == channels:
+        return "; X looks channels-last (N, H, W, C): pass X.transpose(0, 3, 1, 2)"
+    return ""
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Multi-layer CNN feature maps, resized to a common grid and concatenated.
+
+    The transformer behind PaDiM, PatchCore and DFM: images go through a CNN
+    backbone, forward hooks capture the output maps of the named ``layers``,
+    each map is resized to the grid of the first layer by nearest-neighbour
+    interpolation and the maps are concatenated along channels, as anomalib's
+    ``FeatureExtractor`` followed by PaDiM's ``generate_embedding`` do.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="resnet18"
+        Name of a torchvision classification model (any name of
+        ``torchvision.models.list_models(module=torchvision.models)``, built with
+        ``torchvision.models.get_model``), or a module. A module is deep-copied
+        in ``fit``: the one you pass is never changed.
+    layers : sequence of str or None, default=None
+        Names of the modules whose outputs are used, as in
+        ``dict(backbone.named_modules())``; each must output a 4-D map. The
+        output concatenates them in this order, on the first layer's grid.
+        ``None`` means ``("layer1", "layer2", "layer3")`` (PaDiM's choice; PatchCore
+        uses ``("layer2", "layer3")``) and is accepted only for ResNet-style
+        backbones; name the layers explicitly for any other model.
+    weights : None, str or path-like, default=None
+        ``None``: random initialisation (torchvision's scheme, seeded by
+        ``random_state``). A str that is a torchvision weight name of the
+        backbone (``"IMAGENET1K_V1"``, ``"DEFAULT"`` or
+        ``"ResNet18_Weights.IMAGENET1K_V1"``): downloaded on first use into
+        ``torch.hub.get_dir()``, which needs network access. Otherwise a path (a
+        ``PathLike``, or a str containing a path separator, ending in .pt, .pth,
+        .bin or .ckpt, or naming an existing file) to a state_dict saved with
+        ``torch.save(model.state_dict(), path)``, read with
+        ``torch.load(path, weights_only=True, map_location="cpu")`` and loaded
+        strictly. For a module backbone, weights may only be a path.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the random initialisation when ``weights`` is None and the
+        backbone is given by name; the same value gives identical features.
+        ``None`` draws fresh entropy. Unused for a module backbone.
+    normalize : bool, default=True
+        Standardise inputs with the ImageNet mean and std (the statistics of
+        torchvision's pretrained weights). Inputs are then expected as RGB in
+        [0, 1], with 3 channels. Set False for other inputs.
+    batch_size : int, default=32
+        Number of images per forward pass; results do not depend on it.
+    device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` picks CUDA, then MPS, then the CPU.
+    verbose : bool, default=False
+        Show a tqdm progress bar over batches in :meth:`transform`.
+
+    Attributes
+    ----------
+    model_ : torch.nn.Module
+        The backbone on the CPU, in eval mode, float32, without gradients.
+    layers_ : tuple of str
+        The layers used (``layers`` resolved).
+    n_features_in_ : int
+        Number of input channels seen in ``fit`` (the channel axis plays the role
+        of scikit-learn's feature axis).
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names, when ``fit`` got 2-D input with string column names.
+    feature_shape_ : tuple of int
+        ``(C_out, H_out, W_out)`` of one transformed sample of the spatial size seen
+        in ``fit``; ``C_out`` is the sum of the layers' channels.
+
+    See Also
+    --------
+    skanomaly.PaDiMDetector, skanomaly.PatchCoreDetector : Detectors on these maps.
+
+    Notes
+    -----
+    Input ``X`` of shape (n_samples, C, H, W) is a numpy array, any array-like or
+    a torch tensor on any device; it is never modified. uint8 input is scaled by
+    1/255 (other integer types are converted to float unscaled); computation is
+    float32. 2-D input (n_samples, C) is read as (n_samples, C, 1, 1), the
+    convention of skanomaly's spatial detectors, so scikit-learn's common checks
+    can run with a channel-agnostic backbone. CNNs are fully convolutional, so
+    :meth:`transform` accepts any spatial size; only the channel count is fixed
+    by ``fit``. ``fit`` runs one sample through the backbone to check the layers
+    and find ``feature_shape_``; it learns nothing from the data.
+
+    Each hooked layer contributes its output from its last call in the forward
+    pass; the forward stops as soon as the last needed hook has fired (for a
+    ResNet with layers up to ``layer3``, ``layer4`` and the head are skipped),
+    which assumes the network runs the same modules for every input, as
+    torchvision's classification models do.
+
+    The random initialisation runs torchvision's initialisers under
+    :func:`torch.random.fork_rng` with the CPU generator seeded by
+    ``random_state``: the global RNG state is restored afterwards, but another
+    thread drawing from it while a backbone is built would be disturbed.
+    Features of a randomly initialised backbone carry little information;
+    anomaly detection needs pretrained weights (a weight name with network
+    access, or a state_dict file).
+
+    The fitted transformer pickles with the CPU backbone; device copies are
+    rebuilt on demand.
+
+    References
+    ----------
+    .. [1] T. Defard, A. Setkov, A. Loesch and R. Audigier, "PaDiM: a Patch
+       Distribution Modeling Framework for Anomaly Detection and Localization",
+       ICPR Workshops, 2020.
+    .. [2] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR, 2022.
+    .. [3] anomalib, ``anomalib.models.components.FeatureExtractor`` and
+       ``TimmFeatureExtractor``; PaDiM's ``generate_embedding``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skanomaly.features import FeatureExtractor
+    >>> X = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    >>> fe = FeatureExtractor("resnet18", random_state=0).fit(X)
+    >>> fe.transform(X).shape
+    (2, 448, 8, 8)
+
+    Any module works; name the layers to hook:
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+    ...                           torch.nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    >>> fe = FeatureExtractor(net, layers=["0", "1"], normalize=False).fit(X)
+    >>> fe.feature_shape_
+    (12, 32, 32)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, torch.nn.Module],
+        "layers": [None, list, tuple],
+        "weights": [None, str, os.PathLike],
+        "random_state": ["random_state"],
+        "normalize": ["boolean"],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone="resnet18",
+        layers=None,
+        *,
+        weights=None,
+        random_state=None,
+        normalize=True,
+        batch_size=32,
+        device="auto",
+        verbose=False,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.random_state = random_state
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_device_cache", None)  # device copies of model_: rebuilt on demand
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the backbone and check it on one sample of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Images (see Notes of the class for dtypes and the 2-D form).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : FeatureExtractor
+            The fitted transformer.
+
+        Raises
+        ------
+        ValueError
+            Unknown backbone, layer, weight name or device; weights that cannot be
+            downloaded or do not match the backbone; ``layers=None`` for a
+            non-ResNet backbone; a layer whose output is not a 4-D map; X not 2-D
+            or 4-D, empty, holding NaN or infinity, with a channel count the
+            backbone (or ``normalize=True``, which needs 3) cannot take.
+        FileNotFoundError
+            If ``weights`` names a file that does not exist.
+        TypeError
+            If a layer name is not a str.
+        ImportError
+            If ``backbone`` is a name and torchvision is not installed.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly.features import FeatureExtractor
+        >>> X = np.zeros((1, 3, 64, 64), dtype=np.float32)
+        >>> fe = FeatureExtractor(layers=["layer2", "layer3"], random_state=0).fit(X)
+        >>> fe.layers_, fe.feature_shape_
+        (('layer2', 'layer3'), (384, 8, 8))
+        """
+        device = _resolve_device(self.device)
+        X = self._validate_input(X, reset=True)
+        shape = tuple(X.shape)
+        if self.normalize and shape[1] != 3:
+            raise ValueError(
+                "normalize=True standardises RGB input with ImageNet statistics and needs "
+                f"3 channels, but X has {shape[1]} (axis 1){_channels_last_hint(shape, 3)}; "
+                "pass normalize=False for other inputs"
+            )
+        if isinstance(self.backbone, torch.nn.Module):
+            model = copy.deepcopy(self.backbone)
+            if self.weights is not None:
+                _load_into(model, self.weights)
+        else:
+            model = _build_torchvision(self.backbone, self.weights, _init_seed(self.random_state))
+        model.to("cpu", torch.float32).eval().requires_grad_(False)
+        layers = _check_layers(model, self.layers)
+        self.model_, self.layers_ = model, layers
+        self.__dict__.pop("_device_cache", None)
+        with torch.inference_mode():
+            try:
+                outputs, self._n_hook_calls = _forward_layers(
+                    self._model_on(device), layers, self._to_batch(X[:1], device)
+                )
+            except RuntimeError as exc:
+                expected = _first_conv_in_channels(model)
+                problem = f"the backbone failed on X[:1] of shape {(1, *shape[1:])}"
+                if expected is not None and expected != shape[1]:
+                    problem = (
+                        f"X has {shape[1]} channels (axis 1), but the backbone's first "
+                        f"convolution takes {expected}{_channels_last_hint(shape, expected)}"
+                    )
+                raise ValueError(f"{problem}: {exc}") from exc
+        for name in layers:
+            out = outputs.get(name)
+            if not isinstance(out, torch.Tensor) or out.ndim != 4:
+                got = "was not called" if out is None else (
+                    f"gave {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                    else f"gave a {type(out).__name__}"
+                )
+                raise ValueError(
+                    f"layer {name!r} must output a 4-D feature map (N, C, H, W) but {got} "
+                    "in the forward pass; pick convolutional stages"
+                )
+        self.feature_shape_ = tuple(_embed(outputs, layers).shape[1:])
+        return self
+
+    def transform(self, X):
+        """Concatenated, resized feature maps of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Images with the channel count seen in ``fit``; any spatial size.
+
+        Returns
+        -------
+        features : numpy.ndarray of float32, shape (n_samples, C_out, H_out, W_out)
+            The layers' maps on the first layer's grid, concatenated along
+            channels in the order of ``layers_``.
+
+        Raises
+        ------
+        ValueError
+            If X is not 2-D or 4-D, is empty, holds NaN or infinity, or has a channel
+            count other than ``n_features_in_``.
+        sklearn.exceptions.NotFittedError
+            If called before ``fit``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly.features import FeatureExtractor
+        >>> X = np.full((3, 3, 32, 32), 128, dtype=np.uint8)  # uint8 is scaled by 1/255
+        >>> fe = FeatureExtractor(random_state=0, batch_size=2).fit(X)
+        >>> Z = fe.transform(X)
+        >>> Z.shape, Z.dtype
+        ((3, 448, 8, 8), dtype('float32'))
+        """
+        check_is_fitted(self)
+        X = self._validate_input(X, reset=False)
+        device = _resolve_device(self.device)
+        model = self._model_on(device)
+        starts = range(0, X.shape[0], self.batch_size)
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="FeatureExtractor", unit="batch")
+        features = None
+        with torch.inference_mode():
+            for start in starts:
+                batch = self._to_batch(X[start : start + self.batch_size], device)
+                outputs, _ = _forward_layers(model, self.layers_, batch, self._n_hook_calls)
+                maps = _embed(outputs, self.layers_).cpu().numpy()
+                if features is None:
+                    features = np.empty((X.shape[0], *maps.shape[1:]), dtype=np.float32)
+                features[start : start + len(maps)] = maps
+        return features
+
+    def _validate_input(self, X, *, reset: bool):
+        """Check X (2-D or 4-D, non-empty, finite) and track ``n_features_in_`` (channels).
+
+        Returns a numpy array or a detached tensor on its own device.
+        """
+        if isinstance(X, torch.Tensor):
+            arr = X.detach()
+            if arr.is_complex():
+                raise ValueError("Complex data not supported")
+        else:
+            arr = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+        shape = tuple(arr.shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(
+                f"X must be 4-D (n_samples, channels, height, width), or 2-D (n_samples, "
+                f"channels) read as 1x1 images; got {len(shape)}-D with shape {shape}"
+            )
+        if shape[0] < 1:
+            raise ValueError(f"X has 0 samples (shape {shape}); at least 1 is required")
+        if isinstance(arr, torch.Tensor) and arr.is_floating_point():
+            if not bool(torch.isfinite(arr).all()):
+                kind = "NaN" if bool(torch.isnan(arr).any()) else "infinity"
+                raise ValueError(f"Input X contains {kind}.")
+        if not reset and shape[1] != self.n_features_in_:
+            hint = _channels_last_hint(shape, self.n_features_in_)
+            if hint:
+                raise ValueError(
+                    f"X has {shape[1]} channels (axis 1), but {type(self).__name__} was "
+                    f"fitted on {self.n_features_in_}{hint}"
+                )
+        validate_data(self, X, skip_check_array=True, reset=reset)
+        return arr
+
+    def _to_batch(self, batch, device: torch.device) -> torch.Tensor:
+        """A float32 (n, C, H, W) copy of ``batch`` on ``device``, scaled and normalised."""
+        is_array = isinstance(batch, np.ndarray)
+        # torch.tensor copies, so read-only and memory-mapped arrays work; a tensor
+        # is copied too, so that nothing downstream can write into the caller's data
+        t = torch.tensor(batch) if is_array else batch
+        scale = t.dtype == torch.uint8
+        t = t.to(device=device, dtype=torch.float32, copy=not is_array)
+        if scale:
+            t /= 255
+        if t.ndim == 2:
+            t = t[:, :, None, None]
+        if self.normalize:
+            mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+            t = (t - mean) / std
+        return t
+
+    def _model_on(self, device: torch.device) -> torch.nn.Module:
+        """``model_`` on ``device``: itself on the CPU, else a cached copy."""
+        if device.type == "cpu":
+            return self.model_
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            cache.clear()
+            cache[device] = copy.deepcopy(self.model_).to(device)
+        return cache[device]

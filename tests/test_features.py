@@ -1,0 +1,367 @@
+"""Tests of skanomaly.features.FeatureExtractor.
+
+References are computed independently: forward passes written out stage by stage,
+ImageNet normalisation in numpy and nearest-neighbour resizing by numpy indexing
+(PyTorch's "nearest" rule, source index floor(i * in / out)).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import subprocess
+import sys
+import urllib.error
+from collections import OrderedDict
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.base import clone
+from sklearn.utils._param_validation import InvalidParameterError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+from torch.nn.utils import skip_init
+
+from skanomaly.features import FeatureExtractor
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def tiny_net(seed=0, first_inplace_relu=False):
+    """Three small convs (16x16 -> 16, 8, 4), initialised from a local generator only."""
+    gen = torch.Generator().manual_seed(seed)
+    stages = [("c1", skip_init(nn.Conv2d, 3, 4, 3, padding=1)), ("r1", nn.ReLU())]
+    stages += [("c2", skip_init(nn.Conv2d, 4, 6, 3, stride=2, padding=1)), ("r2", nn.ReLU())]
+    stages += [("c3", skip_init(nn.Conv2d, 6, 5, 3, stride=2, padding=1))]
+    if first_inplace_relu:
+        stages.insert(0, ("r0", nn.ReLU(inplace=True)))
+    net = nn.Sequential(OrderedDict(stages))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def channel_free_net():
+    """Parameter-free layers that take any channel count and 1x1 maps (common checks)."""
+    return nn.Sequential(OrderedDict(pool=nn.AvgPool2d(1), act=nn.ReLU()))
+
+
+def nearest(a, size):
+    """Nearest resize of (N, C, h, w) to ``size`` by numpy indexing (torch's 'nearest')."""
+    rows = np.arange(size[0]) * a.shape[2] // size[0]
+    cols = np.arange(size[1]) * a.shape[3] // size[1]
+    return a[:, :, rows][:, :, :, cols]
+
+
+def concat_on_first_grid(maps):
+    size = maps[0].shape[2:]
+    return np.concatenate([nearest(m, size) for m in maps], axis=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def fitted_resnet(images):
+    return FeatureExtractor("resnet18", random_state=0, device="cpu").fit(images)
+
+
+@parametrize_with_checks(
+    [FeatureExtractor(channel_free_net(), ["pool", "act"], normalize=False, device="cpu")]
+)
+def test_sklearn_compatible(estimator, check):
+    # 2-D input (n, D) is read as (n, D, 1, 1) images; a channel-agnostic backbone lets
+    # every common check run, none is expected to fail.
+    check(estimator)
+
+
+# ----------------------------------------------------------------- reference values
+def test_resnet_matches_hand_written_forward(fitted_resnet, images):
+    m = fitted_resnet.model_
+    x = torch.from_numpy((images - MEAN) / STD)
+    with torch.no_grad():
+        x1 = m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))
+        x2 = m.layer2(x1)
+        x3 = m.layer3(x2)
+    expected = concat_on_first_grid([x1.numpy(), x2.numpy(), x3.numpy()])
+    features = fitted_resnet.transform(images)
+    assert features.dtype == np.float32
+    assert features.shape == (4, 64 + 128 + 256, 8, 8) == (4, *fitted_resnet.feature_shape_)
+    assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [["c1", "c3"], ["c3", "r1", "c2"]])
+def test_module_backbone_matches_stagewise_forward(layers):
+    net = tiny_net()
+    x = np.random.default_rng(1).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    outputs, h = {}, torch.from_numpy(x)
+    with torch.no_grad():
+        for name, stage in net.named_children():
+            h = outputs[name] = stage(h)
+    expected = concat_on_first_grid([outputs[name].numpy() for name in layers])
+    fe = FeatureExtractor(net, layers, normalize=False, device="cpu").fit(x)
+    assert fe.layers_ == tuple(layers)
+    assert_allclose(fe.transform(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_transform_stops_after_last_needed_layer(fitted_resnet, images):
+    calls = []
+    handle = fitted_resnet.model_.layer4.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fitted_resnet.transform(images[:1])
+    finally:
+        handle.remove()
+    assert calls == []
+    assert all(not m._forward_hooks for m in fitted_resnet.model_.modules())
+
+
+def test_other_spatial_size_and_input_forms(fitted_resnet, images):
+    big = np.random.default_rng(2).random((2, 3, 64, 64), dtype=np.float32)
+    assert fitted_resnet.transform(big).shape == (2, 448, 16, 16)
+    ref = fitted_resnet.transform(images)
+    assert_array_equal(fitted_resnet.transform(torch.from_numpy(images)), ref)
+    assert_allclose(fitted_resnet.transform(images.astype(np.float64)), ref, atol=1e-6)
+    assert_allclose(fitted_resnet.transform(images.tolist()), ref, atol=1e-6)
+
+
+def test_2d_input_is_read_as_1x1_images():
+    X = np.random.default_rng(3).normal(size=(5, 7))
+    fe = FeatureExtractor(channel_free_net(), ["pool", "act"], normalize=False).fit(X)
+    assert fe.n_features_in_ == 7
+    assert_array_equal(fe.transform(X), fe.transform(X[:, :, None, None]))
+    assert_allclose(fe.transform(X)[:, 7:, 0, 0], np.maximum(X, 0), rtol=1e-6)
+
+
+def test_uint8_is_scaled_by_1_over_255(fitted_resnet):
+    X = np.random.default_rng(4).integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
+    expected = fitted_resnet.transform(X.astype(np.float32) / np.float32(255))
+    assert_allclose(fitted_resnet.transform(X), expected, rtol=1e-6, atol=1e-6)
+    assert_allclose(fitted_resnet.transform(torch.from_numpy(X)), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batch_size_does_not_change_results(fitted_resnet, images, batch_size):
+    fe = copy.deepcopy(fitted_resnet).set_params(batch_size=batch_size)
+    expected = fitted_resnet.transform(images)  # one batch of 4
+    # other batch shapes may pick other conv algorithms: float32 round-off only
+    assert_allclose(fe.transform(images), expected, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------- reproducibility, RNG
+def test_random_state_reproducible_and_global_rng_untouched(fitted_resnet, images):
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    same = FeatureExtractor("resnet18", random_state=0, device="cpu").fit(images)
+    other = FeatureExtractor("resnet18", random_state=1, device="cpu").fit(images)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.random.get_state()[1].tolist() == np_state[1].tolist()
+    assert_array_equal(same.transform(images), fitted_resnet.transform(images))
+    assert not np.allclose(other.transform(images), fitted_resnet.transform(images))
+
+
+def test_unseeded_fit_leaves_global_rng_untouched(images):
+    torch_state = torch.get_rng_state()
+    FeatureExtractor(tiny_net(), ["c1"], normalize=False, device="cpu").fit(images)
+    # random_state=None draws OS entropy, not the global generator
+    FeatureExtractor("squeezenet1_1", ["features.3"], device="cpu").fit(images)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_pickle_joblib_clone_round_trips(fitted_resnet, images, tmp_path):
+    expected = fitted_resnet.transform(images)
+    assert_array_equal(pickle.loads(pickle.dumps(fitted_resnet)).transform(images), expected)
+    joblib.dump(fitted_resnet, tmp_path / "fe.joblib")
+    assert_array_equal(joblib.load(tmp_path / "fe.joblib").transform(images), expected)
+    assert_array_equal(clone(fitted_resnet).fit(images).transform(images), expected)
+
+
+def test_inputs_are_not_modified(images):
+    net = tiny_net(first_inplace_relu=True)  # would write into its input if given it
+    X = images - 0.5
+    for data in (X, torch.from_numpy(X), (images * 255).astype(np.uint8)):
+        before = copy.deepcopy(data)
+        fe = FeatureExtractor(net, ["c1", "c2"], normalize=False, device="cpu")
+        fe.fit(data).transform(data)
+        assert_array_equal(np.asarray(data), np.asarray(before))
+    params = [p.clone() for p in net.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(params, net.parameters()))
+    assert all(p.requires_grad for p in net.parameters()) and net.training
+
+
+def test_read_only_input(fitted_resnet, images):
+    X = images.copy()
+    X.setflags(write=False)
+    assert_array_equal(fitted_resnet.transform(X), fitted_resnet.transform(images))
+
+
+# ------------------------------------------------------------------------- weights
+def test_state_dict_file_round_trip(fitted_resnet, images, tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(fitted_resnet.model_.state_dict(), path)
+    expected = fitted_resnet.transform(images)
+    # random_state=1 would give other weights: equality shows the file was loaded
+    by_name = FeatureExtractor("resnet18", weights=str(path), random_state=1, device="cpu")
+    assert_allclose(by_name.fit(images).transform(images), expected, rtol=0, atol=0)
+    other = FeatureExtractor("resnet18", random_state=1, device="cpu").fit(images).model_
+    as_module = FeatureExtractor(other, weights=path, device="cpu").fit(images)
+    assert_allclose(as_module.transform(images), expected, rtol=0, atol=0)
+    assert not torch.equal(other.conv1.weight, fitted_resnet.model_.conv1.weight)
+
+
+def test_state_dict_errors(fitted_resnet, images, tmp_path):
+    small = tmp_path / "small.pt"
+    torch.save(tiny_net().state_dict(), small)
+    with pytest.raises(ValueError, match="does not match the backbone"):
+        FeatureExtractor(copy.deepcopy(fitted_resnet.model_), weights=small).fit(images)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureExtractor(tiny_net(), ["c1"], weights=tmp_path / "none.pt").fit(images)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureExtractor(tiny_net(), ["c1"], weights="IMAGENET1K_V1").fit(images)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match="not a state_dict"):
+        FeatureExtractor(tiny_net(), ["c1"], weights=listed).fit(images)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="torch.load"):
+        FeatureExtractor(tiny_net(), ["c1"], weights=garbage).fit(images)
+
+
+def test_weight_name_without_network(monkeypatch, tmp_path, images):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    for name in ("IMAGENET1K_V1", "SqueezeNet1_1_Weights.DEFAULT"):
+        fe = FeatureExtractor("squeezenet1_1", ["features.3"], weights=name)
+        with pytest.raises(ValueError, match="without network access.*state_dict"):
+            fe.fit(images)
+
+
+@pytest.mark.parametrize(
+    "weights", ["IMAGENET9K_V1", "ResNet50_Weights.IMAGENET1K_V1", "resnet18.IMAGENET1K_V1"]
+)
+def test_unknown_weight_name(weights, images):
+    with pytest.raises(ValueError, match="unknown weights.*ResNet18_Weights"):
+        FeatureExtractor("resnet18", weights=weights).fit(images)
+
+
+# -------------------------------------------------------------------- other errors
+def test_unknown_backbone_and_layers(images):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet81'.*resnet18.*list_models"):
+        FeatureExtractor("resnet81").fit(images)
+    with pytest.raises(ValueError, match="no module named 'layr2'.*'layer2'"):
+        FeatureExtractor("resnet18", ["layer1", "layr2"], random_state=0).fit(images)
+    with pytest.raises(ValueError, match="only for ResNet-style"):
+        FeatureExtractor(tiny_net(), normalize=False).fit(images)
+    with pytest.raises(ValueError, match="more than once"):
+        FeatureExtractor(tiny_net(), ["c1", "c1"]).fit(images)
+    with pytest.raises(ValueError, match="empty"):
+        FeatureExtractor(tiny_net(), []).fit(images)
+    with pytest.raises(TypeError, match="module names"):
+        FeatureExtractor(tiny_net(), ["c1", 2]).fit(images)
+    with pytest.raises(InvalidParameterError, match="layers"):
+        FeatureExtractor(tiny_net(), "c1").fit(images)
+    with pytest.raises(InvalidParameterError, match="batch_size"):
+        FeatureExtractor(tiny_net(), ["c1"], batch_size=0).fit(images)
+
+
+class _Partial(nn.Module):
+    """tiny_net, then a flatten; ``unused`` is registered but never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.flat, self.unused = tiny_net(), nn.Flatten(), nn.Identity()
+
+    def forward(self, x):
+        return self.flat(self.body(x))
+
+
+@pytest.mark.parametrize(
+    "layer, match", [("flat", "gave \\(1, 80\\)"), ("unused", "was not called")]
+)
+def test_layer_without_feature_map(images, layer, match):
+    fe = FeatureExtractor(_Partial(), ["body.c1", layer], normalize=False)
+    with pytest.raises(ValueError, match=f"{layer!r} must output a 4-D.*{match}"):
+        fe.fit(images[:, :, :16, :16])
+
+
+@pytest.mark.parametrize(
+    "X, match",
+    [
+        (np.zeros((2, 3, 32)), "must be 4-D"),
+        (torch.zeros(3, 32, 32), "must be 4-D"),
+        (np.zeros(3), "Expected 2D array"),
+        (np.zeros((0, 3, 32, 32)), "0 sample"),
+        (torch.zeros(0, 3, 32, 32), "0 samples"),
+        (np.full((1, 3, 32, 32), np.nan), "NaN"),
+        (torch.full((1, 3, 32, 32), float("inf")), "infinity"),
+        (np.zeros((2, 32, 32, 3)), "channels-last.*transpose"),
+        (np.zeros((2, 4, 32, 32)), "needs 3 channels"),
+    ],
+)
+def test_bad_input_in_fit(X, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureExtractor(tiny_net(), ["c1"], device="cpu").fit(X)
+
+
+def test_channel_mismatch_diagnosed_from_first_conv():
+    fe = FeatureExtractor(tiny_net(), ["c1"], normalize=False, device="cpu")
+    with pytest.raises(ValueError, match="channels.*first convolution takes 3.*transpose"):
+        fe.fit(np.zeros((2, 32, 32, 3)))
+
+
+def test_bad_input_in_transform(fitted_resnet, images):
+    with pytest.raises(ValueError, match="channels-last.*transpose"):
+        fitted_resnet.transform(images.transpose(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="X has 4 features.*expecting 3"):
+        fitted_resnet.transform(np.zeros((1, 4, 32, 32)))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted_resnet.transform(torch.full((1, 3, 32, 32), float("nan")))
+
+
+def test_device_errors(images):
+    with pytest.raises(ValueError, match="unknown device"):
+        FeatureExtractor(tiny_net(), ["c1"], device="gpu").fit(images)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            FeatureExtractor(tiny_net(), ["c1"], device="cuda").fit(images)
+
+
+def test_device_results_match_cpu(device, images):
+    net, layers = tiny_net(), ["c1", "c3"]
+    X = images[:, :, :16, :16]
+    expected = FeatureExtractor(net, layers, device="cpu").fit(X).transform(X)
+    fe = FeatureExtractor(net, layers, device=device).fit(X)
+    # TF32 convolutions on recent GPUs agree with the CPU to about 1e-3
+    assert_allclose(fe.transform(torch.from_numpy(X).to(device)), expected, atol=2e-3)
+    assert next(fe.model_.parameters()).device.type == "cpu"
+    assert "_device_cache" not in pickle.loads(pickle.dumps(fe)).__dict__
+
+
+def test_verbose_progress_bar(images, capsys):
+    fe = FeatureExtractor(tiny_net(), ["c1"], verbose=True, batch_size=2, device="cpu")
+    fe.fit(images).transform(images)
+    assert "FeatureExtractor" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_import_without_torchvision():
+    code = (
+        "import sys; sys.modules['torchvision'] = None\n"
+        "import numpy as np, torch, skanomaly.features as f\n"
+        "X = np.zeros((1, 3, 8, 8), np.float32)\n"
+        "f.FeatureExtractor(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)), ['0']).fit(X)\n"
+        "try:\n    f.FeatureExtractor('resnet18').fit(X)\n"
+        "except ImportError as e:\n    print('ImportError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ImportError" in out.stdout and "needs torchvision" in out.stdout
