@@ -1,0 +1,37 @@
+"""Pure PyTorch kernels of skanomaly.
+
+Tensors in, tensors out: dtype and device follow the input, inputs are never
+mutated, and nothing here imports numpy or scikit-learn. The estimators in
+:mod:`skanomaly` are thin layers over these functions.
+"""
+
+from .covariance import MomentAccumulator, cov
+from .decomposition import PCAFit, pca_fit, pca_inverse_transform, pca_transform
+from .kde import gaussian_kde_logpdf, kde_covariance
+from .mahalanobis import mahalanobis, mahalanobis_woodbury, regularized_cholesky, woodbury_factor
+from .neighbors import knn_distances, pairwise_sq_distances
+from .sampling import johnson_lindenstrauss_min_dim, k_center_greedy, sparse_random_projection_matrix
+from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
+
+__all__ = [
+    "cov",
+    "MomentAccumulator",
+    "regularized_cholesky",
+    "mahalanobis",
+    "woodbury_factor",
+    "mahalanobis_woodbury",
+    "PCAFit",
+    "pca_fit",
+    "pca_transform",
+    "pca_inverse_transform",
+    "gaussian_kde_logpdf",
+    "kde_covariance",
+    "knn_distances",
+    "pairwise_sq_distances",
+    "k_center_greedy",
+    "johnson_lindenstrauss_min_dim",
+    "sparse_random_projection_matrix",
+    "gaussian_kernel1d",
+    "gaussian_blur2d",
+    "upsample_bilinear",
+]

@@ -1,0 +1,250 @@
+"""Principal component analysis by SVD, with scikit-learn's semantics.
+
+:func:`pca_fit` reproduces :class:`sklearn.decomposition.PCA` with
+``svd_solver="full"`` and ``whiten=False`` (sample variance with ``ddof=1``,
+deterministic component signs, fractional ``n_components``);
+:func:`pca_transform` and :func:`pca_inverse_transform` apply a fit.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import NamedTuple
+
+import torch
+
+from ._validation import as_float_tensor, check_finite, check_min_samples, check_ndim
+
+__all__ = ["PCAFit", "pca_fit", "pca_transform", "pca_inverse_transform"]
+
+
+class PCAFit(NamedTuple):
+    """A fitted PCA, as returned by :func:`pca_fit`.
+
+    All tensors share the dtype and device of the data that was fitted; the
+    fields are read as attributes.
+
+    Parameters
+    ----------
+    components : Tensor of shape (k, d)
+        Principal axes (rows, orthonormal), by decreasing explained variance.
+    explained_variance : Tensor of shape (k,)
+        Variance of the data along each axis (``ddof=1``).
+    explained_variance_ratio : Tensor of shape (k,)
+        ``explained_variance`` divided by the total variance of the data.
+    singular_values : Tensor of shape (k,)
+        Singular values of the centred data matrix.
+    mean : Tensor of shape (d,)
+        Per-feature mean of the fitted data.
+    n_components : int
+        ``k``, the number of components kept.
+    noise_variance : Tensor of shape ()
+        Mean of the variances of the discarded axes (probabilistic PCA's
+        noise estimate, Bishop 2006 eq. 12.46); zero when no axis is discarded.
+
+    Examples
+    --------
+    >>> import torch
+    >>> fit = pca_fit(torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), 2)
+    >>> fit.components.shape, fit.n_components
+    (torch.Size([2, 3]), 2)
+    """
+
+    components: torch.Tensor
+    explained_variance: torch.Tensor
+    explained_variance_ratio: torch.Tensor
+    singular_values: torch.Tensor
+    mean: torch.Tensor
+    n_components: int
+    noise_variance: torch.Tensor
+
+
+def _resolve_n_components(n_components, ratio: torch.Tensor, max_components: int) -> int:
+    """Number of components for ``n_components`` (None, int or fraction), as scikit-learn."""
+    if n_components is None:
+        return max_components
+    if isinstance(n_components, bool) or not isinstance(n_components, Real):
+        raise TypeError(
+            f"n_components must be None, an int or a float in (0, 1), got {n_components!r}"
+        )
+    if isinstance(n_components, Integral):
+        if not 1 <= n_components <= max_components:
+            raise ValueError(
+                f"n_components={n_components} must be between 1 and "
+                f"min(n_samples, n_features)={max_components}"
+            )
+        return int(n_components)
+    if not 0.0 < n_components < 1.0:
+        raise ValueError(
+            f"a float n_components is a fraction of explained variance in (0, 1), "
+            f"got {n_components!r}"
+        )
+    # Smallest k whose cumulative ratio is strictly above the fraction (side="right").
+    cumsum = torch.cumsum(ratio, 0)
+    fraction = torch.tensor(float(n_components), dtype=cumsum.dtype, device=cumsum.device)
+    k = int(torch.searchsorted(cumsum, fraction, right=True)) + 1
+    return min(k, max_components)
+
+
+def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
+    """Fit a PCA to the rows of ``x`` by a thin SVD of the centred data.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n_samples, n_features)
+        Floating-point data, rows are samples (integer input is promoted to the
+        default float dtype). Not modified.
+    n_components : int, float or None, default=None
+        ``None`` keeps ``min(n_samples, n_features)`` components; an int keeps that
+        many (between 1 and ``min(n_samples, n_features)``); a float in (0, 1) keeps
+        the smallest number of components whose cumulative explained variance
+        ratio is strictly greater than it.
+
+    Returns
+    -------
+    PCAFit
+        Components, variances, singular values, mean and noise variance, in the
+        dtype and on the device of ``x``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a tensor or ``n_components`` has the wrong type.
+    ValueError
+        If ``x`` is not 2-D, holds NaN or infinity, has fewer than 2 samples, or
+        ``n_components`` is out of range.
+
+    Notes
+    -----
+    Follows :class:`sklearn.decomposition.PCA` (``svd_solver="full"``):
+    ``explained_variance = S**2 / (n_samples - 1)``; signs are made deterministic
+    as ``svd_flip(u_based_decision=False)`` does since scikit-learn 1.5 (the
+    largest-magnitude entry of each component is positive, first one on ties);
+    a fractional ``n_components`` is resolved as
+    ``searchsorted(cumsum(ratio), fraction, side="right") + 1``. anomalib's
+    ``PCA`` differs there: it keeps ``nonzero(cumsum(ratio) >= fraction)[0]``
+    components, a 0-based index used as a count, hence one component fewer than
+    the smallest number that reaches the fraction (none when the first does).
+
+    References
+    ----------
+    Pedregosa et al., "Scikit-learn: Machine Learning in Python", JMLR 12, 2011.
+    C. M. Bishop, "Pattern Recognition and Machine Learning", 2006, section 12.2.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])
+    >>> fit = pca_fit(x)
+    >>> fit.components
+    tensor([[1., 0.],
+            [0., 1.]])
+    >>> fit.explained_variance_ratio
+    tensor([0.8000, 0.2000])
+    >>> pca_fit(x, 0.5).n_components
+    1
+    """
+    x = check_finite(check_ndim(as_float_tensor(x), 2))
+    n_samples, n_features = x.shape
+    check_min_samples(n_samples, 2)
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    rows = torch.arange(vt.shape[0], device=vt.device)
+    signs = torch.sign(vt[rows, vt.abs().argmax(1)])
+    vt = vt * signs[:, None]
+    variance = s.square() / (n_samples - 1)
+    ratio = variance / variance.sum()
+    k = _resolve_n_components(n_components, ratio, min(n_samples, n_features))
+    noise = variance[k:].mean() if k < variance.shape[0] else variance.new_zeros(())
+    return PCAFit(
+        components=vt[:k].contiguous(),
+        explained_variance=variance[:k].clone(),
+        explained_variance_ratio=ratio[:k].clone(),
+        singular_values=s[:k].clone(),
+        mean=mean,
+        n_components=k,
+        noise_variance=noise,
+    )
+
+
+def _check_fit_input(x, width: int, what: str, name: str) -> torch.Tensor:
+    x = check_finite(check_ndim(as_float_tensor(x, name), 2, name), name)
+    if x.shape[1] != width:
+        raise ValueError(f"{name} has {x.shape[1]} columns but the fit has {width} {what}")
+    return x
+
+
+def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
+    """Project rows of ``x`` on the principal axes of ``fit``.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n_samples, n_features)
+        Data in the original feature space. Not modified.
+    fit : PCAFit
+        Result of :func:`pca_fit`; moved to the dtype and device of ``x``.
+
+    Returns
+    -------
+    Tensor of shape (n_samples, n_components)
+        ``(x - fit.mean) @ fit.components.T``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a tensor.
+    ValueError
+        If ``x`` is not 2-D, holds NaN or infinity, or its width differs from the fit's.
+
+    Notes
+    -----
+    As :meth:`sklearn.decomposition.PCA.transform` with ``whiten=False``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])
+    >>> pca_transform(torch.tensor([[1.0, 3.0]]), pca_fit(x, 1))
+    tensor([[1.]])
+    """
+    x = _check_fit_input(x, fit.mean.shape[0], "features", "x")
+    return (x - fit.mean.to(x)) @ fit.components.to(x).T
+
+
+def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
+    """Map projected rows ``z`` back to the original feature space.
+
+    Parameters
+    ----------
+    z : Tensor of shape (n_samples, n_components)
+        Coordinates along the principal axes of ``fit``. Not modified.
+    fit : PCAFit
+        Result of :func:`pca_fit`; moved to the dtype and device of ``z``.
+
+    Returns
+    -------
+    Tensor of shape (n_samples, n_features)
+        ``z @ fit.components + fit.mean``: the reconstruction of the data from its
+        first ``n_components`` principal coordinates.
+
+    Raises
+    ------
+    TypeError
+        If ``z`` is not a tensor.
+    ValueError
+        If ``z`` is not 2-D, holds NaN or infinity, or its width differs from
+        ``fit.n_components``.
+
+    Notes
+    -----
+    As :meth:`sklearn.decomposition.PCA.inverse_transform` with ``whiten=False``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])
+    >>> pca_inverse_transform(torch.tensor([[1.0]]), pca_fit(x, 1))
+    tensor([[1., 0.]])
+    """
+    z = _check_fit_input(z, fit.n_components, "components", "z")
+    return torch.addmm(fit.mean.to(z), z, fit.components.to(z))

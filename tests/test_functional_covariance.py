@@ -1,0 +1,311 @@
+"""skanomaly.functional.cov against numpy.cov, and MomentAccumulator against one-shot numpy."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from skanomaly.functional import MomentAccumulator, cov
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-10}
+DOF_WARNING = "Degrees of freedom <= 0"
+
+
+def _run_both(fn_np, fn_torch):
+    """Call both, recording whether each emits numpy's degrees-of-freedom warning."""
+    with warnings.catch_warnings(record=True) as rec_np:
+        warnings.simplefilter("always")
+        ref = fn_np()
+    with warnings.catch_warnings(record=True) as rec_t:
+        warnings.simplefilter("always")
+        out = fn_torch()
+    warned = [any(DOF_WARNING in str(w.message) for w in rec) for rec in (rec_np, rec_t)]
+    return ref, out, warned
+
+
+@st.composite
+def cov_problems(draw):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    n_obs = draw(st.integers(0, 7))
+    n_vars = draw(st.integers(1, 4))
+    values = st.floats(-100, 100, width=32)
+    data = draw(hnp.arrays(dtype, (n_vars, n_obs), elements=values))
+    one_d = n_vars == 1 and draw(st.booleans())
+    y = None
+    if draw(st.booleans()):
+        y = draw(hnp.arrays(dtype, (draw(st.integers(1, 3)), n_obs), elements=values))
+        if y.shape[0] == 1 and draw(st.booleans()):
+            y = y[0]
+    weight = st.integers(0, 3)
+    fw = draw(st.none() | hnp.arrays(np.int64, n_obs, elements=weight))
+    # Dyadic observation weights keep the normalisation exact, so fact <= 0 is decided the
+    # same way in both libraries.
+    aw = draw(st.none() | hnp.arrays(np.float64, n_obs, elements=weight.map(lambda k: k / 4)))
+    return dict(
+        data=data[0] if one_d else data, y=y, rowvar=draw(st.booleans()),
+        bias=draw(st.booleans()), ddof=draw(st.none() | st.integers(0, 3)), fweights=fw,
+        aweights=aw)
+
+
+def _layout(a, rowvar):
+    return a if (a is None or a.ndim == 1 or rowvar) else a.T
+
+
+@settings(max_examples=60, deadline=None)
+@given(cov_problems())
+def test_cov_matches_numpy(p):
+    m, y = _layout(p["data"], p["rowvar"]), _layout(p["y"], p["rowvar"])
+    kw = dict(rowvar=p["rowvar"], bias=p["bias"], ddof=p["ddof"])
+    weights = {k: p[k] for k in ("fweights", "aweights") if p[k] is not None}
+    dtype = p["data"].dtype.type
+    tm = torch.from_numpy(m)
+    ty = None if y is None else torch.from_numpy(y)
+    tw = {k: torch.from_numpy(v) for k, v in weights.items()}
+    before = [t.clone() for t in (tm, ty, *tw.values()) if t is not None]
+
+    if weights and sum(np.prod(list(weights.values()), axis=0)) == 0:
+        with pytest.raises(ValueError, match="weights sum to zero"):
+            cov(tm, ty, **kw, **tw)
+        return
+    # numpy (uniquely) reads a (1, k) ``y`` with rowvar=False as one variable; the
+    # reference stacks the variables itself so both read ``y`` like ``m``.
+    quirk = y is not None and y.ndim == 2 and not p["rowvar"] and y.shape[0] == 1
+    ref_args = (np.vstack([np.atleast_2d(p["data"]), np.atleast_2d(p["y"])]), None) if quirk \
+        else (m, y)
+    ref_kw = dict(kw, rowvar=True) if quirk else kw
+    # Reference in float64 from the same (float32 or float64) data.
+    ref, out, warned = _run_both(
+        lambda: np.cov(*ref_args, **ref_kw, **weights, dtype=np.float64),
+        lambda: cov(tm, ty, **kw, **tw))
+
+    assert out.dtype == tm.dtype
+    assert tuple(out.shape) == ref.shape
+    assert warned[0] == warned[1]
+    if warned[0]:  # normalisation <= 0: everything inf or nan, as in numpy
+        assert not np.isfinite(ref).any() and not torch.isfinite(out).any()
+    else:
+        values = [np.abs(a).max(initial=0) for a in (p["data"], p["y"]) if a is not None]
+        scale = max(1.0, float(max(values)) ** 2)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=RTOL[dtype],
+                                   atol=RTOL[dtype] * scale * 4)
+    for b, t in zip(before, [t for t in (tm, ty, *tw.values()) if t is not None]):
+        assert torch.equal(b, t)
+
+
+def test_cov_single_variable_is_0d_like_numpy():
+    x = np.array([1.0, 2.0, 4.0, 7.0])
+    out = cov(torch.from_numpy(x))
+    assert out.ndim == 0
+    np.testing.assert_allclose(out.item(), np.cov(x), rtol=1e-14)
+
+
+def test_cov_single_observation_warns_and_is_nan():
+    x = np.array([[1.0], [2.0]])
+    with pytest.warns(RuntimeWarning, match=DOF_WARNING):
+        out = cov(torch.from_numpy(x))
+    with pytest.warns(RuntimeWarning):
+        ref = np.cov(x)
+    assert torch.isnan(out).all() and np.isnan(ref).all()
+
+
+def test_cov_empty_variables_and_integer_dtype():
+    assert cov(torch.zeros(0, 5)).shape == (0, 0)
+    x = np.array([[1, 5, 2, 8], [3, 3, 9, 1]])
+    out = cov(torch.from_numpy(x))
+    assert out.dtype == torch.get_default_dtype()
+    np.testing.assert_allclose(out.numpy(), np.cov(x), rtol=1e-6)
+    out64 = cov(torch.from_numpy(x), dtype=torch.float64)
+    assert out64.dtype == torch.float64
+    np.testing.assert_allclose(out64.numpy(), np.cov(x), rtol=1e-14)
+
+
+def test_cov_float32_is_accurate_for_offset_data():
+    g = np.random.default_rng(0)
+    x = (1e3 + g.standard_normal((3, 5000))).astype(np.float32)
+    out = cov(torch.from_numpy(x))
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), np.cov(x.astype(np.float64)), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(fweights=torch.tensor([1.0, 2.5, 1.0])), "integer"),
+        (dict(fweights=torch.tensor([1, -1, 1])), "negative"),
+        (dict(fweights=torch.tensor([[1, 1, 1]])), "1-D"),
+        (dict(fweights=torch.tensor([1, 1])), "incompatible"),
+        (dict(aweights=torch.tensor([1.0, -0.5, 1.0])), "negative"),
+        (dict(aweights=torch.tensor([1.0, 1.0, 1.0, 1.0])), "incompatible"),
+        (dict(aweights=torch.tensor([1.0, float("nan"), 1.0])), "NaN"),
+        (dict(fweights=torch.tensor([0, 0, 0])), "sum to zero"),
+        (dict(ddof=1.5), "ddof"),
+    ],
+)
+def test_cov_invalid_weights(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cov(torch.ones(2, 3), **kwargs)
+
+
+def test_cov_invalid_data():
+    with pytest.raises(ValueError, match="NaN"):
+        cov(torch.tensor([[1.0, float("nan"), 2.0]]))
+    with pytest.raises(ValueError, match="infinity"):
+        cov(torch.ones(2, 3), torch.tensor([1.0, float("inf"), 2.0]))
+    with pytest.raises(ValueError, match="more than 2 dimensions"):
+        cov(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="more than 2 dimensions"):
+        cov(torch.ones(2, 3), torch.ones(1, 2, 3))
+    with pytest.raises(ValueError, match="observation"):
+        cov(torch.ones(2, 3), torch.ones(2, 4))
+    # y of shape (1, k) with rowvar=False is one observation of k variables, like m
+    with pytest.raises(ValueError, match="observation"):
+        cov(torch.ones(3, 2), torch.ones(1, 3), rowvar=False)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cov(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cov(torch.ones(2, 3), fweights=[1, 1, 1])
+    with pytest.raises(TypeError, match="floating"):
+        cov(torch.ones(2, 3), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- MomentAccumulator
+
+
+def _np_cov_batched(x, ddof):
+    """numpy.cov per leading index of x (P, n, d)."""
+    d = x.shape[-1]
+    return np.stack([np.cov(xi, rowvar=False, ddof=ddof).reshape(d, d) for xi in x])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 30), d=st.integers(1, 4), p=st.integers(1, 3), ddof=st.integers(0, 1),
+    cuts=st.lists(st.integers(0, 30), max_size=5), seed=st.integers(0, 2**16),
+)
+def test_accumulator_any_split_matches_numpy(n, d, p, ddof, cuts, seed):
+    x = np.random.default_rng(seed).normal(3.0, 2.0, size=(p, n, d))
+    acc = MomentAccumulator(d, (p,))
+    bounds = [0, *sorted(min(c, n) for c in cuts), n]  # repeated bounds: empty batches
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        assert acc.update(torch.from_numpy(x[:, lo:hi])) is acc
+    assert acc.n_samples_ == n
+    assert acc.covariance(ddof).dtype == torch.float64
+    np.testing.assert_allclose(acc.mean.numpy(), x.mean(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(acc.covariance(ddof).numpy(), _np_cov_batched(x, ddof),
+                               rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=7), data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_accumulator_any_merge_tree_matches_numpy(sizes, data, seed):
+    d, p = 3, 2
+    x = np.random.default_rng(seed).normal(-1.0, 0.5, size=(p, sum(sizes), d))
+    bounds = np.cumsum([0, *sizes])
+    accs = [MomentAccumulator(d, (p,)).update(torch.from_numpy(x[:, lo:hi]))
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    while len(accs) > 1:  # merge an arbitrary neighbour pair until one is left
+        i = data.draw(st.integers(0, len(accs) - 2))
+        accs[i].merge(accs.pop(i + 1))
+    (acc,) = accs
+    assert acc.n_samples_ == sum(sizes)
+    if sum(sizes) >= 2:
+        np.testing.assert_allclose(acc.covariance().numpy(), _np_cov_batched(x, 1),
+                                   rtol=1e-10, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="sample"):
+            acc.covariance()
+
+
+def test_accumulator_large_offset_is_stable():
+    g = np.random.default_rng(1)
+    x = 1e6 + g.standard_normal((2000, 3))
+    acc = MomentAccumulator(3)
+    for chunk in np.array_split(x, 7):
+        acc.update(torch.from_numpy(chunk))
+    ref = np.cov(x, rowvar=False)
+    np.testing.assert_allclose(acc.covariance().numpy(), ref, rtol=1e-9, atol=1e-9)
+    # The test discriminates: raw sums of squares lose most digits on this data.
+    naive = (x.T @ x - len(x) * np.outer(x.mean(0), x.mean(0))) / (len(x) - 1)
+    assert np.abs(naive - ref).max() > 1e-6
+
+
+def test_accumulator_float32_input_padim_layout_and_no_mutation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, 6, generator=g)  # P=5 positions, 40 samples, 6 features
+    before = x.clone()
+    acc = MomentAccumulator(6, (5,)).update(x[:, :25]).update(x[:, 25:])
+    assert torch.equal(x, before)
+    assert acc.mean.dtype == torch.float64 and acc.scatter.shape == (5, 6, 6)
+    np.testing.assert_allclose(acc.covariance(0).numpy(),
+                               _np_cov_batched(x.double().numpy(), 0), rtol=1e-10)
+
+
+def test_accumulator_merge_leaves_other_unchanged_and_pickles():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    a, b = MomentAccumulator(4).update(x[:10]), MomentAccumulator(4).update(x[10:])
+    b_cov = b.covariance()
+    a.merge(b)
+    assert b.n_samples_ == 20 and torch.equal(b.covariance(), b_cov)
+    assert a.to("cpu") is a
+    a2 = pickle.loads(pickle.dumps(a))
+    assert a2.n_samples_ == 30
+    torch.testing.assert_close(a2.covariance(), a.covariance(), rtol=0, atol=0)
+    a2.update(x)
+    np.testing.assert_allclose(a2.covariance().numpy(),
+                               np.cov(np.vstack([x.numpy(), x.numpy()]), rowvar=False),
+                               rtol=1e-12)
+    empty = MomentAccumulator(4).merge(MomentAccumulator(4))
+    assert empty.n_samples_ == 0
+    np.testing.assert_allclose(empty.merge(a).covariance().numpy(), a.covariance().numpy())
+
+
+def test_accumulator_errors():
+    acc = MomentAccumulator(3, (2,))
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(torch.ones(2, 5, 4))
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(torch.ones(3, 5, 3))
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(torch.ones(5, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(torch.full((2, 4, 3), float("nan")))
+    with pytest.raises(TypeError):
+        acc.update(np.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match="different shapes"):
+        acc.merge(MomentAccumulator(3, (3,)))
+    with pytest.raises(ValueError, match="different shapes"):
+        acc.merge(MomentAccumulator(4, (2,)))
+    with pytest.raises(TypeError):
+        acc.merge("not an accumulator")
+    acc.update(torch.ones(2, 1, 3))
+    with pytest.raises(ValueError, match="sample"):
+        acc.covariance(ddof=1)
+    with pytest.raises(ValueError, match="positive"):
+        MomentAccumulator(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, 6, generator=g)
+    ref = MomentAccumulator(6, (4,)).update(x)
+    acc = MomentAccumulator(6, (4,)).update(x[:, :20].cuda())
+    acc.merge(MomentAccumulator(6, (4,)).update(x[:, 20:].cuda()))
+    assert acc.scatter.is_cuda and acc.scatter.dtype == torch.float64
+    torch.testing.assert_close(acc.covariance().cpu(), ref.covariance())
+    out = cov(x[0].cuda(), rowvar=False, aweights=torch.rand(50, generator=g).cuda())
+    assert out.is_cuda and out.dtype == torch.float32
+    torch.testing.assert_close(cov(x[0], rowvar=False), cov(x[0].cuda(), rowvar=False).cpu())

@@ -1,0 +1,228 @@
+"""Mahalanobis kernels against scikit-learn, scipy and numpy inverses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.covariance import EmpiricalCovariance
+
+from skanomaly.functional import (
+    mahalanobis,
+    mahalanobis_woodbury,
+    regularized_cholesky,
+    woodbury_factor,
+)
+
+
+def _gaussians(rng, p, n, d):
+    """Training data (P, n, d) with correlated features, their means and covariances."""
+    mix = rng.normal(size=(p, d, d))
+    x = rng.normal(size=(p, n, d)) @ mix + rng.normal(size=(p, 1, d))
+    mean = x.mean(axis=1)
+    covs = np.stack([np.cov(xi, rowvar=False).reshape(d, d) for xi in x])
+    return x, mean, covs
+
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def test_matches_sklearn_empirical_covariance():
+    rng = np.random.default_rng(0)
+    (train,), _, _ = _gaussians(rng, 1, 50, 5)
+    queries = rng.normal(size=(20, 5)) * 3
+    est = EmpiricalCovariance().fit(train)
+    args = (_t(queries), _t(est.location_))
+    out = mahalanobis(*args, covariance=_t(est.covariance_), squared=True)
+    np.testing.assert_allclose(out.numpy(), est.mahalanobis(queries), rtol=1e-9)
+    factor = regularized_cholesky(_t(est.covariance_))
+    np.testing.assert_allclose(mahalanobis(*args, cholesky=factor).numpy(),
+                               np.sqrt(est.mahalanobis(queries)), rtol=1e-9)
+
+
+def test_batched_positions_match_scipy():
+    rng = np.random.default_rng(1)
+    p, n_train, d, n_query = 6, 30, 4, 7
+    _, mean, covs = _gaussians(rng, p, n_train, d)
+    queries = rng.normal(size=(n_query, p, d)) * 2
+    out = mahalanobis(_t(queries), _t(mean), covariance=_t(covs))
+    assert out.shape == (n_query, p)
+    ref = np.array([[scipy_mahalanobis(queries[i, j], mean[j], np.linalg.inv(covs[j]))
+                     for j in range(p)] for i in range(n_query)])
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9)
+
+
+def test_extra_leading_dims_and_squared():
+    rng = np.random.default_rng(2)
+    _, mean, covs = _gaussians(rng, 3, 20, 4)
+    queries = rng.normal(size=(2, 5, 3, 4))
+    out = mahalanobis(_t(queries), _t(mean), covariance=_t(covs), squared=True)
+    assert out.shape == (2, 5, 3)
+    flat = mahalanobis(_t(queries.reshape(10, 3, 4)), _t(mean), covariance=_t(covs))
+    np.testing.assert_allclose(out.reshape(10, 3).numpy(), flat.numpy() ** 2, rtol=1e-12)
+    # a single sample per position: x (P, d) -> (P,)
+    single = mahalanobis(_t(queries[0, 0]), _t(mean), covariance=_t(covs), squared=True)
+    np.testing.assert_allclose(single.numpy(), out[0, 0].numpy(), rtol=1e-12)
+
+
+def _direct_reference(train, queries, reg, ddof):
+    """numpy: covariance + reg I, explicit inverse, quadratic form per position."""
+    mean = train.mean(axis=1)
+    d = train.shape[-1]
+    out = np.empty(queries.shape[:-1])
+    for j, xj in enumerate(train):
+        prec = np.linalg.inv(np.cov(xj, rowvar=False, ddof=ddof) + reg * np.eye(d))
+        v = queries[:, j] - mean[j]
+        out[:, j] = np.einsum("nd,de,ne->n", v, prec, v)
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 8), extra=st.integers(1, 20), p=st.integers(1, 4),
+       reg=st.sampled_from([1e-3, 0.01, 1.0, 10.0]), ddof=st.integers(0, 1),
+       seed=st.integers(0, 2**16))
+def test_woodbury_equals_direct_path(n, extra, p, reg, ddof, seed):
+    d = n + extra  # fewer samples than features
+    rng = np.random.default_rng(seed)
+    train = rng.normal(size=(p, n, d)) * rng.uniform(0.5, 3, size=d)
+    queries = np.concatenate([rng.normal(size=(4, p, d)), train[:, :2].transpose(1, 0, 2)])
+    mean = train.mean(axis=1)
+    centered = _t(train - mean[:, None])
+    factor = woodbury_factor(centered, reg, ddof=ddof)
+    assert factor.shape == (p, n, n)
+    out = mahalanobis_woodbury(_t(queries), _t(mean), centered, factor, reg, squared=True)
+    ref = _direct_reference(train, queries, reg, ddof)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-8)
+    assert (out >= 0).all()
+    # factor=None builds the same factor; distances (not squared) are the square roots
+    dist = mahalanobis_woodbury(_t(queries), _t(mean), centered, None, reg, ddof=ddof)
+    np.testing.assert_allclose(dist.numpy(), np.sqrt(ref), rtol=1e-8)
+
+
+def test_woodbury_single_gaussian_and_float32():
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(5, 40))
+    queries = rng.normal(size=(6, 40))
+    mean = train.mean(axis=0)
+    ref = _direct_reference(train[None], queries[:, None], 0.5, 1)[:, 0]
+    xc = _t(train - mean)
+    out = mahalanobis_woodbury(_t(queries), _t(mean), xc, woodbury_factor(xc, 0.5), 0.5,
+                               squared=True)
+    assert out.shape == (6,)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-10)
+    out32 = mahalanobis_woodbury(_t(queries).float(), _t(mean).float(), xc.float(), None,
+                                 0.5, squared=True)
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), ref, rtol=1e-4)
+
+
+def test_regularized_cholesky_singular_then_regularised():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 4, 6))  # 4 samples in 6-D: rank-deficient covariances
+    covs = np.stack([np.cov(xi, rowvar=False) for xi in x])
+    covs[1] = np.eye(6)  # one healthy matrix in the batch
+    with pytest.raises(ValueError, match=r"2 of 3 .*not positive-definite.*increase reg"):
+        regularized_cholesky(_t(covs))
+    factor = regularized_cholesky(_t(covs), reg=0.1)
+    ref = np.linalg.cholesky(covs + 0.1 * np.eye(6))
+    np.testing.assert_allclose(factor.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_matches_float64():
+    rng = np.random.default_rng(5)
+    _, mean, covs = _gaussians(rng, 4, 60, 8)
+    queries = rng.normal(size=(10, 4, 8))
+    ref = mahalanobis(_t(queries), _t(mean), covariance=_t(covs), reg=0.01)
+    out = mahalanobis(_t(queries).float(), _t(mean).float(), covariance=_t(covs).float(),
+                      reg=0.01)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4)
+
+
+def test_wide_batched_covariance_d200():
+    rng = np.random.default_rng(6)
+    p, d = 4, 200
+    x = rng.normal(size=(p, 300, d))
+    covs = np.stack([np.cov(xi, rowvar=False) for xi in x])
+    mean = x.mean(axis=1)
+    queries = rng.normal(size=(5, p, d))
+    out = mahalanobis(_t(queries), _t(mean), covariance=_t(covs), reg=0.01, squared=True)
+    ref = np.stack([np.einsum("nd,nd->n", queries[:, j] - mean[j],
+                              np.linalg.solve(covs[j] + 0.01 * np.eye(d),
+                                              (queries[:, j] - mean[j]).T).T)
+                    for j in range(p)], axis=1)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-8)
+
+
+def test_inputs_not_mutated():
+    rng = np.random.default_rng(7)
+    train, mean, covs = _gaussians(rng, 2, 5, 9)
+    tensors = [_t(a) for a in (rng.normal(size=(3, 2, 9)), mean, covs, train - mean[:, None])]
+    before = [t.clone() for t in tensors]
+    q, mu, c, xc = tensors
+    mahalanobis(q, mu, covariance=c, reg=0.5)
+    regularized_cholesky(c, reg=0.5)
+    mahalanobis_woodbury(q, mu, xc, woodbury_factor(xc, 0.5), 0.5)
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t)
+
+
+def test_errors():
+    eye = torch.eye(3, dtype=torch.float64)
+    x, mu = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="square"):
+        regularized_cholesky(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="reg"):
+        regularized_cholesky(eye, reg=-1.0)
+    with pytest.raises(ValueError, match="reg"):
+        regularized_cholesky(eye, reg=float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        regularized_cholesky(torch.full((3, 3), float("nan")))
+    with pytest.raises(TypeError):
+        regularized_cholesky(np.eye(3))
+    with pytest.raises(ValueError, match="exactly one"):
+        mahalanobis(x, mu)
+    with pytest.raises(ValueError, match="exactly one"):
+        mahalanobis(x, mu, cholesky=eye, covariance=eye)
+    with pytest.raises(ValueError, match="reg applies only"):
+        mahalanobis(x, mu, cholesky=eye, reg=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        mahalanobis(torch.zeros(4, 5, dtype=torch.float64), mu, cholesky=eye)
+    with pytest.raises(ValueError, match="shape"):
+        mahalanobis(x, mu, cholesky=torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        mahalanobis(x, mu, covariance=eye.expand(2, 3, 3))
+    with pytest.raises(ValueError, match="positive diagonal"):
+        mahalanobis(x, mu, cholesky=torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        mahalanobis(torch.full((4, 3), float("nan")), mu, cholesky=eye)
+    with pytest.raises(ValueError, match="reg"):
+        woodbury_factor(x, 0.0)
+    with pytest.raises(ValueError, match="sample"):
+        woodbury_factor(x[:1], 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        mahalanobis_woodbury(x, mu, torch.zeros(4, 5, dtype=torch.float64), None, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        mahalanobis_woodbury(x, mu, x, eye, 0.1)
+    with pytest.raises(ValueError, match="reg"):
+        mahalanobis_woodbury(x, mu, x, None, -1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(8)
+    train = _t(rng.normal(size=(3, 5, 12)))
+    mean = train.mean(1)
+    xc = train - mean[:, None]
+    covs = xc.mT @ xc / 4
+    queries = _t(rng.normal(size=(7, 3, 12)))
+    ref = mahalanobis(queries, mean, covariance=covs, reg=0.1)
+    out = mahalanobis(queries.cuda(), mean.cuda(), covariance=covs.cuda(), reg=0.1)
+    torch.testing.assert_close(out.cpu(), ref)
+    wood = mahalanobis_woodbury(queries.cuda(), mean.cuda(), xc.cuda(), None, 0.1)
+    torch.testing.assert_close(wood.cpu(), ref)
