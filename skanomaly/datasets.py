@@ -103,11 +103,13 @@ _TABULAR_RETURNS = """data : sklearn.utils.Bunch
         X_train : ndarray of float64, shape (n_train, n_features)
             Normal samples only.
         X_test : ndarray of float64, shape (n_test, n_features)
+            Held-out normals and outliers, shuffled.
         y_test : ndarray of int64, shape (n_test,)
             +1 inlier, -1 outlier.
         index_train, index_test : ndarray of int64
             Row positions of the samples in the source data set.
         feature_names : ndarray of str, shape (n_features,)
+            Names of the columns.
         DESCR : str
             Source, licence, citation and the split drawn."""
 
@@ -331,6 +333,7 @@ def load_faces(*, test_size=0.5, contamination=0.5, random_state=0):
         X_train : ndarray of float32, shape (n_train, 3, 25, 25)
             Faces only, grey values in [0, 1] replicated to three channels.
         X_test : ndarray of float32, shape (n_test, 3, 25, 25)
+            Held-out faces and non-faces, shuffled.
         y_test : ndarray of int64, shape (n_test,)
             +1 face, -1 non-face.
         index_train, index_test : ndarray of int64
@@ -482,7 +485,6 @@ def load_textures(
             The ``texture`` argument.
         DESCR : str
             Source, licence, citation and the sizes drawn.
-            Source, licence, citation and the split drawn.
 
     Raises
     ------

@@ -301,7 +301,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     n_features_in_ : int
         Number of input channels seen in ``fit`` (the channel axis plays the role
         of scikit-learn's feature axis).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (n_features_in,)
         Column names, when ``fit`` got 2-D input with string column names.
     feature_shape_ : tuple of int
         ``(C_out, H_out, W_out)`` of one transformed sample of the spatial size seen

@@ -1,0 +1,38 @@
+"""skanomaly: scikit-learn-compatible anomaly detectors on PyTorch kernels.
+
+Detectors follow scikit-learn's outlier-detection contract: ``score_samples``
+is higher for more normal samples, ``decision_function`` is negative for
+outliers and ``predict`` returns +1 (inlier) / -1 (outlier). Feature
+extraction (:class:`skanomaly.features.FeatureExtractor`) needs torchvision and
+imports it only when used.
+"""
+
+from .detectors import (
+    DFKDEDetector,
+    DFMDetector,
+    GaussianDetector,
+    PaDiMDetector,
+    PatchCoreDetector,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "GaussianDetector",
+    "PaDiMDetector",
+    "PatchCoreDetector",
+    "DFMDetector",
+    "DFKDEDetector",
+    "FeatureExtractor",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # FeatureExtractor lives in skanomaly.features, which needs torchvision only when
+    # fitted; importing it lazily keeps ``import skanomaly`` light.
+    if name == "FeatureExtractor":
+        from .features import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(f"module 'skanomaly' has no attribute {name!r}")

@@ -1,0 +1,277 @@
+"""One multivariate Gaussian over feature vectors, scored by Mahalanobis distance."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from sklearn.base import _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from ..base import BaseDetector
+from ..functional import MomentAccumulator, mahalanobis, regularized_cholesky
+
+__all__ = ["GaussianDetector"]
+
+
+def _cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``covariance + reg * I``; ``ValueError`` if numerically singular.
+
+    Besides an outright failure of the factorisation, a pivot ``L_ii**2`` below
+    ``d * eps`` times the largest variance means a condition number beyond ``1 / (d * eps)``:
+    the matrix is singular to working precision (e.g. exactly collinear features, whose
+    factorisation may "succeed" with a rounding-error pivot and give meaningless distances).
+    """
+    d = covariance.shape[-1]
+    try:
+        factor = regularized_cholesky(covariance, reg)
+    except ValueError as exc:
+        raise ValueError(advice) from exc
+    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+    scale = covariance.diagonal(dim1=-2, dim2=-1).amax(-1) + reg
+    if bool((pivots <= d * torch.finfo(factor.dtype).eps * scale).any()):
+        raise ValueError(advice)
+    return factor
+
+
+def _ledoit_wolf_shrinkage(covariance: torch.Tensor, n_samples: int,
+                           fourth_moment: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrinkage from moments, as ``sklearn.covariance.ledoit_wolf_shrinkage``.
+
+    ``covariance`` is the maximum-likelihood covariance ``S`` (d, d) and ``fourth_moment``
+    the mean of ``||x - mean||**4`` over the samples. With ``mu = tr(S) / d``:
+    ``beta = (fourth_moment - ||S||_F^2) / (d n)``, ``delta = ||S - mu I||_F^2 / d`` and the
+    shrinkage is ``min(beta, delta) / delta`` (0 when ``delta`` is 0, e.g. for d = 1).
+    """
+    d = covariance.shape[-1]
+    mu = covariance.trace() / d
+    target = torch.eye(d, dtype=covariance.dtype, device=covariance.device) * mu
+    delta = (covariance - target).square().sum() / d
+    if float(delta) <= 0.0:
+        return torch.zeros((), dtype=covariance.dtype, device=covariance.device)
+    beta = (fourth_moment - covariance.square().sum()) / (d * n_samples)
+    return (beta.clamp(min=0.0) / delta).clamp(max=1.0)
+
+
+class _IncrementalMixin:
+    """``fit`` and ``partial_fit`` over one ``_accumulate(X, reset, incremental)`` step.
+
+    ``_accumulate`` folds a validated batch into the fitted state (starting afresh when
+    ``reset``; ``incremental`` when called by ``partial_fit``, so the state must stay
+    updatable), refreshes the model and leaves the state unchanged if it raises.
+    """
+
+    def _fit(self, X: torch.Tensor) -> None:
+        self._accumulate(X, reset=True, incremental=False)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Update the detector with one more batch of (mostly) normal samples.
+
+        On an unfitted detector the batch starts the model; later calls (after ``fit``
+        too) add it to the moments accumulated so far. ``fit(X)`` equals
+        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
+        ``offset_`` is set from the scores of the batch passed last (see the class
+        Notes).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            A batch shaped like the training data (the first batch fixes the shape).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The updated detector.
+
+        Raises
+        ------
+        ValueError
+            If the batch does not match the shape of earlier batches or holds NaN or
+            infinity, if the first batch has fewer than 2 samples, if the updated
+            covariance is singular, or if the detector's parameters do not allow
+            incremental fitting (PaDiM's ``solver="woodbury"``). The fitted state is
+            then left as it was.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(100, 3))
+        >>> det = GaussianDetector(device="cpu")
+        >>> for batch in np.array_split(X, 4):
+        ...     det = det.partial_fit(batch)
+        >>> whole = GaussianDetector(device="cpu").fit(X)
+        >>> det.n_samples_seen_, bool(np.allclose(det.covariance_, whole.covariance_))
+        (100, True)
+        """
+        first = not hasattr(self, "n_samples_seen_")
+        Xt = self._validate_input(X, reset=first)
+        self._accumulate(Xt, reset=first, incremental=True)
+        self._set_offset(self._score(Xt))
+        return self
+
+
+class GaussianDetector(_IncrementalMixin, BaseDetector):
+    """Anomaly detection with one multivariate Gaussian and the Mahalanobis distance.
+
+    Fits the mean and covariance of (deep) features of normal samples and scores a
+    sample by its squared Mahalanobis distance to them (Rippel et al., 2020), like
+    :class:`sklearn.covariance.EllipticEnvelope` without its robust (MCD) fit. The
+    covariance can be shrunk towards a scaled identity (Ledoit-Wolf or a fixed amount),
+    which keeps it invertible when features are many or collinear.
+
+    Parameters
+    ----------
+    shrinkage : None, "ledoit-wolf" or float in [0, 1], default=None
+        ``None``: the empirical (maximum-likelihood) covariance ``S``, as
+        :class:`sklearn.covariance.EmpiricalCovariance`. A float ``s``:
+        ``(1 - s) S + s mu I`` with ``mu = trace(S) / n_features``, as
+        :class:`sklearn.covariance.ShrunkCovariance`. ``"ledoit-wolf"``: the same with
+        the shrinkage of Ledoit & Wolf (2004), as :class:`sklearn.covariance.LedoitWolf`.
+    reg : float >= 0, default=0.0
+        Ridge added to the diagonal of the (shrunk) covariance before it is factorised,
+        in squared feature units: a last resort for singular data.
+    contamination : float in (0, 0.5], default=0.1
+        Expected share of outliers in the training set; sets ``offset_``.
+    device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
+        Where the kernels run; fitted attributes are CPU numpy arrays regardless.
+
+    Attributes
+    ----------
+    location_ : ndarray of shape (n_features,), float64
+        Mean of the training samples.
+    covariance_ : ndarray of shape (n_features, n_features), float64
+        Covariance estimate after shrinkage (without the ``reg`` ridge).
+    covariance_cholesky_ : ndarray of shape (n_features, n_features), float64
+        Lower Cholesky factor of ``covariance_ + reg * I``, used for scoring.
+    shrinkage_ : float
+        Shrinkage intensity used (0 when ``shrinkage`` is None, the Ledoit-Wolf
+        estimate for ``"ledoit-wolf"``).
+    n_samples_seen_ : int
+        Number of training samples accumulated by ``fit`` / ``partial_fit``.
+    offset_ : float
+        Threshold on :meth:`score_samples`; ``decision_function = score_samples - offset_``.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    input_shape_ : tuple of int
+        Per-sample shape seen during ``fit``.
+
+    Raises
+    ------
+    ValueError
+        From ``fit`` / ``partial_fit``: fewer than 2 samples, or a covariance singular to
+        working precision (constant or collinear features, ``n_samples <= n_features``)
+        with no ``shrinkage`` or ``reg`` to make it invertible.
+
+    See Also
+    --------
+    PaDiMDetector : one Gaussian per position of a feature map.
+    sklearn.covariance.EllipticEnvelope : robust Gaussian outlier detection.
+
+    Notes
+    -----
+    :meth:`score_samples` is minus the squared Mahalanobis distance, exactly
+    ``-EmpiricalCovariance().fit(X).mahalanobis(X)`` (``LedoitWolf`` /
+    ``ShrunkCovariance`` with ``shrinkage``); scikit-learn's ``EllipticEnvelope`` uses the
+    same convention. The covariance is the maximum-likelihood estimate (divided by
+    ``n_samples``, not ``n_samples - 1``) to follow scikit-learn's covariance estimators.
+
+    Statistics accumulate in float64 with a mergeable moment accumulator (Chan et al.
+    updates), plus ``sum ||x - c||**4`` and ``sum ||x - c||**2 (x - c)`` about a fixed
+    centre ``c`` (the first batch's mean) for the Ledoit-Wolf estimate. So
+    :meth:`partial_fit` streams data of any size: after any split into batches the
+    location, covariance and shrinkage equal those of ``fit`` on all the data up to
+    float64 rounding. Every call leaves a usable model, so without ``shrinkage`` or
+    ``reg`` the first batch needs more samples than features. ``offset_`` needs
+    training scores, and earlier batches are not kept: :meth:`partial_fit` sets it from
+    the scores of its own batch under the updated model (so a single ``partial_fit(X)``
+    equals ``fit(X)``). Calibrate on a representative batch last, or adjust ``offset_``.
+
+    No explicit inverse is formed: scores are triangular solves with the Cholesky
+    factor, ``O(n_features**2)`` per sample.
+
+    References
+    ----------
+    O. Rippel, P. Mertens and D. Merhof, "Modeling the Distribution of Normal Data in
+    Pre-Trained Deep Features for Anomaly Detection", ICPR 2020, arXiv:2005.14140.
+
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional
+    covariance matrices", Journal of Multivariate Analysis 88(2), 2004.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skanomaly import GaussianDetector
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 5))
+    >>> det = GaussianDetector(shrinkage="ledoit-wolf", device="cpu").fit(X)
+    >>> det.covariance_.shape
+    (5, 5)
+    >>> det.predict([[0.0] * 5, [8.0] * 5]).tolist()
+    [1, -1]
+    """
+
+    _parameter_constraints: dict = {
+        **BaseDetector._parameter_constraints,
+        "shrinkage": [None, StrOptions({"ledoit-wolf"}), Interval(Real, 0, 1, closed="both")],
+        "reg": [Interval(Real, 0, None, closed="left")],
+    }
+
+    def __init__(self, *, shrinkage=None, reg=0.0, contamination=0.1, device="auto"):
+        self.shrinkage = shrinkage
+        self.reg = reg
+        self.contamination = contamination
+        self.device = device
+
+    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool) -> None:
+        # ``incremental`` makes no difference: the moments are always kept.
+        if reset:
+            self._check_min_samples(X, 2)
+        x = X.to(torch.float64)
+        acc = MomentAccumulator(x.shape[1], device=x.device)
+        if not reset:
+            acc.merge(self._moments)
+        acc.update(x)
+        # Moments about a fixed centre for the fourth moment of Ledoit-Wolf.
+        centre = acc.mean if reset else torch.as_tensor(self._centre, device=x.device)
+        y = x - centre
+        sq = y.square().sum(1)
+        sum_sq2, sum_sq_y = sq.square().sum(), sq @ y
+        if not reset:
+            sum_sq2 = sum_sq2 + float(self._sum_sq2)
+            sum_sq_y = sum_sq_y + torch.as_tensor(self._sum_sq_y, device=x.device)
+
+        n, mean, emp_cov = acc.n_samples_, acc.mean, acc.covariance(ddof=0)
+        if self.shrinkage == "ledoit-wolf":
+            # mean ||x - mean||^4 from the moments about ``centre`` (see Notes).
+            delta = mean - centre
+            c = delta.square().sum()
+            fourth = (sum_sq2 - 4 * delta @ sum_sq_y) / n + 4 * delta @ emp_cov @ delta \
+                + 2 * c * emp_cov.trace() + 3 * c * c
+            shrinkage = float(_ledoit_wolf_shrinkage(emp_cov, n, fourth))
+        else:
+            shrinkage = float(self.shrinkage or 0.0)
+        covariance = emp_cov * (1.0 - shrinkage)
+        covariance.diagonal().add_(shrinkage * float(emp_cov.trace()) / emp_cov.shape[0])
+        factor = _cholesky_or_raise(
+            covariance, float(self.reg),
+            f"{type(self).__name__}: the covariance of the {n} training samples is singular "
+            "(constant or collinear features, or n_samples <= n_features); use "
+            "shrinkage='ledoit-wolf' (or a float) or a ridge reg > 0")
+
+        self._reset_device_cache()
+        self._moments = acc.to("cpu")
+        self._centre = centre.cpu().numpy()
+        self._sum_sq2, self._sum_sq_y = float(sum_sq2), sum_sq_y.cpu().numpy()
+        self.location_ = mean.cpu().numpy()
+        self.covariance_ = covariance.cpu().numpy()
+        self.covariance_cholesky_ = factor.cpu().numpy()
+        self.shrinkage_ = shrinkage
+        self.n_samples_seen_ = n
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        return mahalanobis(X, self._device_tensor("location_"),
+                           cholesky=self._device_tensor("covariance_cholesky_"), squared=True)
