@@ -67,6 +67,8 @@ def resolve_device(device="auto") -> torch.device:
             raise ValueError(
                 f"unknown device {device!r}; use one of {_DEVICE_NAMES} or a torch.device"
             ) from exc
+    if dev.type not in _DEVICE_NAMES:
+        raise ValueError(f"unsupported device {device!r}; use one of {_DEVICE_NAMES}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available here")
     if dev.type == "mps":

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import check_array, validate_data
+
+from ..base import make_generator, resolve_device
 
 __all__ = ["FeatureExtractor"]
 
@@ -30,39 +31,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _resolve_device(device) -> torch.device:
-    """``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda[:i]"``, ``"mps"`` or a device."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'mps' or a torch.device"
-        ) from exc
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if dev.type not in available:
-        raise ValueError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
-    if not available[dev.type]:
-        raise ValueError(f"device {device!r} was requested but {dev.type} is not available here")
-    return dev
-
-
-def _init_seed(random_state) -> int:
-    """Seed for the backbone's random initialisation; never reads a global RNG."""
-    if random_state is None:
-        return torch.Generator().seed()  # fresh OS entropy, local generator
-    if isinstance(random_state, Integral):
-        return int(random_state)
-    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
 def _is_weight_file(weights) -> bool:
@@ -451,7 +419,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         >>> fe.layers_, fe.feature_shape_
         (('layer2', 'layer3'), (384, 8, 8))
         """
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         X = self._validate_input(X, reset=True)
         shape = tuple(X.shape)
         if self.normalize and shape[1] != 3:
@@ -465,7 +433,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             if self.weights is not None:
                 _load_into(model, self.weights)
         else:
-            model = _build_torchvision(self.backbone, self.weights, _init_seed(self.random_state))
+            model = _build_torchvision(self.backbone, self.weights, make_generator(self.random_state).initial_seed())
         model.to("cpu", torch.float32).eval().requires_grad_(False)
         layers = _check_layers(model, self.layers)
         self.model_, self.layers_ = model, layers
@@ -532,7 +500,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._validate_input(X, reset=False)
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         model = self._model_on(device)
         starts = range(0, X.shape[0], self.batch_size)
         if self.verbose:
