@@ -2,8 +2,8 @@
 
 Notes
 -----
-**Sign conventions (read this first).** Every metric in this module takes **anomaly scores: higher = more anomalous**, and the
-**anomaly is the positive class**:
+**Sign conventions (read this first).** Every metric in this module takes **anomaly
+scores: higher = more anomalous**, and the **anomaly is the positive class**:
 
 * image-level labels ``y_true`` are ``+1`` for inliers (normal) and ``-1`` for outliers
   (anomalous), as returned by ``predict`` and by :mod:`skanomaly.datasets`;
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import make_scorer
+from sklearn.metrics import average_precision_score, make_scorer, roc_auc_score
 
 __all__ = [
     "image_auroc",
@@ -142,13 +142,6 @@ def _cumulate(scores: np.ndarray, *weights: np.ndarray) -> tuple[np.ndarray, ...
     return (ranked[last], *(np.cumsum(w[order])[last] for w in weights))
 
 
-def _roc_auc(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
-    _, tp, fp = _cumulate(scores, is_anomaly, ~is_anomaly)
-    tpr = np.r_[0.0, tp / tp[-1]]
-    fpr = np.r_[0.0, fp / fp[-1]]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
-
-
 def image_auroc(y_true, anomaly_scores) -> float:
     """Area under the ROC curve of image-level anomaly scores, anomaly class positive.
 
@@ -175,8 +168,8 @@ def image_auroc(y_true, anomaly_scores) -> float:
 
     Notes
     -----
-    Equal to ``sklearn.metrics.roc_auc_score(y_true == -1, anomaly_scores)`` (trapezoidal
-    ROC over the distinct thresholds). The "image AUROC" of the MVTec AD benchmark
+    Computed by ``sklearn.metrics.roc_auc_score(y_true == -1, anomaly_scores)``
+    (trapezoidal ROC over the distinct thresholds). The "image AUROC" of the MVTec AD benchmark
     (Bergmann et al., 2019) and of anomalib.
 
     Examples
@@ -185,7 +178,8 @@ def image_auroc(y_true, anomaly_scores) -> float:
     >>> image_auroc([1, 1, -1, -1], [0.1, 0.4, 0.35, 0.8])
     0.75
     """
-    return _roc_auc(*_check_labels(y_true, anomaly_scores))
+    is_anomaly, scores = _check_labels(y_true, anomaly_scores)
+    return float(roc_auc_score(is_anomaly, scores))
 
 
 def pixel_auroc(masks, anomaly_maps) -> float:
@@ -227,7 +221,7 @@ def pixel_auroc(masks, anomaly_maps) -> float:
     0.666...
     """
     masks, maps = _check_maps(masks, anomaly_maps)
-    return _roc_auc(masks.ravel(), maps.ravel())
+    return float(roc_auc_score(masks.ravel(), maps.ravel()))
 
 
 def average_precision_anomaly(y_true, anomaly_scores) -> float:
@@ -260,8 +254,8 @@ def average_precision_anomaly(y_true, anomaly_scores) -> float:
 
     Notes
     -----
-    The step-wise (non-interpolated) definition of scikit-learn's
-    ``average_precision_score(y_true == -1, anomaly_scores)``.
+    Computed by scikit-learn's ``average_precision_score(y_true == -1, anomaly_scores)``
+    (the step-wise, non-interpolated definition).
 
     Examples
     --------
@@ -270,9 +264,7 @@ def average_precision_anomaly(y_true, anomaly_scores) -> float:
     0.8333
     """
     is_anomaly, scores = _check_labels(y_true, anomaly_scores)
-    _, tp, fp = _cumulate(scores, is_anomaly, ~is_anomaly)
-    recall = np.r_[0.0, tp / tp[-1]]
-    return float(np.sum(np.diff(recall) * tp / (tp + fp)))
+    return float(average_precision_score(is_anomaly, scores))
 
 
 def _average_precision_from_decision(y_true, decision) -> float:
