@@ -13,6 +13,7 @@ from sklearn.covariance import EmpiricalCovariance
 from skanomaly.functional import (
     mahalanobis,
     mahalanobis_woodbury,
+    precision_cholesky,
     regularized_cholesky,
     woodbury_factor,
 )
@@ -143,6 +144,24 @@ def test_float32_matches_float64():
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4)
 
 
+def test_precision_cholesky_matches_numpy_inverse_and_scipy():
+    rng = np.random.default_rng(11)
+    p, d, n_query = 5, 7, 9
+    _, mean, covs = _gaussians(rng, p, 40, d)
+    upper = precision_cholesky(regularized_cholesky(_t(covs), reg=0.01))
+    precisions = np.linalg.inv(covs + 0.01 * np.eye(d))
+    np.testing.assert_allclose((upper @ upper.mT).numpy(), precisions, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(upper.numpy(), np.triu(upper.numpy()))
+    queries = rng.normal(size=(n_query, p, d)) * 3
+    out = mahalanobis(_t(queries), _t(mean), precision_cholesky=upper)
+    ref = np.array([[scipy_mahalanobis(queries[i, j], mean[j], precisions[j])
+                     for j in range(p)] for i in range(n_query)])
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9)
+    # the GEMM path and the triangular-solve path agree
+    by_solve = mahalanobis(_t(queries), _t(mean), covariance=_t(covs), reg=0.01)
+    np.testing.assert_allclose(out.numpy(), by_solve.numpy(), rtol=1e-10)
+
+
 def test_wide_batched_covariance_d200():
     rng = np.random.default_rng(6)
     p, d = 4, 200
@@ -165,7 +184,10 @@ def test_inputs_not_mutated():
     before = [t.clone() for t in tensors]
     q, mu, c, xc = tensors
     mahalanobis(q, mu, covariance=c, reg=0.5)
-    regularized_cholesky(c, reg=0.5)
+    factor = regularized_cholesky(c, reg=0.5)
+    factor_copy = factor.clone()
+    mahalanobis(q, mu, precision_cholesky=precision_cholesky(factor))
+    assert torch.equal(factor, factor_copy)
     mahalanobis_woodbury(q, mu, xc, woodbury_factor(xc, 0.5), 0.5)
     for b, t in zip(before, tensors):
         assert torch.equal(b, t)
@@ -188,6 +210,14 @@ def test_errors():
         mahalanobis(x, mu)
     with pytest.raises(ValueError, match="exactly one"):
         mahalanobis(x, mu, cholesky=eye, covariance=eye)
+    with pytest.raises(ValueError, match="exactly one"):
+        mahalanobis(x, mu, cholesky=eye, precision_cholesky=eye)
+    with pytest.raises(ValueError, match="reg applies only"):
+        mahalanobis(x, mu, precision_cholesky=eye, reg=0.1)
+    with pytest.raises(ValueError, match="positive diagonal"):
+        precision_cholesky(-eye)
+    with pytest.raises(ValueError, match="square"):
+        precision_cholesky(torch.ones(3, 4))
     with pytest.raises(ValueError, match="reg applies only"):
         mahalanobis(x, mu, cholesky=eye, reg=0.1)
     with pytest.raises(ValueError, match="shape"):

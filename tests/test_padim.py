@@ -52,8 +52,10 @@ def test_fitted_statistics_layout():
     position = h * X.shape[3] + w  # row-major over the (H, W) grid
     np.testing.assert_allclose(det.mean_[position], f.mean(0), rtol=1e-13)
     np.testing.assert_allclose(det.covariance_[position], np.cov(f, rowvar=False), rtol=1e-10)
-    L = det.covariance_cholesky_[position]
-    np.testing.assert_allclose(L @ L.T, np.cov(f, rowvar=False) + 0.01 * np.eye(6), rtol=1e-10)
+    U = det.precision_cholesky_[position]
+    np.testing.assert_allclose(U @ U.T, np.linalg.inv(np.cov(f, rowvar=False) + 0.01 * np.eye(6)),
+                               rtol=1e-9)
+    np.testing.assert_array_equal(U, np.triu(U))
     assert det.mean_.shape == (12, 6) and det.covariance_.shape == (12, 6, 6)
     assert det.n_samples_seen_ == 30 and det.input_shape_ == (10, 3, 4)
 

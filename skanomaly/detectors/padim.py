@@ -14,6 +14,7 @@ from ..functional import (
     MomentAccumulator,
     mahalanobis,
     mahalanobis_woodbury,
+    precision_cholesky,
     woodbury_factor,
 )
 from .gaussian import _cholesky_or_raise, _IncrementalMixin
@@ -23,7 +24,7 @@ __all__ = ["PaDiMDetector"]
 #: float64 numbers per chunk of images in fit and scoring (128 MiB of working memory)
 _CHUNK_ELEMENTS = 2**24
 
-_FULL_STATE = ("covariance_", "covariance_cholesky_", "_moments")
+_FULL_STATE = ("covariance_", "precision_cholesky_", "_moments")
 _WOODBURY_STATE = ("centered_features_", "woodbury_factor_", "_woodbury_reg")
 
 
@@ -70,8 +71,11 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         (``n_positions = H * W``, position ``h * W + w``).
     covariance_ : ndarray of shape (n_positions, d, d), float64
         Unbiased covariance per position, without the ridge (``solver_ == "full"`` only).
-    covariance_cholesky_ : ndarray of shape (n_positions, d, d), float64
-        Lower Cholesky factors of ``covariance_ + reg * I`` (``solver_ == "full"`` only).
+    precision_cholesky_ : ndarray of shape (n_positions, d, d), float64
+        Upper-triangular ``U`` with ``(covariance_ + reg * I)^{-1} = U U^T``, from the
+        Cholesky factor by a triangular solve (scikit-learn's ``GaussianMixture``
+        convention; ``solver_ == "full"`` only). Scoring is then one batched matrix
+        product per chunk of images.
     centered_features_ : ndarray of shape (n_positions, n_samples, d), float64
         Training features minus ``mean_`` (``solver_ == "woodbury"`` only).
     woodbury_factor_ : ndarray of shape (n_positions, n_samples, n_samples), float64
@@ -234,7 +238,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
             "reg (PaDiM uses 0.01)")
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
                 "covariance_": covariance.cpu().numpy(),
-                "covariance_cholesky_": factor.cpu().numpy(),
+                "precision_cholesky_": precision_cholesky(factor).cpu().numpy(),
                 "n_samples_seen_": acc.n_samples_}
 
     def _woodbury_state(self, X, idx) -> dict:
@@ -251,10 +255,10 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         idx = self._device_tensor("feature_indices_")
         mean = self._device_tensor("mean_")
         if self.solver_ == "full":
-            factor = self._device_tensor("covariance_cholesky_")
+            upper = self._device_tensor("precision_cholesky_")
 
             def distance(x):
-                return mahalanobis(x, mean, cholesky=factor)
+                return mahalanobis(x, mean, precision_cholesky=upper)
 
             width = len(idx)
         else:

@@ -8,7 +8,13 @@ mutated, and nothing here imports numpy or scikit-learn. The estimators in
 from .covariance import MomentAccumulator, cov
 from .decomposition import PCAFit, pca_fit, pca_inverse_transform, pca_transform
 from .kde import gaussian_kde_logpdf, kde_covariance
-from .mahalanobis import mahalanobis, mahalanobis_woodbury, regularized_cholesky, woodbury_factor
+from .mahalanobis import (
+    mahalanobis,
+    mahalanobis_woodbury,
+    precision_cholesky,
+    regularized_cholesky,
+    woodbury_factor,
+)
 from .neighbors import knn_distances, pairwise_sq_distances
 from .sampling import johnson_lindenstrauss_min_dim, k_center_greedy, sparse_random_projection_matrix
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
@@ -17,6 +23,7 @@ __all__ = [
     "cov",
     "MomentAccumulator",
     "regularized_cholesky",
+    "precision_cholesky",
     "mahalanobis",
     "woodbury_factor",
     "mahalanobis_woodbury",
