@@ -144,6 +144,21 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     -----
     Input may be a numpy array, any array-like, or a torch tensor on any
     device; it is never modified. Read-only and memory-mapped arrays work.
+
+    Examples
+    --------
+    A detector scoring the distance to the training mean:
+
+    >>> import numpy as np
+    >>> from skanomaly.base import BaseDetector
+    >>> class MeanDistance(BaseDetector):
+    ...     def _fit(self, X):
+    ...         self.center_ = X.mean(0).cpu().numpy()
+    ...     def _score(self, X):
+    ...         return (X - self._device_tensor("center_", X.dtype)).norm(dim=1)
+    >>> X = np.random.default_rng(0).normal(size=(50, 2))
+    >>> MeanDistance(device="cpu").fit(X).predict([[0.0, 0.0], [8.0, 8.0]])
+    array([ 1, -1])
     """
 
     _parameter_constraints: dict = {
@@ -348,6 +363,29 @@ class BaseSpatialDetector(BaseDetector):
     (n_samples, D, 1, 1). Subclasses implement ``_anomaly_map(X)`` returning
     (n_samples, H, W) per-position anomaly scores; the image anomaly score is
     the maximum of the map unless ``_score`` is overridden.
+
+    Parameters
+    ----------
+    contamination : float in (0, 0.5], default=0.1
+        As in :class:`BaseDetector`.
+    device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
+        As in :class:`BaseDetector`.
+
+    Examples
+    --------
+    A detector mapping the distance of each position's features to their mean:
+
+    >>> import numpy as np
+    >>> from skanomaly.base import BaseSpatialDetector
+    >>> class MapDistance(BaseSpatialDetector):
+    ...     def _fit(self, X):
+    ...         self.center_ = X.mean(0).cpu().numpy()
+    ...     def _anomaly_map(self, X):
+    ...         return (X - self._device_tensor("center_", X.dtype)).norm(dim=1)
+    >>> X = np.random.default_rng(0).normal(size=(20, 3, 4, 4))
+    >>> det = MapDistance(device="cpu").fit(X)
+    >>> det.anomaly_map(X[:2]).shape, det.anomaly_map(X[:2], output_size=16).shape
+    ((2, 4, 4), (2, 16, 16))
     """
 
     _sample_ndim = 3
