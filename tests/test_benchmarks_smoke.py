@@ -1,0 +1,129 @@
+"""Smoke run of benchmarks/speed.py at tiny sizes.
+
+The peers (faiss-cpu, anomalib) live in the benchmark environment only: where one is
+missing its column must say "not installed" and the case must still time skanomaly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("skanomaly_bench_speed", BENCH / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package that fails to import
+        return False
+
+
+PEER_MODULES = {
+    "covariance": "numpy",
+    "PaDiM fit": "anomalib",
+    "k-center greedy": "anomalib",
+    "Gaussian KDE": "scipy",
+    "PatchCore NN scoring": "faiss",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        code = speed.main(["--sizes", "smoke", "--repeat", "1", "--skip-memory",
+                           "--output", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return code, out
+
+
+def test_smoke_run_writes_complete_results(smoke_run):
+    code, out = smoke_run
+    assert code == 0
+    (json_file,) = out.glob("*-cpu-smoke.json")
+    md = json_file.with_suffix(".md").read_text()
+    payload = json.loads(json_file.read_text())
+    assert payload["errors"] == {}
+    assert payload["machine"]["cpu_cores"] >= 1
+    assert payload["machine"]["versions"]["torch"] is not None
+    for key in ("gemm_fp32_gflops", "gemm_fp64_gflops", "read_gbps"):
+        assert payload["peaks"][key] > 0
+    rows = payload["rows"]
+    assert {r["case"] for r in rows} >= set(PEER_MODULES)
+    for r in rows:
+        assert r["skanomaly_s"] > 0
+        assert f"| {r['case']} | {r['size']} |" in md
+        module = PEER_MODULES.get(r["case"])
+        if module is None or r["peer_status"].startswith("not run"):
+            continue
+        if _installed(module):
+            assert r["peer_status"] == "ok" and r["peer_s"] > 0
+            assert r["ratio"] == pytest.approx(r["peer_s"] / r["skanomaly_s"])
+        else:
+            assert r["peer_status"] == "not installed" and r["peer_s"] is None
+            assert "not installed" in md
+
+
+def test_smoke_run_checks_agreement_with_peers(smoke_run):
+    _, out = smoke_run
+    (json_file,) = out.glob("*-cpu-smoke.json")
+    rows = {r["case"]: r for r in json.loads(json_file.read_text())["rows"]}
+    assert rows["covariance"]["checks"]["allclose"]
+    kde = rows["Gaussian KDE"]["checks"]
+    if _installed("scipy"):
+        assert kde["max_rel_diff_queries"] <= 1e-6 and kde["max_rel_diff_tail"] <= 1e-6
+    if _installed("faiss"):
+        assert rows["PatchCore NN scoring"]["checks"]["same_neighbour_fraction"] == 1.0
+
+
+def test_cli_size_presets(speed):
+    parse = speed._parser().parse_args
+    assert parse([]).sizes == "full"
+    assert parse(["--quick"]).sizes == "quick"
+    assert parse(["--sizes", "smoke"]).sizes == "smoke"
+
+
+def test_covering_radius_matches_brute_force(speed):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 7, generator=gen)
+    centers = x[torch.randperm(500, generator=gen)[:9]]
+    expected = torch.cdist(x.double(), centers.double()).amin(1).max().item()
+    assert speed.covering_radius(x, centers, chunk=64) == pytest.approx(expected, rel=1e-6)
+
+
+def test_largest_n_fits_budget(speed):
+    def predicted(n):  # ratio * n iterations of per_iter * n / n_full, plus the fixed cost
+        return 0.1 * n * (0.1 * n / 100_000) + 5.0 * n / 100_000
+
+    n = speed._largest_n(per_iter_full=0.1, fixed_full=5.0, n_full=100_000, ratio=0.1,
+                         budget=60.0)
+    assert n % 100 == 0 and predicted(n) <= 60.0 < predicted(n + 100)
+    assert speed._largest_n(0.1, 5.0, 1000, 0.1, 60.0) == 1000
+
+
+@pytest.mark.slow
+def test_child_reports_peak_rss(speed):
+    run = speed.run_child({"kind": "padim_stream", "n": 4, "c": 5, "hw": 4, "batch": 2,
+                           "device": "cpu", "threads": 1, "seed": 0})
+    assert run["peak_rss_mib"] >= run["rss_after_import_mib"] > 0
+    assert run["seconds"] > 0
+    assert np.isfinite(run["batch_mib"])
