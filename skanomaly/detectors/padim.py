@@ -210,7 +210,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     @staticmethod
     def _positions(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> contiguous (n, P, d) float64 features of the kept channels."""
-        x = X.index_select(1, idx).flatten(2).transpose(1, 2)
+        # idx is sorted and unique, so keeping as many channels as X has means all of them
+        x = X if len(idx) == X.shape[1] else X.index_select(1, idx)
+        x = x.flatten(2).transpose(1, 2)
         return x.to(torch.float64, memory_format=torch.contiguous_format)
 
     @staticmethod
