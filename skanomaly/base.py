@@ -183,14 +183,17 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         state.pop("_device_cache", None)
         return state
 
+    def _cached(self, key, build):
+        """``build()``, computed once per fit and kept out of pickles."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
     def _device_tensor(self, name: str, dtype=None) -> torch.Tensor:
         """Fitted numpy attribute ``name`` as a tensor on the fit device (cached)."""
-        cache = self.__dict__.setdefault("_device_cache", {})
-        key = (name, dtype)
-        if key not in cache:
-            value = getattr(self, name)
-            cache[key] = torch.as_tensor(np.asarray(value), dtype=dtype, device=self._device())
-        return cache[key]
+        return self._cached((name, dtype), lambda: torch.as_tensor(
+            np.asarray(getattr(self, name)), dtype=dtype, device=self._device()))
 
     def _reset_device_cache(self):
         self.__dict__.pop("_device_cache", None)

@@ -5,7 +5,10 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from skanomaly.functional import knn_distances, pairwise_sq_distances
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skanomaly.functional import KNNIndex, knn_distances, pairwise_sq_distances
 
 
 def _brute_sq(x, y):
@@ -111,6 +114,74 @@ def test_errors(data):
         pairwise_sq_distances(data[0], bank)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 50])
+@pytest.mark.parametrize("tile_size", [1, 3, 7, 49, 50, 64])
+def test_index_tiles_match_sklearn(data, k, tile_size):
+    # Tiles narrower than k, an uneven last tile and a single tile all merge exactly.
+    queries, bank = data
+    ref_dist, ref_idx = NearestNeighbors(n_neighbors=k).fit(bank).kneighbors(queries)
+    dist, idx = KNNIndex(torch.tensor(bank)).search(torch.tensor(queries), k,
+                                                    tile_size=tile_size, chunk_size=16)
+    np.testing.assert_allclose(dist.numpy(), ref_dist, rtol=1e-6)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+
+
+@settings(deadline=None)
+@given(n_bank=st.integers(1, 40), n_queries=st.integers(0, 30), k=st.integers(1, 6),
+       tile=st.integers(1, 45), chunk=st.integers(1, 35), seed=st.integers(0, 2**16))
+def test_index_search_matches_brute_force(n_bank, n_queries, k, tile, chunk, seed):
+    rng = np.random.default_rng(seed)
+    # integer coordinates: exact ties are common and must resolve to valid neighbours
+    bank = rng.integers(-3, 4, size=(n_bank, 3)).astype(np.float64)
+    queries = rng.integers(-3, 4, size=(n_queries, 3)).astype(np.float64)
+    k = min(k, n_bank)
+    sq, idx = KNNIndex(torch.tensor(bank)).search(torch.tensor(queries), k, squared=True,
+                                                  tile_size=tile, chunk_size=chunk)
+    brute = _brute_sq(queries, bank)
+    assert sq.shape == idx.shape == (n_queries, k)
+    # the distances are the k smallest, ascending, and the indices point at them
+    np.testing.assert_allclose(sq.numpy(), np.sort(brute, 1)[:, :k], atol=1e-9)
+    np.testing.assert_allclose(np.take_along_axis(brute, idx.numpy(), 1), sq.numpy(),
+                               atol=1e-9)
+    assert all(len(set(row)) == k for row in idx.numpy().tolist())
+
+
+def test_index_reused_equals_one_shot(data):
+    queries, bank = (torch.tensor(a, dtype=torch.float32) for a in data)
+    index = KNNIndex(bank)
+    assert (index.n_samples, index.n_features, index.dtype) == (50, 6, torch.float32)
+    assert index.device == torch.device("cpu") and "n_samples=50" in repr(index)
+    for k in (1, 4):
+        got, ref = index.search(queries, k), knn_distances(queries, bank, k)
+        torch.testing.assert_close(got[0], ref[0])
+        assert torch.equal(got[1], ref[1])
+    # float64 queries are promoted with the float32 bank
+    dist64, _ = index.search(queries.double(), 2)
+    assert dist64.dtype == torch.float64
+
+
+def test_index_errors_and_no_mutation(data):
+    queries, bank = torch.tensor(data[0]), torch.tensor(data[1])
+    copy = bank.clone()
+    index = KNNIndex(bank)
+    index.search(queries, 3)
+    assert torch.equal(bank, copy)
+    with pytest.raises(ValueError, match="empty"):
+        KNNIndex(bank[:0])
+    bad = bank.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="infinity"):
+        KNNIndex(bad)
+    with pytest.raises(ValueError, match="features"):
+        index.search(queries[:, :2])
+    with pytest.raises(ValueError, match="exceeds"):
+        index.search(queries, 51)
+    with pytest.raises(ValueError, match="tile_size"):
+        index.search(queries, tile_size=0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        KNNIndex(data[1])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(data):
@@ -120,3 +191,9 @@ def test_cuda_matches_cpu(data):
         ref_dist, ref_idx = knn_distances(queries, bank, k)
         assert dist.is_cuda and torch.equal(idx.cpu(), ref_idx)
         torch.testing.assert_close(dist.cpu(), ref_dist)
+        index = KNNIndex(bank.cuda())
+        dist, idx = index.search(queries.cuda(), k, tile_size=7)
+        assert torch.equal(idx.cpu(), ref_idx)
+        torch.testing.assert_close(dist.cpu(), ref_dist)
+        with pytest.raises(ValueError, match="cuda"):
+            index.search(queries, k)

@@ -11,9 +11,9 @@ from sklearn.utils._param_validation import Interval
 
 from ..base import BaseDetector, BaseSpatialDetector, make_generator
 from ..functional import (
+    KNNIndex,
     johnson_lindenstrauss_min_dim,
     k_center_greedy,
-    knn_distances,
     sparse_random_projection_matrix,
 )
 
@@ -79,7 +79,7 @@ class PatchCoreDetector(BaseSpatialDetector):
     See Also
     --------
     skanomaly.functional.k_center_greedy : the coreset selection.
-    skanomaly.functional.knn_distances : the nearest-neighbour search.
+    skanomaly.functional.KNNIndex : the nearest-neighbour search.
 
     Notes
     -----
@@ -111,8 +111,9 @@ class PatchCoreDetector(BaseSpatialDetector):
 
     Where the memory bank has a single entry the weight is undefined (anomalib
     returns 0 there); this class then returns ``s*``, as for ``n_neighbors=1``.
-    Distances to the bank are computed by chunked matrix products; the pixel
-    scores are those of :meth:`anomaly_map`.
+    Distances to the bank are computed by blocked matrix products against an
+    index of the bank built once after ``fit`` (the centred bank and its
+    norms); the pixel scores are those of :meth:`anomaly_map`.
 
     References
     ----------
@@ -196,10 +197,13 @@ class PatchCoreDetector(BaseSpatialDetector):
         self.coreset_indices_ = indices.cpu().numpy().astype(np.int64)
         self.memory_bank_ = patches[indices].cpu().numpy()
 
+    def _bank_index(self) -> KNNIndex:
+        return self._cached("bank_index", lambda: KNNIndex(self._device_tensor("memory_bank_")))
+
     def _nearest(self, X: torch.Tensor):
         """Patches (N, P, C), distance (N, P) and index (N, P) of their nearest bank entry."""
         patches = self._patches(X)
-        dist, idx = knn_distances(patches, self._device_tensor("memory_bank_"), 1)
+        dist, idx = self._bank_index().search(patches, 1)
         n = X.shape[0]
         return patches.view(n, -1, patches.shape[1]), dist.view(n, -1), idx.view(n, -1)
 
@@ -215,6 +219,6 @@ class PatchCoreDetector(BaseSpatialDetector):
         n_support = min(self.n_neighbors, bank.shape[0])
         if n_support == 1:
             return score
-        _, support = knn_distances(bank[idx[rows, worst]], bank, n_support)
+        _, support = self._bank_index().search(bank[idx[rows, worst]], n_support)
         gaps = torch.linalg.vector_norm(patches[rows, worst][:, None, :] - bank[support], dim=-1)
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score

@@ -15,7 +15,7 @@ from .mahalanobis import (
     regularized_cholesky,
     woodbury_factor,
 )
-from .neighbors import knn_distances, pairwise_sq_distances
+from .neighbors import KNNIndex, knn_distances, pairwise_sq_distances
 from .sampling import johnson_lindenstrauss_min_dim, k_center_greedy, sparse_random_projection_matrix
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
 
@@ -33,6 +33,7 @@ __all__ = [
     "pca_inverse_transform",
     "gaussian_kde_logpdf",
     "kde_covariance",
+    "KNNIndex",
     "knn_distances",
     "pairwise_sq_distances",
     "k_center_greedy",
