@@ -135,6 +135,96 @@ def test_cov_float32_is_accurate_for_offset_data():
                                atol=1e-5)
 
 
+def _scatter_ref(x, w=None):
+    """Centred (weighted) scatter by numpy in float64."""
+    x = x.astype(np.float64)
+    w = np.ones(len(x)) if w is None else w
+    xc = (x - w @ x / w.sum()) * np.sqrt(w)[:, None]
+    return xc.T @ xc
+
+
+def _layouts(x):
+    """The same (n, d) data C-contiguous, Fortran-ordered and as a strided view."""
+    wide = np.repeat(x, 2, axis=1)
+    return {"c": x, "fortran": np.asfortranarray(x), "strided": wide[:, ::2]}
+
+
+@pytest.mark.parametrize("layout", ["c", "fortran", "strided"])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_paths_match_numpy(layout, offset, dtype):
+    # BLAS syrk (uncentred where safe, else centred blocks) and the torch GEMM path
+    from skanomaly.functional.covariance import _scatter, _scatter_blas, _scatter_torch
+
+    g = np.random.default_rng(1)
+    x = (offset + g.standard_normal((3000, 7)) * np.arange(1, 8)).astype(dtype)
+    ref = _scatter_ref(x)
+    t = torch.from_numpy(_layouts(x)[layout])
+    mean = t.mean(0, dtype=torch.float64)
+    for fn in (_scatter, _scatter_blas, _scatter_torch):
+        got = fn(t, mean).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-9 if dtype == np.float64 else 1e-6,
+                                   atol=1e-9 * np.abs(ref).max())
+        if fn is not _scatter_torch:  # syrk fills one half: mirrored exactly
+            np.testing.assert_array_equal(got, got.T)
+    w = g.uniform(0, 2, size=len(x))
+    got = _scatter_blas(t, torch.from_numpy(w @ x.astype(np.float64) / w.sum()),
+                        torch.from_numpy(np.sqrt(w))).numpy()
+    np.testing.assert_allclose(got, _scatter_ref(x, w), rtol=1e-9,
+                               atol=1e-9 * np.abs(ref).max())
+
+
+def test_uncentred_product_only_where_accurate(monkeypatch):
+    from skanomaly.functional import covariance as module
+
+    g = np.random.default_rng(2)
+    spread = g.standard_normal((4000, 5))
+    mean_of = lambda a: a.mean(0)  # noqa: E731
+    # within 4 standard deviations of zero: the uncentred product, as accurate as numpy
+    near = spread + 2.0
+    got = module._scatter_uncentred(near, mean_of(near))
+    assert got is not None
+    np.testing.assert_allclose(np.triu(got), np.triu(_scatter_ref(near)), rtol=1e-12,
+                               atol=1e-12 * len(near))
+    # far from zero, or a constant feature with a non-zero mean: refused
+    far = spread + 50.0
+    assert module._scatter_uncentred(far, mean_of(far)) is None
+    constant = spread.copy()
+    constant[:, 3] = 7.0
+    assert module._scatter_uncentred(constant, mean_of(constant)) is None
+    # a first block that looks spread out, the rest tightly around a large mean: the
+    # sample lets it through, the product's own variances refuse it
+    monkeypatch.setattr(module, "_RAW_SAMPLE_ROWS", 100)
+    tricky = np.full((4000, 2), 1e4) + 1e-3 * spread[:, :2]
+    tricky[:100] += 1e4 * spread[:100, :2]  # sample: mean^2 / var ~ 1; all: ~ 40
+    calls = []
+    syrk = module._syrk
+    monkeypatch.setattr(module, "_syrk", lambda *a: calls.append(1) or syrk(*a))
+    assert module._scatter_uncentred(tricky, mean_of(tricky)) is None
+    assert calls == [1]  # tried, then refused
+    monkeypatch.setattr(module, "_syrk", syrk)
+    np.testing.assert_allclose(cov(torch.from_numpy(tricky), rowvar=False).numpy(),
+                               np.cov(tricky, rowvar=False), rtol=1e-9)
+    # huge but finite values overflow the test, not the result
+    huge = np.full((10, 2), 1e300)
+    assert module._scatter_uncentred(huge, mean_of(huge)) is None
+    np.testing.assert_array_equal(cov(torch.from_numpy(huge), rowvar=False).numpy(), 0.0)
+
+
+def test_cov_names_the_non_finite_input_only_when_there_is_one():
+    x = torch.randn(50, 3, dtype=torch.float64)
+    bad = x.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="m contains NaN"):
+        cov(bad, rowvar=False)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        cov(x, bad, rowvar=False)
+    both = x.clone()
+    both[0, 0], both[1, 0] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="infinity"):
+        cov(both, rowvar=False, aweights=torch.ones(50, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

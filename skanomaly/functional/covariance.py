@@ -6,6 +6,7 @@ import math
 import operator
 import warnings
 
+import numpy as np
 import torch
 
 from ._validation import as_float_tensor, check_finite
@@ -22,7 +23,6 @@ def _observations(a: torch.Tensor, rowvar: bool, name: str) -> torch.Tensor:
     """View ``a`` (0-, 1- or 2-D) as an (n_observations, n_variables) matrix."""
     if a.ndim > 2:
         raise ValueError(f"{name} has more than 2 dimensions (shape {tuple(a.shape)})")
-    check_finite(a, name)
     if a.ndim < 2:
         return a.reshape(-1, 1)
     return a.mT if rowvar else a
@@ -40,6 +40,102 @@ def _check_weights(w, n: int, name: str, device: torch.device, dtype: torch.dtyp
     if bool((w < 0).any()):
         raise ValueError(f"{name} cannot be negative")
     return w
+
+
+_BLAS_BLOCK_BYTES = 8 * 2**20  # rows of centred data per symmetric rank-k update
+
+
+def _scatter_torch(x: torch.Tensor, mean: torch.Tensor, scale=None) -> torch.Tensor:
+    """``sum_i scale_i^2 (x_i - mean)(x_i - mean)^T`` by one GEMM, any device."""
+    xc = x - mean
+    if scale is not None:
+        xc.mul_(scale.unsqueeze(-1))
+    return xc.mT @ xc
+
+
+_RAW_SAMPLE_ROWS = 2048  # rows that decide whether the uncentred product is safe
+_RAW_MAX_RATIO = 16.0  # largest mean^2 / variance of a feature for the uncentred product
+
+
+def _syrk(xn: np.ndarray, c=None) -> np.ndarray | None:
+    """Upper half of ``xn^T xn (+ c)`` by BLAS ``?syrk`` without copying ``xn``.
+
+    None when ``xn`` is neither C- nor Fortran-contiguous (the caller centres blocks).
+    """
+    from scipy.linalg import blas
+
+    syrk = blas.dsyrk if xn.dtype == np.float64 else blas.ssyrk
+    kw = {} if c is None else {"beta": 1.0, "c": c, "overwrite_c": 1}
+    if xn.flags.c_contiguous:  # xn.T is a Fortran (d, n) matrix: xn.T (xn.T)^T
+        return syrk(1.0, xn.T, **kw)
+    if xn.flags.f_contiguous:  # xn is a Fortran (n, d) matrix: xn^T xn
+        return syrk(1.0, xn, trans=1, **kw)
+    return None
+
+
+def _scatter_uncentred(xn: np.ndarray, mn: np.ndarray) -> np.ndarray | None:
+    """``x^T x - n mean mean^T`` (upper half), or None where it would lose accuracy.
+
+    The uncentred product needs no centred copy of the data, but cancels where a
+    feature's mean is large against its spread: its relative error grows like
+    ``eps * (1 + mean^2 / variance)``. It is used only where that ratio is at most
+    ``_RAW_MAX_RATIO`` (losing at most 4 bits), judged first on a sample of rows,
+    then on the variances the product itself gives.
+    """
+    n = xn.shape[0]
+    sample = xn[:_RAW_SAMPLE_ROWS] - mn
+    spread = np.einsum("ij,ij->j", sample, sample) / sample.shape[0]
+    with np.errstate(over="ignore", invalid="ignore"):  # huge means: not safe, and False
+        square = mn * mn
+        if not np.all(square <= _RAW_MAX_RATIO * spread):
+            return None
+        c = _syrk(xn)
+        if c is None:
+            return None
+        c -= n * np.triu(np.outer(mn, mn))
+        safe = np.all(square <= _RAW_MAX_RATIO * (np.diagonal(c) / n))
+    return c if safe else None
+
+
+def _scatter_blas(x: torch.Tensor, mean: torch.Tensor, scale=None) -> torch.Tensor:
+    """The same on the CPU by BLAS ``?syrk``, a symmetric rank-k update (half the flops).
+
+    torch has no symmetric rank-k update, so this calls the BLAS routine that
+    ``numpy.cov`` reaches through ``numpy.dot(X, X.T)``, via scipy. Where every
+    feature's mean is within 4 standard deviations of zero, it is one product of the
+    uncentred data, corrected by ``n mean mean^T`` (no copy of the data). Otherwise
+    blocks of about 8 MB of rows are centred by numpy into one reused buffer, which
+    stays in cache and never faults in fresh pages as a full centred copy would;
+    numpy rather than torch, because alternating torch's OpenMP threads with BLAS's
+    own threads block after block makes them spin against each other (2x slower on
+    2 cores).
+    """
+    xn, mn = x.numpy(), mean.numpy()
+    c = None
+    if scale is None and xn.dtype == mn.dtype:
+        c = _scatter_uncentred(xn, mn)
+    if c is None:
+        sn = None if scale is None else scale.numpy()
+        n, d = xn.shape
+        rows = max(256, _BLAS_BLOCK_BYTES // (d * mn.itemsize))
+        buf = np.empty((min(rows, n), d), dtype=mn.dtype)
+        for start in range(0, n, rows):
+            block = buf[: min(rows, n - start)]
+            np.subtract(xn[start : start + rows], mn, out=block)
+            if sn is not None:
+                block *= sn[start : start + rows, None]
+            c = _syrk(block, c)
+    upper = torch.from_numpy(c).triu()
+    return upper + upper.triu(1).mT
+
+
+def _scatter(x: torch.Tensor, mean: torch.Tensor, scale=None) -> torch.Tensor:
+    """Centred (weighted) scatter of the rows of a 2-D ``x``, in ``mean``'s dtype."""
+    floating = (torch.float32, torch.float64)
+    if (x.device.type == "cpu" and not x.requires_grad and x.shape[0] > 0
+            and x.dtype in floating and mean.dtype in floating):
+        return _scatter_blas(x, mean, scale)
+    return _scatter_torch(x, mean, scale)
 
 
 def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=None, *,
@@ -108,10 +204,12 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
     observation of ``k`` variables, like ``m`` (numpy alone treats such a ``y`` as one
     variable).
 
-    The data are centred on their (weighted) mean and the scatter is a single GEMM
-    ``Xc^T Xc`` (weights enter as ``sqrt(w)`` row scaling), accumulated in float64 (float32
-    on MPS) and cast to the result dtype: ``O(n_observations * n_variables**2)`` time and
-    one float64 copy of the data in memory. The result is symmetrised exactly.
+    The data are centred on their (weighted) mean and the scatter is ``Xc^T Xc``
+    (weights enter as ``sqrt(w)`` row scaling), accumulated in float64 (float32 on MPS)
+    and cast to the result dtype: ``O(n_observations * n_variables**2)`` time. On the CPU
+    it is a BLAS symmetric rank-k update (``dsyrk``, through scipy, as numpy reaches it)
+    over blocks of about 8 MB of centred rows; elsewhere a single GEMM over one centred
+    copy of the data. The result is symmetrised exactly.
 
     Examples
     --------
@@ -138,7 +236,7 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         if dtype is None:
             out_dtype = torch.promote_types(m.dtype, y.dtype)
             m, y = m.to(out_dtype), y.to(out_dtype)
-    x = _observations(m, rowvar, "m")
+    x = xm = _observations(m, rowvar, "m")
     if x.shape[1] == 0:
         return torch.empty((0, 0), dtype=m.dtype, device=m.device)
     if y is not None:
@@ -158,14 +256,23 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         w = a if w is None else w * a
 
     if w is None:
-        xc = x - x.mean(dim=0, dtype=acc)
-        fact = n - ddof
+        mean = x.mean(dim=0, dtype=acc)
     else:
         w_sum = float(w.sum())
         if w_sum == 0.0:
             raise ValueError("weights sum to zero; the weighted mean is undefined")
-        x = x.to(acc)
-        xc = (x - (w @ x) / w_sum).mul_(w.sqrt().unsqueeze(1))
+        mean = (w @ x.to(acc)) / w_sum
+    # NaN or infinity anywhere in a variable makes its mean non-finite: the data are
+    # scanned for the error message only then, not on every call
+    if not bool(torch.isfinite(mean).all()):
+        check_finite(xm, "m")
+        if y is not None:
+            check_finite(yo, "y")
+    if w is None:
+        scatter = _scatter(x, mean)
+        fact = n - ddof
+    else:
+        scatter = _scatter(x, mean, w.sqrt())
         if ddof == 0:
             fact = w_sum
         elif aweights is None:
@@ -174,8 +281,7 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
             fact = w_sum - ddof * float((w * a).sum()) / w_sum
     if fact <= 0:
         warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
-    c = xc.mT @ xc
-    c = (c + c.mT).mul_(0.5 / fact if fact > 0 else math.inf)
+    c = (scatter + scatter.mT).mul_(0.5 / fact if fact > 0 else math.inf)
     return c.to(m.dtype).squeeze()
 
 
@@ -358,8 +464,11 @@ class MomentAccumulator:
             self._move(x.device)
         x = x.to(self._mean.device)
         mean_b = x.mean(dim=-2, dtype=self._mean.dtype)
-        xc = x - mean_b.unsqueeze(-2)
-        self._combine(nb, mean_b, xc.mT @ xc)
+        if self.batch_shape:
+            m2_b = _scatter_torch(x, mean_b.unsqueeze(-2))
+        else:
+            m2_b = _scatter(x, mean_b)
+        self._combine(nb, mean_b, m2_b)
         return self
 
     def merge(self, other: MomentAccumulator) -> MomentAccumulator:
