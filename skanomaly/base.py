@@ -19,6 +19,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import validate_data
+from .functional._validation import all_finite
 
 __all__ = ["BaseDetector", "BaseSpatialDetector", "resolve_device", "make_generator"]
 
@@ -228,7 +229,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             if not t.is_floating_point() or t.dtype not in (torch.float32, torch.float64):
                 t = t.to(torch.float64)
             t = t.to(device)
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 kind = "NaN" if bool(torch.isnan(t).any()) else "infinity"
                 raise ValueError(f"Input X contains {kind}.")
             self._check_n_features_tensor(t, reset=reset)

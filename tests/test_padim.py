@@ -147,13 +147,36 @@ def test_refit_replaces_the_state_of_the_other_solver():
                                rtol=1e-9)
 
 
-def test_chunked_scoring_and_fit_agree(monkeypatch):
+@pytest.mark.parametrize("solver", ["full", "woodbury"])
+def test_chunked_scoring_and_fit_agree(monkeypatch, solver):
     X = _maps(30)
-    big = PaDiMDetector(device="cpu").fit(X)
-    monkeypatch.setattr(padim, "_CHUNK_ELEMENTS", 1)  # one image per chunk
-    small = PaDiMDetector(device="cpu").fit(X)
-    np.testing.assert_allclose(small.covariance_, big.covariance_, rtol=1e-12, atol=1e-12)
+    big = PaDiMDetector(solver=solver, device="cpu").fit(X)
+    monkeypatch.setattr(padim, "_CHUNK_ELEMENTS", 1)  # Woodbury: one image per chunk
+    monkeypatch.setattr(padim, "_BLOCK_ELEMENTS", 1)  # full: one position per block
+    monkeypatch.setattr(padim, "_SCORE_IMAGES", 4)  # full: 4 images per scoring chunk
+    small = PaDiMDetector(solver=solver, device="cpu").fit(X)
+    for name in ("mean_", "covariance_", "precision_cholesky_"):
+        if hasattr(big, name):
+            np.testing.assert_allclose(getattr(small, name), getattr(big, name),
+                                       rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(small.anomaly_map(X), big.anomaly_map(X), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_features", [None, 7])
+def test_blocks_of_positions_match_numpy(monkeypatch, n_features):
+    # uneven blocks (5 positions, then 2), channel subset or not, 3 scoring chunks
+    X, X_test = _maps(40, h=3, w=4), _maps(9, h=3, w=4, seed=1)
+    monkeypatch.setattr(padim, "_BLOCK_ELEMENTS", 5 * 40 * (n_features or 10))
+    monkeypatch.setattr(padim, "_SCORE_IMAGES", 4)
+    det = PaDiMDetector(n_features=n_features, reg=0.05, random_state=0, device="cpu")
+    det.fit(X)
+    expected = _reference_maps(X, X_test, det.feature_indices_, 0.05)
+    np.testing.assert_allclose(det.anomaly_map(X_test), expected, rtol=1e-9)
+    covariance = det.covariance_
+    np.testing.assert_array_equal(covariance, covariance.transpose(0, 2, 1))
+    # the offset comes from the training scores, as score_samples computes them
+    train = det.score_samples(X)
+    assert det.offset_ == np.percentile(train, 100 * det.contamination)
 
 
 def test_invalid_configurations_raise():

@@ -33,13 +33,20 @@ def as_float_tensor(x, name: str = "x", dtype: torch.dtype | None = None) -> tor
     return x
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite (True for integer and empty tensors).
+
+    A finite sum proves every entry finite, without a full-size boolean temporary;
+    an infinite one may be mere overflow, so only then is each entry checked.
+    """
+    if not (x.is_floating_point() and x.numel()):
+        return True
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_finite(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinity."""
-    if not (x.is_floating_point() and x.numel()):
-        return x
-    # A finite sum proves every entry finite, without a full-size boolean temporary;
-    # an infinite one may be mere overflow, so only then is each entry checked.
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         kind = "NaN" if bool(torch.isnan(x).any()) else "infinity"
         raise ValueError(f"{name} contains {kind}; anomaly detectors need finite input")
     return x

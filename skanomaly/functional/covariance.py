@@ -368,6 +368,18 @@ class MomentAccumulator:
         self._m2 = torch.zeros(*self.batch_shape, self.n_features, self.n_features,
                                dtype=dt, device=dev)
 
+    @classmethod
+    def _from_moments(cls, n: int, mean: torch.Tensor, scatter: torch.Tensor):
+        """An accumulator holding ``n`` observations with this mean and centred scatter.
+
+        The tensors (float64, or float32 on MPS) become its state, not copies.
+        """
+        acc = cls.__new__(cls)  # no zero state to allocate and throw away
+        acc.n_features, acc.batch_shape = mean.shape[-1], tuple(mean.shape[:-1])
+        acc._follow_input = False
+        acc._n, acc._mean, acc._m2 = int(n), mean, scatter
+        return acc
+
     @property
     def n_samples_(self) -> int:
         """Number of observations accumulated so far (per problem of ``batch_shape``)."""
