@@ -339,7 +339,6 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         upper = self._device_tensor("precision_cholesky_")
         n, d, n_positions = X.shape[0], len(idx), mean.shape[0]
         out = torch.empty(n, n_positions, dtype=torch.float64, device=X.device)
-        f64 = dict(dtype=torch.float64, device=X.device)
         for first in range(0, n, _SCORE_IMAGES):
             chunk = X[first : first + _SCORE_IMAGES]
             blocks = self._position_blocks(n_positions, chunk.shape[0], d)
