@@ -210,6 +210,21 @@ def test_k_center_duplicates_are_not_reselected():
     assert sorted(x[got[:3], 0].tolist()) == [0.0, 1.0, 5.0]
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_k_center_torch_and_numpy_loops_agree(points, chunk):
+    # The CPU runs the numpy loop; the torch loop (accelerators) is checked here too.
+    from skanomaly.functional.sampling import _k_center_greedy_numpy, _k_center_greedy_torch
+
+    x = torch.as_tensor(points)
+    x = x - x.mean(0)
+    xt, sq = x.T.contiguous(), x.square().sum(1)
+    want = _reference_k_center(points, 12, 5)
+    got_np = _k_center_greedy_numpy(xt.numpy(), sq.numpy(), 12, 5, chunk)
+    got_torch = _k_center_greedy_torch(xt, sq, 12, torch.tensor([5]), chunk)
+    np.testing.assert_array_equal(got_np, want)
+    np.testing.assert_array_equal(got_torch.numpy(), want)
+
+
 def test_k_center_float32(points):
     x = torch.tensor(points, dtype=torch.float32)
     got = k_center_greedy(x, 20, generator=_gen(14)).numpy()

@@ -1,8 +1,11 @@
 """Pure PyTorch kernels of skanomaly.
 
 Tensors in, tensors out: dtype and device follow the input, inputs are never
-mutated, and nothing here imports numpy or scikit-learn. The estimators in
-:mod:`skanomaly` are thin layers over these functions.
+mutated, and nothing here imports scikit-learn. On the CPU two kernels hand their
+inner loop to the BLAS that numpy and scipy bundle, where torch has no equivalent
+routine (:func:`cov`'s symmetric rank-k update) or streams memory more slowly
+(:func:`k_center_greedy`'s matrix-vector products); the arithmetic is the same.
+The estimators in :mod:`skanomaly` are thin layers over these functions.
 """
 
 from .covariance import MomentAccumulator, cov

@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 from ._validation import as_float_tensor, check_finite, check_ndim, check_positive_int
 
 __all__ = ["k_center_greedy", "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix"]
-
-_CHUNK_ELEMENTS = 1 << 22  # entries of x read per matrix-vector product in k-center greedy
 
 
 def johnson_lindenstrauss_min_dim(n_samples, eps=0.1):
@@ -208,8 +207,7 @@ def k_center_greedy(
         :func:`sparse_random_projection_matrix`; converted to the dtype of ``x``.
     chunk_size : int, optional
         Rows of ``x`` per matrix-vector product when updating distances; it does
-        not change the result. Default: about 4 million entries per chunk on CPU
-        (so the per-chunk vectors stay in cache), all rows at once on other devices.
+        not change the result. Default: all rows at once (measured fastest).
 
     Returns
     -------
@@ -235,8 +233,10 @@ def k_center_greedy(
     selects the point farthest (squared Euclidean) from its nearest selected
     centre, then lowers every point's nearest-centre distance with the new
     centre only. Each step is one pass over the (centred) data:
-    ``|x_i|^2 - 2 x_i.c + |c|^2`` by a matrix-vector product, with all buffers
-    allocated once. Ties go to the lowest index; already-selected points are
+    ``|x_i|^2 - 2 x_i.c + |c|^2`` by a matrix-vector product over a feature-major
+    copy, with all buffers allocated once; on the CPU the loop runs in numpy (its
+    BLAS streams the data at the memory bandwidth), elsewhere in torch. Ties go
+    to the lowest index; already-selected points are
     never re-selected, so duplicated points are picked only once every distinct
     point has been.
 
@@ -273,16 +273,28 @@ def k_center_greedy(
         x = torch.addmm(x.mean(0) @ projection, x, projection, beta=-1.0)  # centred projection
     else:
         x = x - x.mean(0)
-    if chunk_size is None:  # cache-sized chunks on CPU; one product per step on accelerators
-        chunk = max(1, _CHUNK_ELEMENTS // x.shape[1]) if x.device.type == "cpu" else n_samples
-    else:
-        chunk = check_positive_int(chunk_size, "chunk_size")
+    chunk = n_samples if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
     sq_norms = x.square().sum(1)
     # Feature-major copy: each step's product reads it as a column-major matrix, which
     # measured ~1.8x faster per step than the row-major (n, k) layout on this CPU's BLAS.
     xt = x.T.contiguous()
     del x
     start = torch.randint(n_samples, (1,), generator=generator, device=generator.device)
+    if xt.device.type == "cpu" and xt.dtype in (torch.float32, torch.float64):
+        selected = _k_center_greedy_numpy(xt.numpy(), sq_norms.numpy(), n_centers,
+                                          int(start[0]), chunk)
+        return torch.from_numpy(selected)
+    return _k_center_greedy_torch(xt, sq_norms, n_centers, start.to(xt.device), chunk)
+
+
+def _k_center_greedy_torch(xt: torch.Tensor, sq_norms: torch.Tensor, n_centers: int,
+                           start: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The greedy loop of :func:`k_center_greedy` in torch, for any device.
+
+    ``xt`` is the centred (projected) data, feature-major (n_features, n_samples);
+    ``start`` a one-element index tensor on its device.
+    """
+    n_samples = xt.shape[1]
     selected = torch.empty(n_centers, dtype=torch.long, device=xt.device)
     selected[0] = start[0]
     min_dist = torch.full((n_samples,), math.inf, dtype=xt.dtype, device=xt.device)
@@ -298,4 +310,35 @@ def k_center_greedy(
             torch.minimum(min_dist[lo:hi], dist.add_(center_sq), out=min_dist[lo:hi])
         min_dist.index_fill_(0, index, -math.inf)
         torch.argmax(min_dist, dim=0, keepdim=True, out=selected[step : step + 1])
+    return selected
+
+
+def _k_center_greedy_numpy(xt: np.ndarray, sq_norms: np.ndarray, n_centers: int,
+                           start: int, chunk: int) -> np.ndarray:
+    """The greedy loop of :func:`k_center_greedy` on the CPU, by numpy and its BLAS.
+
+    The same arithmetic as the torch loop. Each step is one matrix-vector product that
+    streams ``xt`` (n_features, n_samples) once; numpy's BLAS (OpenBLAS) reached the
+    read bandwidth there (9.0 ms per step for 219,520 x 303 float32, bandwidth bound
+    8.8 ms) where torch's took 12.8 ms, and a loop free of torch calls leaves no
+    OpenMP threads spinning against the BLAS threads.
+    """
+    n_samples = xt.shape[1]
+    selected = np.empty(n_centers, dtype=np.int64)
+    selected[0] = start
+    min_dist = np.full(n_samples, np.inf, dtype=xt.dtype)
+    buffer = np.empty(n_samples, dtype=xt.dtype)
+    for step in range(1, n_centers):
+        index = selected[step - 1]
+        center = xt[:, index].copy()
+        for lo in range(0, n_samples, chunk):
+            hi = min(lo + chunk, n_samples)
+            dist = buffer[lo:hi]
+            np.dot(center, xt[:, lo:hi], out=dist)
+            dist *= -2.0
+            dist += sq_norms[lo:hi]
+            dist += sq_norms[index]
+            np.minimum(min_dist[lo:hi], dist, out=min_dist[lo:hi])
+        min_dist[index] = -np.inf
+        selected[step] = min_dist.argmax()
     return selected
