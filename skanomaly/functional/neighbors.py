@@ -346,5 +346,7 @@ def knn_distances(
     >>> knn_distances(torch.tensor([[0.0, 0.5]]), bank, n_neighbors=2)
     (tensor([[0.5000, 1.1180]]), tensor([[0, 2]]))
     """
-    queries, bank = _check_pair(queries, bank, "queries", "bank")
+    queries, bank = as_float_tensor(queries, "queries"), as_float_tensor(bank, "bank")
+    # the bank is promoted before it is centred; KNNIndex and search validate each side once
+    bank = bank.to(torch.promote_types(queries.dtype, bank.dtype))
     return KNNIndex(bank).search(queries, n_neighbors, squared=squared, chunk_size=chunk_size)
