@@ -7,6 +7,7 @@ extraction (:class:`skanomaly.features.FeatureExtractor`) needs torchvision and
 imports it only when used.
 """
 
+from .base import calibrate
 from .detectors import (
     DFKDEDetector,
     DFMDetector,
@@ -24,6 +25,7 @@ __all__ = [
     "DFMDetector",
     "DFKDEDetector",
     "FeatureExtractor",
+    "calibrate",
     "__version__",
 ]
 

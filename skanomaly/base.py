@@ -10,20 +10,33 @@ subclass :class:`BaseSpatialDetector` and implement ``_anomaly_map``.
 
 from __future__ import annotations
 
+import math
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import validate_data
 from .functional._validation import all_finite
 
-__all__ = ["BaseDetector", "BaseSpatialDetector", "resolve_device", "make_generator"]
+__all__ = [
+    "BaseDetector",
+    "BaseSpatialDetector",
+    "calibrate",
+    "resolve_device",
+    "make_generator",
+]
 
 _DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+
+#: numbers (samples x per-sample size) aimed at per fixed-shape scoring block
+_BLOCK_NUMBERS = 2**22
+#: bounds on the samples per fixed-shape scoring block
+_MIN_BLOCK, _MAX_BLOCK = 8, 1024
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -121,6 +134,106 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` in blocks of exactly ``block`` rows, results concatenated.
+
+    The last block is padded by repeating its last row and the padding's results are
+    dropped. Every call of ``fn`` thus sees one and the same shape, whatever the number
+    of rows: kernels whose strategy depends on the shape (BLAS blocking, GEMV for one
+    row, oneDNN's algorithm choice, torch's split of a reduction across threads) run
+    identically for every block, so the result of a row does not depend on which or
+    how many rows come with it. ``fn`` must treat rows independently.
+    """
+    outputs = []
+    for start in range(0, x.shape[0], block):
+        chunk = x[start : start + block]
+        n = chunk.shape[0]
+        if n < block:
+            chunk = torch.cat([chunk, chunk[-1:].expand(block - n, *chunk.shape[1:])])
+        outputs.append(fn(chunk)[:n])
+    return torch.cat(outputs)
+
+
+def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
+    """The ``contamination`` quantile of normality scores; -inf scores count as the lowest."""
+    normality = np.asarray(normality, dtype=np.float64)
+    finite = np.isfinite(normality)
+    if not finite.all():
+        if not finite.any():
+            raise ValueError("every calibration score is infinite: the model cannot set offset_")
+        low = normality[finite].min()
+        normality = np.where(finite, normality, low - abs(low) - 1.0)
+    return float(np.percentile(normality, 100.0 * contamination))
+
+
+def calibrate(estimator, X, y=None):
+    """Set the decision threshold of a fitted detector or pipeline from held-out normals.
+
+    The last step of ``estimator`` (or ``estimator`` itself) must be a fitted skanomaly
+    detector; the earlier steps of a :class:`~sklearn.pipeline.Pipeline` transform ``X``
+    first. ``offset_`` becomes the ``contamination`` quantile of the held-out scores,
+    so that ``predict`` flags about ``contamination`` of new normal samples.
+
+    Parameters
+    ----------
+    estimator : fitted skanomaly detector or Pipeline ending in one
+        Modified in place.
+    X : array-like of shape (n_samples, ...)
+        Normal samples that were not used for fitting, in the input format of
+        ``estimator`` (images for a pipeline starting with a feature extractor).
+    y : Ignored
+        Not used, present for API consistency.
+
+    Returns
+    -------
+    estimator
+        The same object, with the detector's ``offset_`` and ``calibration_`` updated.
+
+    Raises
+    ------
+    TypeError
+        If the (last step of the) estimator is not a skanomaly detector.
+    sklearn.exceptions.NotFittedError
+        If it is not fitted.
+    ValueError
+        If ``X`` is invalid for the estimator (see its ``score_samples``).
+
+    See Also
+    --------
+    BaseDetector.calibrate : the same on a bare detector.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skanomaly import GaussianDetector, calibrate
+    >>> rng = np.random.default_rng(0)
+    >>> model = make_pipeline(StandardScaler(), GaussianDetector(device="cpu"))
+    >>> model = model.fit(rng.normal(size=(200, 3)))
+    >>> model = calibrate(model, rng.normal(size=(500, 3)))
+    >>> model[-1].calibration_
+    'held-out'
+    >>> flagged = (model.predict(rng.normal(size=(5000, 3))) == -1).mean()
+    >>> bool(abs(flagged - 0.1) < 0.03)
+    True
+    """
+    from sklearn.pipeline import Pipeline
+
+    detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    if not isinstance(detector, BaseDetector):
+        raise TypeError(
+            f"calibrate needs a skanomaly detector or a Pipeline ending in one, got "
+            f"{type(detector).__name__}"
+        )
+    check_is_fitted(detector)
+    Xt = X
+    if isinstance(estimator, Pipeline) and len(estimator) > 1:
+        Xt = estimator[:-1].transform(X)
+    detector.calibrate(Xt)
+    return estimator
+
+
 class BaseDetector(OutlierMixin, BaseEstimator):
     """Base class of skanomaly's detectors (scikit-learn's outlier contract).
 
@@ -134,15 +247,42 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     Parameters
     ----------
     contamination : float in (0, 0.5], default=0.1
-        Expected share of outliers, as in :class:`sklearn.covariance.EllipticEnvelope`:
-        ``offset_`` is the ``contamination`` quantile of the training scores, so a
-        share ``contamination`` of the training set is predicted -1.
+        Share of new normal samples that :meth:`predict` flags as outliers:
+        ``offset_`` is the ``contamination`` quantile of out-of-sample scores of the
+        training samples (see Notes), or of held-out normals passed to
+        :meth:`calibrate`.
     device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
         Where the kernels run. Fitted attributes are CPU numpy arrays whatever
         the device, so a model fitted on CUDA pickles and loads on a CPU machine.
 
+    Attributes
+    ----------
+    offset_ : float
+        Threshold on :meth:`score_samples`; ``decision_function = score_samples - offset_``.
+    calibration_ : str
+        How ``offset_`` was set: ``"leave-one-out"`` (exact leave-one-out scores of the
+        training samples), ``"leave-one-image-out"`` (PatchCore), ``"cross-fit"``
+        (K-fold cross-fitting), ``"in-sample"`` (too few samples for either; optimistic),
+        ``"held-out"`` (:meth:`calibrate`).
+
     Notes
     -----
+    In-sample scores are optimistic for most detectors (a training patch is its own
+    nearest neighbour, a KDE point counts in its own density, a Mahalanobis distance
+    to a mean and covariance that include the sample is shrunk), so ``fit`` sets
+    ``offset_`` from out-of-sample scores of the training samples: each detector's
+    exact leave-one-out scores where the algebra gives them cheaply, else
+    ``n_splits = 5`` cross-fitting (each fifth of the samples scored by a model fitted
+    on the other four fifths; five extra fits). With fewer than ``2 * n_splits``
+    samples, or when a fold cannot be fitted, the in-sample scores are used and a
+    ``UserWarning`` says so. :meth:`calibrate` (or :func:`skanomaly.calibrate` through a
+    :class:`~sklearn.pipeline.Pipeline`) replaces ``offset_`` with the quantile of
+    held-out normal samples.
+
+    A sample's scores do not depend on the other samples scored with it, bitwise:
+    scoring runs in blocks of a fixed number of samples (the last one padded), so
+    every kernel call has the same shape whatever the batch.
+
     Input may be a numpy array, any array-like, or a torch tensor on any
     device; it is never modified. Read-only and memory-mapped arrays work.
 
@@ -169,6 +309,14 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     #: number of dimensions of one sample accepted besides the 2-D (N, D) form
     _sample_ndim = 1
+    #: folds of the cross-fitting that sets ``offset_`` when a detector has no cheaper
+    #: out-of-sample scores
+    _n_splits = 5
+    #: whether scoring must run in fixed-shape blocks to be batch-invariant (False where
+    #: the kernels are batch-invariant by themselves)
+    _fixed_blocks = True
+    #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
+    _private_state: tuple = ("_device_cache",)
 
     def __init__(self, *, contamination=0.1, device="auto"):
         self.contamination = contamination
@@ -197,7 +345,27 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             np.asarray(getattr(self, name)), dtype=dtype, device=self._device()))
 
     def _reset_device_cache(self):
-        self.__dict__.pop("_device_cache", None)
+        # an (empty) cache exists from fit on, so that scoring does not add attributes
+        self.__dict__["_device_cache"] = {}
+
+    def _clear_fitted_state(self):
+        """Drop every fitted attribute (public ``*_`` and ``_private_state``): unfitted."""
+        for name in [k for k in self.__dict__
+                     if (k.endswith("_") and not k.startswith("__"))
+                     or k in self._private_state]:
+            del self.__dict__[name]
+
+    def _block_size(self) -> int:
+        """Samples per fixed-shape scoring block: fixed by the fitted per-sample shape."""
+        numbers = math.prod(self.input_shape_) or 1
+        block = 1 << max(0, (_BLOCK_NUMBERS // numbers).bit_length() - 1)
+        return min(max(block, _MIN_BLOCK), _MAX_BLOCK)
+
+    def _blockwise(self, fn, X: torch.Tensor) -> torch.Tensor:
+        """``fn(X)`` with a result per sample that does not depend on the batch."""
+        if not self._fixed_blocks:
+            return fn(X)
+        return _in_fixed_blocks(fn, X, self._block_size())
 
     def _device(self) -> torch.device:
         return resolve_device(self.device)
@@ -283,6 +451,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def fit(self, X, y=None):
         """Fit the detector on (mostly) normal samples.
 
+        Sets ``offset_`` from out-of-sample scores of the training samples (see the
+        class Notes), so that ``predict`` flags about ``contamination`` of new normal
+        samples. A fit that raises leaves the estimator unfitted.
+
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
@@ -295,15 +467,99 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         self : object
             The fitted detector.
         """
-        self._reset_device_cache()
-        Xt = self._validate_input(X, reset=True)
-        self._fit(Xt)
-        self._set_offset(self._score(Xt))
+        self._clear_fitted_state()
+        try:
+            self._reset_device_cache()
+            Xt = self._validate_input(X, reset=True)
+            self._fit(Xt)
+            self._set_offset(*self._out_of_sample_scores(Xt))
+        except BaseException:
+            self._clear_fitted_state()
+            raise
         return self
 
-    def _set_offset(self, train_anomaly_scores: torch.Tensor) -> None:
-        scores = -_to_numpy(train_anomaly_scores).astype(np.float64)
-        self.offset_ = float(np.percentile(scores, 100.0 * self.contamination))
+    def _out_of_sample_scores(self, X: torch.Tensor):
+        """Anomaly scores of the training samples ``X`` by models that did not see them.
+
+        Returns ``(scores, method)``. The default is K-fold cross-fitting; detectors
+        with exact leave-one-out scores override it.
+        """
+        return self._cross_fitted_scores(X)
+
+    def _cross_fitted_scores(self, X: torch.Tensor):
+        """``(scores, "cross-fit")``: each fold scored by a model fitted on the others."""
+        n, k = X.shape[0], self._n_splits
+        if n < 2 * k:
+            return self._in_sample_scores(X, f"{n} samples are too few for {k}-fold "
+                                             "cross-fitting")
+        folds = torch.arange(n, device=X.device) % k
+        scores = torch.empty(n, dtype=torch.float64, device=X.device)
+        for fold in range(k):
+            held = folds == fold
+            model = clone(self)
+            model.__dict__.update(input_shape_=self.input_shape_,
+                                  n_features_in_=self.n_features_in_)
+            try:
+                model._fit(X[~held])
+            except ValueError as exc:
+                return self._in_sample_scores(X, f"a {k}-fold cross-fit failed ({exc})")
+            scores[held] = model._score(X[held]).to(torch.float64)
+        return scores, "cross-fit"
+
+    def _in_sample_scores(self, X: torch.Tensor, why: str):
+        warnings.warn(
+            f"{type(self).__name__}: {why}; offset_ is set from in-sample scores, which "
+            "are optimistic: predict may flag more than `contamination` of new normal "
+            "samples. Call calibrate(X_heldout) with normal samples not used in fit.",
+            UserWarning, stacklevel=4)
+        return self._score(X), "in-sample"
+
+    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
+        normality = -_to_numpy(anomaly_scores).astype(np.float64)
+        self.offset_ = _quantile_offset(normality, self.contamination)
+        self.calibration_ = method
+
+    def calibrate(self, X, y=None):
+        """Set ``offset_`` from normal samples that were not used for fitting.
+
+        ``offset_`` becomes the ``contamination`` quantile of ``score_samples(X)``,
+        so that ``predict`` flags about ``contamination`` of new normal samples like
+        these. Through a :class:`~sklearn.pipeline.Pipeline`, use
+        :func:`skanomaly.calibrate`.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            Held-out normal samples, shaped as in ``fit``.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The detector, with ``offset_`` and ``calibration_`` (``"held-out"``) updated.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If ``X`` is invalid (see :meth:`score_samples`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = GaussianDetector(contamination=0.2, device="cpu").fit(rng.normal(size=(100, 2)))
+        >>> det = det.calibrate(rng.normal(size=(1000, 2)))
+        >>> bool(abs((det.predict(rng.normal(size=(5000, 2))) == -1).mean() - 0.2) < 0.03)
+        True
+        """
+        normality = self.score_samples(X)
+        self.offset_ = _quantile_offset(normality, self.contamination)
+        self.calibration_ = "held-out"
+        return self
 
     def score_samples(self, X):
         """Normality score of each sample: higher means more normal.
@@ -320,7 +576,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         Xt = self._validate_input(X, reset=False)
-        return -_to_numpy(self._score(Xt)).astype(np.float64)
+        return -_to_numpy(self._blockwise(self._score, Xt)).astype(np.float64)
 
     def decision_function(self, X):
         """Shifted normality score: negative for outliers, positive for inliers.
@@ -420,10 +676,14 @@ class BaseSpatialDetector(BaseDetector):
 
         check_is_fitted(self)
         Xt = self._validate_input(X, reset=False)
-        maps = self._anomaly_map(Xt)
-        if output_size is not None:
-            maps = postprocess_anomaly_map(maps, output_size, sigma=sigma)
-        return _to_numpy(maps).astype(np.float64)
+
+        def maps_of(x):
+            maps = self._anomaly_map(x)
+            if output_size is not None:
+                maps = postprocess_anomaly_map(maps, output_size, sigma=sigma)
+            return maps
+
+        return _to_numpy(self._blockwise(maps_of, Xt)).astype(np.float64)
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

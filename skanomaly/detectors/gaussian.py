@@ -110,7 +110,7 @@ class _IncrementalMixin:
         first = not hasattr(self, "n_samples_seen_")
         Xt = self._validate_input(X, reset=first)
         self._accumulate(Xt, reset=first, incremental=True)
-        self._set_offset(self._score(Xt))
+        self._set_offset(self._score(Xt), "in-sample")
         return self
 
 
@@ -213,6 +213,9 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     >>> det.predict([[0.0] * 5, [8.0] * 5]).tolist()
     [1, -1]
     """
+
+    _private_state = (*BaseDetector._private_state, "_moments", "_centre", "_sum_sq2",
+                      "_sum_sq_y")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,

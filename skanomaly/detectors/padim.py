@@ -154,6 +154,8 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     True
     """
 
+    _private_state = (*BaseDetector._private_state, "_moments", "_woodbury_reg")
+
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
         "n_features": [None, Interval(Integral, 1, None, closed="left")],
