@@ -50,7 +50,7 @@ def test_ledoit_wolf_shapes(n, d):
 
 def test_reg_adds_a_ridge():
     X, Xq = _data(n=40), _data(n=10, seed=2)
-    det = GaussianDetector(reg=0.5, device="cpu").fit(X)
+    det = GaussianDetector(shrinkage=None, reg=0.5, device="cpu").fit(X)
     precision = np.linalg.inv(np.cov(X, rowvar=False, bias=True) + 0.5 * np.eye(X.shape[1]))
     v = Xq - X.mean(0)
     np.testing.assert_allclose(-det.score_samples(Xq), np.einsum("ni,ij,nj->n", v, precision, v),
@@ -67,8 +67,8 @@ def test_reg_adds_a_ridge():
 def test_singular_data_raises_and_shrinkage_or_reg_fix_it(make_singular):
     X = make_singular(_data(n=30, d=4))
     with pytest.raises(ValueError, match="singular.*shrinkage"):
-        GaussianDetector(device="cpu").fit(X)
-    for det in (GaussianDetector(reg=1e-3), GaussianDetector(shrinkage="ledoit-wolf")):
+        GaussianDetector(shrinkage=None, device="cpu").fit(X)
+    for det in (GaussianDetector(shrinkage=None, reg=1e-3), GaussianDetector()):
         scores = det.set_params(device="cpu").fit(X).score_samples(X)
         assert np.isfinite(scores).all()
 
@@ -87,9 +87,13 @@ def test_partial_fit_equals_fit(cuts, shrinkage):
     np.testing.assert_allclose(part.covariance_, whole.covariance_, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(part.shrinkage_, whole.shrinkage_, rtol=1e-9, atol=1e-14)
     np.testing.assert_allclose(part.score_samples(X), whole.score_samples(X), rtol=1e-9)
-    # offset_ comes from the last batch, scored by the updated model.
-    expected = np.percentile(part.score_samples(batch), 100 * part.contamination)
-    assert part.offset_ == pytest.approx(expected, rel=1e-12)
+    # offset_ comes from the leave-one-out scores of the last batch under the updated
+    # model: the rows of the whole fit's leave-one-out scores that belong to that batch.
+    expected = np.percentile(-whole._leave_one_out(torch.from_numpy(batch)).numpy(),
+                             100 * part.contamination)
+    assert part.offset_ == pytest.approx(expected, rel=1e-9)
+    if len(batch) == len(X):
+        assert part.offset_ == pytest.approx(whole.offset_, rel=1e-9)
 
 
 def test_single_partial_fit_is_fit():
@@ -111,14 +115,15 @@ def test_failed_partial_fit_leaves_state_unchanged():
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
 
-    fresh = GaussianDetector(device="cpu")
+    fresh = GaussianDetector(shrinkage=None, device="cpu")
     with pytest.raises(ValueError, match="at least 2"):
         fresh.partial_fit(X[:1])
     with pytest.raises(ValueError, match="singular"):
         fresh.partial_fit(X[:3])  # 3 samples, 4 features
     assert not hasattr(fresh, "n_samples_seen_")
     fresh.partial_fit(X)
-    np.testing.assert_array_equal(fresh.covariance_, det.covariance_)
+    np.testing.assert_array_equal(
+        fresh.covariance_, GaussianDetector(shrinkage=None, device="cpu").fit(X).covariance_)
 
 
 def test_float32_and_tensor_input_agree_with_float64():
@@ -131,8 +136,21 @@ def test_float32_and_tensor_input_agree_with_float64():
     np.testing.assert_allclose(det_t.score_samples(torch.from_numpy(X)), ref, rtol=1e-12)
 
 
-def test_contamination_sets_share_of_training_outliers():
-    X = _data(n=200)
-    for contamination in (0.05, 0.2):
-        pred = GaussianDetector(contamination=contamination, device="cpu").fit(X).predict(X)
-        assert np.mean(pred == -1) == pytest.approx(contamination, abs=1 / len(X))
+@pytest.mark.parametrize("shrinkage, reg", [(None, 0.0), (0.3, 0.1), ("ledoit-wolf", 0.0)])
+def test_offset_is_the_quantile_of_leave_one_out_refits(shrinkage, reg):
+    # Reference: refit without each sample (shrinkage intensity and target held at the
+    # full-data values, as documented) and score the sample left out.
+    X = _data(n=30, d=3)
+    contamination = 0.2
+    det = GaussianDetector(shrinkage=shrinkage, reg=reg, contamination=contamination,
+                           device="cpu").fit(X)
+    s, target = det.shrinkage_, np.trace(np.cov(X, rowvar=False, bias=True)) / 3
+    loo = []
+    for i in range(len(X)):
+        rest = np.delete(X, i, axis=0)
+        c = (1 - s) * np.cov(rest, rowvar=False, bias=True) + (s * target + reg) * np.eye(3)
+        r = X[i] - rest.mean(0)
+        loo.append(r @ np.linalg.solve(c, r))
+    assert det.calibration_ == "leave-one-out"
+    assert det.offset_ == pytest.approx(np.percentile(-np.array(loo), 100 * contamination),
+                                        rel=1e-10)

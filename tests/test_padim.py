@@ -28,6 +28,21 @@ def _reference_maps(X_train, X_test, channels, reg):
     return out
 
 
+def _reference_leave_one_out(X_train, rows, channels, reg):
+    """Image scores of ``X_train[rows]`` by PaDiM refitted without each of them (numpy)."""
+    return np.array([_reference_maps(np.delete(X_train, i, axis=0), X_train[i : i + 1],
+                                     channels, reg).max() for i in rows])
+
+
+@pytest.mark.parametrize("solver", ["full", "woodbury"])
+def test_offset_is_the_quantile_of_leave_one_out_refits(solver):
+    X = _maps(12, c=4, h=2, w=3)
+    det = PaDiMDetector(solver=solver, reg=0.5, contamination=0.2, device="cpu").fit(X)
+    loo = _reference_leave_one_out(X, range(len(X)), det.feature_indices_, 0.5)
+    assert det.calibration_ == "leave-one-out"
+    assert det.offset_ == pytest.approx(np.percentile(-loo, 20), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "n_train, solver, expected_solver",
     [(40, "auto", "full"), (6, "auto", "woodbury"), (40, "woodbury", "woodbury"),
@@ -122,8 +137,11 @@ def test_partial_fit_equals_fit(cuts, n_train):
     np.testing.assert_allclose(part.anomaly_map(X_test), whole.anomaly_map(X_test), rtol=1e-9)
     if whole.solver_ == "full":
         np.testing.assert_allclose(part.covariance_, whole.covariance_, rtol=1e-9, atol=1e-12)
-    expected_offset = np.percentile(part.score_samples(batches[-1]), 100 * part.contamination)
-    assert part.offset_ == pytest.approx(expected_offset, rel=1e-12)
+    # offset_: leave-one-out scores of the last batch under the updated model
+    last = range(n_train - len(batches[-1]), n_train)
+    loo = _reference_leave_one_out(X, last, part.feature_indices_, part.reg)
+    assert part.offset_ == pytest.approx(np.percentile(-loo, 100 * part.contamination),
+                                         rel=1e-9)
 
 
 def test_partial_fit_continues_a_woodbury_fit():
@@ -174,9 +192,10 @@ def test_blocks_of_positions_match_numpy(monkeypatch, n_features):
     np.testing.assert_allclose(det.anomaly_map(X_test), expected, rtol=1e-9)
     covariance = det.covariance_
     np.testing.assert_array_equal(covariance, covariance.transpose(0, 2, 1))
-    # the offset comes from the training scores, as score_samples computes them
-    train = det.score_samples(X)
-    assert det.offset_ == np.percentile(train, 100 * det.contamination)
+    # the blocked leave-one-out scores behind the offset
+    loo = _reference_leave_one_out(X, range(len(X)), det.feature_indices_, 0.05)
+    assert det.offset_ == pytest.approx(np.percentile(-loo, 100 * det.contamination),
+                                        rel=1e-9)
 
 
 def test_invalid_configurations_raise():

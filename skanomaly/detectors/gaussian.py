@@ -9,7 +9,12 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..base import BaseDetector
-from ..functional import MomentAccumulator, mahalanobis, regularized_cholesky
+from ..functional import (
+    MomentAccumulator,
+    leave_one_out_mahalanobis,
+    mahalanobis,
+    regularized_cholesky,
+)
 
 __all__ = ["GaussianDetector"]
 
@@ -71,8 +76,8 @@ class _IncrementalMixin:
         On an unfitted detector the batch starts the model; later calls (after ``fit``
         too) add it to the moments accumulated so far. ``fit(X)`` equals
         ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
-        ``offset_`` is set from the scores of the batch passed last (see the class
-        Notes).
+        ``offset_`` is set from the leave-one-out scores of the batch passed last
+        under the updated model (see the class Notes).
 
         Parameters
         ----------
@@ -110,8 +115,18 @@ class _IncrementalMixin:
         first = not hasattr(self, "n_samples_seen_")
         Xt = self._validate_input(X, reset=first)
         self._accumulate(Xt, reset=first, incremental=True)
-        self._set_offset(self._score(Xt), "in-sample")
+        self._set_offset(*self._out_of_sample_scores(Xt))
         return self
+
+    def _out_of_sample_scores(self, X: torch.Tensor):
+        """Exact leave-one-out scores of training samples ``X`` from the moments."""
+        if self.n_samples_seen_ < self._loo_ddof + 2:
+            return self._in_sample_scores(
+                X, f"{self.n_samples_seen_} samples are too few for leave-one-out scores")
+        try:
+            return self._leave_one_out(X), "leave-one-out"
+        except ValueError as exc:
+            return self._in_sample_scores(X, f"no leave-one-out scores ({exc})")
 
 
 class GaussianDetector(_IncrementalMixin, BaseDetector):
@@ -125,17 +140,20 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
 
     Parameters
     ----------
-    shrinkage : None, "ledoit-wolf" or float in [0, 1], default=None
-        ``None``: the empirical (maximum-likelihood) covariance ``S``, as
-        :class:`sklearn.covariance.EmpiricalCovariance`. A float ``s``:
-        ``(1 - s) S + s mu I`` with ``mu = trace(S) / n_features``, as
-        :class:`sklearn.covariance.ShrunkCovariance`. ``"ledoit-wolf"``: the same with
-        the shrinkage of Ledoit & Wolf (2004), as :class:`sklearn.covariance.LedoitWolf`.
+    shrinkage : None, "ledoit-wolf" or float in [0, 1], default="ledoit-wolf"
+        ``"ledoit-wolf"``: ``(1 - s) S + s mu I`` with ``S`` the empirical
+        (maximum-likelihood) covariance, ``mu = trace(S) / n_features`` and the
+        shrinkage ``s`` of Ledoit & Wolf (2004), as :class:`sklearn.covariance.LedoitWolf`:
+        close to ``S`` when samples are plentiful, invertible when features are constant
+        or collinear (e.g. the border pixels of scikit-learn's digits). A float ``s``: the
+        same with a fixed shrinkage, as :class:`sklearn.covariance.ShrunkCovariance`.
+        ``None``: ``S`` itself, as :class:`sklearn.covariance.EmpiricalCovariance`
+        (singular data then need ``reg > 0``).
     reg : float >= 0, default=0.0
         Ridge added to the diagonal of the (shrunk) covariance before it is factorised,
         in squared feature units: a last resort for singular data.
     contamination : float in (0, 0.5], default=0.1
-        Expected share of outliers in the training set; sets ``offset_``.
+        Share of new normal samples that :meth:`predict` flags; sets ``offset_``.
     device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
         Where the kernels run; fitted attributes are CPU numpy arrays regardless.
 
@@ -174,9 +192,9 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     Notes
     -----
     :meth:`score_samples` is minus the squared Mahalanobis distance, exactly
-    ``-EmpiricalCovariance().fit(X).mahalanobis(X)`` (``LedoitWolf`` /
-    ``ShrunkCovariance`` with ``shrinkage``); scikit-learn's ``EllipticEnvelope`` uses the
-    same convention. The covariance is the maximum-likelihood estimate (divided by
+    ``-LedoitWolf().fit(X).mahalanobis(X)`` by default (``EmpiricalCovariance`` with
+    ``shrinkage=None``, ``ShrunkCovariance`` with a float); scikit-learn's
+    ``EllipticEnvelope`` uses the same convention. The covariance is the maximum-likelihood estimate (divided by
     ``n_samples``, not ``n_samples - 1``) to follow scikit-learn's covariance estimators.
 
     Statistics accumulate in float64 with a mergeable moment accumulator (Chan et al.
@@ -185,10 +203,18 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     :meth:`partial_fit` streams data of any size: after any split into batches the
     location, covariance and shrinkage equal those of ``fit`` on all the data up to
     float64 rounding. Every call leaves a usable model, so without ``shrinkage`` or
-    ``reg`` the first batch needs more samples than features. ``offset_`` needs
-    training scores, and earlier batches are not kept: :meth:`partial_fit` sets it from
-    the scores of its own batch under the updated model (so a single ``partial_fit(X)``
-    equals ``fit(X)``). Calibrate on a representative batch last, or adjust ``offset_``.
+    ``reg`` the first batch needs more samples than features.
+
+    Threshold. In-sample distances are shrunk (the sample pulled the mean and the
+    covariance towards itself), so ``offset_`` is the ``contamination`` quantile of
+    exact leave-one-out distances: each training sample's distance to the Gaussian
+    refitted without it, from one rank-one downdate of the moments
+    (:func:`~skanomaly.functional.leave_one_out_mahalanobis`; the shrinkage intensity,
+    its target and ``reg`` are held at their full-data values). Cost: one more
+    ``n_features``-sized Cholesky factorisation and one triangular solve per training
+    sample. :meth:`partial_fit` sets it from the leave-one-out scores of its own batch
+    under the updated model (earlier batches are not kept; a single ``partial_fit(X)``
+    equals ``fit(X)``). :meth:`calibrate` sets it from held-out normal samples instead.
 
     No explicit inverse is formed: scores are triangular solves with the Cholesky
     factor, ``O(n_features**2)`` per sample.
@@ -223,7 +249,7 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
         "reg": [Interval(Real, 0, None, closed="left")],
     }
 
-    def __init__(self, *, shrinkage=None, reg=0.0, contamination=0.1, device="auto"):
+    def __init__(self, *, shrinkage="ledoit-wolf", reg=0.0, contamination=0.1, device="auto"):
         self.shrinkage = shrinkage
         self.reg = reg
         self.contamination = contamination
@@ -274,6 +300,16 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
         self.covariance_cholesky_ = factor.cpu().numpy()
         self.shrinkage_ = shrinkage
         self.n_samples_seen_ = n
+
+    _loo_ddof = 0
+
+    def _leave_one_out(self, X: torch.Tensor) -> torch.Tensor:
+        moments = self._moments.to(X.device)
+        scatter, n = moments.scatter, self.n_samples_seen_
+        target = scatter.diagonal().sum() / (n * scatter.shape[0])
+        return leave_one_out_mahalanobis(X, moments.mean, scatter, n,
+                                         shrinkage=self.shrinkage_, target=target,
+                                         reg=float(self.reg))
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         return mahalanobis(X, self._device_tensor("location_"),

@@ -12,6 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ..base import BaseDetector, BaseSpatialDetector, make_generator
 from ..functional import (
     MomentAccumulator,
+    leave_one_out_mahalanobis,
     mahalanobis_woodbury,
     precision_cholesky,
     woodbury_factor,
@@ -317,6 +318,56 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         return {"mean_": mean.cpu().numpy(), "centered_features_": centered.cpu().numpy(),
                 "woodbury_factor_": factor.cpu().numpy(), "_woodbury_reg": float(self.reg),
                 "n_samples_seen_": X.shape[0]}
+
+    # ------------------------------------------------------------ threshold
+    _loo_ddof = 1
+
+    def _leave_one_out(self, X: torch.Tensor) -> torch.Tensor:
+        """Image scores of training images: the largest leave-one-out position distance."""
+        idx = torch.as_tensor(self.feature_indices_, device=X.device)
+        n, d = self.n_samples_seen_, len(idx)
+        if self.solver_ == "woodbury":
+            return self._woodbury_leave_one_out().amax(1).to(X.device)
+        moments = self._moments.to(X.device)
+        n_positions = moments.mean.shape[0]
+        out = torch.empty(X.shape[0], n_positions, dtype=torch.float64, device=X.device)
+        blocks = self._position_blocks(n_positions, X.shape[0], d)
+        buffers = self._gather_buffers(X, blocks[0][1], d)
+        for start, stop in blocks:
+            x = self._gather(X, idx, start, stop, buffers).transpose(0, 1)  # (N, k, d)
+            out[:, start:stop] = leave_one_out_mahalanobis(
+                x, moments.mean[start:stop], moments.scatter[start:stop], n, ddof=1,
+                reg=float(self.reg), squared=False)
+        return out.amax(1)
+
+    def _woodbury_leave_one_out(self) -> torch.Tensor:
+        """(N, P) leave-one-out distances of the training images (Woodbury solver).
+
+        With ``G = Xc Xc^T`` the Gram matrix of a position's centred features and
+        ``mu = (N - 2) reg``, ``q_i = r_i^T (Xc^T Xc + mu I)^{-1} r_i
+        = 1 - mu [(mu I + G)^{-1}]_ii`` (Woodbury), and the distance follows as in
+        :func:`~skanomaly.functional.leave_one_out_mahalanobis`.
+        """
+        centered = torch.from_numpy(self.centered_features_)  # (P, N, d)
+        n_positions, n = centered.shape[:2]
+        mu = (n - 2) * float(self.reg)
+        c = n / (n - 1)
+        eye = torch.eye(n, dtype=centered.dtype)
+        out = torch.empty(n, n_positions, dtype=torch.float64)
+        for start, stop in self._position_blocks(n_positions, n, n):
+            xc = centered[start:stop]
+            gram = torch.baddbmm(eye * mu, xc, xc.mT)
+            factor, info = torch.linalg.cholesky_ex(gram)
+            if bool((info != 0).any()):
+                raise ValueError("singular leave-one-out Gram matrix")
+            inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(gram),
+                                                           upper=False)
+            q = 1.0 - mu * inverse_factor.square().sum(1)  # (k, N): diag of (mu I + G)^-1
+            denom = 1.0 - c * q
+            d2 = torch.where(denom > 0, c * c * (n - 2) * q / denom.clamp(min=1e-300),
+                             torch.full_like(q, math.inf))
+            out[:, start:stop] = d2.mT.sqrt()
+        return out
 
     # -------------------------------------------------------------- scoring
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:

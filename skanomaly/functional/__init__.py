@@ -11,6 +11,7 @@ The estimators in :mod:`skanomaly` are thin layers over these functions.
 from .covariance import MomentAccumulator, cov
 from .decomposition import PCAFit, pca_fit, pca_inverse_transform, pca_transform
 from .kde import gaussian_kde_logpdf, kde_covariance
+from .leave_one_out import leave_one_out_mahalanobis
 from .mahalanobis import (
     mahalanobis,
     mahalanobis_woodbury,
@@ -30,6 +31,7 @@ __all__ = [
     "mahalanobis",
     "woodbury_factor",
     "mahalanobis_woodbury",
+    "leave_one_out_mahalanobis",
     "PCAFit",
     "pca_fit",
     "pca_transform",
