@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils._param_validation import Interval
 
-from ..base import BaseDetector, BaseSpatialDetector, make_generator
+from ..base import BaseDetector, BaseSpatialDetector, _in_fixed_blocks, make_generator
 from ..functional import (
     KNNIndex,
     johnson_lindenstrauss_min_dim,
@@ -64,6 +65,8 @@ class PatchCoreDetector(BaseSpatialDetector):
         Rows of the training patches kept in ``memory_bank_``, in order of
         selection. Patches are numbered image by image, then row-major over
         positions: patch ``(n, h, w)`` is row ``(n * H + h) * W + w``.
+    bank_images_ : ndarray of shape (n_bank,), int64
+        Training image of each bank entry (``coreset_indices_ // (H * W)``).
     input_shape_ : tuple of int
         Per-sample shape ``(C, H, W)`` seen in ``fit``.
     n_features_in_ : int
@@ -109,6 +112,15 @@ class PatchCoreDetector(BaseSpatialDetector):
 
     ``s = (1 - softmax_{m in N_b(m*)}(||m_test* - m||)[m*]) * s*``.
 
+    Threshold. A training patch is its own nearest neighbour when the coreset kept it,
+    and the neighbouring patches of its image are close to it, so in-sample scores are
+    optimistic. ``offset_`` is the ``contamination`` quantile of leave-one-image-out
+    scores: each training image scored as above against the bank without the entries
+    taken from that image (:class:`~skanomaly.functional.KNNIndex` groups; the coreset
+    itself is not re-selected). Cost: one scoring pass over the training images, as an
+    in-sample threshold would take. With a bank drawn from one image only, in-sample
+    scores are used with a warning; :meth:`calibrate` sets it from held-out images.
+
     Where the memory bank has a single entry the weight is undefined (anomalib
     returns 0 there); this class then returns ``s*``, as for ``n_neighbors=1``.
     Distances to the bank are computed by blocked matrix products against an
@@ -136,6 +148,9 @@ class PatchCoreDetector(BaseSpatialDetector):
     >>> bool(det.score_samples(outlier)[0] < det.score_samples(X).min())
     True
     """
+
+    # the nearest-neighbour search is batch-invariant by itself (exact distances)
+    _fixed_blocks = False
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
@@ -195,30 +210,58 @@ class PatchCoreDetector(BaseSpatialDetector):
                 patches, n_centers, generator=generator, projection=projection
             )
         self.coreset_indices_ = indices.cpu().numpy().astype(np.int64)
+        self.bank_images_ = self.coreset_indices_ // math.prod(X.shape[2:])
         self.memory_bank_ = patches[indices].cpu().numpy()
 
     def _bank_index(self) -> KNNIndex:
-        return self._cached("bank_index", lambda: KNNIndex(self._device_tensor("memory_bank_")))
+        return self._cached("bank_index", lambda: KNNIndex(
+            self._device_tensor("memory_bank_"), groups=self._device_tensor("bank_images_")))
 
-    def _nearest(self, X: torch.Tensor):
-        """Patches (N, P, C), distance (N, P) and index (N, P) of their nearest bank entry."""
+    def _nearest(self, X: torch.Tensor, images=None):
+        """Patches (N, P, C), distance (N, P) and index (N, P) of their nearest bank entry.
+
+        ``images`` (N,): the training image of each map, whose own bank entries are then
+        excluded (leave-one-image-out scores).
+        """
         patches = self._patches(X)
-        dist, idx = self._bank_index().search(patches, 1)
-        n = X.shape[0]
-        return patches.view(n, -1, patches.shape[1]), dist.view(n, -1), idx.view(n, -1)
+        n, per_image = X.shape[0], math.prod(X.shape[2:])
+        groups = None if images is None else images.repeat_interleave(per_image)
+        dist, idx = self._bank_index().search(patches, 1, query_groups=groups)
+        return patches.view(n, per_image, -1), dist.view(n, -1), idx.view(n, -1)
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
         return self._nearest(X)[1].view(X.shape[0], *X.shape[2:])
 
-    def _score(self, X: torch.Tensor) -> torch.Tensor:
-        patches, dist, idx = self._nearest(X)
+    def _score(self, X: torch.Tensor, images=None) -> torch.Tensor:
+        patches, dist, idx = self._nearest(X, images)
         rows = torch.arange(X.shape[0], device=dist.device)
         worst = dist.argmax(dim=1)
         score = dist[rows, worst]
         bank = self._device_tensor("memory_bank_")
-        n_support = min(self.n_neighbors, bank.shape[0])
+        n_support = min(self.n_neighbors, self._n_admissible(images))
         if n_support == 1:
             return score
-        _, support = self._bank_index().search(bank[idx[rows, worst]], n_support)
-        gaps = torch.linalg.vector_norm(patches[rows, worst][:, None, :] - bank[support], dim=-1)
+        _, support = self._bank_index().search(bank[idx[rows, worst]], n_support,
+                                               query_groups=images)
+        # query and its support stacked, (N, 1 + b, C); fixed-shape blocks keep the
+        # norms' reduction the same whatever the batch
+        stacked = torch.cat([patches[rows, worst][:, None], bank[support]], dim=1)
+        gaps = _in_fixed_blocks(
+            lambda t: torch.linalg.vector_norm(t[:, 1:] - t[:, :1], dim=-1), stacked, 8)
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score
+
+    def _n_admissible(self, images) -> int:
+        """Bank entries every query may use: all, or those of other images than its own."""
+        n_bank = self.memory_bank_.shape[0]
+        if images is None:
+            return n_bank
+        return n_bank - int(np.bincount(self.bank_images_).max())
+
+    def _out_of_sample_scores(self, X: torch.Tensor):
+        """Leave-one-image-out scores: each image scored without its own bank entries."""
+        if self._n_admissible(torch.empty(0)) < 1:
+            return self._in_sample_scores(
+                X, "the memory bank holds patches of a single training image, so there are "
+                   "no leave-one-image-out scores")
+        images = torch.arange(X.shape[0], device=X.device)
+        return self._score(X, images), "leave-one-image-out"
