@@ -197,3 +197,262 @@ def test_cuda_matches_cpu(data):
         torch.testing.assert_close(dist.cpu(), ref_dist)
         with pytest.raises(ValueError, match="cuda"):
             index.search(queries, k)
+
+
+# --------------------------------------------------------------------------- batch invariance
+
+def _ranked(brute, k):
+    """The k best columns of each row by (distance, index): numpy's stable sort."""
+    order = np.argsort(brute, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(brute, order, 1), order
+
+
+@settings(deadline=None, max_examples=25)
+@given(n_bank=st.integers(1, 60), n_queries=st.integers(1, 25), n_features=st.integers(1, 9),
+       k=st.integers(1, 5), integer=st.booleans(), dtype=st.sampled_from(["float32", "float64"]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_search_is_bitwise_batch_invariant(n_bank, n_queries, n_features, k, integer, dtype,
+                                           seed, data):
+    rng = np.random.default_rng(seed)
+    if integer:  # exact ties everywhere, duplicated rows
+        bank = rng.integers(-2, 3, size=(n_bank, n_features))
+        queries = rng.integers(-2, 3, size=(n_queries, n_features))
+    else:
+        bank = rng.normal(size=(n_bank, n_features)) * 10.0 ** rng.integers(-3, 4)
+        queries = rng.normal(size=(n_queries, n_features)) * np.abs(bank).max()
+    torch_dtype = getattr(torch, dtype)
+    bank, queries = (torch.tensor(a, dtype=torch_dtype) for a in (bank, queries))
+    k = min(k, n_bank)
+    index = KNNIndex(bank)
+    full_d, full_i = index.search(queries, k)
+    # any order, any split into batches, any block sizes: the same bits per query
+    order = data.draw(st.permutations(range(n_queries)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, n_queries), max_size=4)))
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, 30)))
+    tile = data.draw(st.one_of(st.none(), st.integers(1, 70)))
+    got_d, got_i = torch.empty_like(full_d), torch.empty_like(full_i)
+    perm = torch.tensor(order, dtype=torch.long)
+    for lo, hi in zip([0, *cuts], [*cuts, n_queries]):
+        if lo < hi:
+            rows = perm[lo:hi]
+            d, i = index.search(queries[rows], k, chunk_size=chunk, tile_size=tile)
+            got_d[rows], got_i[rows] = d, i
+    assert torch.equal(got_d, full_d) and torch.equal(got_i, full_i)
+    alone = index.search(queries[order[0] : order[0] + 1], k)
+    assert torch.equal(alone[0][0], full_d[order[0]]) and torch.equal(alone[1][0], full_i[order[0]])
+    # and the k best by (distance, index) of a float64 brute force
+    brute = _brute_sq(queries.double().numpy(), bank.double().numpy())
+    ref_sq, ref_idx = _ranked(brute, k)
+    np.testing.assert_allclose(full_d.double().numpy() ** 2, ref_sq, rtol=1e-5 if dtype ==
+                               "float32" else 1e-12, atol=1e-30)
+    if integer:  # exact distances: the indices too, ties to the smaller index
+        np.testing.assert_array_equal(full_i.numpy(), ref_idx)
+    else:  # the returned rows are at the returned distances
+        np.testing.assert_allclose(np.take_along_axis(brute, full_i.numpy(), 1), ref_sq,
+                                   rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-30)
+
+
+def test_single_query_equals_batch_on_wide_data():
+    # the shape of scikit-learn's check_methods_subset_invariance, at PatchCore's width
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(700, 384, generator=gen)
+    queries = torch.randn(40, 384, generator=gen)
+    index = KNNIndex(bank)
+    for k in (1, 3):
+        d, i = index.search(queries, k)
+        for row in range(0, 40, 7):
+            d1, i1 = index.search(queries[row : row + 1], k)
+            assert torch.equal(d1[0], d[row]) and torch.equal(i1[0], i[row])
+        ref_d, ref_i = NearestNeighbors(n_neighbors=k).fit(bank.double()).kneighbors(
+            queries.double())
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-6)
+
+
+def test_duplicated_bank_rows_tie_to_the_smallest_index():
+    # every candidate ties: the exhaustive pass settles it, the smaller index wins
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    bank = base.repeat(12, 1)  # row j duplicates rows j % 5
+    perm = torch.randperm(60, generator=gen)
+    bank = bank[perm]
+    queries = base + 1e-3 * torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    for k in (1, 4, 15):
+        d, i = KNNIndex(bank).search(queries, k, tile_size=7)
+        ref_sq, ref_i = _ranked(_brute_sq(queries.numpy(), bank.numpy()), k)
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_allclose(d.numpy() ** 2, ref_sq, rtol=1e-12)
+
+
+def test_reduced_precision_matmul_still_exact():
+    # float32 products on bfloat16 inputs: the bound widens, the result stays exact
+    gen = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(300, 64, generator=gen), torch.randn(20, 64, generator=gen)
+    ref = KNNIndex(bank).search(queries, 3)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = KNNIndex(bank).search(queries, 3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+# --------------------------------------------------------------------------- groups
+
+@settings(deadline=None, max_examples=25)
+@given(n_bank=st.integers(2, 40), n_queries=st.integers(0, 15), n_groups=st.integers(2, 5),
+       k=st.integers(1, 4), tile=st.integers(1, 45), seed=st.integers(0, 2**16))
+def test_groups_exclude_the_query_group(n_bank, n_queries, n_groups, k, tile, seed):
+    rng = np.random.default_rng(seed)
+    bank = rng.integers(-3, 4, size=(n_bank, 3)).astype(np.float64)
+    queries = rng.integers(-3, 4, size=(n_queries, 3)).astype(np.float64)
+    groups = rng.integers(0, n_groups, size=n_bank)
+    query_groups = rng.integers(0, n_groups + 1, size=n_queries)  # n_groups: no bank row
+    admissible = np.array([(groups != g).sum() for g in query_groups], dtype=int)
+    k = max(1, min(k, admissible.min() if n_queries else k, n_bank))
+    index = KNNIndex(torch.tensor(bank), groups=torch.tensor(groups))
+    if n_queries and admissible.min() < k:
+        return
+    sq, idx = index.search(torch.tensor(queries), k, squared=True, tile_size=tile,
+                           query_groups=torch.tensor(query_groups))
+    brute = _brute_sq(queries, bank)
+    brute[groups[None, :] == query_groups[:, None]] = np.inf
+    ref_sq, ref_idx = _ranked(brute, k)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_allclose(sq.numpy(), ref_sq, atol=0)
+    # alone equals batched
+    for row in range(n_queries):
+        one = index.search(torch.tensor(queries[row : row + 1]), k, squared=True,
+                           query_groups=torch.tensor(query_groups[row : row + 1]))
+        assert torch.equal(one[0][0], sq[row]) and torch.equal(one[1][0], idx[row])
+
+
+def test_groups_leave_one_image_out_against_sklearn():
+    # PatchCore's calibration: each image's patches against the others' bank
+    gen = torch.Generator().manual_seed(3)
+    n_images, per_image = 6, 20
+    bank = torch.randn(n_images * per_image, 8, generator=gen)
+    image = torch.arange(n_images).repeat_interleave(per_image)
+    index = KNNIndex(bank, groups=image)
+    d, i = index.search(bank, 2, query_groups=image)
+    for g in range(n_images):
+        own = image == g
+        others = torch.nonzero(~own)[:, 0]
+        ref_d, ref_i = NearestNeighbors(n_neighbors=2).fit(bank[others]).kneighbors(bank[own])
+        np.testing.assert_array_equal(i[own].numpy(), others.numpy()[ref_i])
+        np.testing.assert_allclose(d[own].numpy(), ref_d, rtol=1e-5)
+    # without query_groups the grouped index searches the whole bank
+    d0, i0 = index.search(bank, 1)
+    np.testing.assert_array_equal(i0[:, 0].numpy(), np.arange(len(bank)))
+    assert float(d0.max()) == 0.0
+
+
+def test_group_errors():
+    bank = torch.arange(6.0).reshape(6, 1)
+    index = KNNIndex(bank, groups=torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert "groups=True" in repr(index) and torch.equal(index.groups, torch.tensor([0, 0, 0, 1, 1, 2]))
+    q = torch.zeros(3, 1)
+    with pytest.raises(ValueError, match="query 2 \\(group 0\\) has only 3"):
+        index.search(q, 4, query_groups=torch.tensor([2, 1, 0]))
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        index.search(q, query_groups=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        index.search(q, query_groups=torch.zeros(3))
+    with pytest.raises(ValueError, match="needs an index built with groups"):
+        KNNIndex(bank).search(q, query_groups=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="shape \\(6,\\)"):
+        KNNIndex(bank, groups=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        KNNIndex(bank, groups=torch.zeros(6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        KNNIndex(bank, groups=[0, 1, 2, 3, 4, 5])
+
+
+# --------------------------------------------------------------------------- scale and dtypes
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-150, 1e-20, 1.0, 1e20, 1e150, 1e300])
+def test_any_finite_float64_scale(scale):
+    rng = np.random.default_rng(4)
+    bank, queries = rng.normal(size=(50, 5)), rng.normal(size=(9, 5))
+    ref_d, ref_i = NearestNeighbors(n_neighbors=3).fit(bank).kneighbors(queries)
+    d, i = knn_distances(torch.tensor(queries * scale), torch.tensor(bank * scale), 3)
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(d.numpy() / scale, ref_d, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1e10, 1e20, 1e37])
+def test_any_finite_float32_scale(scale):
+    rng = np.random.default_rng(5)
+    bank, queries = rng.normal(size=(50, 5)), rng.normal(size=(9, 5))
+    b32 = torch.tensor(bank * scale, dtype=torch.float32)
+    q32 = torch.tensor(queries * scale, dtype=torch.float32)
+    brute = np.sqrt(_brute_sq(q32.double().numpy(), b32.double().numpy()))
+    d, i = KNNIndex(b32).search(q32, 3)
+    assert d.dtype == torch.float32 and bool(torch.isfinite(d).all())
+    ref_d, ref_i = _ranked(brute, 3)
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(d.double().numpy(), ref_d, rtol=1e-6)
+
+
+def test_queries_far_beyond_the_bank():
+    # queries 1e30 x the bank: searched in their own scale, distances still right
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(30, 4)) * 1e-20
+    queries = np.vstack([rng.normal(size=(3, 4)) * 1e10, rng.normal(size=(2, 4)) * 1e-20])
+    q32, b32 = (torch.tensor(a, dtype=torch.float32) for a in (queries, bank))
+    d, i = KNNIndex(b32).search(q32, 2)
+    brute = np.sqrt(_brute_sq(q32.double().numpy(), b32.double().numpy()))
+    np.testing.assert_allclose(d.double().numpy(), np.sort(brute, 1)[:, :2], rtol=1e-6)
+    np.testing.assert_array_equal(i[3:].numpy(), np.argsort(brute[3:], 1)[:, :2])
+    for row in range(5):  # far and near queries alone equal them in the batch
+        one = KNNIndex(b32).search(q32[row : row + 1], 2)
+        assert torch.equal(one[0][0], d[row]) and torch.equal(one[1][0], i[row])
+
+
+def test_squared_overflow_raises():
+    bank = torch.tensor([[0.0], [3e30]])
+    d, i = KNNIndex(bank).search(torch.tensor([[1e30]]), 2)
+    torch.testing.assert_close(d, torch.tensor([[1e30, 2e30]]))
+    with pytest.raises(ValueError, match="squared distances exceed the range of torch.float32"):
+        KNNIndex(bank).search(torch.tensor([[1e30]]), squared=True)
+    with pytest.raises(ValueError, match="distances exceed the range"):
+        KNNIndex(torch.tensor([[-3e38], [3e38]])).search(torch.tensor([[-3e38]]), 2)
+    with pytest.raises(ValueError, match="exceed the range"):
+        pairwise_sq_distances(bank, torch.tensor([[1e30]]))
+
+
+def test_half_and_integer_inputs_are_computed_in_float32():
+    bank = torch.tensor([[0, 0], [3, 4], [1, 0]], dtype=torch.float16)
+    d, i = KNNIndex(bank).search(torch.tensor([[0.0, 0.5]], dtype=torch.bfloat16), 2)
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, torch.tensor([[0.5, 1.118034]]))
+    assert i.tolist() == [[0, 2]]
+    d, i = knn_distances(torch.tensor([[0, 1]]), torch.tensor([[0, 0], [5, 5]]), squared=True)
+    assert d.dtype == torch.get_default_dtype() and d.tolist() == [[1.0]]
+    assert pairwise_sq_distances(bank, bank).dtype == torch.float32
+
+
+def test_empty_axes():
+    with pytest.raises(ValueError, match="0 features \\(axis 1"):
+        KNNIndex(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="0 rows along axis 0"):
+        KNNIndex(torch.zeros(0, 3))
+    d, i = KNNIndex(torch.zeros(3, 2)).search(torch.zeros(0, 2), 2)
+    assert d.shape == i.shape == (0, 2)
+    assert pairwise_sq_distances(torch.zeros(2, 0), torch.zeros(3, 0)).tolist() == [[0.0] * 3] * 2
+    assert pairwise_sq_distances(torch.zeros(0, 2), torch.zeros(3, 2)).shape == (0, 3)
+
+
+def test_exact_distances_do_not_depend_on_the_block_shape():
+    # torch reduces a (p, 60000) block differently for different p: the fixed-shape
+    # blocks make a query alone give the bits it gets in a batch
+    gen = torch.Generator().manual_seed(7)
+    bank, queries = torch.randn(3, 60_000, generator=gen), torch.randn(6, 60_000, generator=gen)
+    index = KNNIndex(bank)
+    d, i = index.search(queries, 3)
+    for row in range(6):
+        one = index.search(queries[row : row + 1], 3)
+        assert torch.equal(one[0][0], d[row]) and torch.equal(one[1][0], i[row])
+    np.testing.assert_allclose(d.double().numpy() ** 2, np.sort(_brute_sq(
+        queries.double().numpy(), bank.double().numpy()), 1), rtol=1e-5)

@@ -1,42 +1,150 @@
-"""Exact nearest-neighbour search by chunked matrix products.
+"""Exact nearest-neighbour search: candidates by matrix products, distances by differences.
 
-Squared Euclidean distances are expanded as ``|a|^2 + |b|^2 - 2 a.b`` so the bulk of
-the work is one matrix product per block of queries and bank rows (as faiss'
-``IndexFlatL2`` and scikit-learn's ``euclidean_distances``). Both sides are first
-centred on the mean of the reference set, which keeps the cancellation error of
-the expansion at the scale of the data's spread rather than of its distance from
-the origin. :class:`KNNIndex` prepares the bank once for repeated searches.
+The bulk of the work is one matrix product per block of queries and bank rows:
+squared Euclidean distances expanded as ``|q|^2 + |b|^2 - 2 q.b`` on vectors centred
+on the bank's mean (as faiss' ``IndexFlatL2`` and scikit-learn's
+``euclidean_distances``). :class:`KNNIndex` uses that expansion only to find a few
+CANDIDATES per query, with a rigorous bound on its rounding error; the distances it
+returns are recomputed exactly from the differences ``q - b``, in blocks of a fixed
+shape, so a query's result is bitwise the same in any batch. :class:`KNNIndex`
+prepares the bank once for repeated searches.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from ._validation import as_float_tensor, check_finite, check_ndim, check_positive_int
+from ._validation import (
+    all_finite,
+    as_float_tensor,
+    check_finite,
+    check_ndim,
+    check_positive_int,
+)
 
 __all__ = ["KNNIndex", "knn_distances", "pairwise_sq_distances"]
 
 _CPU_BLOCK_BYTES = 16 * 2**20  # one (query chunk, bank tile) block of distances on the CPU
 _CPU_TILE = 4096  # bank rows per block on the CPU (faiss' IndexFlatL2 uses 1024)
 _DEVICE_BLOCK_BYTES = 256 * 2**20  # accelerators: whole bank per block, bounded memory
+_EXTRA = 3  # candidates kept per query beyond n_neighbors
+_PAIR_BLOCK_ELEMENTS = 2**20  # entries of one fixed-shape block of exact differences
+_MAX_PAIR_ROWS = 8192
+_FAR_EXPONENT = 40  # queries beyond 2**40 x the bank's largest entry: exact pass only
+_FALLBACK_PAIRS = 2**20  # (query, bank row) pairs per group of the exhaustive pass
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 are computed in float32; float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``2.0 ** exponent`` (int64 tensor within the normal range) built from bits."""
+    if dtype == torch.float64:
+        return ((exponent + 1023) << 52).view(torch.float64)
+    if dtype == torch.float32:
+        return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+    return torch.pow(2.0, exponent.to(dtype))  # not reached: kernels work in float32/64
+
+
+def _ldexp(x: torch.Tensor, exponent) -> torch.Tensor:
+    """``x * 2**exponent``, a new tensor, exact unless the result over- or underflows.
+
+    ``exponent`` is an int or an int64 tensor broadcastable to ``x``; the product is
+    taken in steps whose factors are normal numbers, so an exponent beyond the range
+    of a single factor (e.g. ``2**-148`` for float32) still scales exactly.
+    """
+    limit = 120 if x.dtype != torch.float64 else 1000
+    if isinstance(exponent, int):
+        if exponent == 0:
+            return x.clone()
+        while exponent:
+            step = max(-limit, min(limit, exponent))
+            x = x * math.ldexp(1.0, step)
+            exponent -= step
+        return x
+    exponent = exponent.to(device=x.device, dtype=torch.int64)
+    first = True
+    while first or bool((exponent != 0).any()):
+        step = exponent.clamp(-limit, limit)
+        x = x * _pow2(step, x.dtype)
+        exponent = exponent - step
+        first = False
+    return x
+
+
+def _exponent(peak: torch.Tensor) -> torch.Tensor:
+    """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e`` with ``0.5 <= f < 1``; 0 for 0)."""
+    return torch.frexp(peak).exponent.to(torch.int64)
+
+
+def _input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """Unit roundoff of the matrix product's inputs beyond the working dtype's own.
+
+    Zero unless float32 products may round their inputs to TF32 or bfloat16
+    (``torch.set_float32_matmul_precision("high"/"medium")``, or CUDA's
+    ``allow_tf32``): then 2**-11 or 2**-8, which the error bound must include.
+    """
+    if dtype != torch.float32:
+        return 0.0
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda" and precision == "highest":
+        matmul = torch.backends.cuda.matmul
+        if matmul.allow_tf32 or getattr(matmul, "fp32_precision", "none") == "tf32":
+            precision = "high"
+    return {"highest": 0.0, "high": 2.0**-11}.get(precision, 2.0**-8)
+
+
+def _check_groups(groups, n: int, name: str, device: torch.device) -> torch.Tensor:
+    """Integer group labels of shape (n,), as int64 on ``device``."""
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer group labels, got "
+                        f"{type(groups).__name__}")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer group labels, got dtype {groups.dtype}")
+    if groups.ndim != 1 or groups.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one label per row, got "
+                         f"{tuple(groups.shape)}")
+    return groups.to(device=device, dtype=torch.int64)
+
+
+class _Prepared(NamedTuple):
+    """The bank in one working dtype: scaled, centred, squared norms of the centred rows."""
+
+    bank: torch.Tensor  # (n, d) scaled by 2**-exponent, not centred
+    centre: torch.Tensor  # (d,) mean of ``bank``
+    centred: torch.Tensor  # (n, d) bank - centre
+    sq_norms: torch.Tensor  # (n,) |centred|^2
+    max_norm: float  # max_j |centred_j|
 
 
 class KNNIndex:
     """Exact Euclidean nearest-neighbour index over a fixed bank of points.
 
-    The analogue of faiss' ``IndexFlatL2``: building the index centres the
-    bank and computes its squared norms once, so that repeated searches
-    (PatchCore scoring one batch of images after another) pay only the
-    matrix products.
+    The analogue of faiss' ``IndexFlatL2``: building the index scales, centres
+    and norms the bank once, so that repeated searches (PatchCore scoring one
+    batch of images after another) pay only the matrix products. Results are
+    batch-invariant: a query's distances and indices are bitwise the same
+    whether it is searched alone or in any batch, in any order, with any
+    ``chunk_size`` or ``tile_size``.
 
     Parameters
     ----------
     bank : Tensor of shape (n, n_features)
-        Reference points (e.g. PatchCore's memory bank), float32 or float64
-        (integers are promoted), on any device. Not modified; the index keeps
-        a centred copy.
+        Reference points (e.g. PatchCore's memory bank), float32 or float64 on
+        any device; integers and booleans are promoted to the default dtype,
+        float16 and bfloat16 are computed (and returned) in float32. Any finite
+        values: the index rescales internally. Not modified; the index keeps
+        its own copies.
+    groups : Tensor of shape (n,), optional
+        Integer group label of each bank row (e.g. the training image a patch
+        came from), on any device. With ``query_groups`` in :meth:`search`,
+        bank rows of a query's own group are excluded from its neighbours
+        (leave-one-group-out, as for out-of-sample calibration of PatchCore).
 
     Attributes
     ----------
@@ -45,16 +153,19 @@ class KNNIndex:
     n_features : int
         Width of the points.
     dtype : torch.dtype
-        Dtype of the stored bank.
+        Working dtype of the stored bank (float32 or float64).
     device : torch.device
         Device of the stored bank; queries must be there too.
+    groups : LongTensor of shape (n,) or None
+        A copy of the group labels.
 
     Raises
     ------
     TypeError
-        If ``bank`` is not a tensor.
+        If ``bank`` is not a tensor, or ``groups`` is not an integer tensor.
     ValueError
-        If ``bank`` is not 2-D, is empty, or holds NaN or infinity.
+        If ``bank`` is not 2-D, has no rows (axis 0) or no features (axis 1),
+        or holds NaN or infinity, or ``groups`` does not have shape (n,).
 
     See Also
     --------
@@ -62,18 +173,68 @@ class KNNIndex:
 
     Notes
     -----
-    Squared distances are expanded as ``|q - c|^2 + |b - c|^2 - 2 (q - c).(b - c)``
-    with ``c`` the mean of the bank, which keeps the cancellation error at the
-    scale of the data's spread rather than of its distance from the origin.
-    On the CPU the search runs over blocks of at most 16 MB (queries x 4,096
-    bank rows, the tiling of faiss' ``IndexFlatL2``, which uses 1,024) and keeps
-    a running minimum, so the block stays in cache and is never reallocated;
-    on an accelerator one block spans the whole bank (about 256 MB of queries).
+    **Scale.** The bank is multiplied by ``2**-e``, with ``e`` the binary
+    exponent of its largest absolute entry (so that entry lies in [0.5, 1)),
+    and queries by the same factor; a power of two scales exactly, and the
+    distances are scaled back at the end. Squares therefore neither overflow
+    nor underflow for any finite input whose distances are representable: a
+    bank of ``1e20`` or ``1e-300`` gives the same neighbours as one of ``1``.
+    Queries more than ``2**40`` times larger than the bank's largest entry
+    skip the matrix products (whose squares could overflow) and are searched
+    exhaustively in their own scale. Distances far below the bank's scale
+    (about ``tiny / eps`` of it) lose precision to gradual underflow and may
+    tie at zero; the index of a tie is still well defined (see below).
+
+    **Candidates.** Per block of queries and bank rows (on the CPU at most
+    16 MB: queries x 4,096 bank rows, the tiling of faiss, which uses 1,024; on
+    an accelerator one block spans the bank), one matrix product against the
+    centred bank gives ``a_j = |q_c|^2 + |b_cj|^2 - 2 q_c.b_cj`` (``c`` the
+    bank's mean), and a running :func:`torch.topk` keeps the
+    ``K = n_neighbors + 3`` smallest. With unit roundoff ``u`` of the working
+    dtype and ``n = n_features``, Higham's bound for inner products
+    (``|fl(x.y) - x.y| <= gamma_n |x|.|y|``, ``gamma_n = n u / (1 - n u)``,
+    any summation order, fused multiply-adds included) applied to the three
+    terms, plus two roundings to combine them and the rounding of the
+    centring (``|fl(q - c) - (q - c)| <= u |q - c|``), bounds the error of
+    ``a_j`` against the true squared distance ``t_j`` by
+
+    ``E = (n + 8) eps (|q_c| + max_j |b_cj|)**2 + 4 (n + 8) tiny``
+
+    (``eps = 2u``: about twice the derived constant, to cover the norms
+    being computed too; the ``tiny`` term covers underflow; float32 products
+    that may round their inputs to TF32 or bfloat16 add ``4 u_in`` to the
+    factor). The returned distance ``r_j`` (below) has relative error at most
+    ``rho = (n + 8) eps`` (``gamma_{n+2}`` with margin), again plus an
+    underflow term. Every row ``j`` among the k best by ``r`` then satisfies
+    ``a_j <= theta = ((a_(k) + E)(1 + rho) + n tiny) / (1 - rho) + E + n tiny``,
+    ``a_(k)`` the k-th smallest candidate value: so if the K-th candidate
+    exceeds ``theta`` no row outside the candidates can be among the k best,
+    and the candidate set is complete. Otherwise (near-ties at the k-th
+    neighbour, e.g. duplicated bank rows) the query is searched exhaustively.
+
+    **Exact distances.** The distances of the candidates (or, exhaustively,
+    of every bank row) are recomputed as ``sum((q - b)**2)`` on the scaled,
+    uncentred vectors, free of cancellation, in blocks of a fixed shape
+    (``R`` pairs of rows, ``R`` depending on ``n_features`` only; the last
+    block is padded). torch's reduction strategy depends on the shape of the
+    tensor it reduces (a single row, for one, is split across threads), so
+    the fixed shape makes each distance a function of its two rows alone. The
+    ``n_neighbors`` best are then selected by (distance, index): exact ties
+    go to the smaller bank index. Both routes give the same k best, so the
+    result never depends on the batch, the block sizes or the route a query
+    took. The recomputation costs ``O(m K n_features)``, a small fraction of
+    the ``O(m n n_features)`` products.
+
+    **Memory.** The index holds two copies of the bank in its working dtype
+    (scaled, and scaled and centred), plus one more per other dtype of
+    queries it was searched with (float64 queries against a float32 bank).
 
     References
     ----------
     J. Johnson, M. Douze and H. Jégou, "Billion-scale similarity search with
     GPUs", IEEE Transactions on Big Data, 2019 (faiss' ``IndexFlatL2``).
+    N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
+    SIAM, 2002, section 3.1 (the inner-product bound ``gamma_n``).
 
     Examples
     --------
@@ -83,15 +244,37 @@ class KNNIndex:
     (tensor([[0.5000, 1.1180]]), tensor([[0, 2]]))
     >>> index.n_samples, index.n_features
     (3, 2)
+
+    Leave-one-group-out: a query never finds rows of its own group.
+
+    >>> index = KNNIndex(torch.tensor([[0.0], [1.0], [5.0]]), groups=torch.tensor([0, 0, 1]))
+    >>> index.search(torch.tensor([[0.0], [0.0]]), query_groups=torch.tensor([0, 1]))
+    (tensor([[5.],
+            [0.]]), tensor([[2],
+            [0]]))
     """
 
-    def __init__(self, bank):
-        bank = check_finite(check_ndim(as_float_tensor(bank, "bank"), 2, "bank"), "bank")
-        if bank.shape[0] == 0:
-            raise ValueError("bank is empty: the index needs at least one point")
-        self._shift = bank.mean(0)
-        self._bank = bank - self._shift
-        self._bank_sq = self._bank.square().sum(1)
+    def __init__(self, bank, groups=None):
+        bank = check_ndim(as_float_tensor(bank, "bank"), 2, "bank")
+        n, d = bank.shape
+        if n == 0:
+            raise ValueError("bank is empty (0 rows along axis 0): the index needs at least "
+                             "one point")
+        if d == 0:
+            raise ValueError(f"bank has 0 features (axis 1, shape {tuple(bank.shape)}): "
+                             "distances need at least one coordinate")
+        check_finite(bank, "bank")
+        bank = bank.to(_working_dtype(bank.dtype))
+        self._exponent = int(_exponent(bank.abs().amax()))
+        self._bank = _ldexp(bank, -self._exponent)  # a new tensor in any case
+        self._prepared: dict[torch.dtype, _Prepared] = {}
+        self._prepare(self._bank.dtype)
+        self._rows = max(16, min(_MAX_PAIR_ROWS, _PAIR_BLOCK_ELEMENTS // d))
+        self._groups = None
+        if groups is not None:
+            self._groups = _check_groups(groups, n, "groups", bank.device)
+            self._group_values, self._group_counts = torch.unique(
+                self._groups, return_counts=True)
 
     @property
     def n_samples(self) -> int:
@@ -105,7 +288,7 @@ class KNNIndex:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the stored bank."""
+        """Working dtype of the stored bank."""
         return self._bank.dtype
 
     @property
@@ -113,47 +296,100 @@ class KNNIndex:
         """Device of the stored bank."""
         return self._bank.device
 
+    @property
+    def groups(self) -> torch.Tensor | None:
+        """A copy of the bank's group labels (int64), or None."""
+        return None if self._groups is None else self._groups.clone()
+
     def __repr__(self) -> str:
+        grouped = "" if self._groups is None else ", groups=True"
         return (f"KNNIndex(n_samples={self.n_samples}, n_features={self.n_features}, "
-                f"dtype={self.dtype}, device={self.device})")
+                f"dtype={self.dtype}, device={self.device}{grouped})")
+
+    def _prepare(self, dtype: torch.dtype) -> _Prepared:
+        """The bank in ``dtype`` (scaled, centred, norms), built once per dtype."""
+        prepared = self._prepared.get(dtype)
+        if prepared is None:
+            bank = self._bank.to(dtype)  # exact: dtype is never narrower
+            centre = bank.mean(0)
+            centred = bank - centre
+            sq_norms = centred.square().sum(1)
+            prepared = _Prepared(bank, centre, centred, sq_norms,
+                                 float(sq_norms.max().sqrt()))
+            self._prepared[dtype] = prepared
+        return prepared
+
+    def _check_query_groups(self, query_groups, m: int, k: int) -> torch.Tensor | None:
+        if query_groups is None:
+            return None
+        if self._groups is None:
+            raise ValueError("query_groups needs an index built with groups: "
+                             "KNNIndex(bank, groups=...)")
+        labels = _check_groups(query_groups, m, "query_groups", self.device)
+        if m:
+            values, counts = self._group_values, self._group_counts
+            pos = torch.searchsorted(values, labels).clamp_(max=values.shape[0] - 1)
+            excluded = torch.where(values[pos] == labels, counts[pos], 0)
+            short = (self.n_samples - excluded) < k
+            if bool(short.any()):
+                i = int(short.nonzero()[0, 0])
+                raise ValueError(
+                    f"query {i} (group {int(labels[i])}) has only "
+                    f"{self.n_samples - int(excluded[i])} bank rows outside its group, "
+                    f"fewer than n_neighbors={k}")
+        return labels
 
     def search(self, queries, n_neighbors=1, *, squared=False, chunk_size=None,
-               tile_size=None):
+               tile_size=None, query_groups=None):
         """The ``n_neighbors`` nearest bank points of each query.
 
         Parameters
         ----------
         queries : Tensor of shape (m, n_features)
-            On the index's device. Not modified. Promoted with the bank's dtype.
+            On the index's device. Not modified. Promoted with the bank's
+            working dtype (float16 and bfloat16 as float32). ``m`` may be 0.
         n_neighbors : int, default=1
             Neighbours per query, between 1 and ``n_samples``.
         squared : bool, default=False
             Return squared Euclidean distances instead of distances.
         chunk_size : int, optional
-            Queries per block; by default a block of distances takes about
-            16 MB on the CPU and 256 MB elsewhere.
+            Queries per block of the matrix products; by default a block of
+            distances takes about 16 MB on the CPU and 256 MB elsewhere. It
+            changes the speed and memory only, never the result.
         tile_size : int, optional
             Bank rows per block; by default 4,096 on the CPU and the whole
-            bank elsewhere.
+            bank elsewhere. It changes the speed and memory only.
+        query_groups : Tensor of shape (m,), optional
+            Integer group label of each query; bank rows with the same label
+            (see ``groups`` of the index) are excluded from its neighbours.
+            Needs an index built with ``groups``.
 
         Returns
         -------
         distances : Tensor of shape (m, n_neighbors)
             Euclidean (or squared) distances, ascending along each row, in
-            the promoted dtype.
+            the promoted working dtype, computed exactly from the differences
+            of the two rows (up to the rounding of that sum).
         indices : LongTensor of shape (m, n_neighbors)
-            Rows of the bank at those distances. The order of exactly tied
-            neighbours is unspecified.
+            Rows of the bank at those distances; among equal distances the
+            smaller index comes first (and is the one kept).
 
         Raises
         ------
         TypeError
-            If ``queries`` is not a tensor, or ``n_neighbors``, ``chunk_size``
-            or ``tile_size`` is not an int.
+            If ``queries`` is not a tensor, ``n_neighbors``, ``chunk_size``
+            or ``tile_size`` is not an int, or ``query_groups`` is not an
+            integer tensor.
         ValueError
             If ``queries`` is not 2-D, holds NaN or infinity, has a different
-            width or device than the bank, or ``n_neighbors`` exceeds the bank
-            size, or ``n_neighbors``, ``chunk_size`` or ``tile_size`` is below 1.
+            width or device than the bank; if ``n_neighbors`` exceeds the
+            bank size, or ``n_neighbors``, ``chunk_size`` or ``tile_size`` is
+            below 1; if ``query_groups`` is given to an index without
+            groups, does not have shape (m,), or leaves a query fewer than
+            ``n_neighbors`` admissible bank rows (the message names it); or
+            if the distances (``squared=True``: their squares) exceed the
+            range of the working dtype, in which case float64 input, or
+            ``squared=False``, gives them.
 
         Examples
         --------
@@ -163,49 +399,195 @@ class KNNIndex:
         (tensor([[0.0400],
                 [1.0000]]), tensor([[1],
                 [2]]))
+        >>> index.search(torch.tensor([[1.0]]), 2)  # a tie: the smaller index first
+        (tensor([[1., 1.]]), tensor([[0, 1]]))
         """
-        queries = check_finite(check_ndim(as_float_tensor(queries, "queries"), 2, "queries"),
-                               "queries")
+        queries = check_ndim(as_float_tensor(queries, "queries"), 2, "queries")
         if queries.shape[1] != self.n_features:
             raise ValueError(f"queries have {queries.shape[1]} features but the bank has "
                              f"{self.n_features}")
         if queries.device != self.device:
             raise ValueError(f"queries are on {queries.device} but the bank is on {self.device}")
+        check_finite(queries, "queries")
         k = check_positive_int(n_neighbors, "n_neighbors")
         n_bank = self.n_samples
         if k > n_bank:
             raise ValueError(f"n_neighbors={k} exceeds the {n_bank} points of the bank")
-        dtype = torch.promote_types(queries.dtype, self.dtype)
-        bank, bank_sq, shift = (t.to(dtype) for t in (self._bank, self._bank_sq, self._shift))
-        cpu = bank.device.type == "cpu"
+        cpu = self.device.type == "cpu"
         if tile_size is None:
             tile = min(n_bank, _CPU_TILE) if cpu else n_bank
         else:
             tile = min(n_bank, check_positive_int(tile_size, "tile_size"))
+        dtype = torch.promote_types(_working_dtype(queries.dtype), self.dtype)
         if chunk_size is None:
             budget = _CPU_BLOCK_BYTES if cpu else _DEVICE_BLOCK_BYTES
-            chunk = max(1, budget // (tile * bank.element_size()))
+            chunk = max(1, budget // (tile * dtype.itemsize))
         else:
             chunk = check_positive_int(chunk_size, "chunk_size")
         m = queries.shape[0]
-        distances = torch.empty(m, k, dtype=dtype, device=bank.device)
-        indices = torch.empty(m, k, dtype=torch.long, device=bank.device)
-        block = torch.empty(min(chunk, m), tile, dtype=dtype, device=bank.device)
+        labels = self._check_query_groups(query_groups, m, k)
+        prepared = self._prepare(dtype)
+        if m == 0:
+            return (torch.empty(0, k, dtype=dtype, device=self.device),
+                    torch.empty(0, k, dtype=torch.long, device=self.device))
+        q = queries.to(dtype)
+        peak = q.abs().amax(1)
+        far = (peak > 0) & (_exponent(peak) > self._exponent + _FAR_EXPONENT)
+        best = torch.empty(m, k, dtype=dtype, device=self.device)
+        where = torch.empty(m, k, dtype=torch.long, device=self.device)
+        exponents = None  # per-query exponent of the result, where some query is far
+        if bool(far.any()):
+            near_rows = (~far).nonzero()[:, 0]
+            far_rows = far.nonzero()[:, 0]
+            exponents = torch.full((m,), self._exponent, dtype=torch.long, device=self.device)
+            exponents[far_rows] = _exponent(peak[far_rows])
+            for i in far_rows.tolist():  # each in its own scale; rare by construction
+                e = int(exponents[i])
+                qi = _ldexp(q[i : i + 1], -e)
+                bank_i = _ldexp(prepared.bank, self._exponent - e)
+                gi = None if labels is None else labels[i : i + 1]
+                best[i], where[i] = (t[0] for t in self._exhaustive(bank_i, qi, gi, k))
+            if near_rows.numel():
+                scaled = _ldexp(q[near_rows], -self._exponent)
+                g = None if labels is None else labels[near_rows]
+                best[near_rows], where[near_rows] = self._search_near(
+                    prepared, scaled, g, k, chunk, tile)
+        else:
+            scaled = _ldexp(q, -self._exponent)
+            best, where = self._search_near(prepared, scaled, labels, k, chunk, tile)
+        return self._unscale(best, exponents, squared), where
+
+    def _search_near(self, prepared: _Prepared, scaled, labels, k, chunk, tile):
+        """(r, idx) of queries in the bank's scale: candidates by GEMM, then exact."""
+        n_bank, n_features = prepared.bank.shape
+        dtype, m = scaled.dtype, scaled.shape[0]
+        top = min(k + _EXTRA, n_bank)
+        approx, cand, q_sq = self._candidates(prepared, scaled, labels, top, chunk, tile)
+        if top == n_bank:
+            complete = torch.ones(m, dtype=torch.bool, device=scaled.device)
+        else:
+            finfo = torch.finfo(dtype)
+            eps, tiny = finfo.eps, finfo.tiny
+            factor = (n_features + 8) * eps + 4 * _input_roundoff(dtype, scaled.device)
+            rho = (n_features + 8) * eps
+            if max(factor, rho) >= 0.5:  # the bound says nothing: search exhaustively
+                complete = torch.zeros(m, dtype=torch.bool, device=scaled.device)
+            else:
+                bound = factor * (q_sq.sqrt() + prepared.max_norm).square()
+                bound += 4 * (n_features + 8) * tiny
+                slack = n_features * tiny
+                theta = ((approx[:, k - 1] + bound) * (1 + rho) + slack) / (1 - rho)
+                theta = (theta + bound + slack) * (1 + 16 * eps)
+                complete = approx[:, top - 1] > theta
+        best = torch.empty(m, k, dtype=dtype, device=scaled.device)
+        where = torch.empty(m, k, dtype=torch.long, device=scaled.device)
+        done = complete.nonzero()[:, 0]
+        if done.numel():
+            cand_done = cand[done]
+            invalid = ~torch.isfinite(approx[done])  # placeholders and excluded rows
+            rows = done.repeat_interleave(top)
+            cols = cand_done.masked_fill(invalid, 0).reshape(-1)
+            r = self._pair_sq(scaled, rows, prepared.bank, cols).view(-1, top)
+            r.masked_fill_(invalid, math.inf)
+            best[done], where[done] = _select(r, cand_done, k)
+        rest = (~complete).nonzero()[:, 0]
+        if rest.numel():
+            g = None if labels is None else labels[rest]
+            best[rest], where[rest] = self._exhaustive(prepared.bank, scaled[rest], g, k)
+        return best, where
+
+    def _candidates(self, prepared: _Prepared, scaled, labels, top, chunk, tile):
+        """The ``top`` smallest approximate squared distances by blocked GEMM."""
+        n_bank = prepared.bank.shape[0]
+        m, dtype, device = scaled.shape[0], scaled.dtype, scaled.device
+        values = torch.empty(m, top, dtype=dtype, device=device)
+        indices = torch.empty(m, top, dtype=torch.long, device=device)
+        q_sq = torch.empty(m, dtype=dtype, device=device)
+        block = torch.empty(min(chunk, m), tile, dtype=dtype, device=device)
         for start in range(0, m, chunk):
-            q = queries[start : start + chunk].to(dtype) - shift
-            found = (distances[start : start + q.shape[0]], indices[start : start + q.shape[0]])
+            q = scaled[start : start + chunk] - prepared.centre
+            rows = q.shape[0]
+            found = (values[start : start + rows], indices[start : start + rows])
+            own = None if labels is None else labels[start : start + rows, None]
             for j in range(0, n_bank, tile):
-                b = bank[j : j + tile]
-                partial = torch.addmm(bank_sq[j : j + tile], q, b.T, alpha=-2.0,
-                                      out=block[: q.shape[0], : b.shape[0]])
-                _merge(partial, j, k, found, first=j == 0)
-            found[0].add_(q.square().sum(1)[:, None])
-        distances.clamp_(min=0.0)
-        return (distances, indices) if squared else (distances.sqrt_(), indices)
+                b = prepared.centred[j : j + tile]
+                partial = torch.addmm(prepared.sq_norms[j : j + tile], q, b.T, alpha=-2.0,
+                                      out=block[:rows, : b.shape[0]])
+                if own is not None:
+                    partial.masked_fill_(own == self._groups[j : j + tile], math.inf)
+                _merge(partial, j, top, found, first=j == 0)
+            torch.sum(torch.square(q), 1, out=q_sq[start : start + rows])
+            found[0].add_(q_sq[start : start + rows, None])
+        return values, indices, q_sq
+
+    def _pair_sq(self, q_src, q_rows, b_src, b_rows) -> torch.Tensor:
+        """``sum((q_src[q_rows[p]] - b_src[b_rows[p]])**2)`` per pair ``p``, shape-stable.
+
+        Computed in blocks of exactly ``self._rows`` pairs (the last padded by
+        repeating its last pair), so each value depends on its two rows only.
+        """
+        n_pairs, rows = q_rows.shape[0], self._rows
+        pad = -n_pairs % rows
+        if pad:
+            q_rows = torch.cat((q_rows, q_rows[-1:].expand(pad)))
+            b_rows = torch.cat((b_rows, b_rows[-1:].expand(pad)))
+        out = torch.empty(n_pairs + pad, dtype=q_src.dtype, device=q_src.device)
+        shape = (rows, q_src.shape[1])
+        buf_q = torch.empty(shape, dtype=q_src.dtype, device=q_src.device)
+        buf_b = torch.empty_like(buf_q)
+        for start in range(0, n_pairs + pad, rows):
+            torch.index_select(q_src, 0, q_rows[start : start + rows], out=buf_q)
+            torch.index_select(b_src, 0, b_rows[start : start + rows], out=buf_b)
+            torch.sum(buf_q.sub_(buf_b).square_(), 1, out=out[start : start + rows])
+        return out[:n_pairs]
+
+    def _exhaustive(self, bank, scaled, labels, k):
+        """(r, idx): every bank row's exact distance, the k best by (distance, index)."""
+        n_bank = bank.shape[0]
+        m, device = scaled.shape[0], scaled.device
+        best = torch.empty(m, k, dtype=scaled.dtype, device=device)
+        where = torch.empty(m, k, dtype=torch.long, device=device)
+        per_group = max(1, _FALLBACK_PAIRS // n_bank)
+        cols = torch.arange(n_bank, device=device)
+        for start in range(0, m, per_group):
+            stop = min(m, start + per_group)
+            rows = torch.arange(start, stop, device=device).repeat_interleave(n_bank)
+            r = self._pair_sq(scaled, rows, bank, cols.repeat(stop - start))
+            r = r.view(stop - start, n_bank)
+            if labels is not None:
+                r.masked_fill_(labels[start:stop, None] == self._groups, math.inf)
+            r, order = torch.sort(r, dim=1, stable=True)  # ties: smaller index first
+            best[start:stop], where[start:stop] = r[:, :k], order[:, :k]
+        return best, where
+
+    def _unscale(self, r, exponents, squared: bool) -> torch.Tensor:
+        """Squared distances ``r`` in the scaled units back to the caller's units."""
+        if exponents is None:
+            out = _ldexp(r, 2 * self._exponent) if squared else _ldexp(r.sqrt(), self._exponent)
+        else:
+            e = exponents[:, None]
+            out = _ldexp(r, 2 * e) if squared else _ldexp(r.sqrt(), e)
+        if not all_finite(out):
+            what = "squared distances" if squared else "distances"
+            hint = "squared=False or float64 input" if squared else "float64 input"
+            raise ValueError(f"{what} exceed the range of {out.dtype} (largest "
+                             f"{torch.finfo(out.dtype).max:.3g}); use {hint}")
+        return out
+
+
+def _select(r: torch.Tensor, indices: torch.Tensor, k: int):
+    """The ``k`` smallest of each row of ``r`` by (value, index), ascending."""
+    indices, order = torch.sort(indices, dim=1)
+    r, pick = torch.sort(r.gather(1, order), dim=1, stable=True)
+    return r[:, :k], indices.gather(1, pick[:, :k])
 
 
 def _merge(partial: torch.Tensor, offset: int, k: int, found, *, first: bool) -> None:
-    """Fold a block of partial distances (bank rows from ``offset``) into ``found``."""
+    """Fold a block of partial distances (bank rows from ``offset``) into ``found``.
+
+    Keeps the ``k`` smallest values seen (as a multiset), ascending; which of
+    several tied values is kept does not matter to the caller.
+    """
     best, where = found
     if k == 1:  # a plain reduction is markedly faster than topk
         value, index = torch.min(partial, 1, keepdim=True)
@@ -237,7 +619,7 @@ def _check_pair(x, y, x_name: str, y_name: str) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"{x_name} has {x.shape[1]} features but {y_name} has {y.shape[1]}")
     if x.device != y.device:
         raise ValueError(f"{x_name} is on {x.device} but {y_name} is on {y.device}")
-    dtype = torch.promote_types(x.dtype, y.dtype)
+    dtype = torch.promote_types(_working_dtype(x.dtype), _working_dtype(y.dtype))
     return x.to(dtype), y.to(dtype)
 
 
@@ -254,21 +636,27 @@ def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     Tensor of shape (m, n)
-        ``|x_i - y_j|^2``, clamped at zero, in the promoted dtype of the inputs.
+        ``|x_i - y_j|^2``, clamped at zero, in the promoted dtype of the inputs
+        (float16 and bfloat16 give float32). Empty when ``m`` or ``n`` is 0; zero
+        when ``n_features`` is 0.
 
     Raises
     ------
     TypeError
         If an input is not a tensor.
     ValueError
-        If an input is not 2-D or holds NaN or infinity, the widths differ, or the
-        inputs are on different devices.
+        If an input is not 2-D or holds NaN or infinity, the widths differ, the
+        inputs are on different devices, or the squared distances exceed the
+        range of the dtype (float64 input gives them).
 
     Notes
     -----
-    One matrix product on inputs centred on the mean of ``y``; the rounding error
-    is about ``eps * (|x_i - mean|^2 + |y_j - mean|^2)``, as for scikit-learn's
-    :func:`~sklearn.metrics.pairwise.euclidean_distances` in float64.
+    One matrix product on inputs scaled by a common power of two (the largest
+    absolute entry to [0.5, 1), exactly) and centred on the mean of ``y``; the
+    rounding error is about ``eps * (|x_i - mean|^2 + |y_j - mean|^2)``, as for
+    scikit-learn's :func:`~sklearn.metrics.pairwise.euclidean_distances` in
+    float64. Use :class:`KNNIndex` for distances exact to rounding and
+    independent of the batch.
 
     Examples
     --------
@@ -278,10 +666,18 @@ def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             [13.]])
     """
     x, y = _check_pair(x, y, "x", "y")
+    if x.shape[0] == 0 or y.shape[0] == 0 or x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], y.shape[0])
+    e = int(_exponent(torch.maximum(x.abs().amax(), y.abs().amax())))
+    x, y = _ldexp(x, -e), _ldexp(y, -e)
     shift = y.mean(0)
     x, y = x - shift, y - shift
     out = torch.addmm(y.square().sum(1), x, y.T, alpha=-2.0)
-    return out.add_(x.square().sum(1)[:, None]).clamp_(min=0.0)
+    out = _ldexp(out.add_(x.square().sum(1)[:, None]).clamp_(min=0.0), 2 * e)
+    if not all_finite(out):
+        raise ValueError(f"squared distances exceed the range of {out.dtype} (largest "
+                         f"{torch.finfo(out.dtype).max:.3g}); use float64 input")
+    return out
 
 
 def knn_distances(
@@ -312,10 +708,10 @@ def knn_distances(
     -------
     distances : Tensor of shape (m, n_neighbors)
         Euclidean (or squared) distances, ascending along each row, in the
-        promoted dtype of the inputs.
+        promoted dtype of the inputs (float16 and bfloat16 give float32).
     indices : LongTensor of shape (m, n_neighbors)
-        Rows of ``bank`` at those distances. The order of exactly tied
-        neighbours is unspecified.
+        Rows of ``bank`` at those distances; among equal distances the smaller
+        index comes first.
 
     Raises
     ------
@@ -323,21 +719,21 @@ def knn_distances(
         If an input is not a tensor, or ``n_neighbors`` or ``chunk_size`` is not an int.
     ValueError
         If an input is not 2-D or holds NaN or infinity, the widths differ, the
-        inputs are on different devices, ``n_neighbors`` exceeds the bank size,
-        or ``n_neighbors`` or ``chunk_size`` is below 1.
+        inputs are on different devices, the bank is empty, ``n_neighbors``
+        exceeds the bank size, ``n_neighbors`` or ``chunk_size`` is below 1, or
+        the distances exceed the range of the dtype.
 
     See Also
     --------
-    KNNIndex : the same search with the bank prepared once, for repeated queries.
+    KNNIndex : the same search with the bank prepared once, for repeated queries
+        (its Notes give the algorithm and its error bound).
 
     Notes
     -----
-    Brute force as faiss' ``IndexFlatL2``: per block of queries and bank rows,
-    one matrix product against the centred bank gives ``|b_j|^2 - 2 q.b_j`` and
-    :func:`torch.topk` (:func:`torch.min` for one neighbour) keeps a running
-    best; ``|q|^2`` is added to the ``k`` winners only. Results equal
-    :class:`sklearn.neighbors.NearestNeighbors` up to rounding. Equivalent to
-    ``KNNIndex(bank).search(queries, ...)``.
+    Equivalent to ``KNNIndex(bank).search(queries, ...)``: candidates by blocked
+    matrix products, distances recomputed exactly from the differences, the
+    result independent of the batch. Results equal
+    :class:`sklearn.neighbors.NearestNeighbors` up to rounding.
 
     Examples
     --------
@@ -347,6 +743,6 @@ def knn_distances(
     (tensor([[0.5000, 1.1180]]), tensor([[0, 2]]))
     """
     queries, bank = as_float_tensor(queries, "queries"), as_float_tensor(bank, "bank")
-    # the bank is promoted before it is centred; KNNIndex and search validate each side once
-    bank = bank.to(torch.promote_types(queries.dtype, bank.dtype))
+    # the bank is promoted before it is scaled; KNNIndex and search validate each side once
+    bank = bank.to(torch.promote_types(_working_dtype(queries.dtype), bank.dtype))
     return KNNIndex(bank).search(queries, n_neighbors, squared=squared, chunk_size=chunk_size)
