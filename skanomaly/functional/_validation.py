@@ -1,7 +1,8 @@
-"""Input checks shared by the torch kernels (torch only: no numpy, no sklearn)."""
+"""Input checks and exact rescaling shared by the torch kernels (torch only: no numpy, no sklearn)."""
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 
 import torch
@@ -11,7 +12,12 @@ __all__ = [
     "check_finite",
     "check_ndim",
     "check_min_samples",
+    "check_nonempty",
     "check_positive_int",
+    "frexp_exponent",
+    "ldexp",
+    "max_abs_exponent",
+    "working_dtype",
 ]
 
 
@@ -74,3 +80,70 @@ def check_positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return int(value)
+
+
+def check_nonempty(x: torch.Tensor, name: str = "x", axes=None) -> torch.Tensor:
+    """Raise ``ValueError`` naming the first of ``axes`` (default: all) that has length 0."""
+    for axis in range(x.ndim) if axes is None else axes:
+        if x.shape[axis] == 0:
+            raise ValueError(f"{name} has length 0 along axis {axis % x.ndim} (shape "
+                             f"{tuple(x.shape)}); at least one entry is required")
+    return x
+
+
+# --------------------------------------------------------------------------- exact rescaling
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 are computed in float32; float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``2.0 ** exponent`` (int64 tensor within the normal range) built from bits."""
+    if dtype == torch.float64:
+        return ((exponent + 1023) << 52).view(torch.float64)
+    if dtype == torch.float32:
+        return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
+    return torch.pow(2.0, exponent.to(dtype))  # half types: exact within their range
+
+
+def ldexp(x: torch.Tensor, exponent) -> torch.Tensor:
+    """``x * 2**exponent``, a new tensor, exact unless the result over- or underflows.
+
+    ``exponent`` is an int or an int64 tensor broadcastable to ``x``; the product is
+    taken in steps whose factors are normal numbers, so an exponent beyond the range
+    of a single factor (e.g. ``2**-148`` for float32) still scales exactly.
+    """
+    limit = {torch.float64: 1000, torch.float32: 120}.get(x.dtype, 14)
+    if isinstance(exponent, int):
+        if exponent == 0:
+            return x.clone()
+        while exponent:
+            step = max(-limit, min(limit, exponent))
+            x = x * math.ldexp(1.0, step)
+            exponent -= step
+        return x
+    exponent = exponent.to(device=x.device, dtype=torch.int64)
+    first = True
+    while first or bool((exponent != 0).any()):
+        step = exponent.clamp(-limit, limit)
+        x = x * _pow2(step, x.dtype)
+        exponent = exponent - step
+        first = False
+    return x
+
+
+def frexp_exponent(peak: torch.Tensor) -> torch.Tensor:
+    """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e``, ``0.5 <= f < 1``; 0 for 0), int64."""
+    return torch.frexp(peak).exponent.to(torch.int64)
+
+
+def max_abs_exponent(x: torch.Tensor) -> int:
+    """frexp exponent of the largest ``|x|`` (0 for an empty or all-zero ``x``).
+
+    ``ldexp(x, -max_abs_exponent(x))`` then has its largest entry in [0.5, 1): squares
+    and products of a few thousand entries neither overflow nor lose bits to underflow.
+    """
+    if x.numel() == 0:
+        return 0
+    return int(frexp_exponent(x.abs().amax()))

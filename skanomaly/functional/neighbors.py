@@ -23,6 +23,9 @@ from ._validation import (
     check_finite,
     check_ndim,
     check_positive_int,
+    frexp_exponent,
+    ldexp,
+    working_dtype,
 )
 
 __all__ = ["KNNIndex", "knn_distances", "pairwise_sq_distances"]
@@ -35,51 +38,6 @@ _PAIR_BLOCK_ELEMENTS = 2**20  # entries of one fixed-shape block of exact differ
 _MAX_PAIR_ROWS = 8192
 _FAR_EXPONENT = 40  # queries beyond 2**40 x the bank's largest entry: exact pass only
 _FALLBACK_PAIRS = 2**20  # (query, bank row) pairs per group of the exhaustive pass
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16 and bfloat16 are computed in float32; float32 and float64 as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Exact ``2.0 ** exponent`` (int64 tensor within the normal range) built from bits."""
-    if dtype == torch.float64:
-        return ((exponent + 1023) << 52).view(torch.float64)
-    if dtype == torch.float32:
-        return ((exponent + 127).to(torch.int32) << 23).view(torch.float32)
-    return torch.pow(2.0, exponent.to(dtype))  # not reached: kernels work in float32/64
-
-
-def _ldexp(x: torch.Tensor, exponent) -> torch.Tensor:
-    """``x * 2**exponent``, a new tensor, exact unless the result over- or underflows.
-
-    ``exponent`` is an int or an int64 tensor broadcastable to ``x``; the product is
-    taken in steps whose factors are normal numbers, so an exponent beyond the range
-    of a single factor (e.g. ``2**-148`` for float32) still scales exactly.
-    """
-    limit = 120 if x.dtype != torch.float64 else 1000
-    if isinstance(exponent, int):
-        if exponent == 0:
-            return x.clone()
-        while exponent:
-            step = max(-limit, min(limit, exponent))
-            x = x * math.ldexp(1.0, step)
-            exponent -= step
-        return x
-    exponent = exponent.to(device=x.device, dtype=torch.int64)
-    first = True
-    while first or bool((exponent != 0).any()):
-        step = exponent.clamp(-limit, limit)
-        x = x * _pow2(step, x.dtype)
-        exponent = exponent - step
-        first = False
-    return x
-
-
-def _exponent(peak: torch.Tensor) -> torch.Tensor:
-    """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e`` with ``0.5 <= f < 1``; 0 for 0)."""
-    return torch.frexp(peak).exponent.to(torch.int64)
 
 
 def _input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
@@ -264,9 +222,9 @@ class KNNIndex:
             raise ValueError(f"bank has 0 features (axis 1, shape {tuple(bank.shape)}): "
                              "distances need at least one coordinate")
         check_finite(bank, "bank")
-        bank = bank.to(_working_dtype(bank.dtype))
-        self._exponent = int(_exponent(bank.abs().amax()))
-        self._bank = _ldexp(bank, -self._exponent)  # a new tensor in any case
+        bank = bank.to(working_dtype(bank.dtype))
+        self._exponent = int(frexp_exponent(bank.abs().amax()))
+        self._bank = ldexp(bank, -self._exponent)  # a new tensor in any case
         self._prepared: dict[torch.dtype, _Prepared] = {}
         self._prepare(self._bank.dtype)
         self._rows = max(16, min(_MAX_PAIR_ROWS, _PAIR_BLOCK_ELEMENTS // d))
@@ -418,7 +376,7 @@ class KNNIndex:
             tile = min(n_bank, _CPU_TILE) if cpu else n_bank
         else:
             tile = min(n_bank, check_positive_int(tile_size, "tile_size"))
-        dtype = torch.promote_types(_working_dtype(queries.dtype), self.dtype)
+        dtype = torch.promote_types(working_dtype(queries.dtype), self.dtype)
         if chunk_size is None:
             budget = _CPU_BLOCK_BYTES if cpu else _DEVICE_BLOCK_BYTES
             chunk = max(1, budget // (tile * dtype.itemsize))
@@ -432,7 +390,7 @@ class KNNIndex:
                     torch.empty(0, k, dtype=torch.long, device=self.device))
         q = queries.to(dtype)
         peak = q.abs().amax(1)
-        far = (peak > 0) & (_exponent(peak) > self._exponent + _FAR_EXPONENT)
+        far = (peak > 0) & (frexp_exponent(peak) > self._exponent + _FAR_EXPONENT)
         best = torch.empty(m, k, dtype=dtype, device=self.device)
         where = torch.empty(m, k, dtype=torch.long, device=self.device)
         exponents = None  # per-query exponent of the result, where some query is far
@@ -440,20 +398,20 @@ class KNNIndex:
             near_rows = (~far).nonzero()[:, 0]
             far_rows = far.nonzero()[:, 0]
             exponents = torch.full((m,), self._exponent, dtype=torch.long, device=self.device)
-            exponents[far_rows] = _exponent(peak[far_rows])
+            exponents[far_rows] = frexp_exponent(peak[far_rows])
             for i in far_rows.tolist():  # each in its own scale; rare by construction
                 e = int(exponents[i])
-                qi = _ldexp(q[i : i + 1], -e)
-                bank_i = _ldexp(prepared.bank, self._exponent - e)
+                qi = ldexp(q[i : i + 1], -e)
+                bank_i = ldexp(prepared.bank, self._exponent - e)
                 gi = None if labels is None else labels[i : i + 1]
                 best[i], where[i] = (t[0] for t in self._exhaustive(bank_i, qi, gi, k))
             if near_rows.numel():
-                scaled = _ldexp(q[near_rows], -self._exponent)
+                scaled = ldexp(q[near_rows], -self._exponent)
                 g = None if labels is None else labels[near_rows]
                 best[near_rows], where[near_rows] = self._search_near(
                     prepared, scaled, g, k, chunk, tile)
         else:
-            scaled = _ldexp(q, -self._exponent)
+            scaled = ldexp(q, -self._exponent)
             best, where = self._search_near(prepared, scaled, labels, k, chunk, tile)
         return self._unscale(best, exponents, squared), where
 
@@ -563,10 +521,10 @@ class KNNIndex:
     def _unscale(self, r, exponents, squared: bool) -> torch.Tensor:
         """Squared distances ``r`` in the scaled units back to the caller's units."""
         if exponents is None:
-            out = _ldexp(r, 2 * self._exponent) if squared else _ldexp(r.sqrt(), self._exponent)
+            out = ldexp(r, 2 * self._exponent) if squared else ldexp(r.sqrt(), self._exponent)
         else:
             e = exponents[:, None]
-            out = _ldexp(r, 2 * e) if squared else _ldexp(r.sqrt(), e)
+            out = ldexp(r, 2 * e) if squared else ldexp(r.sqrt(), e)
         if not all_finite(out):
             what = "squared distances" if squared else "distances"
             hint = "squared=False or float64 input" if squared else "float64 input"
@@ -619,7 +577,7 @@ def _check_pair(x, y, x_name: str, y_name: str) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"{x_name} has {x.shape[1]} features but {y_name} has {y.shape[1]}")
     if x.device != y.device:
         raise ValueError(f"{x_name} is on {x.device} but {y_name} is on {y.device}")
-    dtype = torch.promote_types(_working_dtype(x.dtype), _working_dtype(y.dtype))
+    dtype = torch.promote_types(working_dtype(x.dtype), working_dtype(y.dtype))
     return x.to(dtype), y.to(dtype)
 
 
@@ -668,12 +626,12 @@ def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = _check_pair(x, y, "x", "y")
     if x.shape[0] == 0 or y.shape[0] == 0 or x.shape[1] == 0:
         return x.new_zeros(x.shape[0], y.shape[0])
-    e = int(_exponent(torch.maximum(x.abs().amax(), y.abs().amax())))
-    x, y = _ldexp(x, -e), _ldexp(y, -e)
+    e = int(frexp_exponent(torch.maximum(x.abs().amax(), y.abs().amax())))
+    x, y = ldexp(x, -e), ldexp(y, -e)
     shift = y.mean(0)
     x, y = x - shift, y - shift
     out = torch.addmm(y.square().sum(1), x, y.T, alpha=-2.0)
-    out = _ldexp(out.add_(x.square().sum(1)[:, None]).clamp_(min=0.0), 2 * e)
+    out = ldexp(out.add_(x.square().sum(1)[:, None]).clamp_(min=0.0), 2 * e)
     if not all_finite(out):
         raise ValueError(f"squared distances exceed the range of {out.dtype} (largest "
                          f"{torch.finfo(out.dtype).max:.3g}); use float64 input")
@@ -744,5 +702,5 @@ def knn_distances(
     """
     queries, bank = as_float_tensor(queries, "queries"), as_float_tensor(bank, "bank")
     # the bank is promoted before it is scaled; KNNIndex and search validate each side once
-    bank = bank.to(torch.promote_types(_working_dtype(queries.dtype), bank.dtype))
+    bank = bank.to(torch.promote_types(working_dtype(queries.dtype), bank.dtype))
     return KNNIndex(bank).search(queries, n_neighbors, squared=squared, chunk_size=chunk_size)
