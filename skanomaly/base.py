@@ -315,6 +315,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     #: whether scoring must run in fixed-shape blocks to be batch-invariant (False where
     #: the kernels are batch-invariant by themselves)
     _fixed_blocks = True
+    #: magnitudes of input the kernels can represent (squares must neither overflow nor,
+    #: for the whole data, underflow), and what is computed, for the error message
+    _max_abs = math.inf
+    _min_max_abs = 0.0
+    _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
     _private_state: tuple = ("_device_cache",)
 
@@ -419,6 +424,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         if self._sample_ndim > 1 and t.ndim == 2:
             t = t[:, :, None, None]
         sample_shape = tuple(t.shape[1:])
+        empty = [name for name, size in zip(("feature/channel", "height", "width"),
+                                            sample_shape) if size == 0]
+        if empty:
+            raise ValueError(f"X has an empty {' and '.join(empty)} axis (shape "
+                             f"{tuple(t.shape)}): there is nothing to model")
+        self._check_range(t, fit=reset)
         if reset:
             self.input_shape_ = sample_shape
         elif sample_shape != tuple(self.input_shape_):
@@ -427,6 +438,26 @@ class BaseDetector(OutlierMixin, BaseEstimator):
                 f"fitted on shape {tuple(self.input_shape_)}"
             )
         return t
+
+    def _check_range(self, t: torch.Tensor, *, fit: bool) -> None:
+        """``ValueError`` if the magnitude of ``X`` is beyond what the detector computes with.
+
+        Too large: at fit and score time. Too small (the whole data, so that the squares
+        underflow and the model degenerates): at fit time only; a query near 0 is fine.
+        """
+        if t.numel() == 0 or (self._max_abs == math.inf and self._min_max_abs == 0.0):
+            return
+        largest = float(t.abs().amax())
+        if largest > self._max_abs:
+            raise ValueError(
+                f"X holds values up to {largest:.3g}: {type(self).__name__} computes "
+                f"{self._range_reason}, which overflows beyond {self._max_abs:.0e}; rescale "
+                "the features (e.g. with sklearn.preprocessing.StandardScaler)")
+        if fit and 0.0 < largest < self._min_max_abs:
+            raise ValueError(
+                f"X holds values of at most {largest:.3g}: {type(self).__name__} computes "
+                f"{self._range_reason}, which underflow below {self._min_max_abs:.0e}; "
+                "rescale the features (e.g. with sklearn.preprocessing.StandardScaler)")
 
     def _check_n_features_tensor(self, t: torch.Tensor, *, reset: bool) -> None:
         n_features = int(t.shape[1])

@@ -240,6 +240,9 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     [1, -1]
     """
 
+    # float64 second (and, for Ledoit-Wolf, fourth) moments
+    _max_abs, _min_max_abs = 1e75, 1e-75
+    _range_reason = "fourth moments of the features in float64"
     _private_state = (*BaseDetector._private_state, "_moments", "_centre", "_sum_sq2",
                       "_sum_sq_y")
 

@@ -155,6 +155,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     True
     """
 
+    # float64 covariances: squares of the features
+    _max_abs, _min_max_abs = 1e150, 1e-150
+    _range_reason = "covariances (squared features) in float64"
     _private_state = (*BaseDetector._private_state, "_moments", "_woodbury_reg")
 
     _parameter_constraints: dict = {

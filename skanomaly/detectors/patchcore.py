@@ -149,6 +149,9 @@ class PatchCoreDetector(BaseSpatialDetector):
     True
     """
 
+    # float32 patch features and distances
+    _max_abs = 1e36
+    _range_reason = "patch distances in float32"
     # the nearest-neighbour search is batch-invariant by itself (exact distances)
     _fixed_blocks = False
 
