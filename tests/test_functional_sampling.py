@@ -271,3 +271,54 @@ def test_cuda_matches_cpu(points):
     got = k_center_greedy(x.cuda(), 30, generator=_gen(2), projection=proj_gpu)
     assert got.is_cuda
     assert torch.equal(got.cpu(), k_center_greedy(x, 30, generator=_gen(2), projection=proj))
+
+
+# ------------------------------------------------------------- any finite scale
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-30, 1e-6, 1e6, 1e19, 1e30, 1e300])
+def test_k_center_any_finite_scale_float64(points, scale):
+    # a power-of-two rescaling changes no comparison: the unit-scale reference holds
+    x = torch.tensor(points * scale)
+    got = k_center_greedy(x, 40, generator=_gen(7)).numpy()
+    np.testing.assert_array_equal(got, _reference_k_center(points, 40, int(got[0])))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e19, 1e37])
+def test_k_center_any_finite_scale_float32(scale):
+    # the probe: 1e19 used to overflow the squares and repeat indices
+    x = torch.randn(20, 5, generator=_gen(0))
+    got = k_center_greedy(x * scale, 8, generator=_gen(1))
+    assert len(set(got.tolist())) == 8
+    assert torch.equal(got, k_center_greedy(x, 8, generator=_gen(1)))
+    proj = sparse_random_projection_matrix(3, 5, generator=_gen(2), dtype=torch.float32)
+    with_proj = k_center_greedy(x * scale, 8, generator=_gen(1), projection=proj * 1e-20)
+    assert torch.equal(with_proj, k_center_greedy(x, 8, generator=_gen(1), projection=proj))
+
+
+def test_k_center_all_duplicates_in_index_order():
+    got = k_center_greedy(torch.full((7, 3), 1e30), 7, generator=_gen(3)).tolist()
+    assert got == [got[0]] + [i for i in range(7) if i != got[0]]
+
+
+def test_k_center_half_is_computed_in_float32(points):
+    x16 = torch.tensor(points, dtype=torch.float16)
+    got = k_center_greedy(x16, 20, generator=_gen(14)).numpy()
+    np.testing.assert_array_equal(got, _reference_k_center(x16.double().numpy(), 20,
+                                                           int(got[0])))
+
+
+def test_sampling_edge_errors():
+    with pytest.raises(ValueError, match="0 features \\(axis 1"):
+        k_center_greedy(torch.zeros(4, 0), 2)
+    with pytest.raises(ValueError, match="0 samples of x \\(axis 0\\)"):
+        k_center_greedy(torch.zeros(0, 3), 1)
+    with pytest.raises(ValueError, match="0 rows"):
+        k_center_greedy(torch.zeros(4, 3), 2, projection=torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="too small"):
+        johnson_lindenstrauss_min_dim(10, 1e-200)
+    with pytest.raises(ValueError, match="beyond the range of torch.float32"):
+        sparse_random_projection_matrix(3, 10, 1e-300, dtype=torch.float32)
+    with pytest.raises(TypeError, match="floating"):
+        sparse_random_projection_matrix(3, 10, dtype=torch.int64)
+    huge = sparse_random_projection_matrix(3, 10, 1e-300, dtype=torch.float64)
+    assert bool(torch.isfinite(huge).all())

@@ -15,9 +15,19 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from ._validation import as_float_tensor, check_finite, check_ndim, check_positive_int
+from ._validation import (
+    as_float_tensor,
+    check_finite,
+    check_ndim,
+    check_positive_int,
+    ldexp,
+    max_abs_exponent,
+    working_dtype,
+)
 
 __all__ = ["k_center_greedy", "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix"]
+
+_RAW_EXPONENT = 20  # inputs within 2**+-20 are used as they are: no square over/underflows
 
 
 def johnson_lindenstrauss_min_dim(n_samples, eps=0.1):
@@ -42,7 +52,8 @@ def johnson_lindenstrauss_min_dim(n_samples, eps=0.1):
     TypeError
         If ``n_samples`` is not an int (or a sequence of them) or ``eps`` not a real.
     ValueError
-        If an ``eps`` is outside (0, 1), an ``n_samples`` is not positive, or the
+        If an ``eps`` is outside (0, 1) or so small that the dimension overflows a
+        float (about ``eps < 1e-154``), an ``n_samples`` is not positive, or the
         two sequences have different lengths.
 
     Notes
@@ -81,8 +92,17 @@ def johnson_lindenstrauss_min_dim(n_samples, eps=0.1):
     width = max(len(counts), len(epsilons)) if counts and epsilons else 0
     counts = counts if len(counts) == width else counts * width  # broadcast a single value
     epsilons = epsilons if len(epsilons) == width else epsilons * width
-    dims = [int(4 * math.log(n) / (e**2 / 2 - e**3 / 3)) for n, e in zip(counts, epsilons)]
+    dims = [_jl_dim(n, e) for n, e in zip(counts, epsilons)]
     return dims[0] if scalar_n and scalar_eps else dims
+
+
+def _jl_dim(n: int, eps: float) -> int:
+    denominator = eps**2 / 2 - eps**3 / 3
+    dim = 4 * math.log(n) / denominator if denominator > 0 else math.inf
+    if not math.isfinite(dim):
+        raise ValueError(f"eps={eps!r} is too small: the JL dimension 4 log(n_samples) / "
+                         "(eps**2 / 2 - eps**3 / 3) overflows")
+    return int(dim)
 
 
 def _listify(value) -> tuple[list, bool]:
@@ -129,11 +149,11 @@ def sparse_random_projection_matrix(
     Raises
     ------
     TypeError
-        If ``n_components`` or ``n_features`` is not an int, or ``density`` is
-        neither a real nor "auto".
+        If ``n_components`` or ``n_features`` is not an int, ``density`` is
+        neither a real nor "auto", or ``dtype`` is not a floating dtype.
     ValueError
-        If ``n_components`` or ``n_features`` is below 1, or ``density`` is not
-        in (0, 1].
+        If ``n_components`` or ``n_features`` is below 1, ``density`` is not
+        in (0, 1], or so small that the entries overflow ``dtype``.
 
     Notes
     -----
@@ -166,12 +186,19 @@ def sparse_random_projection_matrix(
         raise TypeError(f"density must be a float in (0, 1] or 'auto', got {density!r}")
     elif not 0.0 < density <= 1.0:
         raise ValueError(f"Expected density in range ]0, 1], got: {density!r}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    value = 1.0 / math.sqrt(density * n_components)
+    if not value <= torch.finfo(dtype).max:
+        raise ValueError(f"density={density!r} with n_components={n_components} gives entries "
+                         f"1 / sqrt(density * n_components) = {value:.3g}, beyond the range "
+                         f"of {dtype}")
     generator = _generator_or_fresh(generator)
     u = torch.rand(n_components, n_features, generator=generator, device=generator.device)
     # u < density / 2: positive; density / 2 <= u < density: negative; otherwise zero.
     signs = torch.where(u < density / 2, 1, torch.where(u < density, -1, 0))
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    return signs.to(dtype=dtype, device=device) * (1.0 / math.sqrt(density * n_components))
+    return signs.to(dtype=dtype, device=device) * value
 
 
 def _generator_or_fresh(generator: torch.Generator | None) -> torch.Generator:
@@ -221,10 +248,10 @@ def k_center_greedy(
         If ``x`` or ``projection`` is not a tensor, ``generator`` not a
         ``torch.Generator``, or ``n_centers`` or ``chunk_size`` not an int.
     ValueError
-        If ``x`` is not 2-D or holds NaN or infinity, ``n_centers`` is not in
-        ``[1, n_samples]``, ``projection`` is not 2-D, not finite, has a width
-        different from ``n_features`` or lives on another device, or
-        ``chunk_size`` is below 1.
+        If ``x`` is not 2-D, has no features (axis 1) or holds NaN or
+        infinity, ``n_centers`` is not in ``[1, n_samples]``, ``projection``
+        is not 2-D, has no rows, is not finite, has a width different from
+        ``n_features`` or lives on another device, or ``chunk_size`` is below 1.
 
     Notes
     -----
@@ -235,10 +262,15 @@ def k_center_greedy(
     centre only. Each step is one pass over the (centred) data:
     ``|x_i|^2 - 2 x_i.c + |c|^2`` by a matrix-vector product over a feature-major
     copy, with all buffers allocated once; on the CPU the loop runs in numpy (its
-    BLAS streams the data at the memory bandwidth), elsewhere in torch. Ties go
-    to the lowest index; already-selected points are
-    never re-selected, so duplicated points are picked only once every distinct
-    point has been.
+    BLAS streams the data at the memory bandwidth), elsewhere in torch.
+    Distances that rounding pushes below zero are clamped to zero, so
+    duplicates tie exactly; ties go to the lowest index; already-selected
+    points are never re-selected, so the indices are always distinct and
+    duplicated points are picked, in index order, only once every distinct
+    point has been. Data of any finite scale work: beyond ``2**+-20`` the
+    data (and the projection) are rescaled by an exact power of two, which
+    changes no comparison, so that no square overflows or underflows.
+    float16 and bfloat16 data are computed in float32.
 
     References
     ----------
@@ -258,8 +290,18 @@ def k_center_greedy(
     n_samples, n_features = x.shape
     n_centers = check_positive_int(n_centers, "n_centers")
     if n_centers > n_samples:
-        raise ValueError(f"n_centers={n_centers} exceeds the {n_samples} samples of x")
+        raise ValueError(f"n_centers={n_centers} exceeds the {n_samples} samples of x "
+                         "(axis 0)")
+    if n_features == 0:
+        raise ValueError(f"x has 0 features (axis 1, shape {tuple(x.shape)}): distances "
+                         "need at least one coordinate")
     generator = _generator_or_fresh(generator)
+    # Far from unit scale the squares could overflow (or underflow): a power of two
+    # rescales exactly, and only then is the (possibly large) input copied.
+    x = x.to(working_dtype(x.dtype))
+    exponent = max_abs_exponent(x)
+    if abs(exponent) > _RAW_EXPONENT:
+        x = ldexp(x, -exponent)
     if projection is not None:
         projection = check_ndim(as_float_tensor(projection, "projection"), 2, "projection")
         check_finite(projection, "projection")
@@ -267,10 +309,19 @@ def k_center_greedy(
             raise ValueError(
                 f"projection has {projection.shape[1]} columns but x has {n_features} features"
             )
+        if projection.shape[0] == 0:
+            raise ValueError("projection has 0 rows (axis 0): it must project onto at least "
+                             "one component")
         if projection.device != x.device:
             raise ValueError(f"projection is on {projection.device} but x is on {x.device}")
+        exponent = max_abs_exponent(projection)
+        if abs(exponent) > _RAW_EXPONENT:
+            projection = ldexp(projection, -exponent)
         projection = projection.to(x.dtype).T
         x = torch.addmm(x.mean(0) @ projection, x, projection, beta=-1.0)  # centred projection
+        exponent = max_abs_exponent(x)  # the projection may have grown or cancelled
+        if abs(exponent) > _RAW_EXPONENT:
+            x = ldexp(x, -exponent)
     else:
         x = x - x.mean(0)
     chunk = n_samples if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
@@ -280,7 +331,7 @@ def k_center_greedy(
     xt = x.T.contiguous()
     del x
     start = torch.randint(n_samples, (1,), generator=generator, device=generator.device)
-    if xt.device.type == "cpu" and xt.dtype in (torch.float32, torch.float64):
+    if xt.device.type == "cpu":
         selected = _k_center_greedy_numpy(xt.numpy(), sq_norms.numpy(), n_centers,
                                           int(start[0]), chunk)
         return torch.from_numpy(selected)
@@ -307,7 +358,8 @@ def _k_center_greedy_torch(xt: torch.Tensor, sq_norms: torch.Tensor, n_centers: 
             hi = min(lo + chunk, n_samples)
             dist = torch.addmv(sq_norms[lo:hi], xt[:, lo:hi].T, center, alpha=-2.0,
                                out=buffer[: hi - lo])
-            torch.minimum(min_dist[lo:hi], dist.add_(center_sq), out=min_dist[lo:hi])
+            dist.add_(center_sq).clamp_(min=0.0)  # rounding below 0: duplicates tie at 0
+            torch.minimum(min_dist[lo:hi], dist, out=min_dist[lo:hi])
         min_dist.index_fill_(0, index, -math.inf)
         torch.argmax(min_dist, dim=0, keepdim=True, out=selected[step : step + 1])
     return selected
@@ -338,6 +390,7 @@ def _k_center_greedy_numpy(xt: np.ndarray, sq_norms: np.ndarray, n_centers: int,
             dist *= -2.0
             dist += sq_norms[lo:hi]
             dist += sq_norms[index]
+            np.maximum(dist, 0.0, out=dist)  # rounding below 0: duplicates tie at 0
             np.minimum(min_dist[lo:hi], dist, out=min_dist[lo:hi])
         min_dist[index] = -np.inf
         selected[step] = min_dist.argmax()
