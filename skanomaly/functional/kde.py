@@ -1,9 +1,12 @@
 """Gaussian kernel density estimation with :func:`scipy.stats.gaussian_kde` semantics.
 
-The log density is computed in whitened coordinates (the Cholesky factor of the
-kernel covariance) by chunked matrix products and ``logsumexp``, so it stays exact
-far in the tails where the density itself underflows. Unlike scipy, datasets are
-``(n_samples, n_features)``: rows are samples.
+:class:`GaussianKDE` is the fitted kernel: built once from a dataset (validation, the
+bandwidth, the Cholesky factor of the kernel covariance and the whitened centres), it
+evaluates log densities of any number of point batches, optionally leave-one-out.
+:func:`gaussian_kde_logpdf` and :func:`kde_covariance` are one-shot functions over it.
+The log density is computed in whitened coordinates by chunked matrix products and
+``logsumexp``, so it stays exact far in the tails where the density itself underflows.
+Unlike scipy, datasets are ``(n_samples, n_features)``: rows are samples.
 """
 
 from __future__ import annotations
@@ -14,21 +17,26 @@ from numbers import Real
 import torch
 
 from ._validation import (
+    all_finite,
     as_float_tensor,
     check_finite,
     check_min_samples,
     check_ndim,
     check_positive_int,
+    frexp_exponent,
+    ldexp,
+    working_dtype,
 )
 
-__all__ = ["gaussian_kde_logpdf", "kde_covariance"]
+__all__ = ["GaussianKDE", "gaussian_kde_logpdf", "kde_covariance"]
 
 _CHUNK_ELEMENTS = 1 << 23  # entries of one (chunk, n_samples) block: 64 MB in float64
 
 
 def _as_samples(x, name: str) -> torch.Tensor:
-    """Validated 2-D float tensor; a 1-D tensor is one feature (a column)."""
+    """Validated 2-D float tensor (half precision upcast); a 1-D tensor is one feature."""
     x = check_finite(check_ndim(as_float_tensor(x, name), (1, 2), name), name)
+    x = x.to(working_dtype(x.dtype))
     return x[:, None] if x.ndim == 1 else x
 
 
@@ -41,6 +49,8 @@ def _normalized_weights(weights, n_samples: int, like: torch.Tensor) -> torch.Te
     w = w.to(like)
     if bool((w < 0).any()):
         raise ValueError("weights must be non-negative")
+    # Scaled by a power of two first, so that a sum of huge weights does not overflow.
+    w = ldexp(w, -int(frexp_exponent(w.amax())))
     total = w.sum()
     if not bool(total > 0):
         raise ValueError("weights must have a positive sum")
@@ -61,38 +71,274 @@ def _bandwidth_factor(bandwidth, neff: float, n_features: int) -> float:
     return float(bandwidth)
 
 
-def _kernel_cholesky(dataset, bandwidth, weights):
-    """Validated ``(dataset, log weights, lower Cholesky factor of the kernel covariance)``."""
-    x = _as_samples(dataset, "dataset")
-    n_samples, n_features = x.shape
-    check_min_samples(n_samples, 2, "dataset")
-    if n_samples <= n_features:
-        raise ValueError(
-            f"dataset has {n_samples} samples for {n_features} features: its covariance is "
-            "singular (gaussian_kde needs more samples than features; rows are samples)"
+class GaussianKDE:
+    """A Gaussian kernel density estimate of a fixed dataset, fitted once.
+
+    The estimator of :class:`scipy.stats.gaussian_kde`: one Gaussian kernel per
+    sample, all with the covariance of the (weighted) data times the squared
+    bandwidth factor. Building it validates the dataset, computes the bandwidth
+    and the Cholesky factor of the kernel covariance and whitens the centres, so
+    that each :meth:`logpdf` call pays only its matrix products.
+
+    Parameters
+    ----------
+    dataset : Tensor of shape (n_samples, n_features) or (n_samples,)
+        Kernel centres as ROWS (scipy takes ``(n_features, n_samples)``); a 1-D
+        tensor is one feature. float32 or float64 on any device; integers and
+        booleans are promoted to the default dtype, float16 and bfloat16 are
+        computed (and returned) in float32. Any finite values: the kernel rescales
+        internally (see Notes). Not modified; the object keeps its own copies.
+    bandwidth : {"scott", "silverman"} or float, default="scott"
+        Rule for the bandwidth factor, or the factor itself (positive).
+    weights : Tensor of shape (n_samples,), optional
+        Non-negative sample weights (normalised to sum to one); uniform if None.
+
+    Attributes
+    ----------
+    n_samples : int
+        Number of kernel centres.
+    n_features : int
+        Dimension of the centres.
+    factor : float
+        The bandwidth factor (scipy's ``gaussian_kde.factor``).
+    neff : float
+        Effective number of samples, ``1 / sum(w**2)``.
+    dtype : torch.dtype
+        Working dtype (float32 or float64); points are evaluated in it.
+    device : torch.device
+        Device of the centres; points must be there too.
+
+    Raises
+    ------
+    TypeError
+        If an input is not a tensor or ``bandwidth`` has the wrong type.
+    ValueError
+        If ``dataset`` is not 1-D or 2-D, holds NaN or infinity, has fewer than
+        2 samples or no more samples than features, has a constant feature or a
+        singular covariance (its points lie in a lower-dimensional affine
+        subspace); if ``weights`` are negative, sum to zero, have the wrong
+        length, or leave no more samples with positive weight than
+        features; if ``bandwidth`` is an unknown rule or not positive.
+
+    See Also
+    --------
+    gaussian_kde_logpdf : one evaluation without keeping the kernel.
+    kde_covariance : the kernel covariance.
+
+    Notes
+    -----
+    Follows :class:`scipy.stats.gaussian_kde`: with normalised weights ``w`` the
+    effective sample size is ``neff = 1 / sum(w**2)``; Scott's factor is
+    ``neff ** (-1 / (d + 4))`` and Silverman's ``(neff * (d + 2) / 4) ** (-1 / (d + 4))``;
+    the data covariance is ``np.cov(aweights=w)`` (``ddof=1`` with reliability
+    weights). With the kernel covariance ``Sigma = L L^T``,
+    ``log p(y) = logsumexp_i(log w_i - |L^{-1}(y - x_i)|^2 / 2) - log det(2 pi Sigma) / 2``.
+
+    **Scale.** Each feature is multiplied by a power of two that brings its largest
+    absolute value to [0.5, 1), centred on the weighted mean, and multiplied by
+    another power of two that brings its largest centred value to [0.5, 1); points
+    get the same exact transformation, and ``log det`` the sum of the exponents. The
+    estimator is equivariant under such diagonal scalings, so the result is the
+    same at any scale: data of ``1e-300`` or ``1e300`` work as data of 1 do (scipy's
+    covariance under- or overflows there). A log density that is itself beyond the
+    float range (a point so many kernel widths from every centre that its squared
+    whitened distance overflows) raises a ``ValueError`` instead of returning
+    ``-inf``.
+
+    **Leave-one-out.** ``logpdf(dataset, leave_one_out=True)`` gives each centre's
+    log density under the other centres: the kernel of point ``i`` is dropped from
+    its ``logsumexp`` and the remaining weights are renormalised (``w_j / (1 -
+    w_i)``), while the bandwidth and the kernel covariance stay those of the full
+    dataset (refitting them without each point would cost a factorisation per
+    point). It costs one evaluation of the centres, ``O(n_samples**2 n_features)``.
+
+    References
+    ----------
+    D. W. Scott, "Multivariate Density Estimation", Wiley, 1992.
+    B. W. Silverman, "Density Estimation for Statistics and Data Analysis", 1986.
+
+    Examples
+    --------
+    >>> import torch
+    >>> kde = GaussianKDE(torch.tensor([-1.0, 1.0], dtype=torch.float64), bandwidth=1.0)
+    >>> kde.logpdf(torch.tensor([0.0, 50.0], dtype=torch.float64))
+    tensor([  -1.5155, -602.2087], dtype=torch.float64)
+    >>> kde.covariance()  # the data variance 2 times 1.0 ** 2
+    tensor([[2.]], dtype=torch.float64)
+
+    Leave-one-out, each centre under the other one's kernel alone:
+
+    >>> kde.logpdf(torch.tensor([-1.0, 1.0], dtype=torch.float64), leave_one_out=True)
+    tensor([-2.2655, -2.2655], dtype=torch.float64)
+    """
+
+    def __init__(self, dataset, bandwidth="scott", weights=None):
+        x = _as_samples(dataset, "dataset")
+        n_samples, n_features = x.shape
+        check_min_samples(n_samples, 2, "dataset")
+        if n_samples <= n_features:
+            raise ValueError(
+                f"dataset has {n_samples} samples for {n_features} features: its covariance "
+                "is singular (a Gaussian KDE needs more samples than features; rows are "
+                "samples)"
+            )
+        w = _normalized_weights(weights, n_samples, x)
+        positive = int((w > 0).sum())
+        if positive <= n_features:
+            raise ValueError(
+                f"only {positive} samples have positive weight for {n_features} features: "
+                "the weighted covariance is singular (a Gaussian KDE needs more weighted "
+                "samples than features)"
+            )
+        sum_sq = float(w.square().sum())
+        self.neff = 1.0 / sum_sq
+        self.factor = _bandwidth_factor(bandwidth, self.neff, n_features)
+        # Exact per-feature powers of two: |u| < 1, then |v| in [0.5, 1) per feature.
+        constant = x.amax(0) == x.amin(0)
+        if bool(constant.any()):
+            j = int(constant.nonzero()[0])
+            raise ValueError(
+                f"dataset has a constant feature (column {j}): its covariance is singular"
+            )
+        self._e0 = frexp_exponent(x.abs().amax(0))
+        u = ldexp(x, -self._e0)
+        self._shift = w @ u
+        v = u - self._shift
+        spread = v.abs().amax(0)
+        self._e1 = frexp_exponent(spread)
+        v = ldexp(v, -self._e1)
+        # np.cov(aweights=w, bias=False) with w summing to one.
+        data_cov = (v.T * w) @ v / (1.0 - sum_sq)
+        # Cholesky of the correlation matrix, to judge rank independently of feature scales.
+        scale = data_cov.diagonal().sqrt()
+        chol, info = torch.linalg.cholesky_ex(data_cov / torch.outer(scale, scale))
+        tolerance = 10 * n_features * torch.finfo(x.dtype).eps
+        if int(info) != 0 or bool(chol.diagonal().square().min() < tolerance):
+            raise ValueError(
+                "dataset covariance is singular: the points lie in a lower-dimensional "
+                "affine subspace (collinear features); reduce the dimension first, e.g. "
+                "with PCA"
+            )
+        self._chol = chol * (scale[:, None] * self.factor)
+        white = torch.linalg.solve_triangular(self._chol.T, v, upper=True, left=False)
+        # exponent_ij = log w_j - |y_i - x_j|^2 / 2
+        #             = y_i.x_j + (log w_j - |x_j|^2 / 2) - |y_i|^2 / 2:
+        # the middle term rides in the matrix product as an extra column against ones.
+        self._centres = torch.cat([white, (w.log() - 0.5 * white.square().sum(1))[:, None]], 1)
+        self._log_rest = torch.log1p(-w)  # log of the weight left when a sample is dropped
+        self._log_norm = (
+            float(self._chol.diagonal().log().sum())
+            + math.log(2.0) * float((self._e0 + self._e1).sum())
+            + 0.5 * n_features * math.log(2 * math.pi)
         )
-    w = _normalized_weights(weights, n_samples, x)
-    if int((w > 0).sum()) <= n_features:
-        raise ValueError(
-            f"only {int((w > 0).sum())} samples have positive weight for {n_features} "
-            "features: the weighted covariance is singular"
-        )
-    factor = _bandwidth_factor(bandwidth, 1.0 / float(w.square().sum()), n_features)
-    if bool((x.amax(0) == x.amin(0)).any()):
-        raise ValueError("dataset has a constant feature: its covariance is singular")
-    # np.cov(aweights=w, bias=False) with w summing to one.
-    centered = x - w @ x
-    data_cov = (centered.T * w) @ centered / (1.0 - w.square().sum())
-    # Cholesky of the correlation matrix, to judge rank independently of feature scales.
-    scale = data_cov.diagonal().sqrt()
-    chol, info = torch.linalg.cholesky_ex(data_cov / torch.outer(scale, scale))
-    tolerance = 10 * n_features * torch.finfo(x.dtype).eps
-    if int(info) != 0 or bool(chol.diagonal().square().min() < tolerance):
-        raise ValueError(
-            "dataset covariance is singular: the data lie in a lower-dimensional subspace "
-            "(collinear features); reduce the dimension first, e.g. with PCA"
-        )
-    return x, w.log(), chol * (scale[:, None] * factor)
+        self.n_samples, self.n_features = n_samples, n_features
+        self.dtype, self.device = x.dtype, x.device
+
+    def __repr__(self) -> str:
+        return (f"GaussianKDE(n_samples={self.n_samples}, n_features={self.n_features}, "
+                f"factor={self.factor:.4g}, dtype={self.dtype}, device={self.device})")
+
+    def covariance(self) -> torch.Tensor:
+        """Covariance of the Gaussian kernel, in the units of the dataset.
+
+        Returns
+        -------
+        Tensor of shape (n_features, n_features)
+            The weighted data covariance times ``factor ** 2``, in :attr:`dtype`
+            on :attr:`device`.
+
+        Raises
+        ------
+        ValueError
+            If a variance is beyond the float range (data of magnitude above about
+            ``1e154`` or below ``1e-154`` in float64): the log densities still work.
+        """
+        exponent = self._e0 + self._e1
+        cov = ldexp(self._chol @ self._chol.T, exponent[:, None] + exponent[None, :])
+        diagonal = cov.diagonal()
+        if not (all_finite(cov) and bool((diagonal >= torch.finfo(cov.dtype).tiny).all())):
+            raise ValueError(
+                "the kernel covariance of this dataset is beyond the float range of "
+                f"{cov.dtype} (its features' variances over- or underflow); its log "
+                "densities are still exact: GaussianKDE rescales internally"
+            )
+        return cov
+
+    def logpdf(self, points, *, leave_one_out: bool = False, chunk_size: int | None = None):
+        """Log density of the KDE at ``points``.
+
+        Parameters
+        ----------
+        points : Tensor of shape (n_points, n_features) or (n_points,)
+            Where to evaluate, on :attr:`device`; a 1-D tensor is ``n_points``
+            values of one feature. Converted to :attr:`dtype`. Not modified.
+        leave_one_out : bool, default=False
+            If True, ``points`` must have ``n_samples`` rows and row ``i`` is
+            evaluated without the kernel of sample ``i``, the other weights
+            renormalised; with ``points`` the dataset itself this is the
+            leave-one-out log density of each sample (bandwidth and kernel
+            covariance stay those of the full dataset; see Notes of the class).
+        chunk_size : int, optional
+            Points evaluated per block; by default a block of ``chunk_size *
+            n_samples`` log-kernel values holds about 8 million entries.
+
+        Returns
+        -------
+        Tensor of shape (n_points,)
+            Natural log of the density, in :attr:`dtype` on :attr:`device`.
+
+        Raises
+        ------
+        TypeError
+            If ``points`` is not a tensor or ``chunk_size`` not an int.
+        ValueError
+            If ``points`` is not 1-D or 2-D, holds NaN or infinity, has a feature
+            count different from the dataset's or another device; with
+            ``leave_one_out``, if it does not have ``n_samples`` rows; if
+            ``chunk_size`` is below 1; if a log density is beyond the float range
+            (a point too many kernel widths from every centre).
+        """
+        y = _as_samples(points, "points")
+        if y.shape[1] != self.n_features:
+            raise ValueError(f"points have {y.shape[1]} features, dataset has {self.n_features}")
+        if y.device != self.device:
+            raise ValueError(f"points are on {y.device} but dataset is on {self.device}")
+        if leave_one_out and y.shape[0] != self.n_samples:
+            raise ValueError(
+                f"leave_one_out needs one point per dataset sample ({self.n_samples}), got "
+                f"{y.shape[0]}: point i is evaluated without the kernel of sample i"
+            )
+        if chunk_size is None:
+            chunk = max(1, _CHUNK_ELEMENTS // self.n_samples)
+        else:
+            chunk = check_positive_int(chunk_size, "chunk_size")
+        y = ldexp(ldexp(y.to(self.dtype), -self._e0) - self._shift, -self._e1)
+        y = torch.linalg.solve_triangular(self._chol.T, y, upper=True, left=False)
+        y_half_sq = 0.5 * y.square().sum(1)
+        y = torch.cat([y, y.new_ones(y.shape[0], 1)], 1)
+        n_points = y.shape[0]
+        out = torch.empty(n_points, dtype=self.dtype, device=self.device)
+        block = torch.empty(min(chunk, n_points), self.n_samples, dtype=self.dtype,
+                            device=self.device)
+        for start in range(0, n_points, chunk):
+            rows = y[start : start + chunk]
+            exponents = torch.mm(rows, self._centres.T, out=block[: rows.shape[0]])
+            if leave_one_out:  # row r is point start + r: drop the kernel of that sample
+                exponents.diagonal(offset=start).fill_(-math.inf)
+            peak = exponents.amax(1)  # finite: another sample has positive weight
+            exponents.sub_(peak[:, None]).exp_()
+            out[start : start + rows.shape[0]] = exponents.sum(1).log_().add_(peak)
+        out.sub_(y_half_sq).sub_(self._log_norm)
+        if leave_one_out:
+            out.sub_(self._log_rest)
+        if not all_finite(out):
+            bad = int((~torch.isfinite(out)).sum())
+            raise ValueError(
+                f"the log density of {bad} point(s) is beyond the float range of "
+                f"{self.dtype}: they lie too many kernel widths from every sample of the "
+                "dataset (their squared whitened distance overflows)"
+            )
+        return out
 
 
 def kde_covariance(
@@ -104,7 +350,8 @@ def kde_covariance(
     ----------
     dataset : Tensor of shape (n_samples, n_features) or (n_samples,)
         Samples as ROWS (scipy's ``gaussian_kde`` takes ``(n_features, n_samples)``);
-        a 1-D tensor is one feature. Not modified.
+        a 1-D tensor is one feature; float16 and bfloat16 are computed in float32.
+        Not modified.
     bandwidth : {"scott", "silverman"} or float, default="scott"
         Rule for the bandwidth factor, or the factor itself (positive).
     weights : Tensor of shape (n_samples,), optional
@@ -114,24 +361,19 @@ def kde_covariance(
     -------
     Tensor of shape (n_features, n_features)
         Weighted data covariance (``ddof=1`` with reliability weights, as
-        ``np.cov(aweights=w)``) times the squared bandwidth factor, in the dtype
-        and on the device of ``dataset``.
+        ``np.cov(aweights=w)``) times the squared bandwidth factor, on the device
+        of ``dataset``, in its dtype (float32 for half precision).
 
     Raises
     ------
     TypeError
         If an input is not a tensor or ``bandwidth`` has the wrong type.
     ValueError
-        If ``dataset`` is not 1-D or 2-D, holds NaN or infinity, has fewer than 2
-        samples or no more samples than features, has a constant feature or a
-        singular covariance; if ``weights`` are negative, sum to zero or have the
-        wrong length; if ``bandwidth`` is an unknown rule or not positive.
+        As :class:`GaussianKDE`; also if a variance is beyond the float range.
 
     Notes
     -----
-    Follows :class:`scipy.stats.gaussian_kde`: with normalised weights ``w`` the
-    effective sample size is ``neff = 1 / sum(w**2)``; Scott's factor is
-    ``neff ** (-1 / (d + 4))`` and Silverman's ``(neff * (d + 2) / 4) ** (-1 / (d + 4))``.
+    See :class:`GaussianKDE` for the bandwidth rules, after scipy.
 
     References
     ----------
@@ -145,8 +387,7 @@ def kde_covariance(
     >>> kde_covariance(data, bandwidth=0.5)  # variance 5/3 times 0.5 ** 2
     tensor([[0.4167]], dtype=torch.float64)
     """
-    _, _, chol = _kernel_cholesky(dataset, bandwidth, weights)
-    return chol @ chol.T
+    return GaussianKDE(dataset, bandwidth, weights).covariance()
 
 
 def gaussian_kde_logpdf(
@@ -156,6 +397,7 @@ def gaussian_kde_logpdf(
     weights: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    leave_one_out: bool = False,
 ) -> torch.Tensor:
     """Log density of a Gaussian KDE of ``dataset``, evaluated at ``points``.
 
@@ -168,37 +410,44 @@ def gaussian_kde_logpdf(
         Kernel centres as ROWS (scipy takes ``(n_features, n_samples)``); a 1-D
         tensor is one feature. Not modified.
     bandwidth : {"scott", "silverman"} or float, default="scott"
-        Rule for the bandwidth factor, or the factor itself; see :func:`kde_covariance`.
+        Rule for the bandwidth factor, or the factor itself; see :class:`GaussianKDE`.
     weights : Tensor of shape (n_samples,), optional
         Non-negative sample weights; uniform if None.
     chunk_size : int, optional
         Points evaluated per block; by default a block of ``chunk_size * n_samples``
         log-kernel values holds about 8 million entries.
+    leave_one_out : bool, default=False
+        If True, ``points`` must have ``n_samples`` rows and point ``i`` is
+        evaluated without the kernel of sample ``i`` (the other weights
+        renormalised to sum to one). With ``points`` the dataset itself, this is
+        the leave-one-out log density of each sample, with the bandwidth and the
+        kernel covariance held at their full-data values (not refitted without
+        the sample).
 
     Returns
     -------
     Tensor of shape (n_points,)
-        Natural log of the density, in the promoted dtype of the inputs and on
-        their device.
+        Natural log of the density, in the promoted dtype of the inputs (float32
+        at least: float16 and bfloat16 are computed in float32) and on their device.
 
     Raises
     ------
     TypeError
         If an input is not a tensor or ``bandwidth`` has the wrong type.
     ValueError
-        As :func:`kde_covariance`; also if ``points`` holds NaN or infinity, is
-        not 1-D or 2-D, has a feature count different from ``dataset``'s, lives on
-        another device, or ``chunk_size`` is below 1 (``TypeError`` if not an int).
+        As :class:`GaussianKDE` and :meth:`GaussianKDE.logpdf`: bad shapes, NaN or
+        infinity, too few samples or a singular covariance, bad weights or
+        bandwidth, points on another device, a log density beyond the float range.
 
     Notes
     -----
-    Same estimator as :meth:`scipy.stats.gaussian_kde.logpdf` (see
-    :func:`kde_covariance` for the bandwidth): with the kernel covariance
-    ``Sigma = L L^T``, ``log p(y) = logsumexp_i(log w_i - |L^{-1}(y - x_i)|^2 / 2)
-    - log det(2 pi Sigma) / 2``. Points and data are centred and whitened by ``L``;
-    each block of exponents is one matrix product and the ``logsumexp`` is taken
-    per block, so points many bandwidths from every sample get finite, exact log
-    densities instead of ``-inf``.
+    Same estimator as :meth:`scipy.stats.gaussian_kde.logpdf`; see
+    :class:`GaussianKDE`, which this function builds and evaluates once (keep a
+    :class:`GaussianKDE` to evaluate one dataset repeatedly). Points and data are
+    rescaled, centred and whitened by the Cholesky factor of the kernel
+    covariance; each block of exponents is one matrix product and the
+    ``logsumexp`` is taken per block, so points many bandwidths from every sample
+    get finite, exact log densities instead of ``-inf``.
 
     References
     ----------
@@ -210,36 +459,12 @@ def gaussian_kde_logpdf(
     >>> data = torch.tensor([-1.0, 1.0], dtype=torch.float64)  # kernel variance 2
     >>> gaussian_kde_logpdf(torch.tensor([0.0, 50.0], dtype=torch.float64), data, 1.0)
     tensor([  -1.5155, -602.2087], dtype=torch.float64)
+    >>> data = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    >>> gaussian_kde_logpdf(data, data, leave_one_out=True)  # each point without its kernel
+    tensor([-2.0810, -1.8346, -2.9725], dtype=torch.float64)
     """
-    y = _as_samples(points, "points")
-    x, log_w, chol = _kernel_cholesky(dataset, bandwidth, weights)
-    if y.shape[1] != x.shape[1]:
-        raise ValueError(f"points have {y.shape[1]} features, dataset has {x.shape[1]}")
-    if y.device != x.device:
-        raise ValueError(f"points are on {y.device} but dataset is on {x.device}")
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    x, y, log_w, chol = x.to(dtype), y.to(dtype), log_w.to(dtype), chol.to(dtype)
-    n_samples, n_features = x.shape
-    shift = x.mean(0)
-    # Rows times L^{-T}: whitened coordinates, where the kernel is the standard normal.
-    x = torch.linalg.solve_triangular(chol.T, x - shift, upper=True, left=False)
-    y = torch.linalg.solve_triangular(chol.T, y - shift, upper=True, left=False)
-    # exponent_ij = log w_j - |y_i - x_j|^2 / 2 = y_i.x_j + (log w_j - |x_j|^2 / 2) - |y_i|^2 / 2:
-    # the middle term rides in the matrix product as an extra column against a column of ones.
-    x = torch.cat([x, (log_w - 0.5 * x.square().sum(1))[:, None]], 1)
-    y_half_sq = 0.5 * y.square().sum(1)
-    y = torch.cat([y, y.new_ones(y.shape[0], 1)], 1)
-    log_norm = chol.diagonal().log().sum() + 0.5 * n_features * math.log(2 * math.pi)
-    if chunk_size is None:
-        chunk = max(1, _CHUNK_ELEMENTS // n_samples)
-    else:
-        chunk = check_positive_int(chunk_size, "chunk_size")
-    out = torch.empty(y.shape[0], dtype=dtype, device=y.device)
-    block = torch.empty(min(chunk, y.shape[0]), n_samples, dtype=dtype, device=y.device)
-    for start in range(0, y.shape[0], chunk):
-        rows = y[start : start + chunk]
-        exponents = torch.mm(rows, x.T, out=block[: rows.shape[0]])
-        peak = exponents.amax(1)  # finite: at least one weight is positive
-        exponents.sub_(peak[:, None]).exp_()
-        out[start : start + rows.shape[0]] = exponents.sum(1).log_().add_(peak)
-    return out.sub_(y_half_sq).sub_(log_norm)
+    y = check_ndim(as_float_tensor(points, "points"), (1, 2), "points")
+    x = check_ndim(as_float_tensor(dataset, "dataset"), (1, 2), "dataset")
+    dtype = working_dtype(torch.promote_types(x.dtype, y.dtype))
+    return GaussianKDE(x.to(dtype), bandwidth, weights).logpdf(
+        y, leave_one_out=leave_one_out, chunk_size=chunk_size)
