@@ -160,7 +160,9 @@ def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
     finite = np.isfinite(normality)
     if not finite.all():
         if not finite.any():
-            raise ValueError("every calibration score is infinite: the model cannot set offset_")
+            raise ValueError("every score used to set offset_ is infinite (an overflow: the "
+                             "magnitude of X is too large for the detector's precision; "
+                             "rescale the features)")
         low = normality[finite].min()
         normality = np.where(finite, normality, low - abs(low) - 1.0)
     return float(np.percentile(normality, 100.0 * contamination))

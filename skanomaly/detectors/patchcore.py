@@ -246,9 +246,11 @@ class PatchCoreDetector(BaseSpatialDetector):
             return score
         _, support = self._bank_index().search(bank[idx[rows, worst]], n_support,
                                                query_groups=images)
-        # query and its support stacked, (N, 1 + b, C); fixed-shape blocks keep the
-        # norms' reduction the same whatever the batch
-        stacked = torch.cat([patches[rows, worst][:, None], bank[support]], dim=1)
+        # query and its support stacked, (N, 1 + b, C), in float64 (the squares of float32
+        # patches may overflow float32); fixed-shape blocks keep the norms' reduction the
+        # same whatever the batch
+        stacked = torch.cat([patches[rows, worst][:, None], bank[support]], dim=1).to(
+            torch.float64)
         gaps = _in_fixed_blocks(
             lambda t: torch.linalg.vector_norm(t[:, 1:] - t[:, :1], dim=-1), stacked, 8)
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score
