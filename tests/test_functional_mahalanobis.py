@@ -256,3 +256,151 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(out.cpu(), ref)
     wood = mahalanobis_woodbury(queries.cuda(), mean.cuda(), xc.cuda(), None, 0.1)
     torch.testing.assert_close(wood.cpu(), ref)
+
+
+# ------------------------------------------------------------------ finite in, finite out
+
+def _unit_problem(seed=20, p=3, d=5):
+    rng = np.random.default_rng(seed)
+    train, mean, covs = _gaussians(rng, p, 40, d)
+    queries = rng.normal(size=(6, p, d)) * 2 + mean
+    ref = np.array([[scipy_mahalanobis(queries[i, j], mean[j], np.linalg.inv(covs[j]))
+                     for j in range(p)] for i in range(len(queries))])
+    return train, queries, mean, covs, ref
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-20, 1e20, 1e150, 1e300])
+def test_any_finite_float64_scale(scale):
+    # distances are scale-free: x, mean and L scaled together give the same distances
+    train, queries, mean, covs, ref = _unit_problem()
+    args = (_t(queries * scale), _t(mean * scale))
+    if 1e-150 < scale < 1e150:  # the covariance itself is representable
+        out = mahalanobis(*args, covariance=_t(covs * scale * scale))
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9)
+    factor = regularized_cholesky(_t(covs)) * scale
+    np.testing.assert_allclose(mahalanobis(*args, cholesky=factor).numpy(), ref, rtol=1e-9)
+    upper = precision_cholesky(factor)
+    np.testing.assert_allclose(mahalanobis(*args, precision_cholesky=upper).numpy(), ref,
+                               rtol=1e-9)
+    sq = mahalanobis(*args, precision_cholesky=upper, squared=True)
+    np.testing.assert_allclose(sq.numpy(), ref**2, rtol=1e-9)
+
+
+def test_covariance_of_1e300_factorises():
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(300, 200))
+    cov = np.cov(x, rowvar=False)
+    factor = regularized_cholesky(_t(cov * 1e300))  # the plain sums overflow float64
+    np.testing.assert_allclose(factor.numpy(), np.linalg.cholesky(cov) * 1e150, rtol=1e-9,
+                               atol=1e-12 * 1e150)
+    tiny = regularized_cholesky(_t(cov * 1e-300), reg=1e-302)
+    np.testing.assert_allclose(tiny.numpy(), np.linalg.cholesky(cov + 0.01 * np.eye(200))
+                               * 1e-150, rtol=1e-9, atol=1e-162)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e15, 1e19])
+def test_any_finite_float32_scale(scale):
+    train, queries, mean, covs, ref = _unit_problem(seed=22)
+    q32, m32 = _t(queries * scale).float(), _t(mean * scale).float()
+    factor = regularized_cholesky(_t(covs)).float() * scale
+    out = mahalanobis(q32, m32, cholesky=factor)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    np.testing.assert_allclose(out.numpy(), ref, rtol=2e-3)
+    cov32 = _t(covs * scale**2).float()
+    if bool(torch.isfinite(cov32).all()) and float(cov32.abs().max()) > 1e-37:
+        np.testing.assert_allclose(mahalanobis(q32, m32, covariance=cov32).numpy(), ref,
+                                   rtol=2e-3)
+
+
+def test_overflowing_differences_are_rescaled_or_reported():
+    # x - mean overflows float32 but the distance, 6e38 / 1e30, is representable
+    x = torch.tensor([[3e38], [-3e38]])
+    out = mahalanobis(x, torch.tensor([-3e38]), cholesky=torch.tensor([[1e30]]))
+    torch.testing.assert_close(out, torch.tensor([6e8, 0.0]))
+    with pytest.raises(ValueError, match="exceed the range of torch.float32"):
+        mahalanobis(x, torch.tensor([-3e38]), cholesky=torch.tensor([[1e-30]]))
+    with pytest.raises(ValueError, match="squared Mahalanobis distances exceed"):
+        mahalanobis(x, torch.tensor([-3e38]), cholesky=torch.tensor([[1e10]]), squared=True)
+
+
+def test_woodbury_any_finite_scale():
+    rng = np.random.default_rng(23)
+    train = rng.normal(size=(2, 4, 12))
+    mean = train.mean(1)
+    queries = rng.normal(size=(3, 2, 12))
+    ref = _direct_reference(train, queries, 0.5, 1)
+    for scale, dtype, rtol in [(1e-150, torch.float64, 1e-9), (1e150, torch.float64, 1e-9),
+                               (1e-18, torch.float32, 1e-3), (1e18, torch.float32, 1e-3)]:
+        xc = _t((train - mean[:, None]) * scale).to(dtype)
+        out = mahalanobis_woodbury(_t(queries * scale).to(dtype), _t(mean * scale).to(dtype),
+                                   xc, None, 0.5 * scale**2, squared=True)
+        assert out.dtype == dtype
+        np.testing.assert_allclose(out.double().numpy(), ref, rtol=rtol)
+
+
+def test_half_precision_is_computed_in_float32():
+    train, queries, mean, covs, ref = _unit_problem(seed=24)
+    for half in (torch.float16, torch.bfloat16):
+        q, mu = _t(queries).to(half), _t(mean).to(half)
+        out = mahalanobis(q, mu, covariance=_t(covs).to(half), reg=1e-3)
+        assert out.dtype == torch.float32
+        exact = mahalanobis(q.double(), mu.double(), covariance=_t(covs).to(half).double(),
+                            reg=1e-3)
+        np.testing.assert_allclose(out.numpy(), exact.numpy(), rtol=1e-4)
+        factor = regularized_cholesky(_t(covs).to(half))
+        assert factor.dtype == torch.float32
+        assert precision_cholesky(factor.to(half)).dtype == torch.float32
+        xc = _t(train - mean[:, None]).to(half)
+        assert woodbury_factor(xc, 0.1).dtype == torch.float32
+        assert mahalanobis_woodbury(q, mu, xc, None, 0.1).dtype == torch.float32
+
+
+def test_symmetry_and_triangularity_are_checked():
+    cov = torch.tensor([[2.0, 0.5], [-0.5, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="not symmetric: matrix 0"):
+        mahalanobis(torch.zeros(1, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                    covariance=cov)
+    batch = torch.eye(2, dtype=torch.float64).repeat(3, 1, 1)
+    batch[2, 0, 1] = 1e-3
+    with pytest.raises(ValueError, match="matrix 2"):
+        regularized_cholesky(batch)
+    # rounding-level asymmetry (well below sqrt(eps) of the scale) is accepted
+    nearly = torch.tensor([[2.0, 0.5], [0.5 + 1e-12, 1.0]], dtype=torch.float64) * 1e200
+    torch.testing.assert_close(regularized_cholesky(nearly),
+                               torch.linalg.cholesky(torch.tensor([[2.0, 0.5], [0.5, 1.0]],
+                                                                  dtype=torch.float64)) * 1e100)
+    x, mu = torch.zeros(1, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    full = torch.tensor([[2.0, 0.3], [0.5, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="lower-triangular"):
+        mahalanobis(x, mu, cholesky=full)
+    with pytest.raises(ValueError, match="lower-triangular"):
+        precision_cholesky(full)
+    with pytest.raises(ValueError, match="upper-triangular"):
+        mahalanobis(x, mu, precision_cholesky=full)
+    xc = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="lower-triangular"):
+        mahalanobis_woodbury(x, mu, xc, torch.ones(3, 3, dtype=torch.float64), 0.1)
+
+
+def test_empty_axes_are_named():
+    eye = torch.eye(2)
+    with pytest.raises(ValueError, match="0 x 0"):
+        regularized_cholesky(torch.zeros(0, 0))
+    with pytest.raises(ValueError, match="0 x 0"):
+        precision_cholesky(torch.zeros(3, 0, 0))
+    with pytest.raises(ValueError, match="0 features \\(axis 0"):
+        mahalanobis(torch.zeros(3, 0), torch.zeros(0), cholesky=torch.zeros(0, 0))
+    with pytest.raises(ValueError, match="0 positions \\(axis 0"):
+        mahalanobis(torch.zeros(3, 0, 2), torch.zeros(0, 2), cholesky=torch.zeros(0, 2, 2))
+    with pytest.raises(ValueError, match="0 features"):
+        woodbury_factor(torch.zeros(4, 0), 0.1)
+    with pytest.raises(ValueError, match="0 sample"):
+        woodbury_factor(torch.zeros(0, 3), 0.1, ddof=-1)
+    # no queries: an empty result, not an error
+    assert mahalanobis(torch.zeros(0, 2), torch.zeros(2), cholesky=eye).shape == (0,)
+    assert mahalanobis(torch.zeros(0, 4, 2), torch.zeros(4, 2),
+                       precision_cholesky=eye.expand(4, 2, 2)).shape == (0, 4)
+    xc = torch.ones(4, 2)
+    assert mahalanobis_woodbury(torch.zeros(0, 2), torch.zeros(2), xc, None, 0.1).shape == (0,)
+    with pytest.raises(ValueError, match="exceeds the range"):
+        regularized_cholesky(eye, reg=1e300)
