@@ -8,6 +8,7 @@ from sklearn.decomposition import PCA
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skanomaly.detectors import DFMDetector
+from test_common import EXPECTED_FAILED_CHECKS  # the checks every detector fails by design
 
 
 def _upsample(maps, size):
@@ -152,6 +153,99 @@ def test_invalid_parameters_raise(maps, params):
 
 
 # tests/test_common.py runs the checks on the default ("fre") detector.
-@parametrize_with_checks([DFMDetector(score_type="nll", device="cpu")])
+@parametrize_with_checks([DFMDetector(score_type="nll", device="cpu")],
+                         expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS)
 def test_nll_passes_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+def _fre_reference(train, test, kernel=4, n_components=0.97):
+    vtrain = _pool(train, kernel).reshape(len(train), -1)
+    vtest = _pool(test, kernel).reshape(len(test), -1)
+    pca = PCA(n_components, svd_solver="full").fit(vtrain)
+    return ((vtest - pca.inverse_transform(pca.transform(vtest))) ** 2).sum(axis=1)
+
+
+@pytest.mark.parametrize("scale", [1e-140, 2.0**-400, 1.0, 2.0**400, 1e140])
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_scores_at_any_representable_scale(maps, scale, score_type):
+    train, test = maps
+    train_copy = train * scale
+    det = DFMDetector(score_type=score_type, device="cpu").fit(train_copy)
+    np.testing.assert_array_equal(train_copy, train * scale)  # not modified
+    got = -det.score_samples(test * scale)
+    assert np.isfinite(got).all() and np.isfinite(det.offset_)
+    unit = DFMDetector(score_type=score_type, device="cpu").fit(train)
+    if score_type == "fre":  # squared errors scale as the square
+        np.testing.assert_allclose(got, _fre_reference(train * scale, test * scale), rtol=1e-8)
+        np.testing.assert_allclose(got / scale**2, -unit.score_samples(test), rtol=1e-8)
+    else:  # log det of the covariance shifts by 2 k log(scale); Mahalanobis is invariant
+        shift = 2 * unit.n_components_ * np.log(scale)
+        np.testing.assert_allclose(got, -unit.score_samples(test) + shift, rtol=1e-8,
+                                   atol=1e-8 * abs(shift))
+
+
+@pytest.mark.parametrize("scale, match", [(1e-200, "underflow"), (1e-300, "underflow"),
+                                          (1e200, "overflow"), (1e300, "overflow")])
+def test_scales_beyond_float64_squares_raise(maps, scale, match):
+    train, test = maps
+    with pytest.raises(ValueError, match=f"{match}.*rescale"):
+        DFMDetector(device="cpu").fit(train * scale)
+    fitted = DFMDetector(device="cpu").fit(train)
+    if scale > 1:
+        with pytest.raises(ValueError, match="overflow"):
+            fitted.score_samples(test * scale)
+    else:  # queries near 0 are fine
+        assert np.isfinite(fitted.score_samples(test * scale)).all()
+
+
+def test_scores_that_overflow_raise_instead_of_inf():
+    # Training points spread over 1e-140, a query at 1e149: its Mahalanobis distance
+    # (1e289 standard deviations, squared) is beyond float64.
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(40, 3, 2, 2)) * 1e-140
+    det = DFMDetector(score_type="nll", pooling_kernel_size=1, device="cpu").fit(train)
+    with pytest.raises(ValueError, match="(?i)Mahalanobis.*range|range.*Mahalanobis"):
+        det.score_samples(np.full((1, 3, 2, 2), 1e149))
+    assert np.isfinite(det.score_samples(np.full((1, 3, 2, 2), 1e-120))).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64, bool])
+@pytest.mark.parametrize("container", ["numpy", "torch"])
+def test_input_dtypes(maps, dtype, container):
+    train, test = maps
+    train_d = (train > 0) if dtype is bool else (train * (100 if dtype is np.int64 else 1))
+    train_d = train_d.astype(dtype)
+    test_d = (test > 0).astype(dtype) if dtype is bool else (
+        test * (100 if dtype is np.int64 else 1)).astype(dtype)
+    before = train_d.copy()
+    make = np.asarray if container == "numpy" else torch.from_numpy
+    det = DFMDetector(device="cpu").fit(make(train_d))
+    np.testing.assert_array_equal(train_d, before)
+    # float32 stays float32 until the pooling's cast, the others become float64
+    rtol = 1e-5 if dtype is np.float32 else 1e-8
+    np.testing.assert_allclose(-det.score_samples(make(test_d)),
+                               _fre_reference(train_d.astype(np.float64),
+                                              test_d.astype(np.float64)), rtol=rtol, atol=1e-9)
+
+
+def test_float32_maps_near_float32_max_pool_without_overflow(maps):
+    # 16-cell pooling sums of 1e37 overflow float32: those rows are pooled in float64.
+    train, test = (m.astype(np.float32) * np.float32(1e37) for m in maps)
+    det = DFMDetector(device="cpu").fit(torch.from_numpy(train))
+    got = -det.score_samples(torch.from_numpy(test))
+    expected = _fre_reference(train.astype(np.float64), test.astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # a row's pooling does not depend on the batch
+    np.testing.assert_array_equal(-det.score_samples(torch.from_numpy(test[3:4])), got[3:4])
+
+
+@pytest.mark.parametrize("shape, axis", [((20, 0, 4, 4), "feature/channel"),
+                                         ((20, 3, 0, 4), "height"), ((20, 3, 4, 0), "width"),
+                                         ((20, 0), "feature/channel")])
+@pytest.mark.parametrize("container", ["numpy", "torch"])
+def test_empty_axes_raise_naming_the_axis(shape, axis, container):
+    X = np.zeros(shape)
+    X = torch.from_numpy(X) if container == "torch" else X
+    with pytest.raises(ValueError, match=f"(empty {axis}|0 feature)"):
+        DFMDetector(device="cpu").fit(X)

@@ -19,6 +19,7 @@ from ..functional import (
     regularized_cholesky,
     upsample_bilinear,
 )
+from ..functional._validation import all_finite
 from ..functional.covariance import _accumulation_dtype
 
 __all__ = ["DFMDetector"]
@@ -39,6 +40,17 @@ def _check_pca_rank(fit: PCAFit, n_samples: int, n_features: int, model: str) ->
             f"centring, fewer than the {fit.n_components} principal components kept: the "
             f"{model} would be degenerate; lower n_components"
         )
+
+
+def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
+    """``scores``, or ``ValueError`` if one overflowed (a sample far beyond the training data)."""
+    if not all_finite(scores):
+        raise ValueError(
+            f"values beyond the float range: the {what} of a sample overflows float64 (its "
+            "features are too far from the training data's, in their units); rescale the "
+            "features (e.g. with sklearn.preprocessing.StandardScaler)"
+        )
+    return scores
 
 
 class DFMDetector(BaseSpatialDetector):
@@ -99,18 +111,38 @@ class DFMDetector(BaseSpatialDetector):
         Number of channels ``C``.
     offset_ : float
         Threshold on :meth:`score_samples` (see :class:`BaseDetector`).
+    calibration_ : str
+        ``"cross-fit"`` after ``fit`` (see Notes; ``"in-sample"`` with fewer than 10
+        samples or when a fold cannot be fitted); ``"held-out"`` after :meth:`calibrate`.
 
     Raises
     ------
     ValueError
-        From ``fit``, with fewer than 2 samples, an int ``n_components`` above
-        ``min(n_samples, n_features)``, or (``"nll"``) more components than the
-        centred training vectors span (numerical rank, as
-        :func:`numpy.linalg.matrix_rank`); from :meth:`anomaly_map` when
-        ``score_type="nll"``.
+        From ``fit``, with fewer than 2 samples, an empty channel, height or
+        width axis, an int ``n_components`` above ``min(n_samples,
+        n_features)``, or (``"nll"``) more components than the centred training
+        vectors span (numerical rank, as :func:`numpy.linalg.matrix_rank`); from
+        ``fit`` and scoring, for values beyond the float range (see Notes); from
+        :meth:`anomaly_map` when ``score_type="nll"``.
 
     Notes
     -----
+    **Offset.** The principal subspace is fitted to the training vectors, so their
+    in-sample reconstruction errors (and Gaussian scores) are optimistic, and no
+    exact leave-one-out shortcut exists for a PCA refitted without each sample.
+    ``fit`` therefore sets ``offset_`` by the base class's 5-fold cross-fitting:
+    each fifth of the training images is scored by a DFM fitted on the other four
+    fifths, which costs five extra PCA fits (SVDs of four fifths of the pooled
+    training matrix, ``O(n_samples * n_pooled_features * min(n_samples,
+    n_pooled_features))`` each) and one scoring pass over the training set.
+
+    **Range.** Variances and squared reconstruction errors are squares of the
+    features: float64 represents them for features of magnitude up to ``1e150``.
+    Larger values (at ``fit`` or scoring), training data whose largest value is
+    below ``1e-150``, or a sample whose squared error or Mahalanobis distance
+    overflows raise a ``ValueError`` saying so, instead of returning infinite
+    scores; rescale the features (e.g. ``StandardScaler``) first.
+
     Follows anomalib's ``DFMModel``: with ``x`` the pooled map flattened in
     ``(C, h, w)`` order, FRE is ``sum((x - x_hat)^2)``, and its map is the
     squared error summed over channels at each pooled position, upsampled
@@ -154,6 +186,10 @@ class DFMDetector(BaseSpatialDetector):
     True
     """
 
+    # float64 variances and squared errors: squares of the features
+    _max_abs, _min_max_abs = 1e150, 1e-150
+    _range_reason = "variances and squared reconstruction errors (squared features) in float64"
+
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
         "n_components": [
@@ -179,10 +215,21 @@ class DFMDetector(BaseSpatialDetector):
         self.score_type = score_type
 
     def _pooled(self, X: torch.Tensor) -> torch.Tensor:
-        """Average-pooled maps (n_samples, C, h, w) in the working float dtype."""
+        """Average-pooled maps (n_samples, C, h, w) in the working float dtype.
+
+        Pooling runs in the input's dtype; a row whose float32 sums overflow (values
+        near float32's maximum) is pooled again in the working dtype, a choice that
+        depends on the row alone.
+        """
         kernel = tuple(min(self.pooling_kernel_size, size) for size in X.shape[2:])
-        pooled = X if kernel == (1, 1) else F.avg_pool2d(X, kernel)
-        return pooled.to(_accumulation_dtype(X.device))
+        dtype = _accumulation_dtype(X.device)
+        if kernel == (1, 1):
+            return X.to(dtype)
+        pooled = F.avg_pool2d(X, kernel).to(dtype)
+        if not all_finite(pooled):
+            rows = ~torch.isfinite(pooled.flatten(1)).all(1)
+            pooled[rows] = F.avg_pool2d(X[rows].to(dtype), kernel)
+        return pooled
 
     def _pca(self) -> PCAFit:
         t = self._device_tensor
@@ -228,11 +275,13 @@ class DFMDetector(BaseSpatialDetector):
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         if self.score_type == "fre":
-            return self._squared_error(X).flatten(1).sum(dim=1)
+            return _finite(self._squared_error(X).flatten(1).sum(dim=1), "squared "
+                           "reconstruction error")
         z = pca_transform(self._pooled(X).flatten(1), self._pca())
-        chol = regularized_cholesky(self._device_tensor("gaussian_covariance_"))
+        chol = self._cached("gaussian_cholesky", lambda: regularized_cholesky(
+            self._device_tensor("gaussian_covariance_")))
         maha = mahalanobis(z, self._device_tensor("gaussian_mean_"), cholesky=chol, squared=True)
-        return maha + 2.0 * chol.diagonal().log().sum()
+        return _finite(maha + 2.0 * chol.diagonal().log().sum(), "Mahalanobis distance")
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
         if self.score_type != "fre":
@@ -240,5 +289,5 @@ class DFMDetector(BaseSpatialDetector):
                 f"DFMDetector has no anomaly map for score_type={self.score_type!r}: the "
                 "Gaussian likelihood is per image; fit with score_type='fre' for maps"
             )
-        maps = self._squared_error(X).sum(dim=1)
+        maps = _finite(self._squared_error(X).sum(dim=1), "squared reconstruction error")
         return maps if maps.shape[1:] == X.shape[2:] else upsample_bilinear(maps, X.shape[2:])
