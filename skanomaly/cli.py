@@ -18,15 +18,26 @@ bilinear interpolation, ignoring the aspect ratio, as anomalib does; so images o
 different sizes can be mixed. Masks are resized with nearest-neighbour interpolation
 and must have the size of their image; any non-zero mask pixel is a defect.
 
-The backbone's feature maps go to the detector: spatial detectors (PaDiM, PatchCore,
-DFM) take them whole and give anomaly maps, the others (Gaussian, DFKDE) take their
-global average (one vector per image) and give image scores only.
+The model is a :class:`~sklearn.pipeline.Pipeline` of the public API: a
+:class:`~skanomaly.features.FeatureExtractor`, then the detector. Spatial detectors
+(PaDiM, PatchCore, DFM) take the feature maps whole and give anomaly maps; the others
+(Gaussian, DFKDE) score their global average (one vector per image) and give image
+scores only. The pipeline is fitted on the training images outside a held-out share
+``--calibration-fraction``, and :func:`skanomaly.calibrate` sets its threshold on that
+share. With ``--calibration-fraction 0``, or too few training images to hold one out,
+it is fitted on all of them and keeps the threshold its ``fit`` sets from out-of-sample
+scores of the training images (leave-one-out or cross-fitting), and the summary and
+``metrics.json`` say so. Scores, predictions and maps are the pipeline's
+own ``score_samples``, ``predict`` and the detector's ``anomaly_map``.
 
 Outputs in ``--output-dir``: ``scores.csv`` (one row per test image), ``metrics.json``
-(metrics, settings and timings), and ``heatmaps/*.png`` (spatial detectors).
-Problems with the input (no images, an unreadable file, a mask of the wrong size,
-weights that cannot be loaded, an unknown backbone or layer) end the command with a
-one-line message and exit status 2.
+(metrics, settings, how the threshold was set, timings), and ``heatmaps/*.png``
+(spatial detectors). Options are checked before any image is read or any model is
+built: a value out of range, an unknown detector or device, a missing folder or an
+``--output-dir`` that cannot be written end the command at once with a one-line
+message and exit status 2. So do problems found later with the input (no images, an
+unreadable file, a mask of the wrong size, weights that cannot be loaded, an unknown
+backbone or layer).
 """
 
 from __future__ import annotations
@@ -34,8 +45,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -44,6 +57,8 @@ import numpy as np
 
 __all__ = ["main", "build_parser", "parse_layers", "test_label"]
 
+#: smallest --image-size (that of the bundled textures' crops)
+MIN_IMAGE_SIZE = 16
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 SPATIAL_DETECTORS = ("padim", "patchcore", "dfm")
 #: Backbone layers of each detector when ``--layers`` is not given (anomalib's choices
@@ -137,6 +152,46 @@ def test_label(relative_path) -> tuple[int, str]:
 test_label.__test__ = False  # a helper named test_*, not a pytest test
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors on one line (``prog: error: ...``, exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, unit: str = ""):
+    """argparse type: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{unit}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_closed: bool, high_closed: bool):
+    """argparse type: a float in the interval from ``low`` to ``high``."""
+    interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (above and below):  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``skanomaly`` command.
 
@@ -154,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="skanomaly",
         description=(
             "Fit an anomaly detector on CNN features of normal images, then score test "
@@ -174,18 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-dir", type=Path, help="MVTec-style folder of test images")
     data.add_argument("--mask-dir", type=Path, help="MVTec-style folder of ground-truth masks")
     data.add_argument(
-        "--image-size", type=int, default=128,
-        help="images are resized to this many pixels square (default: 128)",
+        "--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"), default=128,
+        help=f"images are resized to this many pixels square, at least {MIN_IMAGE_SIZE} "
+        "(default: 128)",
     )
     data.add_argument(
         "--texture", choices=("brick", "grass", "gravel"),
         help="bundled texture, without folders (default: brick)",
     )
     data.add_argument(
-        "--n-train", type=int, help="bundled training images, without folders (default: 100)",
+        "--n-train", type=_int_at_least(1),
+        help="bundled training images, without folders (default: 100)",
     )
     data.add_argument(
-        "--n-test", type=int, help="bundled test images, without folders (default: 60)",
+        "--n-test", type=_int_at_least(1),
+        help="bundled test images, without folders (default: 60)",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -207,19 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
         "randomly initialised backbone",
     )
     model.add_argument(
-        "--contamination", type=float, default=0.1,
-        help="share of held-out normal images above the prediction threshold (default: 0.1)",
+        "--contamination", default=0.1,
+        type=_float_in(0, 0.5, low_closed=False, high_closed=True),
+        help="share of new normal images predicted anomalous, in (0, 0.5]: the prediction "
+        "threshold is this quantile of normal images' scores (default: 0.1)",
     )
     model.add_argument(
-        "--calibration-fraction", type=float, default=0.2,
+        "--calibration-fraction", default=0.2,
+        type=_float_in(0, 1, low_closed=True, high_closed=False),
         help="share of the training images held out of fitting to set the prediction "
-        "threshold (default: 0.2); 0 sets it on the fitted images themselves",
+        "threshold, in [0, 1) (default: 0.2); with 0, or too few images to hold one out, "
+        "the threshold comes from the detector's out-of-sample scores of the fitted "
+        "images (cross-fitting or leave-one-out)",
     )
     model.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)",
     )
     model.add_argument(
-        "--random-state", type=int, default=0,
+        "--random-state", type=_int_at_least(0), default=0,
         help="seed of the backbone's initialisation, the detector and the bundled data",
     )
     out = parser.add_argument_group("output")
@@ -319,26 +382,18 @@ def _read_mask(path: Path, image_path: Path, image_size: tuple[int, int], size: 
     return mask
 
 
-def _folder_data(args) -> tuple[np.ndarray, _TestSet, dict]:
-    """Training images, test set and a description, from the user's folders."""
-    if args.train_dir is None or args.test_dir is None:
-        raise CLIError("--train-dir and --test-dir go together: give both, or neither for "
-                       "the bundled data")
-    for option in ("texture", "n_train", "n_test"):
-        if getattr(args, option) is not None:
-            raise CLIError(f"--{option.replace('_', '-')} applies to the bundled data only, "
-                           "not with --train-dir/--test-dir")
+def _folder_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
+    """Training images and their names, test set and a description, from the user's folders."""
     size, quiet = args.image_size, args.quiet
     train_paths = _find_images(args.train_dir, "training folder")
     test_paths = _find_images(args.test_dir, "test folder")
     X_train, _ = _read_images(train_paths, size, quiet, "reading training images")
     X_test, originals = _read_images(test_paths, size, quiet, "reading test images")
+    train_names = [p.relative_to(args.train_dir).as_posix() for p in train_paths]
     relative = [p.relative_to(args.test_dir) for p in test_paths]
     labels, defect_types = zip(*map(test_label, relative))
     masks = None
     if args.mask_dir is not None:
-        if not args.mask_dir.is_dir():
-            raise CLIError(f"mask folder {args.mask_dir} is not a directory")
         masks = np.zeros((len(test_paths), size, size), dtype=bool)
         for i, (rel, label) in enumerate(zip(relative, labels)):
             mask_path = _find_mask(args.mask_dir, rel)
@@ -359,15 +414,13 @@ def _folder_data(args) -> tuple[np.ndarray, _TestSet, dict]:
         "test_dir": str(args.test_dir),
         "mask_dir": None if args.mask_dir is None else str(args.mask_dir),
     }
-    return X_train, test, info
+    return X_train, train_names, test, info
 
 
-def _bundled_data(args) -> tuple[np.ndarray, _TestSet, dict]:
-    """Training images, test set and a description, from the bundled textures."""
+def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
+    """Training images and their names, test set and a description, from the textures."""
     from .datasets import load_textures
 
-    if args.mask_dir is not None:
-        raise CLIError("--mask-dir needs --train-dir and --test-dir")
     texture = args.texture or "brick"
     n_train = 100 if args.n_train is None else args.n_train
     n_test = 60 if args.n_test is None else args.n_test
@@ -385,7 +438,7 @@ def _bundled_data(args) -> tuple[np.ndarray, _TestSet, dict]:
         "texture": texture,
         "random_state": args.random_state,
     }
-    return data.X_train, test, info
+    return data.X_train, [f"train_{i:03d}" for i in range(n_train)], test, info
 
 
 @contextmanager
@@ -426,6 +479,18 @@ def _make_detector(name: str, n_channels: int, n_train: int, args):
     return GaussianDetector(shrinkage="ledoit-wolf", **common)
 
 
+def _make_model(extractor, detector, name: str):
+    """The pipeline: feature maps, global average pooling for the Gaussian, the detector."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    steps = [("features", extractor)]
+    if name == "gaussian":  # DFKDE pools its input maps itself; the Gaussian takes vectors
+        steps.append(("pool", FunctionTransformer(np.mean, kw_args={"axis": (2, 3)})))
+    steps.append(("detector", detector))
+    return Pipeline(steps)
+
+
 def _calibration_split(n: int, fraction: float, random_state) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training images to fit on and of those held out for the threshold."""
     order = np.random.default_rng(random_state).permutation(n)
@@ -433,21 +498,89 @@ def _calibration_split(n: int, fraction: float, random_state) -> tuple[np.ndarra
     return np.sort(order[n_calibration:]), np.sort(order[:n_calibration])
 
 
-def _score(extractor, detector, images, spatial: bool, quiet: bool, batch_size: int = 16):
-    """Anomaly scores (n,) and, for spatial detectors, maps (n, s, s) float32 or None."""
+#: start of the UserWarning of a detector whose fit set offset_ from in-sample scores
+_IN_SAMPLE_WARNING = "; offset_ is set from in-sample scores"
+
+
+def _fit_model(args, extractor, X_train, train_names):
+    """Fit the pipeline and set its threshold; returns it and a record of the threshold.
+
+    The pipeline is fitted on the training images outside a held-out share
+    ``--calibration-fraction`` and calibrated on that share (:func:`skanomaly.calibrate`).
+    With a fraction of 0, or too few images to hold any out while fitting on the others,
+    it is fitted on all of them and keeps the detector's own out-of-sample threshold,
+    and the record's note says so.
+    """
+    from . import calibrate
+
+    n, fraction = len(X_train), args.calibration_fraction
+    fit, held = _calibration_split(n, fraction, args.random_state)
+    held_out = held.size > 0 and fit.size > 0
+    if not held_out:
+        fit, held = np.arange(n), held[:0]
+    detector = _make_detector(args.detector, extractor.feature_shape_[0], fit.size, args)
+    model = _make_model(extractor, detector, args.detector)
+    with _user_errors(f"{args.detector} detector"):
+        with warnings.catch_warnings(record=True) as caught:
+            model.fit(X_train[fit])
+            if held_out:
+                calibrate(model, X_train[held])
+    in_sample_reason = None
+    for w in caught:  # the in-sample fallback becomes the record's note; others go on
+        text = str(w.message)
+        if issubclass(w.category, UserWarning) and _IN_SAMPLE_WARNING in text:
+            in_sample_reason = text.split(_IN_SAMPLE_WARNING)[0].split(": ", 1)[-1]
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    method = model[-1].calibration_
+    share = f"{args.contamination:g}"
+    note = None
+    if not held_out:
+        source = f"the {args.detector} detector's {method} scores of the {n} fitted images"
+        if fraction > 0:
+            note = (f"too few training images ({n}) to hold out --calibration-fraction "
+                    f"{fraction:g} of them for the threshold, so it comes from {source}")
+        if method == "in-sample":
+            reason = f" ({in_sample_reason})" if in_sample_reason else ""
+            note = (f"{note or f'the threshold comes from {source}'}{reason}; in-sample "
+                    f"scores are optimistic, so more than {share} of new normal images may "
+                    "be predicted anomalous: give more training images")
+    elif held.size < 1 / args.contamination:
+        note = (f"the threshold is the {share} quantile of only {held.size} held-out images' "
+                "scores, which is coarse: give more training images or a larger "
+                "--calibration-fraction")
+    record = {
+        "method": method,
+        "n_images": int(held.size if held_out else fit.size),
+        "fraction": fraction,
+        "images": [train_names[i] for i in held],
+        "note": note,
+    }
+    return model, fit, record
+
+
+def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16):
+    """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps
+    (n, s, s) float32 (else None) of the fitted pipeline ``model``, by batches.
+
+    Each batch goes through the pipeline's transformers once, then the detector's
+    ``score_samples``, ``predict`` and ``anomaly_map``: what ``model.score_samples``
+    and ``model.predict`` do, without extracting the features thrice.
+    """
     n, size = len(images), images.shape[-1]
+    transformers, detector = model[:-1], model[-1]
     scores = np.empty(n)
+    predictions = np.empty(n, dtype=np.int64)
     maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
     starts = range(0, n, batch_size)
     for start in _progress(starts, quiet, desc="scoring", unit="batch"):
-        features = extractor.transform(images[start:start + batch_size])
-        if not spatial:
-            features = features.mean(axis=(2, 3))
+        features = transformers.transform(images[start:start + batch_size])
         stop = start + len(features)
         scores[start:stop] = -detector.score_samples(features)
+        predictions[start:stop] = detector.predict(features)
         if spatial:
             maps[start:stop] = detector.anomaly_map(features, output_size=size)
-    return scores, maps
+    return scores, predictions, maps
 
 
 # -------------------------------------------------------------------- metrics
@@ -525,7 +658,15 @@ def _write_heatmaps(folder: Path, test: _TestSet, scores, maps, quiet: bool) -> 
     return [f"heatmaps/{name}" for name in names]
 
 
+def _threshold_source(calibration: dict) -> str:
+    """How the threshold was set, in words: "20 held-out images", "cross-fit scores"..."""
+    if calibration["method"] == "held-out":
+        return f"{calibration['n_images']} held-out images"
+    return f"{calibration['method']} scores of the fitted images"
+
+
 def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
+    calibration = result["calibration"]
     labels = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
               "pixel_auroc": "pixel AUROC", "pro": "PRO"}
     scores = "  ".join(f"{labels[k]} {result['metrics'][k]:.3f}" for k in labels
@@ -533,7 +674,7 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
     lines = [
         f"skanomaly: {result['detector']} on {result['backbone']} features "
         f"({result['weights'] or 'random weights'}) at {result['image_size']} px: fitted on "
-        f"{result['n_fit']} normal images, threshold from {result['n_calibration']}; "
+        f"{result['n_fit']} normal images, threshold from {_threshold_source(calibration)}; "
         f"{result['n_predicted_anomalous']} of {result['n_test']} test images predicted "
         "anomalous",
     ]
@@ -547,89 +688,130 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
 
 
 # ----------------------------------------------------------------------- main
+def _check_output_dir(path: Path) -> None:
+    """CLIError unless ``path`` is a writable directory or can be created as one."""
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--output-dir {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CLIError(f"--output-dir {path} is not writable")
+        return
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"--output-dir {path} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"--output-dir {path} cannot be created: {ancestor} is not writable")
+
+
+def _check_settings(args) -> None:
+    """Problems found without reading an image or building a model, as CLIError."""
+    from .base import resolve_device
+
+    if args.train_dir is None and args.test_dir is None:
+        if args.mask_dir is not None:
+            raise CLIError("--mask-dir needs --train-dir and --test-dir")
+    else:
+        if args.train_dir is None or args.test_dir is None:
+            raise CLIError("--train-dir and --test-dir go together: give both, or neither "
+                           "for the bundled data")
+        for option in ("texture", "n_train", "n_test"):
+            if getattr(args, option) is not None:
+                raise CLIError(f"--{option.replace('_', '-')} applies to the bundled data "
+                               "only, not with --train-dir/--test-dir")
+        for option, folder in (("--train-dir", args.train_dir), ("--test-dir", args.test_dir),
+                               ("--mask-dir", args.mask_dir)):
+            if folder is not None and not folder.is_dir():
+                problem = "is not a directory" if folder.exists() else "does not exist"
+                raise CLIError(f"{option} {folder} {problem}")
+    with _user_errors("--device"):
+        resolve_device(args.device)
+    _check_output_dir(args.output_dir)
+
+
+def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: bool, result):
+    """scores.csv, heatmaps/ and metrics.json in ``--output-dir``; the heatmaps' paths."""
+    out = args.output_dir
+    heatmaps = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if spatial and not args.no_heatmaps:
+            start = time.perf_counter()
+            heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
+            result["timings"]["heatmaps_s"] = time.perf_counter() - start
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps)
+        with open(out / "metrics.json", "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
+    return heatmaps
+
+
 def _run(args) -> dict:
     from .base import resolve_device
     from .features import FeatureExtractor
 
-    if args.image_size < 16:
-        raise CLIError(f"--image-size must be at least 16 pixels, got {args.image_size}")
-    if not 0 <= args.calibration_fraction < 1:
-        raise CLIError(
-            f"--calibration-fraction must be in [0, 1), got {args.calibration_fraction}"
-        )
-    with _user_errors("--device"):
-        device = resolve_device(args.device)
+    device = resolve_device(args.device)
     timings = {}
-    start = time.perf_counter()
-    if args.train_dir is None and args.test_dir is None:
-        X_train, test, data_info = _bundled_data(args)
-    else:
-        X_train, test, data_info = _folder_data(args)
-    timings["read_images_s"] = time.perf_counter() - start
-
     start = time.perf_counter()
     layers = args.layers or DEFAULT_LAYERS[args.detector]
     extractor = FeatureExtractor(
         args.backbone, layers, weights=args.weights, random_state=args.random_state,
         device=device, verbose=not args.quiet,
     )
-    with _user_errors("feature extractor"):
-        train_features = extractor.fit(X_train).transform(X_train)
-    extractor.set_params(verbose=False)
-    spatial = args.detector in SPATIAL_DETECTORS
-    if not spatial:
-        train_features = train_features.mean(axis=(2, 3))
-    fit, calibration = _calibration_split(
-        len(X_train), args.calibration_fraction, args.random_state
-    )
-    detector = _make_detector(args.detector, train_features.shape[1], len(fit), args)
-    with _user_errors(f"{args.detector} detector"):
-        detector.fit(train_features[fit])
-    if calibration.size:  # as fit() does, but on images the detector has not seen
-        normality = detector.score_samples(train_features[calibration])
-        detector.offset_ = float(np.percentile(normality, 100 * args.contamination))
-    timings["fit_s"] = time.perf_counter() - start
+    with _user_errors("feature extractor"):  # backbone, weights and layers, on a blank image
+        extractor.fit(np.zeros((1, 3, args.image_size, args.image_size), dtype=np.float32))
+    check_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores, maps = _score(extractor, detector, test.images, spatial, args.quiet)
-    predictions = np.where(-scores - detector.offset_ < 0, -1, 1)
+    if args.train_dir is None and args.test_dir is None:
+        X_train, train_names, test, data_info = _bundled_data(args)
+    else:
+        X_train, train_names, test, data_info = _folder_data(args)
+    timings["read_images_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    model, fit, calibration = _fit_model(args, extractor, X_train, train_names)
+    model.set_params(features__verbose=False)
+    timings["fit_s"] = check_s + time.perf_counter() - start
+
+    start = time.perf_counter()
+    spatial = args.detector in SPATIAL_DETECTORS
+    scores, predictions, maps = _score(model, test.images, spatial, args.quiet)
     timings["score_s"] = time.perf_counter() - start
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    heatmaps = []
     notes = [] if args.weights else [RANDOM_BACKBONE_NOTE]
     if not spatial:
         notes.append(f"no heatmaps: {args.detector} scores whole images (pooled features)")
-    elif not args.no_heatmaps:
-        start = time.perf_counter()
-        heatmaps = _write_heatmaps(args.output_dir / "heatmaps", test, scores, maps, args.quiet)
-        timings["heatmaps_s"] = time.perf_counter() - start
+    if calibration["note"]:
+        notes.append(calibration["note"])
     metrics, metric_notes = _metrics(test, scores, maps)
-    _write_scores(args.output_dir / "scores.csv", test, scores, predictions, heatmaps)
+    detector, features = model[-1], model[0]
     result = {
         "metrics": metrics,
         "detector": args.detector,
         "detector_params": {k: v for k, v in detector.get_params().items() if k != "device"},
         "backbone": args.backbone,
-        "layers": list(extractor.layers_),
+        "layers": list(features.layers_),
         "weights": args.weights,
-        "feature_shape": list(extractor.feature_shape_),
+        "feature_shape": list(features.feature_shape_),
         "image_size": args.image_size,
         "device": str(device),
         "data": data_info,
         "n_train": int(len(X_train)),
         "n_fit": int(len(fit)),
-        "n_calibration": int(len(calibration)),
+        "n_calibration": int(len(calibration["images"])),
         "n_test": int(len(test.names)),
         "n_test_defective": int(np.sum(test.labels == -1)),
         "n_predicted_anomalous": int(np.sum(predictions == -1)),
         "threshold": -float(detector.offset_),
+        "calibration": calibration,
         "notes": notes + metric_notes,
         "timings": timings,
     }
-    with open(args.output_dir / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    heatmaps = _write_outputs(args, test, scores, predictions, maps, spatial, result)
     if not args.quiet:
         print(_summary(result, args.output_dir, len(heatmaps)))
     return result
@@ -647,16 +829,21 @@ def main(argv=None) -> int:
     Returns
     -------
     status : int
-        0 on success, 2 when the input is unusable (no images found, an unreadable
-        image, a mask whose size differs from its image's, weights that cannot be
-        loaded, an unknown backbone, layer or device); the reason is printed to stderr
-        as one line ``skanomaly: error: ...``.
+        0 on success, 2 when the input is unusable (a missing folder, an
+        ``--output-dir`` that is not a writable directory, no images found, an
+        unreadable image, a mask whose size differs from its image's, weights that
+        cannot be loaded, an unknown backbone, layer or device); the reason is printed
+        to stderr as one line ``skanomaly: error: ...``. Settings are checked before
+        any image is read; a backbone, its weights and layers on one blank image
+        before the images are read.
 
     Raises
     ------
     SystemExit
-        From :mod:`argparse`, with status 2 for malformed options (e.g. an unknown
-        ``--detector``) and 0 for ``--help`` and ``--version``.
+        From :mod:`argparse`, with status 2 for malformed or out-of-range options (an
+        unknown ``--detector``, ``--contamination`` outside (0, 0.5],
+        ``--calibration-fraction`` outside [0, 1), ``--image-size`` below 16; one line
+        on stderr, before any work) and 0 for ``--help`` and ``--version``.
 
     Notes
     -----
@@ -664,13 +851,20 @@ def main(argv=None) -> int:
     ``--test-dir``, or ``test_NNN`` for bundled data), ``label`` (+1 good, -1 defective,
     empty if unknown), ``defect_type``, ``anomaly_score`` (higher = more anomalous: the
     detector's negated ``score_samples``), ``prediction`` (-1 where the score exceeds the
-    threshold, else +1) and
-    ``heatmap``. The threshold is the ``1 - contamination`` quantile of the anomaly
-    scores of the ``--calibration-fraction`` of training images held out of fitting
-    (in-sample scores would set it too low: PaDiM and PatchCore fit their training
-    images closely). ``metrics.json`` holds image AUROC and anomaly-class average
-    precision (when good and defective test images are present), pixel AUROC and PRO
-    (with masks and a spatial detector), the settings, the threshold and timings.
+    threshold, else +1: the fitted pipeline's ``predict``) and ``heatmap``. The
+    threshold is ``-offset_`` of the detector: the ``1 - contamination`` quantile of
+    the anomaly scores of the ``--calibration-fraction`` of training images held out
+    of fitting (:func:`skanomaly.calibrate`). With a fraction of 0, or too few
+    training images to hold one out, it comes from the detector's own out-of-sample
+    scores of the fitted images (cross-fitting or leave-one-out; in-sample scores,
+    which are optimistic, only when even those are impossible, with a note). In-sample
+    scores would set it too low: PaDiM and PatchCore fit their training images
+    closely. ``metrics.json`` holds image AUROC and anomaly-class average precision
+    (when good and defective test images are present), pixel AUROC and PRO (with
+    masks and a spatial detector), the settings, the threshold, a ``calibration``
+    record (``method``: the detector's ``calibration_``, ``"held-out"`` or the fit's
+    own; ``n_images`` whose scores set it; ``fraction``; the held-out ``images``;
+    ``note``: a caveat, or null) and timings.
     Heatmaps overlay the anomaly map, upsampled to the image and blurred with a
     Gaussian of sigma 4 pixels, as a jet colour map from the smallest to the largest
     value over all test images, so colours compare across images; the ground-truth
@@ -689,9 +883,12 @@ def main(argv=None) -> int:
     ...     result = json.loads((Path(out) / "metrics.json").read_text())
     >>> status, sorted(result["metrics"])
     (0, ['image_auroc', 'image_average_precision', 'pixel_auroc', 'pro'])
+    >>> result["calibration"]["method"], result["calibration"]["n_images"]
+    ('held-out', 2)
     """
     args = build_parser().parse_args(argv)
     try:
+        _check_settings(args)
         _run(args)
     except CLIError as exc:
         print(f"skanomaly: error: {exc}", file=sys.stderr)

@@ -4,18 +4,48 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
 
+import skanomaly.cli as cli
+import skanomaly.datasets
+from skanomaly import PaDiMDetector
 from skanomaly.cli import main, parse_layers, test_label
 from skanomaly.datasets import load_textures
+from skanomaly.features import FeatureExtractor
 
 TINY = ["--image-size", "32", "--device", "cpu", "--quiet"]
+
+
+def padim_pipeline():
+    """The pipeline the CLI's default run builds at 32 px, built here by hand."""
+    return make_pipeline(
+        FeatureExtractor("resnet18", ["layer1", "layer2", "layer3"], weights=None,
+                         random_state=0, device="cpu"),
+        PaDiMDetector(n_features=100, contamination=0.1, random_state=0, device="cpu"),
+    )
+
+
+def run_capturing_model(argv, monkeypatch):
+    """Run the CLI; return its status and the fitted pipeline it built."""
+    fitted = []
+
+    def fit_model(*args, **kwargs):
+        fitted.append(original(*args, **kwargs))
+        return fitted[-1]
+
+    original = cli._fit_model
+    monkeypatch.setattr(cli, "_fit_model", fit_model)
+    status = main(argv)
+    return status, fitted[0][0]
 
 
 def read_scores(output_dir):
@@ -49,12 +79,15 @@ def check_scores_against_metrics(rows, metrics):
 @pytest.fixture(scope="module")
 def bundled_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled")
-    status = main([*TINY, "--n-train", "10", "--n-test", "6", "--output-dir", str(out)])
-    return status, out
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, model = run_capturing_model(
+            [*TINY, "--n-train", "10", "--n-test", "6", "--output-dir", str(out)], monkeypatch
+        )
+    return status, out, model
 
 
 def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
-    status, out = bundled_run
+    status, out, _ = bundled_run
     assert status == 0
     data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
     rows = read_scores(out)
@@ -77,7 +110,7 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
 
 
 def test_bundled_run_is_deterministic(bundled_run, tmp_path):
-    _, out = bundled_run
+    _, out, _ = bundled_run
     assert main([*TINY, "--n-train", "10", "--n-test", "6", "--output-dir", str(tmp_path),
                  "--no-heatmaps"]) == 0
     assert [row["anomaly_score"] for row in read_scores(tmp_path)] == [
@@ -85,6 +118,79 @@ def test_bundled_run_is_deterministic(bundled_run, tmp_path):
     ]
     assert not (tmp_path / "heatmaps").exists()
     assert all(row["heatmap"] == "" for row in read_scores(tmp_path))
+
+
+def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
+    """scores.csv is the pipeline's own score_samples / predict; the threshold is the
+    contamination quantile of the held-out images, and the fit used the others."""
+    _, out, model = bundled_run
+    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
+    rows = read_scores(out)
+    np.testing.assert_array_equal(
+        [int(row["prediction"]) for row in rows], model.predict(data.X_test)
+    )
+    np.testing.assert_allclose(
+        [float(row["anomaly_score"]) for row in rows], -model.score_samples(data.X_test),
+        rtol=1e-8,
+    )
+    calibration = read_metrics(out)["calibration"]
+    held = [int(name.removeprefix("train_")) for name in calibration["images"]]
+    assert len(held) == calibration["n_images"] == 2 and calibration["method"] == "held-out"
+    assert model[-1].calibration_ == "held-out"
+    normality = model.score_samples(data.X_train[held])
+    assert model[-1].offset_ == pytest.approx(np.percentile(normality, 10), rel=1e-12)
+    assert read_metrics(out)["threshold"] == pytest.approx(-model[-1].offset_, rel=1e-12)
+    assert "quantile of only 2 held-out images" in calibration["note"]
+    fit = np.setdiff1d(np.arange(10), held)
+    reference = padim_pipeline().fit(data.X_train[fit])
+    np.testing.assert_array_equal(reference.score_samples(data.X_test),
+                                  model.score_samples(data.X_test))
+
+
+@pytest.mark.parametrize(
+    "n_train, fraction, note",
+    [
+        # 20 % of 2 images rounds to none: the fit's own scores, in-sample (leaving one
+        # out leaves one image, and PaDiM needs two), and the note says both
+        (2, "0.2", ["too few training images (2)", "in-sample scores"]),
+        # 4 % of 12 rounds to none: the fit's own out-of-sample scores
+        (12, "0.04", ["too few training images (12)"]),
+        # no held-out share asked for: the fit's own out-of-sample scores, nothing to note
+        (12, "0", []),
+    ],
+)
+def test_threshold_from_the_fit_without_held_out_images(n_train, fraction, note, tmp_path,
+                                                        capsys):
+    argv = ["--image-size", "32", "--device", "cpu", "--no-heatmaps", "--n-train",
+            str(n_train), "--n-test", "4", "--calibration-fraction", fraction,
+            "--output-dir", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    # the detector's warning about in-sample scores became the note
+    assert not any("in-sample" in str(w.message) for w in caught)
+    summary = capsys.readouterr().out
+    metrics = read_metrics(tmp_path)
+    data = load_textures("brick", n_train=n_train, n_test=4, image_size=32, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = padim_pipeline().fit(data.X_train)
+    method = reference[-1].calibration_
+    assert method == ("in-sample" if n_train == 2 else method) != "held-out"
+    assert metrics["threshold"] == pytest.approx(-reference[-1].offset_, rel=1e-12)
+    assert (metrics["n_fit"], metrics["n_calibration"]) == (n_train, 0)
+    calibration = metrics["calibration"]
+    assert calibration["method"] == method
+    assert (calibration["n_images"], calibration["images"]) == (n_train, [])
+    assert calibration["fraction"] == float(fraction)
+    if not note:
+        assert calibration["note"] is None
+        assert "note: too few" not in summary and "in-sample" not in summary
+    for fragment in note:
+        assert fragment in calibration["note"]
+        assert any(fragment in n for n in metrics["notes"])
+        assert fragment in summary
+    assert f"threshold from {method} scores of the fitted images" in summary
 
 
 def save_png(path, array):
@@ -216,6 +322,18 @@ def test_missing_mask_of_defective_image_is_an_error(folders, capsys):
     assert "no mask for defective image" in err and mask.name.replace("_mask", "") in err
 
 
+def forbid(monkeypatch, *targets):
+    """Make each (object, attribute) fail the test when called."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the settings were checked")
+
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, forbidden)
+
+
+IMAGE_READERS = ((cli, "_read_image"), (skanomaly.datasets, "load_textures"))
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -223,21 +341,104 @@ def test_missing_mask_of_defective_image_is_an_error(folders, capsys):
         (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
         (["--weights", "NOT_A_WEIGHT"], "unknown weights 'NOT_A_WEIGHT'"),
         (["--weights", "missing/weights.pt"], "does not exist"),
-        (["--train-dir", "somewhere"], "--train-dir and --test-dir go together"),
-        (["--calibration-fraction", "1.0"], "--calibration-fraction"),
     ],
 )
-def test_bad_settings_are_errors(options, message, tmp_path, capsys):
+def test_bad_backbone_settings_are_errors_before_any_image_is_read(options, message,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
+    forbid(monkeypatch, *IMAGE_READERS)
+    if "--backbone" in options:  # an unknown name is found before any model is built
+        import torchvision.models
+
+        forbid(monkeypatch, (torchvision.models, "get_model"))
     err = run_error([*TINY, "--n-train", "4", "--n-test", "2", "--output-dir",
-                     str(tmp_path), *options], capsys)
+                     str(tmp_path / "out"), *options], capsys)
     assert message in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_unknown_detector_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--detector", "svm"])
-    assert exc.value.code == 2
-    assert "invalid choice: 'svm'" in capsys.readouterr().err
+def usage_error(argv, capsys):
+    """Status, and the one-line message, of a run that must fail on its settings."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's own checks (types, choices)
+        status = exc.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("skanomaly: error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--contamination", "0"], "argument --contamination: must be in (0, 0.5], got 0"),
+        (["--contamination", "0.7"], "must be in (0, 0.5], got 0.7"),
+        (["--contamination", "nan"], "must be in (0, 0.5], got nan"),
+        (["--contamination", "ten"], "argument --contamination: expected a number, got 'ten'"),
+        (["--image-size", "0"], "argument --image-size: must be at least 16 pixels, got 0"),
+        (["--image-size", "-32"], "must be at least 16 pixels, got -32"),
+        (["--image-size", "8"], "must be at least 16 pixels, got 8"),
+        (["--calibration-fraction", "1.0"], "--calibration-fraction: must be in [0, 1), got 1.0"),
+        (["--calibration-fraction", "-0.1"], "must be in [0, 1), got -0.1"),
+        (["--n-train", "0"], "argument --n-train: must be at least 1, got 0"),
+        (["--random-state", "-1"], "argument --random-state: must be at least 0, got -1"),
+        (["--detector", "svm"], "argument --detector: invalid choice: 'svm'"),
+        (["--device", "tpu"], "--device: unknown device 'tpu'"),
+        (["--train-dir", "{tmp}/missing", "--test-dir", "{tmp}"],
+         "--train-dir {tmp}/missing does not exist"),
+        (["--train-dir", "{tmp}", "--test-dir", "{tmp}/file.txt"],
+         "--test-dir {tmp}/file.txt is not a directory"),
+        (["--train-dir", "{tmp}"], "--train-dir and --test-dir go together"),
+        (["--mask-dir", "{tmp}"], "--mask-dir needs --train-dir and --test-dir"),
+        (["--train-dir", "{tmp}", "--test-dir", "{tmp}", "--texture", "grass"],
+         "--texture applies to the bundled data only"),
+        (["--output-dir", "{tmp}/file.txt"],
+         "--output-dir {tmp}/file.txt exists and is not a directory"),
+        (["--output-dir", "{tmp}/file.txt/sub/out"],
+         "--output-dir {tmp}/file.txt/sub/out cannot be created: {tmp}/file.txt is not a "
+         "directory"),
+    ],
+)
+def test_bad_settings_are_errors_before_any_work(options, message, tmp_path, monkeypatch,
+                                                 capsys):
+    """One line, exit status 2, before any image is read or any backbone is built."""
+    forbid(monkeypatch, *IMAGE_READERS, (FeatureExtractor, "fit"),
+           (FeatureExtractor, "transform"))
+    (tmp_path / "file.txt").write_text("a regular file")
+    before = sorted(tmp_path.rglob("*"))
+    options = [option.replace("{tmp}", str(tmp_path)) for option in options]
+    err = usage_error([*TINY, "--output-dir", str(tmp_path / "out"), *options], capsys)
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_unwritable_output_dir_is_an_error_before_any_work(tmp_path, monkeypatch, capsys):
+    forbid(monkeypatch, *IMAGE_READERS, (FeatureExtractor, "fit"))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if getattr(os, "geteuid", lambda: None)() == 0:  # root may write anywhere: answer
+        access = os.access                            # for locked/ as for another user
+
+        def user_access(path, mode, **kwargs):
+            return access(path, mode, **kwargs) and not (
+                os.fspath(path) == str(locked) and mode & os.W_OK)
+
+        monkeypatch.setattr(os, "access", user_access)
+    try:
+        err = usage_error([*TINY, "--output-dir", str(locked / "out")], capsys)
+        assert f"{locked} is not writable" in err
+        err = usage_error([*TINY, "--output-dir", str(locked)], capsys)
+        assert f"--output-dir {locked} is not writable" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_that_cannot_be_written_is_an_error(tmp_path, capsys):
+    (tmp_path / "scores.csv").mkdir()  # in the way of the file
+    err = run_error([*TINY, "--n-train", "4", "--n-test", "2", "--no-heatmaps",
+                     "--output-dir", str(tmp_path)], capsys)
+    assert f"cannot write to --output-dir {tmp_path}" in err and "scores.csv" in err
 
 
 def test_helpers():
