@@ -24,6 +24,7 @@ from sklearn_compat.utils.validation import validate_data
 from .functional._validation import all_finite
 
 __all__ = [
+    "CalibrationWarning",
     "BaseDetector",
     "BaseSpatialDetector",
     "calibrate",
@@ -130,6 +131,46 @@ def make_generator(random_state, device="cpu") -> torch.Generator:
         rs = check_random_state(random_state)
         gen.manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
     return gen
+
+
+class CalibrationWarning(UserWarning):
+    """``fit`` could not take out-of-sample scores: ``offset_`` comes from in-sample ones.
+
+    In-sample scores are optimistic, so ``predict`` may then flag more than
+    ``contamination`` of new normal samples; :meth:`BaseDetector.calibrate` with held-out
+    normal samples fixes the threshold. ``reason`` says why the fallback happened.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> from skanomaly import DFMDetector
+    >>> from skanomaly.base import CalibrationWarning
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     det = DFMDetector(device="cpu").fit(np.random.default_rng(0).normal(size=(4, 3)))
+    >>> [issubclass(w.category, CalibrationWarning) for w in caught], det.calibration_
+    ([True], 'in-sample')
+    """
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside skanomaly and scikit-learn (for warnings)."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here) or f"{os.sep}sklearn{os.sep}" in name):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -279,7 +320,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     ``n_splits = 5`` cross-fitting (each fifth of the samples scored by a model fitted
     on the other four fifths; five extra fits). With fewer than ``2 * n_splits``
     samples, or when a fold cannot be fitted, the in-sample scores are used and a
-    ``UserWarning`` says so. :meth:`calibrate` (or :func:`skanomaly.calibrate` through a
+    :class:`CalibrationWarning` says so. :meth:`calibrate` (or :func:`skanomaly.calibrate` through a
     :class:`~sklearn.pipeline.Pipeline`) replaces ``offset_`` with the quantile of
     held-out normal samples.
 
@@ -542,11 +583,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         return scores, "cross-fit"
 
     def _in_sample_scores(self, X: torch.Tensor, why: str):
-        warnings.warn(
+        warnings.warn(CalibrationWarning(
             f"{type(self).__name__}: {why}; offset_ is set from in-sample scores, which "
             "are optimistic: predict may flag more than `contamination` of new normal "
             "samples. Call calibrate(X_heldout) with normal samples not used in fit.",
-            UserWarning, stacklevel=4)
+            reason=why), stacklevel=_user_stacklevel())
         return self._score(X), "in-sample"
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:

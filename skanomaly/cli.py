@@ -498,10 +498,6 @@ def _calibration_split(n: int, fraction: float, random_state) -> tuple[np.ndarra
     return np.sort(order[n_calibration:]), np.sort(order[:n_calibration])
 
 
-#: start of the UserWarning of a detector whose fit set offset_ from in-sample scores
-_IN_SAMPLE_WARNING = "; offset_ is set from in-sample scores"
-
-
 def _fit_model(args, extractor, X_train, train_names):
     """Fit the pipeline and set its threshold; returns it and a record of the threshold.
 
@@ -512,6 +508,7 @@ def _fit_model(args, extractor, X_train, train_names):
     and the record's note says so.
     """
     from . import calibrate
+    from .base import CalibrationWarning
 
     n, fraction = len(X_train), args.calibration_fraction
     fit, held = _calibration_split(n, fraction, args.random_state)
@@ -527,9 +524,8 @@ def _fit_model(args, extractor, X_train, train_names):
                 calibrate(model, X_train[held])
     in_sample_reason = None
     for w in caught:  # the in-sample fallback becomes the record's note; others go on
-        text = str(w.message)
-        if issubclass(w.category, UserWarning) and _IN_SAMPLE_WARNING in text:
-            in_sample_reason = text.split(_IN_SAMPLE_WARNING)[0].split(": ", 1)[-1]
+        if issubclass(w.category, CalibrationWarning):
+            in_sample_reason = w.message.reason
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     method = model[-1].calibration_
