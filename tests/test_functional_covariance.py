@@ -19,14 +19,20 @@ DOF_WARNING = "Degrees of freedom <= 0"
 
 
 def _run_both(fn_np, fn_torch):
-    """Call both, recording whether each emits numpy's degrees-of-freedom warning."""
+    """Call both: numpy warns where the normalisation is <= 0, skanomaly then raises.
+
+    Returns numpy's result, skanomaly's (None where it raised) and whether each
+    refused (numpy by its degrees-of-freedom warning).
+    """
     with warnings.catch_warnings(record=True) as rec_np:
         warnings.simplefilter("always")
         ref = fn_np()
-    with warnings.catch_warnings(record=True) as rec_t:
-        warnings.simplefilter("always")
+    try:
         out = fn_torch()
-    warned = [any(DOF_WARNING in str(w.message) for w in rec) for rec in (rec_np, rec_t)]
+    except ValueError as exc:
+        assert "degrees of freedom <= 0" in str(exc)
+        out = None
+    warned = [any(DOF_WARNING in str(w.message) for w in rec_np), out is None]
     return ref, out, warned
 
 
@@ -85,12 +91,12 @@ def test_cov_matches_numpy(p):
         lambda: np.cov(*ref_args, **ref_kw, **weights, dtype=np.float64),
         lambda: cov(tm, ty, **kw, **tw))
 
-    assert out.dtype == tm.dtype
-    assert tuple(out.shape) == ref.shape
     assert warned[0] == warned[1]
-    if warned[0]:  # normalisation <= 0: everything inf or nan, as in numpy
-        assert not np.isfinite(ref).any() and not torch.isfinite(out).any()
+    if warned[0]:  # normalisation <= 0: numpy's result is all inf or nan, ours an error
+        assert not np.isfinite(ref).any()
     else:
+        assert out.dtype == tm.dtype
+        assert tuple(out.shape) == ref.shape
         values = [np.abs(a).max(initial=0) for a in (p["data"], p["y"]) if a is not None]
         scale = max(1.0, float(max(values)) ** 2)
         np.testing.assert_allclose(out.numpy(), ref, rtol=RTOL[dtype],
@@ -106,13 +112,15 @@ def test_cov_single_variable_is_0d_like_numpy():
     np.testing.assert_allclose(out.item(), np.cov(x), rtol=1e-14)
 
 
-def test_cov_single_observation_warns_and_is_nan():
+def test_cov_single_observation_raises_where_numpy_gives_nan():
     x = np.array([[1.0], [2.0]])
-    with pytest.warns(RuntimeWarning, match=DOF_WARNING):
-        out = cov(torch.from_numpy(x))
-    with pytest.warns(RuntimeWarning):
+    with pytest.raises(ValueError, match="degrees of freedom <= 0 \\(0\\): 1 observation"):
+        cov(torch.from_numpy(x))
+    with pytest.warns(RuntimeWarning, match=DOF_WARNING), np.errstate(all="ignore"):
         ref = np.cov(x)
-    assert torch.isnan(out).all() and np.isnan(ref).all()
+    assert np.isnan(ref).all()
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        cov(torch.zeros(3, 0))  # no observation at all
 
 
 def test_cov_empty_variables_and_integer_dtype():
@@ -399,3 +407,56 @@ def test_cuda_matches_cpu():
     out = cov(x[0].cuda(), rowvar=False, aweights=torch.rand(50, generator=g).cuda())
     assert out.is_cuda and out.dtype == torch.float32
     torch.testing.assert_close(cov(x[0], rowvar=False), cov(x[0].cuda(), rowvar=False).cpu())
+
+
+# ------------------------------------------------------------------ finite in, finite out
+
+@pytest.mark.parametrize("scale", [1e-150, 1e-100, 1e100, 1e150, 1e154])
+def test_cov_any_representable_float64_scale(scale):
+    # the sum of squares of forty 1e154 overflows float64; the covariance does not
+    x = np.random.default_rng(30).normal(size=(40, 3))
+    ref = np.cov(x, rowvar=False)
+    out = cov(torch.from_numpy(x * scale), rowvar=False)
+    np.testing.assert_allclose(out.numpy() / scale / scale, ref, rtol=1e-12)
+    w = torch.arange(40, dtype=torch.float64) % 3
+    out_w = cov(torch.from_numpy(x * scale), rowvar=False, aweights=w)
+    np.testing.assert_allclose(out_w.numpy() / scale / scale,
+                               np.cov(x, rowvar=False, aweights=w.numpy()), rtol=1e-12)
+
+
+def test_cov_reports_overflow_of_the_result():
+    x = torch.tensor([[-1e20, 1e20, 3e20]])  # float32 data, variance 4e40
+    with pytest.raises(ValueError, match="exceeds the range of torch.float32.*float64"):
+        cov(x)
+    np.testing.assert_allclose(cov(x, dtype=torch.float64).item(), np.cov(x.double().numpy()),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="exceeds the range of torch.float64"):
+        cov(torch.tensor([-1e300, 1e300], dtype=torch.float64))
+    with pytest.raises(ValueError, match="weights sum beyond"):
+        cov(torch.ones(2, 3), fweights=torch.tensor([1, 1, 1]),
+            aweights=torch.tensor([1e300, 1e300, 1e300], dtype=torch.float64) * 1e8)
+
+
+def test_cov_half_precision_gives_float32():
+    x = torch.tensor([[0.0, 300.0, 600.0]], dtype=torch.float16)  # variance 9e4 > 65504
+    out = cov(x)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.item(), 90000.0)
+    assert cov(x.to(torch.bfloat16), dtype=torch.float64).dtype == torch.float64
+
+
+def test_accumulator_reports_overflow_and_keeps_its_state():
+    acc = MomentAccumulator(1).update(torch.tensor([[1.0], [3.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="overflow torch.float64; rescale"):
+        acc.update(torch.tensor([[1e200], [-1e200]], dtype=torch.float64))
+    fresh = MomentAccumulator(1).update(torch.tensor([[1.0], [3.0]], dtype=torch.float64))
+    assert acc.n_samples_ == 2 and torch.equal(acc.scatter, fresh.scatter)
+    far = MomentAccumulator(1).update(torch.tensor([[1.5e154], [1.6e154]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="merged moments overflow"):
+        acc.merge(far)  # each is finite; the shift between their means squared is not
+    assert acc.n_samples_ == 2 and torch.equal(acc.scatter, fresh.scatter)
+    assert torch.equal(acc.mean, fresh.mean)
+    # float32 data of any finite scale accumulate in float64
+    x = torch.tensor([[3e38], [-3e38], [1e38]])
+    got = MomentAccumulator(1).update(x).covariance()
+    np.testing.assert_allclose(got.numpy(), np.cov(x.double().numpy().T).reshape(1, 1))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 
 import numpy as np
 import torch
 
-from ._validation import as_float_tensor, check_finite
+from ._validation import all_finite, as_float_tensor, check_finite, ldexp, working_dtype
 
 __all__ = ["cov", "MomentAccumulator"]
 
@@ -17,6 +16,11 @@ __all__ = ["cov", "MomentAccumulator"]
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
     """float64, except on Apple MPS, which has no float64 (float32 there)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+# binary exponents within which data are squared and summed in the accumulation dtype
+# as they are; beyond, they are first divided by an exact power of two
+_PLAIN_EXPONENT = {torch.float64: 400, torch.float32: 40}
 
 
 def _observations(a: torch.Tensor, rowvar: bool, name: str) -> torch.Tensor:
@@ -164,7 +168,8 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         Non-negative observation (reliability) weights.
     dtype : torch.dtype, optional
         Dtype of the data and of the result. By default floating inputs keep their dtype
-        (promoted between ``m`` and ``y``) and integer or boolean inputs become
+        (promoted between ``m`` and ``y``; float16 and bfloat16 give a float32 result,
+        their range is too small for products) and integer or boolean inputs become
         ``torch.get_default_dtype()``: torch's rule, not numpy's (which gives float64).
 
     Returns
@@ -182,14 +187,11 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         If ``m`` or ``y`` has more than 2 dimensions or holds NaN or infinity, if ``y``
         has a different number of observations, if ``ddof`` is not an integer, if a
         weight vector is not 1-D, has the wrong length, is negative or not finite, if
-        ``fweights`` are not integer-valued, or if the weights sum to zero.
-
-    Warns
-    -----
-    RuntimeWarning
-        "Degrees of freedom <= 0" when the normalisation is not positive (for instance a
-        single observation with ``ddof=1``); the result is then ``inf`` or ``nan`` as with
-        numpy.
+        ``fweights`` are not integer-valued, if the weights sum to zero or beyond the
+        range of float64, if the normalisation ``N - ddof`` (or its weighted form) is not
+        positive (for instance a single observation with ``ddof=1``, where numpy warns and
+        returns ``inf`` or ``nan``), or if the covariance exceeds the range of the result
+        dtype.
 
     See Also
     --------
@@ -199,7 +201,8 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
     -----
     Follows ``numpy.cov`` (numpy 2.x) including the normalisation with both weights,
     ``N_w - ddof * sum(w * a) / N_w``. Deviations: NaN/inf input raises instead of
-    propagating; errors numpy reports as ``TypeError``/``RuntimeError`` for weights are
+    propagating, and so does a normalisation ``<= 0`` (numpy warns and returns inf or
+    nan); errors numpy reports as ``TypeError``/``RuntimeError`` for weights are
     ``ValueError`` here; and a 2-D ``y`` of shape (1, k) with ``rowvar=False`` is one
     observation of ``k`` variables, like ``m`` (numpy alone treats such a ``y`` as one
     variable).
@@ -209,7 +212,9 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
     and cast to the result dtype: ``O(n_observations * n_variables**2)`` time. On the CPU
     it is a BLAS symmetric rank-k update (``dsyrk``, through scipy, as numpy reaches it)
     over blocks of about 8 MB of centred rows; elsewhere a single GEMM over one centred
-    copy of the data. The result is symmetrised exactly.
+    copy of the data. The result is symmetrised exactly. Data beyond ``2**+-400``
+    (``2**+-40`` on MPS) are first divided by an exact power of two and the covariance
+    multiplied back, so squares neither overflow nor underflow on the way.
 
     Examples
     --------
@@ -236,9 +241,10 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         if dtype is None:
             out_dtype = torch.promote_types(m.dtype, y.dtype)
             m, y = m.to(out_dtype), y.to(out_dtype)
+    out_dtype = working_dtype(m.dtype) if dtype is None else dtype
     x = xm = _observations(m, rowvar, "m")
     if x.shape[1] == 0:
-        return torch.empty((0, 0), dtype=m.dtype, device=m.device)
+        return torch.empty((0, 0), dtype=out_dtype, device=m.device)
     if y is not None:
         yo = _observations(y, rowvar, "y")
         if yo.shape[0] != x.shape[0]:
@@ -254,7 +260,23 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
     if aweights is not None:
         a = _check_weights(aweights, n, "aweights", x.device, acc)
         w = a if w is None else w * a
+    if w is not None and not all_finite(w.sum()):
+        raise ValueError(f"the weights sum beyond the range of {acc}")
 
+    # Far from unit scale the squares could overflow (or underflow) the accumulation
+    # dtype: divide by an exact power of two first, multiply the result back.
+    exponent = 0
+    if n:
+        peak = x.abs().amax()
+        if not bool(torch.isfinite(peak)):
+            check_finite(xm, "m")
+            if y is not None:
+                check_finite(yo, "y")
+        exponent = int(torch.frexp(peak.to(acc)).exponent)
+        if abs(exponent) > _PLAIN_EXPONENT.get(acc, 40):
+            x = ldexp(x.to(acc), -exponent)
+        else:
+            exponent = 0
     if w is None:
         mean = x.mean(dim=0, dtype=acc)
     else:
@@ -262,27 +284,28 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         if w_sum == 0.0:
             raise ValueError("weights sum to zero; the weighted mean is undefined")
         mean = (w @ x.to(acc)) / w_sum
-    # NaN or infinity anywhere in a variable makes its mean non-finite: the data are
-    # scanned for the error message only then, not on every call
-    if not bool(torch.isfinite(mean).all()):
-        check_finite(xm, "m")
-        if y is not None:
-            check_finite(yo, "y")
     if w is None:
-        scatter = _scatter(x, mean)
         fact = n - ddof
+    elif ddof == 0:
+        fact = w_sum
+    elif aweights is None:
+        fact = w_sum - ddof
     else:
-        scatter = _scatter(x, mean, w.sqrt())
-        if ddof == 0:
-            fact = w_sum
-        elif aweights is None:
-            fact = w_sum - ddof
-        else:
-            fact = w_sum - ddof * float((w * a).sum()) / w_sum
-    if fact <= 0:
-        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
-    c = (scatter + scatter.mT).mul_(0.5 / fact if fact > 0 else math.inf)
-    return c.to(m.dtype).squeeze()
+        fact = w_sum - ddof * float((w * a).sum()) / w_sum
+    if not fact > 0:
+        raise ValueError(
+            f"degrees of freedom <= 0 ({fact:g}): {n} observation(s)"
+            f"{'' if w is None else ' (weighted)'} with ddof={ddof}; the covariance is "
+            "undefined (numpy.cov returns inf or nan here)")
+    scatter = _scatter(x, mean) if w is None else _scatter(x, mean, w.sqrt())
+    c = (scatter + scatter.mT).mul_(0.5 / fact)
+    if exponent:
+        c = ldexp(c, 2 * exponent)
+    c = c.to(out_dtype)
+    if not all_finite(c):
+        raise ValueError(f"the covariance exceeds the range of {out_dtype} (largest "
+                         f"{torch.finfo(out_dtype).max:.3g}); pass dtype=torch.float64")
+    return c.squeeze()
 
 
 class MomentAccumulator:
@@ -461,7 +484,9 @@ class MomentAccumulator:
         TypeError
             If ``x`` is not a real tensor.
         ValueError
-            If ``x`` has the wrong shape or holds NaN or infinity.
+            If ``x`` has the wrong shape or holds NaN or infinity, or if its sums of
+            squares overflow the accumulation dtype (float64: values beyond about
+            ``1e154``); the accumulator is then left unchanged.
         """
         x = as_float_tensor(x, "x")
         want = (*self.batch_shape, "n", self.n_features)
@@ -480,6 +505,10 @@ class MomentAccumulator:
             m2_b = _scatter_torch(x, mean_b.unsqueeze(-2))
         else:
             m2_b = _scatter(x, mean_b)
+        if not (all_finite(mean_b) and all_finite(m2_b)):
+            raise ValueError(
+                f"the sums of x (values up to {float(x.abs().amax()):.3g}) and of its squares "
+                f"overflow {self._mean.dtype}; rescale the data")
         self._combine(nb, mean_b, m2_b)
         return self
 
@@ -501,7 +530,8 @@ class MomentAccumulator:
         TypeError
             If ``other`` is not a MomentAccumulator.
         ValueError
-            If ``other`` has a different ``n_features`` or ``batch_shape``.
+            If ``other`` has a different ``n_features`` or ``batch_shape``, or the merged
+            moments overflow (the accumulator is then left unchanged).
         """
         if not isinstance(other, MomentAccumulator):
             raise TypeError(f"can only merge a MomentAccumulator, got {type(other).__name__}")
@@ -531,4 +561,6 @@ class MomentAccumulator:
             m2_b.add_(self._m2).view(-1, d, d).baddbmm_(
                 delta.reshape(-1, d, 1), delta.reshape(-1, 1, d), alpha=self._n * nb / n)
             mean_b = self._mean + delta * (nb / n)
+            if not (all_finite(mean_b) and all_finite(m2_b)):  # the state stays as it was
+                raise ValueError(f"the merged moments overflow {m2_b.dtype}; rescale the data")
         self._m2, self._mean, self._n = m2_b, mean_b, n

@@ -519,7 +519,10 @@ def woodbury_factor(centered, reg, ddof=1):
     factor, info = _cholesky_scaled(scaled @ scaled.mT, ridge)
     _check_info(info, (*xc.shape[:-1], xc.shape[-2]), f"with reg={reg:g}",
                 "increase reg")
-    return ldexp(factor, g[..., None, None])
+    factor = ldexp(factor, g[..., None, None])
+    if not all_finite(factor):  # sqrt(|x_i|^2 + reg dof) itself beyond the range
+        raise _range_error("entries of the Woodbury factor", factor.dtype)
+    return factor
 
 
 def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=False):
