@@ -127,7 +127,12 @@ class DFKDEDetector(BaseDetector):
     evaluation of the KDE at its own ``n_training_points`` centres
     (``O(n_training_points**2 n_components_)``, the cost of scoring them once)
     plus scoring the samples left out of the KDE, instead of the five refits of
-    cross-fitting.
+    cross-fitting. The PCA held fixed is the approximation: its axes were fitted
+    to the training points, which therefore project a little farther out than new
+    samples do. With many more training points than features this is negligible;
+    with about as many (say 120 images of 448 channels) the offset is conservative
+    and ``predict`` flags fewer than ``contamination`` of new normals; then set the
+    threshold with :meth:`calibrate` on held-out normal samples.
 
     Follows anomalib's ``KDEClassifier`` (PCA, then scaling, then KDE), with
     the KDE of :func:`scipy.stats.gaussian_kde` (anomalib's ``GaussianKDE``

@@ -134,7 +134,11 @@ class DFMDetector(BaseSpatialDetector):
     each fifth of the training images is scored by a DFM fitted on the other four
     fifths, which costs five extra PCA fits (SVDs of four fifths of the pooled
     training matrix, ``O(n_samples * n_pooled_features * min(n_samples,
-    n_pooled_features))`` each) and one scoring pass over the training set.
+    n_pooled_features))`` each) and one scoring pass over the training set. With
+    fewer training images than pooled features, a fold's subspace (fitted to four
+    fifths of them) reconstructs a little worse than the full one, so the offset is
+    conservative and ``predict`` flags somewhat fewer than ``contamination`` of new
+    normals; :meth:`calibrate` on held-out normal images sets it exactly.
 
     **Range.** Variances and squared reconstruction errors are squares of the
     features: float64 represents them for features of magnitude up to ``1e150``.
