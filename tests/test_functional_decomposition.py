@@ -153,3 +153,67 @@ def test_cuda_matches_cpu():
     assert gpu.n_components == cpu.n_components and gpu.components.is_cuda
     torch.testing.assert_close(gpu.components.cpu(), cpu.components)
     torch.testing.assert_close(pca_transform(x.cuda(), gpu).cpu(), pca_transform(x, cpu))
+
+
+# ------------------------------------------------------------------ finite in, finite out
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-100, 1e100, 1e150])
+def test_any_representable_float64_scale(scale):
+    # squares of 1e-200 underflow float64 and of 1e160 overflow it; the PCA is scale-free
+    x = _data(30, 4)
+    ref = _sklearn(x, None)
+    fit = pca_fit(torch.tensor(x * scale))
+    np.testing.assert_allclose(fit.components.numpy(), ref.components_, atol=1e-10)
+    np.testing.assert_allclose(fit.explained_variance_ratio.numpy(),
+                               ref.explained_variance_ratio_, rtol=1e-10)
+    np.testing.assert_allclose(fit.singular_values.numpy() / scale, ref.singular_values_,
+                               rtol=1e-10)
+    if scale >= 1e-150:  # the variances themselves are representable
+        np.testing.assert_allclose(fit.explained_variance.numpy() / scale / scale,
+                                   ref.explained_variance_, rtol=1e-10)
+    new = _data(5, 4, seed=3)
+    z = pca_transform(torch.tensor(new * scale), fit)
+    np.testing.assert_allclose(z.numpy() / scale, ref.transform(new), rtol=1e-9, atol=1e-9)
+    back = pca_inverse_transform(z, fit)
+    np.testing.assert_allclose(back.numpy() / scale, ref.inverse_transform(ref.transform(new)),
+                               rtol=1e-9)
+
+
+def test_overflow_is_reported_or_avoided():
+    x = torch.tensor([[1e30, 0.0], [-1e30, 1.0], [0.0, 2.0]])  # variance 1e60: not float32
+    with pytest.raises(ValueError, match="variances .* exceed the range of torch.float32"):
+        pca_fit(x)
+    fit64 = pca_fit(x.double())
+    np.testing.assert_allclose(fit64.explained_variance_ratio.numpy(),
+                               _sklearn(x.double().numpy(), None).explained_variance_ratio_)
+    # x - mean overflows float32, its projection on the diagonal does not
+    fit = pca_fit(torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.5, 0.0]]), 1)
+    fit = fit._replace(mean=torch.tensor([-3e38, 3e38]))
+    z = pca_transform(torch.tensor([[3e38, -3e38], [3e38, -2.9e38]]), fit)
+    expected = (fit.components.double() @ torch.tensor([[6e38, 6e38], [-6e38, -5.9e38]],
+                                                        dtype=torch.float64)).T
+    torch.testing.assert_close(z.double(), expected, rtol=1e-5, atol=1e33)
+    with pytest.raises(ValueError, match="projections exceed the range"):
+        pca_transform(torch.tensor([[3.4e38, 3.4e38]]), fit._replace(mean=torch.tensor(
+            [-3.4e38, -3.4e38])))
+
+
+def test_constant_data_and_half_precision():
+    fit = pca_fit(torch.ones(5, 3))
+    assert torch.equal(fit.explained_variance_ratio, torch.zeros(3))
+    assert torch.equal(fit.explained_variance, torch.zeros(3))
+    assert pca_fit(torch.ones(5, 3), 0.5).n_components == 3
+    x16 = torch.tensor(_data(20, 3), dtype=torch.float16)
+    fit16 = pca_fit(x16)
+    assert fit16.components.dtype == torch.float32
+    ref = _sklearn(x16.double().numpy(), None)
+    np.testing.assert_allclose(fit16.explained_variance_ratio.numpy(),
+                               ref.explained_variance_ratio_, rtol=1e-4)
+    assert pca_transform(x16, fit16).dtype == torch.float32
+    with pytest.raises(ValueError, match="0 features \\(axis 1"):
+        pca_fit(torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="0 sample"):
+        pca_fit(torch.zeros(0, 3))
+    bad = fit._replace(mean=torch.tensor([0.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="fit.mean contains NaN"):
+        pca_transform(torch.ones(2, 3), bad)

@@ -13,9 +13,27 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import as_float_tensor, check_finite, check_min_samples, check_ndim
+from ._validation import (
+    all_finite,
+    as_float_tensor,
+    check_finite,
+    check_min_samples,
+    check_ndim,
+    ldexp,
+    max_abs_exponent,
+    working_dtype,
+)
 
 __all__ = ["PCAFit", "pca_fit", "pca_transform", "pca_inverse_transform"]
+
+# binary exponents within which the data are used as they are; beyond, they are first
+# divided by an exact power of two (squares of the singular values would over/underflow)
+_PLAIN_EXPONENT = {torch.float32: 30, torch.float64: 250}
+
+
+def _range_error(what: str, dtype: torch.dtype) -> ValueError:
+    return ValueError(f"{what} exceed the range of {dtype} (largest "
+                      f"{torch.finfo(dtype).max:.3g}); use float64 input")
 
 
 class PCAFit(NamedTuple):
@@ -93,7 +111,7 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     ----------
     x : Tensor of shape (n_samples, n_features)
         Floating-point data, rows are samples (integer input is promoted to the
-        default float dtype). Not modified.
+        default float dtype, float16 and bfloat16 to float32). Not modified.
     n_components : int, float or None, default=None
         ``None`` keeps ``min(n_samples, n_features)`` components; an int keeps that
         many (between 1 and ``min(n_samples, n_features)``); a float in (0, 1) keeps
@@ -111,8 +129,9 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     TypeError
         If ``x`` is not a tensor or ``n_components`` has the wrong type.
     ValueError
-        If ``x`` is not 2-D, holds NaN or infinity, has fewer than 2 samples, or
-        ``n_components`` is out of range.
+        If ``x`` is not 2-D, holds NaN or infinity, has fewer than 2 samples or no
+        feature, if ``n_components`` is out of range, or if the variances exceed the
+        range of the dtype.
 
     Notes
     -----
@@ -125,6 +144,10 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     ``PCA`` differs there: it keeps ``nonzero(cumsum(ratio) >= fraction)[0]``
     components, a 0-based index used as a count, hence one component fewer than
     the smallest number that reaches the fraction (none when the first does).
+    Constant data have ratios 0 (scikit-learn divides 0 by 0). Data beyond
+    ``2**+-30`` (float32; ``2**+-250`` for float64) are decomposed after an exact
+    division by a power of two, and the mean, singular values and variances
+    multiplied back, so no square over- or underflows on the way.
 
     References
     ----------
@@ -147,15 +170,31 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     x = check_finite(check_ndim(as_float_tensor(x), 2))
     n_samples, n_features = x.shape
     check_min_samples(n_samples, 2)
+    if n_features == 0:
+        raise ValueError(f"x has 0 features (axis 1, shape {tuple(x.shape)}); at least one "
+                         "is required")
+    x = x.to(working_dtype(x.dtype))
+    exponent = max_abs_exponent(x)
+    if abs(exponent) <= _PLAIN_EXPONENT.get(x.dtype, 30):
+        exponent = 0
+    else:  # x = 2**e x_s exactly: singular values scale by 2**e, variances by 4**e
+        x = ldexp(x, -exponent)
     mean = x.mean(0)
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
     rows = torch.arange(vt.shape[0], device=vt.device)
     signs = torch.sign(vt[rows, vt.abs().argmax(1)])
     vt = vt * signs[:, None]
     variance = s.square() / (n_samples - 1)
-    ratio = variance / variance.sum()
+    total = variance.sum()
+    # constant data have no variance to explain: every ratio is then 0, not 0 / 0
+    ratio = variance / total if bool(total > 0) else torch.zeros_like(variance)
     k = _resolve_n_components(n_components, ratio, min(n_samples, n_features))
     noise = variance[k:].mean() if k < variance.shape[0] else variance.new_zeros(())
+    if exponent:
+        mean, s = ldexp(mean, exponent), ldexp(s, exponent)
+        variance, noise = ldexp(variance, 2 * exponent), ldexp(noise, 2 * exponent)
+    if not (all_finite(variance) and all_finite(s) and all_finite(noise)):
+        raise _range_error("the variances (squared singular values / (n - 1))", x.dtype)
     return PCAFit(
         components=vt[:k].contiguous(),
         explained_variance=variance[:k].clone(),
@@ -167,11 +206,32 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     )
 
 
-def _check_fit_input(x, width: int, what: str, name: str) -> torch.Tensor:
+def _check_fit_input(x, fit: PCAFit, width: int, what: str, name: str):
+    """``x`` and the fit's ``mean`` and ``components``, validated, in one working dtype."""
     x = check_finite(check_ndim(as_float_tensor(x, name), 2, name), name)
     if x.shape[1] != width:
         raise ValueError(f"{name} has {x.shape[1]} columns but the fit has {width} {what}")
-    return x
+    x = x.to(working_dtype(x.dtype))
+    mean = check_finite(fit.mean.to(x), "fit.mean")
+    components = check_finite(fit.components.to(x), "fit.components")
+    return x, mean, components
+
+
+def _affine(x, mean, compute, name: str) -> torch.Tensor:
+    """``compute(x, mean)`` (linear in both together), plain or at unit scale.
+
+    Where an operand is far from unit scale or the plain result overflows, ``x`` and
+    ``mean`` are divided by a common exact power of two, and the result multiplied back.
+    """
+    exponent = max(max_abs_exponent(x), max_abs_exponent(mean))
+    if abs(exponent) <= _PLAIN_EXPONENT.get(x.dtype, 30):
+        out = compute(x, mean)
+        if all_finite(out):
+            return out
+    out = ldexp(compute(ldexp(x, -exponent), ldexp(mean, -exponent)), exponent)
+    if not all_finite(out):
+        raise _range_error(name, out.dtype)
+    return out
 
 
 def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
@@ -194,11 +254,14 @@ def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     TypeError
         If ``x`` is not a tensor.
     ValueError
-        If ``x`` is not 2-D, holds NaN or infinity, or its width differs from the fit's.
+        If ``x`` or the fit holds NaN or infinity, ``x`` is not 2-D or its width
+        differs from the fit's, or the projections exceed the range of the dtype.
 
     Notes
     -----
-    As :meth:`sklearn.decomposition.PCA.transform` with ``whiten=False``.
+    As :meth:`sklearn.decomposition.PCA.transform` with ``whiten=False``; computed
+    in the working dtype of ``x`` (float32 for half precision), at unit scale (an exact
+    power of two) where ``x`` is far from it.
 
     Examples
     --------
@@ -207,8 +270,8 @@ def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     >>> pca_transform(torch.tensor([[1.0, 3.0]]), pca_fit(x, 1))
     tensor([[1.]])
     """
-    x = _check_fit_input(x, fit.mean.shape[0], "features", "x")
-    return (x - fit.mean.to(x)) @ fit.components.to(x).T
+    x, mean, components = _check_fit_input(x, fit, fit.mean.shape[0], "features", "x")
+    return _affine(x, mean, lambda a, m: (a - m) @ components.T, "the projections")
 
 
 def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
@@ -232,12 +295,14 @@ def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     TypeError
         If ``z`` is not a tensor.
     ValueError
-        If ``z`` is not 2-D, holds NaN or infinity, or its width differs from
-        ``fit.n_components``.
+        If ``z`` or the fit holds NaN or infinity, ``z`` is not 2-D or its width
+        differs from ``fit.n_components``, or the reconstructions exceed the range
+        of the dtype.
 
     Notes
     -----
-    As :meth:`sklearn.decomposition.PCA.inverse_transform` with ``whiten=False``.
+    As :meth:`sklearn.decomposition.PCA.inverse_transform` with ``whiten=False``;
+    computed like :func:`pca_transform`.
 
     Examples
     --------
@@ -246,5 +311,6 @@ def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     >>> pca_inverse_transform(torch.tensor([[1.0]]), pca_fit(x, 1))
     tensor([[1., 0.]])
     """
-    z = _check_fit_input(z, fit.n_components, "components", "z")
-    return torch.addmm(fit.mean.to(z), z, fit.components.to(z))
+    z, mean, components = _check_fit_input(z, fit, fit.n_components, "components", "z")
+    return _affine(z, mean, lambda a, m: torch.addmm(m, a, components),
+                   "the reconstructions")
