@@ -471,12 +471,9 @@ def _make_detector(name: str, n_channels: int, n_train: int, args):
         return PatchCoreDetector(random_state=args.random_state, **common)
     if name == "dfm":
         return DFMDetector(**common)
-    if name == "dfkde":  # the KDE needs more training points than dimensions
-        return DFKDEDetector(
-            n_components=max(1, min(16, n_channels, n_train - 1)),
-            random_state=args.random_state, **common,
-        )
-    return GaussianDetector(shrinkage="ledoit-wolf", **common)
+    if name == "dfkde":  # n_components_ resolves to what the training set allows
+        return DFKDEDetector(random_state=args.random_state, **common)
+    return GaussianDetector(**common)
 
 
 def _make_model(extractor, detector, name: str):

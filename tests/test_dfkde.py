@@ -193,15 +193,23 @@ def test_offset_is_the_leave_one_out_quantile(data, scaling, contamination):
 
 def test_offset_scores_the_points_outside_the_kde_as_new_samples(data):
     train, _ = data
-    det = DFKDEDetector(n_components=3, max_training_points=60, random_state=3,
+    # 130 KDE points for 12 features: at least ten per feature, so leave-one-out
+    det = DFKDEDetector(n_components=3, max_training_points=130, random_state=3,
                         contamination=0.2, device="cpu").fit(train)
-    keep = torch.randperm(150, generator=torch.Generator().manual_seed(3))[:60].numpy()
+    keep = torch.randperm(150, generator=torch.Generator().manual_seed(3))[:130].numpy()
     rest = np.setdiff1d(np.arange(150), keep)
     kept_scores = _leave_one_out_reference(_pca_points(train[keep], 3, "scale"))
     rest_scores = _reference_scores(train[keep], train[rest], 3, "scale")
     expected = np.percentile(-np.concatenate([kept_scores, rest_scores]), 20)
     np.testing.assert_allclose(det.offset_, expected, rtol=1e-8)
     assert det.calibration_ == "leave-one-out"
+
+
+def test_few_points_per_feature_cross_fit_the_pca_too(data):
+    train, _ = data  # 60 KDE points for 12 features
+    det = DFKDEDetector(n_components=3, max_training_points=60, random_state=3,
+                        device="cpu").fit(train)
+    assert det.calibration_ == "cross-fit"
 
 
 def test_unseen_normals_are_flagged_at_about_contamination():

@@ -10,7 +10,7 @@ The estimators in :mod:`skanomaly` are thin layers over these functions.
 
 from .covariance import MomentAccumulator, cov
 from .decomposition import PCAFit, pca_fit, pca_inverse_transform, pca_transform
-from .kde import gaussian_kde_logpdf, kde_covariance
+from .kde import GaussianKDE, gaussian_kde_logpdf, kde_covariance
 from .leave_one_out import leave_one_out_mahalanobis
 from .mahalanobis import (
     mahalanobis,
@@ -36,6 +36,7 @@ __all__ = [
     "pca_fit",
     "pca_transform",
     "pca_inverse_transform",
+    "GaussianKDE",
     "gaussian_kde_logpdf",
     "kde_covariance",
     "KNNIndex",
