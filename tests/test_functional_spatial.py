@@ -131,3 +131,74 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(blurred.cpu(), gaussian_blur2d(x, (1.0, 5.0)))
     torch.testing.assert_close(upsample_bilinear(x.cuda(), (20, 11)).cpu(),
                                upsample_bilinear(x, (20, 11)))
+
+
+# ------------------------------------------------------------------ finite in, finite out
+
+def test_tiny_sigma_is_the_identity_and_huge_sigma_is_refused():
+    assert gaussian_kernel1d(1e-300, 1e300, dtype=torch.float32).tolist() == [0.0, 1.0, 0.0]
+    image = torch.randn(2, 5, 6, dtype=torch.float64)
+    assert torch.equal(gaussian_blur2d(image, 1e-300), image)
+    with pytest.raises(ValueError, match="radius of 4e\\+300 samples"):
+        gaussian_blur2d(image, 1e300)
+    with pytest.raises(ValueError, match="radius"):
+        gaussian_kernel1d(1.0, 1e300)
+    with pytest.raises(TypeError, match="floating"):
+        gaussian_kernel1d(1.0, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (5, 7), (2, 2)])
+def test_kernel_much_wider_than_the_map_is_folded(shape):
+    # sigma 60: a 481-sample kernel mirrored many times over a map of a few pixels
+    image = np.random.default_rng(9).normal(size=shape)
+    got = gaussian_blur2d(torch.tensor(image), 60.0)
+    expected = ndimage.gaussian_filter(image, 60.0, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_top_of_the_range_stays_finite():
+    top = torch.finfo(torch.float32).max
+    x = torch.full((1, 6, 6), top)
+    x[0, 0, 0] = -top
+    blurred = gaussian_blur2d(x, 1.0)
+    up = upsample_bilinear(x, (13, 9))
+    for out in (blurred, up):
+        assert bool(torch.isfinite(out).all()) and float(out.max()) <= top
+    np.testing.assert_allclose(blurred.double().numpy(), ndimage.gaussian_filter(
+        x.double().numpy(), (0, 1, 1), mode="mirror"), rtol=1e-5, atol=1e33)
+    half = torch.full((4, 4), 65504.0, dtype=torch.float16)
+    assert torch.equal(gaussian_blur2d(half, 2.0), half)
+    assert upsample_bilinear(half, 7).dtype == torch.float16
+
+
+def test_half_precision_computed_in_float32():
+    image = np.random.default_rng(10).normal(size=(9, 11)).astype(np.float16)
+    got = gaussian_blur2d(torch.tensor(image), 1.5)
+    assert got.dtype == torch.float16
+    expected = ndimage.gaussian_filter(image.astype(np.float64), 1.5, mode="mirror")
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=4e-3)
+    assert gaussian_kernel1d(1e5, 1.0, dtype=torch.float16).sum().item() == pytest.approx(1, 1e-2)
+
+
+def test_postprocess_anomaly_map_checks_its_arguments():
+    from skanomaly.anomaly_map import postprocess_anomaly_map
+
+    maps = torch.rand(2, 4, 4, dtype=torch.float64)
+    out = postprocess_anomaly_map(maps, (8, 6), sigma=1.0)
+    expected = ndimage.gaussian_filter(upsample_bilinear(maps, (8, 6)).numpy(), (0, 1, 1),
+                                       mode="mirror")
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-12)
+    assert torch.equal(postprocess_anomaly_map(maps, 4, sigma=0), maps)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        postprocess_anomaly_map(maps.numpy(), 8)
+    with pytest.raises(ValueError, match="finite"):
+        postprocess_anomaly_map(maps, 8, sigma=float("nan"))
+    with pytest.raises(TypeError, match="sigma"):
+        postprocess_anomaly_map(maps, 8, sigma=True)
+    with pytest.raises(TypeError, match="output_size"):
+        postprocess_anomaly_map(maps, 8.5)
+    with pytest.raises(ValueError, match="output_size"):
+        postprocess_anomaly_map(maps, (0, 3))
+    with pytest.raises(ValueError, match="empty spatial"):
+        postprocess_anomaly_map(torch.zeros(2, 0, 3), 8)
+    assert postprocess_anomaly_map(torch.zeros(0, 3, 3), 5).shape == (0, 5, 5)

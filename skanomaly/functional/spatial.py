@@ -14,9 +14,18 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from ._validation import as_float_tensor, check_finite, check_ndim, check_positive_int
+from ._validation import (
+    all_finite,
+    as_float_tensor,
+    check_finite,
+    check_ndim,
+    check_positive_int,
+    working_dtype,
+)
 
 __all__ = ["gaussian_kernel1d", "gaussian_blur2d", "upsample_bilinear"]
+
+_MAX_RADIUS = 2**24  # kernel radius in samples (a 64 MB float32 kernel)
 
 
 def _check_sigma(sigma, name: str = "sigma") -> float:
@@ -55,9 +64,10 @@ def gaussian_kernel1d(
     Raises
     ------
     TypeError
-        If ``sigma`` or ``truncate`` is not a real number.
+        If ``sigma`` or ``truncate`` is not a real number, or ``dtype`` is not floating.
     ValueError
-        If ``sigma`` is not finite and positive or ``truncate`` is negative or infinite.
+        If ``sigma`` is not finite and positive, ``truncate`` is negative or infinite,
+        or the radius exceeds ``2**24`` samples.
 
     Notes
     -----
@@ -75,27 +85,66 @@ def gaussian_kernel1d(
         raise TypeError(f"truncate must be a real number, got {truncate!r}")
     if not (math.isfinite(truncate) and truncate >= 0):
         raise ValueError(f"truncate must be finite and non-negative, got {truncate!r}")
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    kernel = torch.exp(-0.5 / sigma**2 * x**2)
-    return kernel / kernel.sum()
+    reach = truncate * sigma + 0.5
+    if not reach <= _MAX_RADIUS:
+        raise ValueError(f"sigma={sigma!r} with truncate={truncate!r} gives a kernel radius of "
+                         f"{reach:.3g} samples; at most 2**24 are supported")
+    radius = int(reach)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    work = working_dtype(dtype)  # half precision: computed in float32, rounded at the end
+    if sigma > 1e-150:
+        x = torch.arange(-radius, radius + 1, dtype=work, device=device)
+        kernel = torch.exp(-0.5 / sigma**2 * x**2)  # scipy's arithmetic
+    else:  # sigma**2 underflows: the same Gaussian, in float64, without 1 / sigma**2
+        x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2).to(work)
+    return (kernel / kernel.sum()).to(dtype)
 
 
 def _blur_matrix(length: int, kernel: torch.Tensor) -> torch.Tensor:
     """``(length, length)`` matrix ``B`` with ``line @ B`` = correlation of ``line`` with
     ``kernel`` under scipy's "mirror" extension (folded into the matrix, so no padding)."""
     radius = kernel.shape[0] // 2
+    if length == 1:  # a single sample mirrors onto itself
+        return kernel.sum().reshape(1, 1)
+    period = 2 * (length - 1)
+    offsets = torch.arange(-radius, radius + 1, device=kernel.device)
+    if kernel.shape[0] > period:
+        # The extension is periodic: fold the kernel onto one period first, so that the
+        # memory is O(length**2 + radius) rather than O(length * radius).
+        lead = -radius % period
+        padded = torch.cat((kernel.new_zeros(lead), kernel,
+                            kernel.new_zeros(-(lead + kernel.shape[0]) % period)))
+        kernel = padded.reshape(-1, period).sum(0)  # kernel[t]: offsets = t (mod period)
+        offsets = torch.arange(period, device=kernel.device)
     outputs = torch.arange(length, device=kernel.device)
-    sources = outputs[:, None] + torch.arange(-radius, radius + 1, device=kernel.device)
-    if length == 1:
-        sources = torch.zeros_like(sources)
-    else:
-        period = 2 * (length - 1)
-        sources = sources.remainder(period)
-        sources = torch.where(sources < length, sources, period - sources)
+    sources = (outputs[:, None] + offsets).remainder(period)
+    sources = torch.where(sources < length, sources, period - sources)
     flat = (sources * length + outputs[:, None]).flatten()
     matrix = kernel.new_zeros(length * length)
     return matrix.index_add_(0, flat, kernel.repeat(length)).view(length, length)
+
+
+def _convex(apply, x: torch.Tensor) -> torch.Tensor:
+    """``apply(x)`` for a map ``apply`` whose outputs are convex combinations of inputs.
+
+    Half precision is computed in float32 and rounded back. The exact result lies
+    within ``[-max|x|, max|x|]``, so an overflow can only be rounding at the top of the
+    range: then the maps are halved (exactly), processed, doubled and clamped.
+    """
+    dtype = x.dtype
+    work = x.to(working_dtype(dtype))
+    out = apply(work)
+    if not all_finite(out):
+        top = torch.finfo(work.dtype).max
+        out = apply(work * 0.5).mul_(2.0).clamp_(-top, top)
+    out = out.to(dtype)
+    if not all_finite(out):  # rounding back to half precision at its very top
+        top = torch.finfo(dtype).max
+        out = apply(work).clamp_(-top, top).to(dtype)
+    return out
 
 
 def _check_maps(x, name: str = "x") -> torch.Tensor:
@@ -121,7 +170,8 @@ def gaussian_blur2d(x: torch.Tensor, sigma, *, truncate: float = 4.0) -> torch.T
     Returns
     -------
     Tensor of the shape, dtype and device of ``x``
-        The blurred maps.
+        The blurred maps (integer and boolean maps give the default float dtype;
+        float16 and bfloat16 are computed in float32 and rounded back).
 
     Raises
     ------
@@ -129,7 +179,8 @@ def gaussian_blur2d(x: torch.Tensor, sigma, *, truncate: float = 4.0) -> torch.T
         If ``x`` is not a tensor or ``sigma``/``truncate`` are not real numbers.
     ValueError
         If ``x`` is not 2-, 3- or 4-D, has an empty spatial dimension or holds NaN
-        or infinity; if ``sigma`` is not positive or is a sequence not of length 2.
+        or infinity; if ``sigma`` is not positive or is a sequence not of length 2;
+        if the kernel radius exceeds ``2**24`` samples.
 
     Notes
     -----
@@ -138,7 +189,10 @@ def gaussian_blur2d(x: torch.Tensor, sigma, *, truncate: float = 4.0) -> torch.T
     scipy's ``mode="mirror"``, which is torch's and kornia's ``"reflect"`` padding
     used by anomalib. Unlike torch's padding, the mirroring is repeated as scipy
     does when the kernel radius reaches the map size (a map of one pixel is
-    extended by replication), so any size works.
+    extended by replication), so any size works; a kernel wider than the mirror's
+    period is first folded onto one period, so the memory does not grow with it.
+    Each output is a convex combination of inputs, so it is finite for any finite
+    map (rounding at the very top of the range is clamped).
 
     Each pass is one matrix product with an ``(L, L)`` banded matrix into which the
     mirrored border is folded, so no padded copy is made. That costs
@@ -159,10 +213,11 @@ def gaussian_blur2d(x: torch.Tensor, sigma, *, truncate: float = 4.0) -> torch.T
     sigmas = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
     if len(sigmas) != 2:
         raise ValueError(f"sigma must be a number or a pair (sigma_h, sigma_w), got {sigma!r}")
-    kernels = [gaussian_kernel1d(s, truncate, dtype=x.dtype, device=x.device) for s in sigmas]
+    work = working_dtype(x.dtype)
+    kernels = [gaussian_kernel1d(s, truncate, dtype=work, device=x.device) for s in sigmas]
     rows = _blur_matrix(x.shape[-2], kernels[0])
     cols = _blur_matrix(x.shape[-1], kernels[1])
-    return torch.matmul(rows.T, x @ cols)
+    return _convex(lambda maps: torch.matmul(rows.T, maps @ cols), x)
 
 
 def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
@@ -178,7 +233,8 @@ def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     Returns
     -------
     Tensor of shape (..., height, width)
-        Same leading dimensions, dtype and device as ``x``.
+        Same leading dimensions, dtype and device as ``x`` (integer and boolean maps
+        give the default float dtype; half precision is computed in float32).
 
     Raises
     ------
@@ -207,5 +263,6 @@ def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
         raise ValueError(f"size must be an int or a pair (height, width), got {size!r}")
     height, width = (check_positive_int(s, "size") for s in sizes)
     maps = x.reshape(-1, 1, *x.shape[-2:])
-    out = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    out = _convex(lambda m: F.interpolate(m, size=(height, width), mode="bilinear",
+                                          align_corners=False), maps)
     return out.reshape(*x.shape[:-2], height, width)
