@@ -365,3 +365,37 @@ def test_import_without_torchvision():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ImportError" in out.stdout and "needs torchvision" in out.stdout
+
+
+# --------------------------------------------------------------------------- finite in, finite out
+
+def test_values_beyond_float32_are_refused_not_turned_into_nan(images):
+    fe = FeatureExtractor(tiny_net(), ["c1", "c3"], normalize=False, device="cpu").fit(images)
+    huge = images.astype(np.float64) * 1e300  # finite float64, infinite in float32
+    for X in (huge, torch.from_numpy(huge)):
+        with pytest.raises(ValueError, match="values up to 1e\\+300, beyond the float32 range"):
+            fe.transform(X)
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        FeatureExtractor(tiny_net(), ["c1"], normalize=False, device="cpu").fit(huge)
+    # within float32 but overflowing inside the network: named, never NaN features
+    with pytest.raises(ValueError, match="NaN or infinity.*expected in \\[0, 1\\]"):
+        fe.transform(images * np.float32(3e38))
+    # large but harmless values still work, equal to the float32 computation by hand
+    scaled = images.astype(np.float64) * 1e3
+    assert_allclose(fe.transform(scaled), fe.transform(scaled.astype(np.float32)))
+
+
+@pytest.mark.parametrize(("shape", "match"), [((1, 3, 0, 8), "0 height \\(axis 2"),
+                                              ((1, 3, 8, 0), "0 width \\(axis 3")])
+def test_zero_length_spatial_axes_are_named(images, shape, match):
+    fe = FeatureExtractor(tiny_net(), ["c1"], normalize=False, device="cpu").fit(images)
+    for X in (np.zeros(shape, np.float32), torch.zeros(shape)):
+        with pytest.raises(ValueError, match=match):
+            fe.transform(X)
+
+
+def test_images_too_small_for_the_backbone_give_a_value_error(images):
+    net = nn.Sequential(nn.Conv2d(3, 2, 5))  # no padding: needs at least 5 x 5
+    fe = FeatureExtractor(net, ["0"], normalize=False, device="cpu").fit(images)
+    with pytest.raises(ValueError, match="the backbone failed on X\\[0:1\\]"):
+        fe.transform(np.zeros((1, 3, 3, 3), np.float32))

@@ -205,6 +205,24 @@ def _first_conv_in_channels(model) -> int | None:
     return next((conv.in_channels for conv in convs), None)
 
 
+def _check_float32_range(arr) -> None:
+    """``ValueError`` if float64 input holds values that float32, the backbone's dtype,
+    cannot represent (they would become infinity, and the features NaN)."""
+    top = float(np.finfo(np.float32).max)
+    if isinstance(arr, torch.Tensor):
+        if arr.dtype != torch.float64 or not arr.numel():
+            return
+        peak = float(arr.abs().amax())
+    else:
+        if arr.dtype.kind != "f" or arr.dtype.itemsize <= 4 or not arr.size:
+            return
+        peak = float(np.abs(arr).max())
+    if peak > top:
+        raise ValueError(f"X holds values up to {peak:.3g}, beyond the float32 range the "
+                         f"backbone computes in ({top:.3g}); images are expected in [0, 1] "
+                         "(or uint8 in [0, 255])")
+
+
 def _channels_last_hint(shape, channels) -> str:
     if len(shape) == 4 and shape[-1] == channels:
         return "; X looks channels-last (N, H, W, C): pass X.transpose(0, 3, 1, 2)"
@@ -284,7 +302,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     Input ``X`` of shape (n_samples, C, H, W) is a numpy array, any array-like or
     a torch tensor on any device; it is never modified. uint8 input is scaled by
     1/255 (other integer types are converted to float unscaled); computation is
-    float32. 2-D input (n_samples, C) is read as (n_samples, C, 1, 1), the
+    float32. Images are expected in [0, 1] (or uint8): float64 values beyond the
+    float32 range raise ``ValueError`` rather than turning into infinity, and so
+    does a batch whose features overflow inside the network (NaN or infinity) —
+    the features returned are always finite. 2-D input (n_samples, C) is read as (n_samples, C, 1, 1), the
     convention of skanomaly's spatial detectors, so scikit-learn's common checks
     can run with a channel-agnostic backbone. CNNs are fully convolutional, so
     :meth:`transform` accepts any spatial size; only the channel count is fixed
@@ -401,8 +422,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             Unknown backbone, layer, weight name or device; weights that cannot be
             downloaded or do not match the backbone; ``layers=None`` for a
             non-ResNet backbone; a layer whose output is not a 4-D map; X not 2-D
-            or 4-D, empty, holding NaN or infinity, with a channel count the
-            backbone (or ``normalize=True``, which needs 3) cannot take.
+            or 4-D, with a zero-length axis, holding NaN or infinity or values
+            beyond the float32 range, with a channel count the backbone (or
+            ``normalize=True``, which needs 3) cannot take.
         FileNotFoundError
             If ``weights`` names a file that does not exist.
         TypeError
@@ -483,8 +505,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         Raises
         ------
         ValueError
-            If X is not 2-D or 4-D, is empty, holds NaN or infinity, or has a channel
-            count other than ``n_features_in_``.
+            If X is not 2-D or 4-D, has a zero-length axis, holds NaN or infinity or
+            values beyond the float32 range, has a channel count other than
+            ``n_features_in_``, is too small for the backbone, or if the backbone's
+            features overflow to NaN or infinity (input far outside [0, 1]).
         sklearn.exceptions.NotFittedError
             If called before ``fit``.
 
@@ -511,8 +535,22 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in starts:
                 batch = self._to_batch(X[start : start + self.batch_size], device)
-                outputs, _ = _forward_layers(model, self.layers_, batch, self._n_hook_calls)
-                maps = _embed(outputs, self.layers_).cpu().numpy()
+                try:
+                    outputs, _ = _forward_layers(model, self.layers_, batch,
+                                                 self._n_hook_calls)
+                except RuntimeError as exc:  # e.g. images too small for the backbone
+                    raise ValueError(f"the backbone failed on X[{start}:"
+                                     f"{start + len(batch)}] of shape {tuple(batch.shape)}: "
+                                     f"{exc}") from exc
+                maps = _embed(outputs, self.layers_)
+                if not bool(torch.isfinite(maps).all()):
+                    peak = float(batch.abs().amax())
+                    raise ValueError(
+                        f"the backbone's features of X[{start}:{start + len(batch)}] hold NaN "
+                        f"or infinity (float32 overflow inside the network; its input "
+                        f"reaches {peak:.3g}): images are expected in [0, 1] (or uint8 in "
+                        "[0, 255])")
+                maps = maps.cpu().numpy()
                 if features is None:
                     features = np.empty((X.shape[0], *maps.shape[1:]), dtype=np.float32)
                 features[start : start + len(maps)] = maps
@@ -537,10 +575,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             )
         if shape[0] < 1:
             raise ValueError(f"X has 0 samples (shape {shape}); at least 1 is required")
+        for axis, name in ((1, "channels"), (2, "height"), (3, "width")):
+            if axis < len(shape) and shape[axis] == 0:
+                raise ValueError(f"X has 0 {name} (axis {axis}, shape {shape}); images need "
+                                 "at least one")
         if isinstance(arr, torch.Tensor) and arr.is_floating_point():
             if not bool(torch.isfinite(arr).all()):
                 kind = "NaN" if bool(torch.isnan(arr).any()) else "infinity"
                 raise ValueError(f"Input X contains {kind}.")
+        _check_float32_range(arr)
         if not reset and shape[1] != self.n_features_in_:
             hint = _channels_last_hint(shape, self.n_features_in_)
             if hint:
