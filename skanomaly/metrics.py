@@ -64,9 +64,15 @@ __all__ = [
 
 
 def _as_numpy(x) -> np.ndarray:
-    """Return ``x`` as a numpy array; torch tensors on any device are copied to the CPU."""
+    """Return ``x`` as a numpy array; torch tensors on any device are copied to the CPU.
+
+    bfloat16, which numpy lacks, becomes float32 (exactly).
+    """
     if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x)
 
 

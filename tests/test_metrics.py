@@ -281,3 +281,32 @@ def test_inputs_not_mutated_and_read_only_ok():
     pixel_auroc(masks, maps), pro_score(masks, maps)
     for a, c in zip(arrays, copies):
         np.testing.assert_array_equal(a, c)
+
+
+def test_any_finite_scale_and_half_precision():
+    # the metrics are rank-based: scores of 1e-300 or 1e300, in any float dtype, agree
+    rng = np.random.default_rng(40)
+    y = np.r_[np.ones(30, int), -np.ones(10, int)]
+    scores = rng.normal(size=40) + (y == -1)
+    ref = roc_auc_score(y == -1, scores)
+    for scale in (1e-300, 1e300):
+        assert image_auroc(y, scores * scale) == pytest.approx(ref, abs=1e-12)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        got = image_auroc(torch.tensor(y), torch.tensor(scores).to(dtype))
+        assert got == roc_auc_score(y == -1, torch.tensor(scores).to(dtype).float().numpy())
+    masks = np.zeros((2, 5, 5), bool)
+    masks[0, 1:3, 1:3] = True
+    maps = rng.normal(size=(2, 5, 5)) + masks
+    half = torch.tensor(maps).to(torch.bfloat16)
+    assert pro_score(masks, half) == pro_score(masks, half.float().numpy())
+    assert pixel_auroc(torch.tensor(masks), half) == pytest.approx(
+        roc_auc_score(masks.ravel(), half.float().numpy().ravel()))
+
+
+def test_zero_length_maps_are_refused_clearly():
+    with pytest.raises(ValueError, match="no anomalous"):
+        pixel_auroc(np.zeros((2, 0, 4), bool), np.zeros((2, 0, 4)))
+    with pytest.raises(ValueError, match="no anomalous"):
+        pro_score(np.zeros((0, 3, 3), bool), np.zeros((0, 3, 3)))
+    with pytest.raises(ValueError, match="no anomalous"):
+        image_auroc(np.zeros(0, int), np.zeros(0))
