@@ -83,11 +83,14 @@ def _check_scores(scores, name: str, ndim: int) -> np.ndarray:
         raise TypeError(f"{name} must be real numbers, got dtype {scores.dtype}")
     if scores.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {scores.shape}")
-    if scores.dtype.kind != "f":
-        scores = scores.astype(np.float64)
+    if scores.dtype.kind != "f" or scores.dtype.itemsize < 4:
+        scores = scores.astype(np.float64)  # float16 differences overflow in the sweeps
     if not np.isfinite(scores).all():
         kind = "NaN" if np.isnan(scores).any() else "infinity"
         raise ValueError(f"{name} contains {kind}; scores must be finite")
+    if scores.dtype != np.float64 and scores.size and \
+            np.abs(scores).max() > np.finfo(scores.dtype).max / 4:
+        scores = scores.astype(np.float64)  # differences of scores would overflow
     return scores
 
 

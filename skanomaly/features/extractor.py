@@ -566,7 +566,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             if arr.is_complex():
                 raise ValueError("Complex data not supported")
         else:
-            arr = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+            # scikit-learn's finiteness test sums X first: huge finite values warn there
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
         shape = tuple(arr.shape)
         if len(shape) not in (2, 4):
             raise ValueError(

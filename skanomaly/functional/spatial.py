@@ -96,7 +96,7 @@ def gaussian_kernel1d(
     work = working_dtype(dtype)  # half precision: computed in float32, rounded at the end
     if sigma > 1e-150:
         x = torch.arange(-radius, radius + 1, dtype=work, device=device)
-        kernel = torch.exp(-0.5 / sigma**2 * x**2)  # scipy's arithmetic
+        kernel = torch.exp(-0.5 / (sigma * sigma) * x**2)  # scipy's arithmetic
     else:  # sigma**2 underflows: the same Gaussian, in float64, without 1 / sigma**2
         x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
         kernel = torch.exp(-0.5 * (x / sigma) ** 2).to(work)
