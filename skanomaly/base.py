@@ -320,9 +320,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     ``n_splits = 5`` cross-fitting (each fifth of the samples scored by a model fitted
     on the other four fifths; five extra fits). With fewer than ``2 * n_splits``
     samples, or when a fold cannot be fitted, the in-sample scores are used and a
-    :class:`CalibrationWarning` says so. :meth:`calibrate` (or :func:`skanomaly.calibrate` through a
-    :class:`~sklearn.pipeline.Pipeline`) replaces ``offset_`` with the quantile of
-    held-out normal samples.
+    :class:`CalibrationWarning` says so. :meth:`calibrate` (or
+    :func:`skanomaly.calibrate` through a :class:`~sklearn.pipeline.Pipeline`) replaces
+    ``offset_`` with the quantile of held-out normal samples.
 
     A sample's scores do not depend on the other samples scored with it, bitwise:
     scoring runs in blocks of a fixed number of samples (the last one padded), so
@@ -492,7 +492,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         if t.numel() == 0 or (self._max_abs == math.inf and self._min_max_abs == 0.0):
             return
-        largest = float(t.abs().amax())
+        low, high = torch.aminmax(t)  # a reduction: no |X|-sized temporary
+        largest = max(-float(low), float(high))
         if largest > self._max_abs:
             raise ValueError(
                 f"X holds values up to {largest:.3g}: {type(self).__name__} computes "

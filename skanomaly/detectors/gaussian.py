@@ -194,8 +194,9 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     :meth:`score_samples` is minus the squared Mahalanobis distance, exactly
     ``-LedoitWolf().fit(X).mahalanobis(X)`` by default (``EmpiricalCovariance`` with
     ``shrinkage=None``, ``ShrunkCovariance`` with a float); scikit-learn's
-    ``EllipticEnvelope`` uses the same convention. The covariance is the maximum-likelihood estimate (divided by
-    ``n_samples``, not ``n_samples - 1``) to follow scikit-learn's covariance estimators.
+    ``EllipticEnvelope`` uses the same convention. The covariance is the maximum-likelihood
+    estimate (divided by ``n_samples``, not ``n_samples - 1``) to follow scikit-learn's
+    covariance estimators.
 
     Statistics accumulate in float64 with a mergeable moment accumulator (Chan et al.
     updates), plus ``sum ||x - c||**4`` and ``sum ||x - c||**2 (x - c)`` about a fixed
