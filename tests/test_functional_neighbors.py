@@ -456,3 +456,18 @@ def test_exact_distances_do_not_depend_on_the_block_shape():
         assert torch.equal(one[0][0], d[row]) and torch.equal(one[1][0], i[row])
     np.testing.assert_allclose(d.double().numpy() ** 2, np.sort(_brute_sq(
         queries.double().numpy(), bank.double().numpy()), 1), rtol=1e-5)
+
+
+def test_exhaustive_pass_gives_the_candidate_pass_bits(monkeypatch):
+    # with no extra candidate the bound can never certify: every query goes exhaustive
+    import skanomaly.functional.neighbors as module
+
+    gen = torch.Generator().manual_seed(8)
+    bank, queries = torch.randn(500, 48, generator=gen), torch.randn(30, 48, generator=gen)
+    bank[7] = bank[3]  # an exact tie, to the smaller index in both passes
+    queries[0] = bank[3]
+    want = KNNIndex(bank).search(queries, 3, squared=True)
+    monkeypatch.setattr(module, "_EXTRA", 0)
+    got = KNNIndex(bank).search(queries, 3, squared=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want[1][0, :2].tolist() == [3, 7]

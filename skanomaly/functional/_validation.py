@@ -134,8 +134,15 @@ def ldexp(x: torch.Tensor, exponent) -> torch.Tensor:
 
 
 def frexp_exponent(peak: torch.Tensor) -> torch.Tensor:
-    """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e``, ``0.5 <= f < 1``; 0 for 0), int64."""
-    return torch.frexp(peak).exponent.to(torch.int64)
+    """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e``, ``0.5 <= f < 1``; 0 for 0), int64.
+
+    Computed on the CPU for devices without ``torch.frexp`` (``peak`` is small: a
+    maximum per row or per matrix).
+    """
+    try:
+        return torch.frexp(peak).exponent.to(torch.int64)
+    except (NotImplementedError, RuntimeError):
+        return torch.frexp(peak.cpu()).exponent.to(device=peak.device, dtype=torch.int64)
 
 
 def max_abs_exponent(x: torch.Tensor) -> int:

@@ -25,6 +25,7 @@ from ._validation import (
     check_positive_int,
     frexp_exponent,
     ldexp,
+    max_abs_exponent,
     working_dtype,
 )
 
@@ -34,10 +35,9 @@ _CPU_BLOCK_BYTES = 16 * 2**20  # one (query chunk, bank tile) block of distances
 _CPU_TILE = 4096  # bank rows per block on the CPU (faiss' IndexFlatL2 uses 1024)
 _DEVICE_BLOCK_BYTES = 256 * 2**20  # accelerators: whole bank per block, bounded memory
 _EXTRA = 3  # candidates kept per query beyond n_neighbors
-_PAIR_BLOCK_ELEMENTS = 2**20  # entries of one fixed-shape block of exact differences
-_MAX_PAIR_ROWS = 8192
+_PAIR_BLOCK_ELEMENTS = 2**21  # entries of one fixed-shape block of exact differences
+_MAX_PAIR_ROWS = 1024  # small widths: a block of at most 1,024 rows (single-threaded sizes)
 _FAR_EXPONENT = 40  # queries beyond 2**40 x the bank's largest entry: exact pass only
-_FALLBACK_PAIRS = 2**20  # (query, bank row) pairs per group of the exhaustive pass
 
 
 def _input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
@@ -389,11 +389,15 @@ class KNNIndex:
             return (torch.empty(0, k, dtype=dtype, device=self.device),
                     torch.empty(0, k, dtype=torch.long, device=self.device))
         q = queries.to(dtype)
+        exponents = None  # per-query exponent of the result, where some query is far
+        if max_abs_exponent(q) <= self._exponent + _FAR_EXPONENT:  # no query is far
+            scaled = ldexp(q, -self._exponent)
+            best, where = self._search_near(prepared, scaled, labels, k, chunk, tile)
+            return self._unscale(best, exponents, squared), where
         peak = q.abs().amax(1)
         far = (peak > 0) & (frexp_exponent(peak) > self._exponent + _FAR_EXPONENT)
         best = torch.empty(m, k, dtype=dtype, device=self.device)
         where = torch.empty(m, k, dtype=torch.long, device=self.device)
-        exponents = None  # per-query exponent of the result, where some query is far
         if bool(far.any()):
             near_rows = (~far).nonzero()[:, 0]
             far_rows = far.nonzero()[:, 0]
@@ -437,22 +441,25 @@ class KNNIndex:
                 theta = ((approx[:, k - 1] + bound) * (1 + rho) + slack) / (1 - rho)
                 theta = (theta + bound + slack) * (1 + 16 * eps)
                 complete = approx[:, top - 1] > theta
+        if bool(complete.all()):  # the usual case: no gathers
+            return self._exact_candidates(prepared, scaled, approx, cand, k)
         best = torch.empty(m, k, dtype=dtype, device=scaled.device)
         where = torch.empty(m, k, dtype=torch.long, device=scaled.device)
         done = complete.nonzero()[:, 0]
         if done.numel():
-            cand_done = cand[done]
-            invalid = ~torch.isfinite(approx[done])  # placeholders and excluded rows
-            rows = done.repeat_interleave(top)
-            cols = cand_done.masked_fill(invalid, 0).reshape(-1)
-            r = self._pair_sq(scaled, rows, prepared.bank, cols).view(-1, top)
-            r.masked_fill_(invalid, math.inf)
-            best[done], where[done] = _select(r, cand_done, k)
+            best[done], where[done] = self._exact_candidates(
+                prepared, scaled.index_select(0, done), approx[done], cand[done], k)
         rest = (~complete).nonzero()[:, 0]
         if rest.numel():
             g = None if labels is None else labels[rest]
             best[rest], where[rest] = self._exhaustive(prepared.bank, scaled[rest], g, k)
         return best, where
+
+    def _exact_candidates(self, prepared: _Prepared, scaled, approx, cand, k):
+        """(r, idx): the k best candidates by exact distance, then index."""
+        invalid = ~torch.isfinite(approx)  # placeholders and excluded rows
+        r = self._candidate_sq(scaled, prepared.bank, cand.masked_fill(invalid, 0))
+        return _select(r.masked_fill_(invalid, math.inf), cand, k)
 
     def _candidates(self, prepared: _Prepared, scaled, labels, top, chunk, tile):
         """The ``top`` smallest approximate squared distances by blocked GEMM."""
@@ -478,49 +485,69 @@ class KNNIndex:
             found[0].add_(q_sq[start : start + rows, None])
         return values, indices, q_sq
 
-    def _pair_sq(self, q_src, q_rows, b_src, b_rows) -> torch.Tensor:
-        """``sum((q_src[q_rows[p]] - b_src[b_rows[p]])**2)`` per pair ``p``, shape-stable.
+    def _candidate_sq(self, queries, bank, candidates) -> torch.Tensor:
+        """``sum((queries[i] - bank[candidates[i, j]])**2)``, (m, top), shape-stable.
 
-        Computed in blocks of exactly ``self._rows`` pairs (the last padded by
-        repeating its last pair), so each value depends on its two rows only.
+        Every sum is taken over a block of exactly ``self._rows`` differences (the rest
+        of the last block zeros), so each value depends on its two rows only.
         """
-        n_pairs, rows = q_rows.shape[0], self._rows
-        pad = -n_pairs % rows
-        if pad:
-            q_rows = torch.cat((q_rows, q_rows[-1:].expand(pad)))
-            b_rows = torch.cat((b_rows, b_rows[-1:].expand(pad)))
-        out = torch.empty(n_pairs + pad, dtype=q_src.dtype, device=q_src.device)
-        shape = (rows, q_src.shape[1])
-        buf_q = torch.empty(shape, dtype=q_src.dtype, device=q_src.device)
-        buf_b = torch.empty_like(buf_q)
-        for start in range(0, n_pairs + pad, rows):
-            torch.index_select(q_src, 0, q_rows[start : start + rows], out=buf_q)
-            torch.index_select(b_src, 0, b_rows[start : start + rows], out=buf_b)
-            torch.sum(buf_q.sub_(buf_b).square_(), 1, out=out[start : start + rows])
-        return out[:n_pairs]
+        m, top = candidates.shape
+        rows, d = self._rows, bank.shape[1]
+        per = max(1, rows // top)  # queries per block
+        buf = bank.new_zeros(rows, d)
+        pairs = buf[: per * top].view(per, top, d)
+        gathered = bank.new_empty(per * top, d)
+        out = bank.new_empty(m, top)
+        for start in range(0, m, per):
+            n = min(per, m - start)
+            picked = torch.index_select(bank, 0, candidates[start : start + n].reshape(-1),
+                                        out=gathered[: n * top])
+            torch.sub(queries[start : start + n, None], picked.view(n, top, d), out=pairs[:n])
+            if n < per:
+                pairs[n:].zero_()
+            out[start : start + n] = _block_sq_sums(buf)[: n * top].view(n, top)
+        return out
 
     def _exhaustive(self, bank, scaled, labels, k):
-        """(r, idx): every bank row's exact distance, the k best by (distance, index)."""
-        n_bank = bank.shape[0]
-        m, device = scaled.shape[0], scaled.device
-        best = torch.empty(m, k, dtype=scaled.dtype, device=device)
-        where = torch.empty(m, k, dtype=torch.long, device=device)
-        per_group = max(1, _FALLBACK_PAIRS // n_bank)
-        cols = torch.arange(n_bank, device=device)
-        for start in range(0, m, per_group):
-            stop = min(m, start + per_group)
-            rows = torch.arange(start, stop, device=device).repeat_interleave(n_bank)
-            r = self._pair_sq(scaled, rows, bank, cols.repeat(stop - start))
-            r = r.view(stop - start, n_bank)
+        """(r, idx): every bank row's exact distance, the k best by (distance, index).
+
+        The sums are taken over blocks of exactly ``self._rows`` differences, as in
+        :meth:`_candidate_sq`, so both give the same value for the same two rows.
+        """
+        n_bank, d = bank.shape
+        m, rows = scaled.shape[0], self._rows
+        best = bank.new_empty(m, k)
+        where = torch.empty(m, k, dtype=torch.long, device=bank.device)
+        buf = bank.new_zeros(rows, d)
+        per = rows // n_bank  # queries per block, when the bank fits in one
+        for start in range(0, m, max(1, per)):
+            if per:
+                n = min(per, m - start)
+                pairs = buf[: per * n_bank].view(per, n_bank, d)
+                torch.sub(scaled[start : start + n, None], bank, out=pairs[:n])
+                if n < per:
+                    pairs[n:].zero_()
+                r = _block_sq_sums(buf)[: n * n_bank].view(n, n_bank)
+            else:
+                n = 1
+                r = bank.new_empty(1, n_bank)
+                for j in range(0, n_bank, rows):
+                    t = min(rows, n_bank - j)
+                    torch.sub(scaled[start : start + 1], bank[j : j + t], out=buf[:t])
+                    if t < rows:
+                        buf[t:].zero_()
+                    r[0, j : j + t] = _block_sq_sums(buf)[:t]
             if labels is not None:
-                r.masked_fill_(labels[start:stop, None] == self._groups, math.inf)
+                r.masked_fill_(labels[start : start + n, None] == self._groups, math.inf)
             r, order = torch.sort(r, dim=1, stable=True)  # ties: smaller index first
-            best[start:stop], where[start:stop] = r[:, :k], order[:, :k]
+            best[start : start + n], where[start : start + n] = r[:, :k], order[:, :k]
         return best, where
 
     def _unscale(self, r, exponents, squared: bool) -> torch.Tensor:
         """Squared distances ``r`` in the scaled units back to the caller's units."""
-        if exponents is None:
+        if exponents is None and self._exponent == 0:
+            out = r if squared else r.sqrt()  # r is already a fresh tensor
+        elif exponents is None:
             out = ldexp(r, 2 * self._exponent) if squared else ldexp(r.sqrt(), self._exponent)
         else:
             e = exponents[:, None]
@@ -531,6 +558,15 @@ class KNNIndex:
             raise ValueError(f"{what} exceed the range of {out.dtype} (largest "
                              f"{torch.finfo(out.dtype).max:.3g}); use {hint}")
         return out
+
+
+def _block_sq_sums(buf: torch.Tensor) -> torch.Tensor:
+    """Row sums of squares of a (rows, d) block of differences, squared in place.
+
+    The one reduction behind every distance :class:`KNNIndex` returns: always on a
+    contiguous block of the index's fixed shape, whatever the batch.
+    """
+    return torch.sum(buf.square_(), 1)
 
 
 def _select(r: torch.Tensor, indices: torch.Tensor, k: int):
