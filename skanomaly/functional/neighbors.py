@@ -161,14 +161,23 @@ class KNNIndex:
     (``eps = 2u``: about twice the derived constant, to cover the norms
     being computed too; the ``tiny`` term covers underflow; float32 products
     that may round their inputs to TF32 or bfloat16 add ``4 u_in`` to the
-    factor). The returned distance ``r_j`` (below) has relative error at most
-    ``rho = (n + 8) eps`` (``gamma_{n+2}`` with margin), again plus an
-    underflow term. Every row ``j`` among the k best by ``r`` then satisfies
-    ``a_j <= theta = ((a_(k) + E)(1 + rho) + n tiny) / (1 - rho) + E + n tiny``,
-    ``a_(k)`` the k-th smallest candidate value: so if the K-th candidate
-    exceeds ``theta`` no row outside the candidates can be among the k best,
-    and the candidate set is complete. Otherwise (near-ties at the k-th
-    neighbour, e.g. duplicated bank rows) the query is searched exhaustively.
+    factor; ``|x|.|y| <= ||x|| ||y||`` by Cauchy-Schwarz). The returned
+    distance ``r_j`` (below) has relative error at most ``rho = (n + 8) eps``
+    (``gamma_{n+2}`` with margin: one rounding per difference, square and
+    addition of non-negative terms), plus ``n tiny`` for underflow:
+    ``|r_j - t_j| <= rho t_j + n tiny``. Let ``a_(k)`` be the k-th smallest
+    candidate value. The k rows of smallest ``a`` have
+    ``r_j <= (1 + rho)(a_(k) + E) + n tiny``, so the k-th smallest ``r`` of
+    the bank, ``r*``, is at most that too; and every row among the k best by
+    ``r`` has ``r_j <= r*``, hence ``t_j <= (r_j + n tiny) / (1 - rho)`` and
+
+    ``a_j <= t_j + E <= theta = ((a_(k) + E)(1 + rho) + 2 n tiny) / (1 - rho) + E``
+
+    (evaluated with a relative margin of ``16 eps`` for its own rounding). If
+    the K-th candidate exceeds ``theta``, no row outside the candidates (all
+    of which have ``a`` at least the K-th) can be among the k best: the
+    candidate set is complete. Otherwise (near-ties at the k-th neighbour,
+    e.g. duplicated bank rows) the query is searched exhaustively.
 
     **Exact distances.** The distances of the candidates (or, exhaustively,
     of every bank row) are recomputed as ``sum((q - b)**2)`` on the scaled,
@@ -438,8 +447,8 @@ class KNNIndex:
                 bound = factor * (q_sq.sqrt() + prepared.max_norm).square()
                 bound += 4 * (n_features + 8) * tiny
                 slack = n_features * tiny
-                theta = ((approx[:, k - 1] + bound) * (1 + rho) + slack) / (1 - rho)
-                theta = (theta + bound + slack) * (1 + 16 * eps)
+                theta = ((approx[:, k - 1] + bound) * (1 + rho) + 2 * slack) / (1 - rho)
+                theta = (theta + bound) * (1 + 16 * eps)
                 complete = approx[:, top - 1] > theta
         if bool(complete.all()):  # the usual case: no gathers
             return self._exact_candidates(prepared, scaled, approx, cand, k)
