@@ -80,11 +80,15 @@ def test_cov_matches_numpy(p):
         with pytest.raises(ValueError, match="weights sum to zero"):
             cov(tm, ty, **kw, **tw)
         return
-    # numpy (uniquely) reads a (1, k) ``y`` with rowvar=False as one variable; the
-    # reference stacks the variables itself so both read ``y`` like ``m``.
-    quirk = y is not None and y.ndim == 2 and not p["rowvar"] and y.shape[0] == 1
-    ref_args = (np.vstack([np.atleast_2d(p["data"]), np.atleast_2d(p["y"])]), None) if quirk \
-        else (m, y)
+    # numpy (uniquely) reads a (1, k) ``y`` with rowvar=False as one variable, and before
+    # numpy 2.2 a (1, k) ``m`` too; the reference stacks the variables itself so that it
+    # reads them as ``cov`` does.
+    quirk = not p["rowvar"] and (
+        (y is not None and y.ndim == 2 and y.shape[0] == 1)
+        or (m.ndim == 2 and m.shape[0] == 1
+            and np.lib.NumpyVersion(np.__version__) < "2.2.0"))
+    ref_args = (np.vstack([np.atleast_2d(a) for a in (p["data"], p["y"]) if a is not None]),
+                None) if quirk else (m, y)
     ref_kw = dict(kw, rowvar=True) if quirk else kw
     # Reference in float64 from the same (float32 or float64) data.
     ref, out, warned = _run_both(

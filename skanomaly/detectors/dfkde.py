@@ -74,8 +74,8 @@ class DFKDEDetector(BaseDetector):
     ----------
     n_components_ : int
         Principal components kept (see ``n_components``).
-    pca_components_ : ndarray of shape (n_components_, n_features)
-        Principal axes of the training points.
+    pca_components_ : ndarray of shape (k, n_features)
+        Principal axes of the training points (``k = n_components_``).
     pca_mean_ : ndarray of shape (n_features,)
         Mean of the training points.
     scale_ : float
@@ -84,8 +84,8 @@ class DFKDEDetector(BaseDetector):
         undone in every reported quantity, so that any finite scale works.
     max_length_ : float
         Largest norm of a training point in PCA space (``feature_scaling="scale"`` only).
-    dataset_ : ndarray of shape (n_training_points, n_components_)
-        The kernel centres: training points after PCA and scaling.
+    dataset_ : ndarray of shape (n_training_points, k)
+        The kernel centres: training points after PCA and scaling (``k = n_components_``).
     input_shape_ : tuple of int
         Per-sample shape seen in ``fit``: ``(n_features, 1, 1)`` for 2-D input.
     n_features_in_ : int
@@ -93,8 +93,8 @@ class DFKDEDetector(BaseDetector):
     offset_ : float
         Threshold on :meth:`score_samples` (see :class:`BaseDetector`).
     calibration_ : str
-        ``"leave-one-out"`` after ``fit`` (see Notes); ``"held-out"`` after
-        :meth:`calibrate`.
+        ``"leave-one-out"`` after ``fit``, or ``"cross-fit"`` with fewer than ten KDE
+        points per feature (see Notes); ``"held-out"`` after :meth:`calibrate`.
 
     Raises
     ------
@@ -162,10 +162,10 @@ class DFKDEDetector(BaseDetector):
     >>> import numpy as np
     >>> from skanomaly.detectors import DFKDEDetector
     >>> rng = np.random.default_rng(0)
-    >>> X = rng.normal(size=(200, 32))
+    >>> X = rng.normal(size=(400, 32))
     >>> det = DFKDEDetector(n_components=4, random_state=0, device="cpu").fit(X)
     >>> det.dataset_.shape, det.calibration_
-    ((200, 4), 'leave-one-out')
+    ((400, 4), 'leave-one-out')
     >>> bool(det.score_samples(X[:1] + 8.0)[0] < det.score_samples(X).min())
     True
     >>> maps = rng.normal(size=(50, 32, 3, 3))  # pooled to (50, 32)

@@ -126,6 +126,8 @@ class _IncrementalMixin:
         try:
             return self._leave_one_out(X), "leave-one-out"
         except ValueError as exc:
+            if X.shape[0] == self.n_samples_seen_:  # X is the whole training set
+                return self._cross_fitted_scores(X)
             return self._in_sample_scores(X, f"no leave-one-out scores ({exc})")
 
 

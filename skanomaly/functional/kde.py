@@ -176,6 +176,8 @@ class GaussianKDE:
         x = _as_samples(dataset, "dataset")
         n_samples, n_features = x.shape
         check_min_samples(n_samples, 2, "dataset")
+        if n_features == 0:
+            raise ValueError(f"dataset has no features (shape {tuple(x.shape)})")
         if n_samples <= n_features:
             raise ValueError(
                 f"dataset has {n_samples} samples for {n_features} features: its covariance "

@@ -61,9 +61,7 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     Returns
     -------
     Tensor of shape (m, B...)
-        Leave-one-out (squared) distances in float64 (float32 on MPS). ``+inf`` where
-        the model without the sample is singular (``1 - c q <= 0``: the sample alone
-        spans a direction of the data and no ridge or shrinkage fills it).
+        Leave-one-out (squared) distances in float64 (float32 on MPS).
 
     Raises
     ------
@@ -71,8 +69,11 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
         If an input is not a tensor.
     ValueError
         If the shapes do not match, an input holds NaN or infinity, ``n_samples`` is
-        below ``ddof + 2``, ``shrinkage`` is outside [0, 1] or ``reg`` negative, or
-        ``A`` is singular (no ridge or shrinkage and ``W`` is rank-deficient).
+        below ``ddof + 2``, ``shrinkage`` is outside [0, 1] or ``reg`` negative, if
+        ``A`` is singular (no ridge or shrinkage and ``W`` is rank-deficient), if the
+        model without some sample is singular (``1 - c q <= 0``: the sample alone spans a
+        direction of the data and no ridge or shrinkage fills it), or if a distance
+        overflows float64.
 
     Notes
     -----
@@ -133,8 +134,10 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     ridge = torch.as_tensor(target, dtype=work, device=x.device) * s + reg  # (B...) or ()
     r = x - mean  # (m, B..., d)
     if s == 1.0:  # Sigma_i = (t + reg) I: no scatter left to downdate
-        d2 = c * c * r.square().sum(-1) / ridge
-        return d2 if squared else d2.sqrt()
+        if not bool((ridge > 0).all()):
+            raise ValueError("shrinkage=1 towards a zero target without reg: the "
+                             "leave-one-out covariance is zero")
+        return _finish(c * c * r.square().sum(-1) / ridge, squared)
     a_loo = (1.0 - s) / (n - 1 - ddof)
     a = scatter.clone()
     a.diagonal(dim1=-2, dim2=-1).add_((ridge / a_loo)[..., None] if ridge.ndim else
@@ -150,6 +153,13 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     z = torch.linalg.solve_triangular(factor.reshape(p, d, d), rhs, upper=False)
     q = z.square().sum(1).mT.reshape(r.shape[:-1])  # (m, B...)
     denom = 1.0 - c * q
-    d2 = torch.where(denom > 0, (c * c / a_loo) * q / denom.clamp(min=torch.finfo(work).tiny),
-                     torch.full_like(q, math.inf))
+    if not bool((denom > 8 * torch.finfo(work).eps).all()):
+        raise ValueError("the model without some sample is singular: that sample alone spans "
+                         "a direction of the data (add shrinkage or reg)")
+    return _finish((c * c / a_loo) * q / denom, squared)
+
+
+def _finish(d2: torch.Tensor, squared: bool) -> torch.Tensor:
+    if not bool(torch.isfinite(d2).all()):
+        raise ValueError("leave-one-out distances overflow float64: rescale the data")
     return d2 if squared else d2.sqrt()
