@@ -353,18 +353,35 @@ def test_verbose_progress_bar(images, capsys):
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch
-def test_import_without_torchvision():
+def test_import_without_torchvision_or_timm():
     code = (
-        "import sys; sys.modules['torchvision'] = None\n"
+        "import sys; sys.modules['torchvision'] = sys.modules['timm'] = None\n"
         "import numpy as np, torch, skanomaly.features as f\n"
         "X = np.zeros((1, 3, 8, 8), np.float32)\n"
         "f.FeatureExtractor(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)), ['0']).fit(X)\n"
-        "try:\n    f.FeatureExtractor('resnet18').fit(X)\n"
-        "except ImportError as e:\n    print('ImportError', e)\n"
+        "for name in ('resnet18', 'timm/tf_efficientnet_lite0'):\n"
+        "    try:\n        f.FeatureExtractor(name).fit(X)\n"
+        "    except ImportError as e:\n        print('ImportError', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "ImportError" in out.stdout and "needs torchvision" in out.stdout
+    assert "needs torchvision" in out.stdout and "needs timm" in out.stdout
+    assert out.stdout.count("ImportError") == 2
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_timm_is_imported_only_for_a_timm_backbone():
+    code = (
+        "import sys, numpy as np, skanomaly, skanomaly.cli, skanomaly.features as f\n"
+        "X = np.zeros((1, 3, 32, 32), np.float32)\n"
+        "f.FeatureExtractor('resnet18', random_state=0).fit(X)\n"
+        "print('timm' in sys.modules)\n"
+        "f.FeatureExtractor('timm/tf_efficientnet_lite0', random_state=0).fit(X)\n"
+        "print('timm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
 
 
 # --------------------------------------------------------------------------- finite in, finite out

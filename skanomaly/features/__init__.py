@@ -1,5 +1,8 @@
-"""Backbone feature extraction as a scikit-learn transformer (torchvision imported lazily)."""
+"""Backbone feature extraction as a scikit-learn transformer (torchvision and timm
+imported lazily), and pretrained weights that ship in an installed package."""
 
 from .extractor import FeatureExtractor
+from .pretrained import EFFICIENTNET_LITE0_IMAGENET, PACKAGED_WEIGHTS, PackagedWeights
 
-__all__ = ["FeatureExtractor"]
+__all__ = ["FeatureExtractor", "EFFICIENTNET_LITE0_IMAGENET", "PACKAGED_WEIGHTS",
+           "PackagedWeights"]
