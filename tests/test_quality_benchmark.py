@@ -15,7 +15,8 @@ from sklearn.neighbors import KernelDensity
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skanomaly.datasets import load_breast_cancer_outliers
+from skanomaly.datasets import load_breast_cancer_outliers, load_textures
+from skanomaly.features import FeatureExtractor
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -38,16 +39,21 @@ def test_quick_run_writes_table(quality, tmp_path, capsys):
         "--detectors", "padim", "isolation_forest", "--device", "cpu",
         "--output", str(tmp_path),
     ])
-    assert [(r.dataset, r.detector) for r in rows] == [
-        ("breast_cancer", "padim"), ("breast_cancer", "isolation_forest"),
-        ("textures_brick", "padim"), ("textures_brick", "isolation_forest"),
+    # tabular data once; images once per feature set, pretrained beside random
+    assert [(r.dataset, r.features, r.detector) for r in rows] == [
+        ("breast_cancer", None, "padim"), ("breast_cancer", None, "isolation_forest"),
+        ("textures_brick", "pretrained", "padim"),
+        ("textures_brick", "pretrained", "isolation_forest"),
+        ("textures_brick", "random", "padim"), ("textures_brick", "random", "isolation_forest"),
     ]
     for r in rows:
         assert r.error is None and r.skipped is None
         assert 0.0 <= r.auroc <= 1.0 and 0.0 <= r.average_precision <= 1.0
         assert r.fit_s >= 0 and r.score_s >= 0
-    pixel = {r.detector: r.pixel_auroc for r in rows if r.dataset == "textures_brick"}
-    assert 0.0 <= pixel["padim"] <= 1.0 and pixel["isolation_forest"] is None
+    for features in ("pretrained", "random"):
+        pixel = {r.detector: r.pixel_auroc for r in rows
+                 if r.dataset == "textures_brick" and r.features == features}
+        assert 0.0 <= pixel["padim"] <= 1.0 and pixel["isolation_forest"] is None
 
     # the protocol's breast-cancer IsolationForest row, recomputed with scikit-learn
     data = load_breast_cancer_outliers(random_state=0)
@@ -55,14 +61,33 @@ def test_quick_run_writes_table(quality, tmp_path, capsys):
     expected = roc_auc_score(data.y_test == -1, -model.score_samples(data.X_test))
     assert rows[1].auroc == pytest.approx(expected)
 
+    # the brick IsolationForest rows, recomputed from each feature set's pooled maps
+    textures = load_textures("brick", n_train=20, n_test=16, image_size=32, random_state=0)
+    for row, params in ((rows[3], dict(backbone="timm/tf_efficientnet_lite0",
+                                       layers=["blocks.1", "blocks.2", "blocks.3"],
+                                       weights="efficientnet-lite0-imagenet")),
+                        (rows[5], dict(backbone="resnet18",
+                                       layers=["layer1", "layer2", "layer3"]))):
+        fe = FeatureExtractor(**params, random_state=0, device="cpu").fit(textures.X_train)
+        pooled_train = fe.transform(textures.X_train).mean(axis=(2, 3))
+        pooled_test = fe.transform(textures.X_test).mean(axis=(2, 3))
+        forest = make_pipeline(StandardScaler(), IsolationForest(random_state=0))
+        scores = -forest.fit(pooled_train).score_samples(pooled_test)
+        assert row.auroc == pytest.approx(roc_auc_score(textures.y_test == -1, scores))
+
     (md,) = tmp_path.glob("quality-*-quick.md")
     (js,) = tmp_path.glob("quality-*-quick.json")
     table = md.read_text()
-    assert "randomly initialised backbone" in table
-    assert f"| breast_cancer | isolation_forest | scikit-learn | {expected:.3f} |" in table
+    assert "randomly initialised backbone" in table and "efficientnet-lite0-imagenet" in table
+    assert "## Pretrained against random image features" in table
+    assert "| detector | textures_brick pre | textures_brick rnd |" in table
+    assert f"| breast_cancer |  | isolation_forest | scikit-learn | {expected:.3f} |" in table
     payload = json.loads(js.read_text())
-    assert len(payload["rows"]) == 4 and payload["machine"]["cpu_cores"] >= 1
-    assert payload["settings"]["weights"] is None
+    assert len(payload["rows"]) == 6 and payload["machine"]["cpu_cores"] >= 1
+    assert list(payload["settings"]["features"]) == ["pretrained", "random"]
+    assert payload["settings"]["features"]["random"]["params"]["weights"] is None
+    assert payload["datasets"]["textures_brick pre"]["shape"] == "144x8x8"
+    assert payload["datasets"]["textures_brick rnd"]["shape"] == "448x8x8"
     assert "written:" in capsys.readouterr().out
 
 
