@@ -108,6 +108,19 @@ def test_coreset_is_k_center_greedy(maps, ratio):
     np.testing.assert_array_equal(det.memory_bank_, patches[expected].numpy())
 
 
+@pytest.mark.parametrize("cap", [1, 7, 1000])
+def test_max_bank_size_caps_the_one_shot_coreset(maps, cap):
+    train, _ = maps
+    det = PatchCoreDetector(coreset_sampling_ratio=0.25, max_bank_size=cap, random_state=3,
+                            device="cpu").fit(train)
+    patches = _torch_patches(train)
+    n_centers = min(cap, int(len(patches) * 0.25))
+    expected = k_center_greedy(patches, n_centers, generator=make_generator(3))
+    np.testing.assert_array_equal(det.coreset_indices_, expected.numpy())
+    np.testing.assert_array_equal(det.memory_bank_, patches[expected].numpy())
+    assert det.n_samples_seen_ == len(train)
+
+
 def test_coreset_uses_projection_when_it_reduces_dimension():
     X = np.random.default_rng(0).normal(size=(2, 128, 3, 3))
     det = PatchCoreDetector(coreset_sampling_ratio=0.5, random_state=5, device="cpu").fit(X)
@@ -159,7 +172,8 @@ def test_2d_input_and_no_mutation():
 
 @pytest.mark.parametrize("params", [{"coreset_sampling_ratio": 0.0}, {"n_neighbors": 0},
                                     {"projection_eps": 1.0}, {"coreset_sampling_ratio": 1.5},
-                                    {"patch_size": 0}, {"patch_size": 2}])
+                                    {"patch_size": 0}, {"patch_size": 2},
+                                    {"max_bank_size": 0}, {"max_bank_size": 2.5}])
 def test_invalid_parameters_raise(maps, params):
     with pytest.raises(ValueError):
         PatchCoreDetector(device="cpu", **params).fit(maps[0])
