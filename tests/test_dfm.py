@@ -84,6 +84,12 @@ def test_nll_matches_anomalib_formula_and_scipy(maps, device):
     np.testing.assert_allclose(-det.score_samples(test), -2 * logpdf - k * np.log(2 * np.pi),
                                rtol=1e-8)
     np.testing.assert_allclose(det.gaussian_mean_, mean, atol=1e-10)
+    # the covariance of the PCA coordinates, exactly diagonal (from the singular values)
+    covariance = np.cov(z_train.T, bias=True)
+    np.testing.assert_allclose(det.gaussian_covariance_, covariance,
+                               atol=1e-10 * covariance.max())
+    assert np.count_nonzero(det.gaussian_covariance_ - np.diag(np.diag(
+        det.gaussian_covariance_))) == 0
 
 
 def test_nll_has_no_anomaly_map(maps):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 
-from ..base import BaseDetector, BaseSpatialDetector
+from ..base import BaseDetector, BaseSpatialDetector, _quantile_offset, _to_numpy
 from ..functional import (
     PCAFit,
-    cov,
     mahalanobis,
     pca_fit,
     pca_inverse_transform,
@@ -19,10 +21,73 @@ from ..functional import (
     regularized_cholesky,
     upsample_bilinear,
 )
-from ..functional._validation import all_finite
+from ..functional._validation import all_finite, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
+from ..functional.decomposition import _resolve_n_components
 
 __all__ = ["DFMDetector"]
+
+#: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
+_OFFSET_RECORD = 2048
+
+
+def _record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
+    """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
+    scores = _to_numpy(anomaly_scores).astype(np.float64)
+    return np.stack([scores, np.full_like(scores, n_model)], axis=1)
+
+
+def _merge_moments(a, b):
+    """Count, mean and factorised centred scatter of two sets of samples together.
+
+    ``a`` and ``b`` are ``(n, mean, root)``: a count, a mean (d,) and a root ``R`` of the
+    centred scatter, ``R.T @ R = sum (x - mean)(x - mean)^T`` (the centred samples
+    themselves, or ``diag(s) @ vt``). Returns ``(n, mean, s, vt)`` with ``vt`` (r, d)
+    orthonormal rows by decreasing ``s`` (r,), ``r = min(n, d)``, such that the scatter
+    of the union is ``vt.T @ diag(s**2) @ vt``: the thin SVD of the centred union, as
+    :func:`~skanomaly.functional.pca_fit` computes it (signs included), from the update
+    of Chan, Golub & LeVeque, ``M2 = M2_a + M2_b + n_a n_b / n delta delta^T``, in
+    factorised form (the rows ``R_a``, ``R_b`` and ``sqrt(n_a n_b / n) delta`` stacked,
+    then one SVD at unit scale, an exact power of two).
+    """
+    (n_a, mean_a, root_a), (n_b, mean_b, root_b) = a, b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    stacked = torch.cat([root_a, root_b, (delta * math.sqrt(n_a * n_b / n))[None]])
+    exponent = max_abs_exponent(stacked)
+    try:
+        _, s, vt = torch.linalg.svd(ldexp(stacked, -exponent), full_matrices=False)
+    except torch.linalg.LinAlgError as exc:  # pragma: no cover - LAPACK non-convergence
+        raise ValueError(f"the SVD of the merged moments did not converge ({exc})") from exc
+    r = min(n, stacked.shape[1])
+    s, vt = ldexp(s[:r], exponent), vt[:r]
+    rows = torch.arange(r, device=vt.device)
+    # row-major, as pca_fit's: the layout of the components changes the matrix products'
+    # kernels, and with them the bits of the scores (batch invariance)
+    vt = (vt * torch.sign(vt[rows, vt.abs().argmax(1)])[:, None]).contiguous()
+    return n, mean_a + delta * (n_b / n), s, vt
+
+
+def _pca_from_moments(n: int, mean, s, vt, n_components) -> PCAFit:
+    """The PCA of ``n`` samples from their factorised moments, as :func:`pca_fit`'s.
+
+    ``s`` and ``vt`` hold every component (``min(n, d)``); variances are
+    ``s**2 / (n - 1)``, computed at unit scale (an exact power of two) so that no
+    square overflows on the way, and ``n_components`` is resolved as scikit-learn does.
+    """
+    exponent = max_abs_exponent(s)
+    variance = ldexp(s, -exponent).square() / (n - 1)
+    total = variance.sum()
+    ratio = variance / total if bool(total > 0) else torch.zeros_like(variance)
+    k = _resolve_n_components(n_components, ratio, s.shape[0])
+    noise = variance[k:].mean() if k < variance.shape[0] else variance.new_zeros(())
+    variance, noise = ldexp(variance, 2 * exponent), ldexp(noise, 2 * exponent)
+    if not (all_finite(variance) and all_finite(noise)):
+        raise ValueError(f"the variances (squared singular values / (n - 1)) exceed the "
+                         f"range of {variance.dtype}; rescale the features")
+    return PCAFit(components=vt[:k].contiguous(), explained_variance=variance[:k].clone(),
+                  explained_variance_ratio=ratio[:k].clone(), singular_values=s[:k].clone(),
+                  mean=mean, n_components=k, noise_variance=noise)
 
 
 def _check_pca_rank(fit: PCAFit, n_samples: int, n_features: int, model: str) -> None:
@@ -104,7 +169,10 @@ class DFMDetector(BaseSpatialDetector):
         Mean of the training features in PCA space (``score_type="nll"`` only).
     gaussian_covariance_ : ndarray of shape (n_components, n_components)
         Their maximum-likelihood covariance (divided by ``n_samples``;
-        ``score_type="nll"`` only).
+        ``score_type="nll"`` only): ``diag(singular_values_**2) / n_samples``, exactly
+        diagonal since the coordinates are uncorrelated along principal axes.
+    n_samples_seen_ : int
+        Number of training images seen by ``fit`` and ``partial_fit``.
     input_shape_ : tuple of int
         Per-sample shape ``(C, H, W)`` seen in ``fit``.
     n_features_in_ : int
@@ -113,7 +181,9 @@ class DFMDetector(BaseSpatialDetector):
         Threshold on :meth:`score_samples` (see :class:`BaseDetector`).
     calibration_ : str
         ``"cross-fit"`` after ``fit`` (see Notes; ``"in-sample"`` with fewer than 10
-        samples or when a fold cannot be fitted); ``"held-out"`` after :meth:`calibrate`.
+        samples or when a fold cannot be fitted); ``"score-then-update"`` after a
+        :meth:`partial_fit` that updated a fitted model; ``"held-out"`` after
+        :meth:`calibrate`.
 
     Raises
     ------
@@ -139,6 +209,27 @@ class DFMDetector(BaseSpatialDetector):
     fifths of them) reconstructs a little worse than the full one, so the offset is
     conservative and ``predict`` flags somewhat fewer than ``contamination`` of new
     normals; :meth:`calibrate` on held-out normal images sets it exactly.
+
+    **Streaming.** The PCA is kept as the factorised moments of every pooled vector
+    seen: the count, the mean and the thin SVD ``vt.T diag(s**2) vt`` of the centred
+    scatter (``min(n_samples_seen_, n_pooled_features)`` components, float64).
+    :meth:`partial_fit` merges a batch into them (Chan et al.'s pairwise update in
+    factorised form: one SVD of the stacked roots, see ``_merge_moments``), so the model
+    after any split into batches is that of ``fit`` on all of them up to float64
+    rounding: components (up to sign), explained variances and scores agree to
+    ``1e-8`` and better. The state holds at most ``n_pooled_features**2`` numbers (less
+    than the covariance while fewer images than pooled features have been seen), and a
+    call costs one SVD of ``(min(n_seen, n_pooled_features) + n_batch + 1) x
+    n_pooled_features``. ``offset_``: a call on an unfitted detector is ``fit`` (5-fold
+    cross-fitting); later calls score the batch with the current model before absorbing
+    it (score-then-update: out of sample) and set ``offset_`` to the
+    ``contamination`` quantile of the latest 2,048 out-of-sample scores (the first
+    batch's cross-fit included, in-sample ones never) by models that had seen at least
+    half as many images as the one that scored the batch: earlier, smaller models
+    score a little pessimistically, and this bounds how stale a score may be.
+    :meth:`calibrate` after the last batch sets it from held-out normals.
+    In the ``"nll"`` model, the mean of the PCA coordinates is 0 and their covariance
+    ``diag(s**2) / n`` (both exact consequences of the moments).
 
     **Range.** Variances and squared reconstruction errors are squares of the
     features: float64 represents them for features of magnitude up to ``1e150``.
@@ -193,6 +284,7 @@ class DFMDetector(BaseSpatialDetector):
     # float64 variances and squared errors: squares of the features
     _max_abs, _min_max_abs = 1e150, 1e-150
     _range_reason = "variances and squared reconstruction errors (squared features) in float64"
+    _private_state = (*BaseDetector._private_state, "_moments", "_offset_record")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
@@ -251,23 +343,146 @@ class DFMDetector(BaseSpatialDetector):
         self._check_min_samples(X, 2)
         pooled = self._pooled(X)
         self.pooled_shape_ = tuple(pooled.shape[1:])
-        vectors = pooled.flatten(1)
-        fit = pca_fit(vectors, self.n_components)
-        self.components_ = fit.components.cpu().numpy()
-        self.mean_ = fit.mean.cpu().numpy()
-        self.explained_variance_ = fit.explained_variance.cpu().numpy()
-        self.explained_variance_ratio_ = fit.explained_variance_ratio.cpu().numpy()
-        self.singular_values_ = fit.singular_values.cpu().numpy()
-        self.noise_variance_ = float(fit.noise_variance)
-        self.n_components_ = fit.n_components
+        full = pca_fit(pooled.flatten(1))  # every component: the factorised moments
+        self._set_model(X.shape[0], full.mean, full.singular_values, full.components)
+
+    def _set_model(self, n: int, mean, s, vt) -> None:
+        """Fitted attributes from the factorised moments of ``n`` pooled vectors."""
+        fit = _pca_from_moments(n, mean, s, vt, self.n_components)
+        gaussian = {}
+        if self.score_type == "nll":
+            _check_pca_rank(fit, n, mean.shape[0], "Gaussian (score_type='nll')")
+            sk = fit.singular_values
+            exponent = max_abs_exponent(sk)
+            variance = ldexp(ldexp(sk, -exponent).square() / n, 2 * exponent)
+            if not all_finite(variance):
+                raise ValueError("the covariance of the PCA coordinates exceeds the range "
+                                 f"of {variance.dtype}; rescale the features")
+            gaussian = {"gaussian_mean_": _to_numpy(torch.zeros_like(sk)),
+                        "gaussian_covariance_": _to_numpy(torch.diag(variance))}
         for name in ("gaussian_mean_", "gaussian_covariance_"):  # from an earlier "nll" fit
             self.__dict__.pop(name, None)
-        if self.score_type == "nll":
-            _check_pca_rank(fit, *vectors.shape, "Gaussian (score_type='nll')")
-            z = pca_transform(vectors, fit)
-            k = fit.n_components
-            self.gaussian_mean_ = z.mean(0).cpu().numpy()
-            self.gaussian_covariance_ = cov(z, rowvar=False, bias=True).reshape(k, k).cpu().numpy()
+        self.__dict__.update(gaussian)
+        self.components_ = _to_numpy(fit.components)
+        self.mean_ = _to_numpy(fit.mean)
+        self.explained_variance_ = _to_numpy(fit.explained_variance)
+        self.explained_variance_ratio_ = _to_numpy(fit.explained_variance_ratio)
+        self.singular_values_ = _to_numpy(fit.singular_values)
+        self.noise_variance_ = float(fit.noise_variance)
+        self.n_components_ = fit.n_components
+        self.n_samples_seen_ = int(n)
+        self._moments = (int(n), _to_numpy(mean), _to_numpy(s), _to_numpy(vt))
+
+    def _check_pooling(self) -> None:
+        """``ValueError`` if ``pooling_kernel_size`` changed since the model was fitted."""
+        channels, *grid = self.input_shape_
+        pooled = (channels, *(size // min(self.pooling_kernel_size, size) for size in grid))
+        if pooled != tuple(self.pooled_shape_):
+            raise ValueError(
+                f"pooling_kernel_size={self.pooling_kernel_size} pools the maps to shape "
+                f"{pooled}, but the model was fitted on pooled maps of shape "
+                f"{tuple(self.pooled_shape_)} (pooling_kernel_size changed since): fit anew")
+
+    def _absorb(self, X: torch.Tensor) -> None:
+        """Merge a validated batch into the moments and refit the PCA from them."""
+        vectors = self._pooled(X).flatten(1)
+        n, mean, s, vt = (torch.as_tensor(v, dtype=vectors.dtype, device=vectors.device)
+                          if isinstance(v, np.ndarray) else v for v in self._moments)
+        batch_mean = vectors.mean(0)
+        merged = _merge_moments((n, mean, s[:, None] * vt),
+                                (vectors.shape[0], batch_mean, vectors - batch_mean))
+        self._reset_device_cache()
+        self._set_model(*merged)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Update the PCA with one more batch of (mostly) normal feature maps.
+
+        On an unfitted detector the batch starts the model exactly as ``fit(X)``
+        (``offset_`` by cross-fitting). Later calls (after ``fit`` too) first score the
+        batch with the current model, then merge its pooled vectors into the float64
+        moments and refit the PCA from them: after any split of the data into batches
+        the model equals ``fit`` on all of it up to float64 rounding (see the class
+        Notes). ``offset_`` is the ``contamination`` quantile of the latest
+        out-of-sample scores (``calibration_ == "score-then-update"``), replacing one
+        set by :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it
+        from held-out normals.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W) or (n_samples, C)
+            A batch shaped like the training data (the first batch fixes the shape).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The updated detector.
+
+        Raises
+        ------
+        ValueError
+            If the batch does not match the shape of earlier batches, holds NaN,
+            infinity or values beyond the range (see the class Notes), if the first
+            batch has fewer than 2 samples or an int ``n_components`` above what the
+            data seen allow, or (``"nll"``) if the principal components kept span
+            fewer dimensions than their number. The fitted state is then left as it
+            was.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import DFMDetector
+        >>> X = np.random.default_rng(0).normal(size=(60, 4, 8, 8))
+        >>> det = DFMDetector(n_components=5, device="cpu")
+        >>> for batch in np.array_split(X, 3):
+        ...     det = det.partial_fit(batch)
+        >>> whole = DFMDetector(n_components=5, device="cpu").fit(X)
+        >>> det.n_samples_seen_, det.calibration_
+        (60, 'score-then-update')
+        >>> bool(np.allclose(det.score_samples(X[:5]), whole.score_samples(X[:5]), rtol=1e-8))
+        True
+        """
+        before = dict(self.__dict__)
+        try:
+            if not self.__sklearn_is_fitted__():
+                self._clear_fitted_state()
+                self._reset_device_cache()
+                Xt = self._validate_input(X, reset=True)
+                self._fit(Xt)
+                self._set_offset(*self._out_of_sample_scores(Xt))
+            else:
+                Xt = self._validate_input(X, reset=False)
+                self._check_pooling()
+                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
+                n_model = self.n_samples_seen_
+                self._absorb(Xt)
+                self._score_then_update(scores, n_model)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        return self
+
+    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
+        super()._set_offset(anomaly_scores, method)
+        record = _record(anomaly_scores, self.n_samples_seen_)
+        # in-sample scores are optimistic: a stream does not build on them
+        self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
+
+    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
+        """``offset_`` from the latest out-of-sample scores, those of this batch added.
+
+        ``n_model``: samples seen by the model that scored the batch. Scores of models
+        that had seen fewer than half as many are dropped (they are too pessimistic).
+        """
+        old = self._offset_record
+        record = np.concatenate([old[old[:, 1] >= n_model / 2],
+                                 _record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
+        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
+        self.calibration_ = "score-then-update"
+        self._offset_record = record
 
     def _squared_error(self, X: torch.Tensor) -> torch.Tensor:
         """Squared reconstruction error of the pooled maps, (n_samples, C, h, w)."""
