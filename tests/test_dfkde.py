@@ -66,6 +66,8 @@ def test_subsample_is_seeded_randperm(data):
                         device="cpu").fit(train)
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))[:60].numpy()
     assert det.dataset_.shape == (60, 3)
+    np.testing.assert_array_equal(det.kde_indices_, keep)
+    assert det.n_samples_seen_ == len(train)
     np.testing.assert_allclose(-det.score_samples(test),
                                _reference_scores(train[keep], test, 3, "scale"), rtol=1e-6)
     again = DFKDEDetector(n_components=3, max_training_points=60, random_state=7,
