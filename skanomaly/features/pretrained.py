@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import os
 import threading
 from collections.abc import Mapping
@@ -258,8 +259,6 @@ def _read_verified(weights: PackagedWeights) -> Mapping:
             f"{weights.sha256}; the package {weights.distribution!r} holds another file "
             "than the one whose key mapping was checked"
         )
-    import io
-
     state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"weights {weights.name!r}: {path} holds a "
