@@ -186,8 +186,12 @@ class PatchCoreDetector(BaseSpatialDetector):
     scores: each training image scored as above against the bank without the entries
     taken from that image (:class:`~skanomaly.functional.KNNIndex` groups; the coreset
     itself is not re-selected). Cost: one scoring pass over the training images, as an
-    in-sample threshold would take. With a bank drawn from one image only, in-sample
-    scores are used with a warning; :meth:`calibrate` sets it from held-out images.
+    in-sample threshold would take. The exclusion does not re-select the coreset, so
+    it is conservative where an image is a single patch (tabular data: 1,000 standardised
+    shuttle rows flag 0.006, 0.014 and 0.119 of 2,000 new normals at ``contamination``
+    0.05, 0.1 and 0.2; 120 brick crops through resnet18 flag 0.025, 0.100 and 0.225 of 80
+    new crops). With a bank drawn from one image only, in-sample scores are used with a
+    warning; :meth:`calibrate` sets it from held-out images.
     :meth:`partial_fit` sets ``offset_`` by score-then-update: each later batch is
     scored by the model that has not seen it yet, before it is absorbed, so its scores
     are out of sample; ``offset_`` is the ``contamination`` quantile of the latest
