@@ -82,6 +82,14 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def range_error(what: str, dtype: torch.dtype) -> ValueError:
+    """The ``ValueError`` for results beyond the range of ``dtype``, with the right advice."""
+    advice = ("rescale the data" if dtype == torch.float64 else
+              "use float64 input or rescale the data")
+    return ValueError(f"{what} exceed the range of {dtype} (largest "
+                      f"{torch.finfo(dtype).max:.3g}); {advice}")
+
+
 def check_nonempty(x: torch.Tensor, name: str = "x", axes=None) -> torch.Tensor:
     """Raise ``ValueError`` naming the first of ``axes`` (default: all) that has length 0."""
     for axis in range(x.ndim) if axes is None else axes:

@@ -22,6 +22,7 @@ from ._validation import (
     ldexp,
     max_abs_exponent,
     working_dtype,
+    range_error,
 )
 
 __all__ = ["PCAFit", "pca_fit", "pca_transform", "pca_inverse_transform"]
@@ -29,11 +30,6 @@ __all__ = ["PCAFit", "pca_fit", "pca_transform", "pca_inverse_transform"]
 # binary exponents within which the data are used as they are; beyond, they are first
 # divided by an exact power of two (squares of the singular values would over/underflow)
 _PLAIN_EXPONENT = {torch.float32: 30, torch.float64: 250}
-
-
-def _range_error(what: str, dtype: torch.dtype) -> ValueError:
-    return ValueError(f"{what} exceed the range of {dtype} (largest "
-                      f"{torch.finfo(dtype).max:.3g}); use float64 input")
 
 
 class PCAFit(NamedTuple):
@@ -194,7 +190,7 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
         mean, s = ldexp(mean, exponent), ldexp(s, exponent)
         variance, noise = ldexp(variance, 2 * exponent), ldexp(noise, 2 * exponent)
     if not (all_finite(variance) and all_finite(s) and all_finite(noise)):
-        raise _range_error("the variances (squared singular values / (n - 1))", x.dtype)
+        raise range_error("the variances (squared singular values / (n - 1))", x.dtype)
     return PCAFit(
         components=vt[:k].contiguous(),
         explained_variance=variance[:k].clone(),
@@ -230,7 +226,7 @@ def _affine(x, mean, compute, name: str) -> torch.Tensor:
             return out
     out = ldexp(compute(ldexp(x, -exponent), ldexp(mean, -exponent)), exponent)
     if not all_finite(out):
-        raise _range_error(name, out.dtype)
+        raise range_error(name, out.dtype)
     return out
 
 

@@ -18,6 +18,7 @@ from ._validation import (
     ldexp,
     max_abs_exponent,
     working_dtype,
+    range_error,
 )
 
 __all__ = [
@@ -92,11 +93,6 @@ def _plain_is_safe(dtype: torch.dtype, *exponents: int) -> bool:
     """Whether entries of these binary exponents can be squared and summed unscaled."""
     window = _PLAIN_EXPONENT.get(dtype, 30)
     return all(abs(e) <= window for e in exponents)
-
-
-def _range_error(what: str, dtype: torch.dtype) -> ValueError:
-    return ValueError(f"{what} exceed the range of {dtype} (largest "
-                      f"{torch.finfo(dtype).max:.3g}); use float64 input")
 
 
 def regularized_cholesky(covariance, reg=0.0):
@@ -242,8 +238,8 @@ def _unscale(d2: torch.Tensor, exponent: torch.Tensor, shape, squared: bool) -> 
     e = exponent[:, None]
     out = ldexp(d2, 2 * e) if squared else ldexp(d2.sqrt(), e)
     if not all_finite(out):
-        raise _range_error("squared Mahalanobis distances" if squared else
-                           "Mahalanobis distances", out.dtype)
+        raise range_error("squared Mahalanobis distances" if squared else
+                          "Mahalanobis distances", out.dtype)
     return out.mT.reshape(shape)
 
 
@@ -345,7 +341,7 @@ def precision_cholesky(cholesky):
                                           upper=False).mT
     upper = ldexp(upper, -e)
     if not all_finite(upper):
-        raise _range_error("entries of the precision factor L^-T", upper.dtype)
+        raise range_error("entries of the precision factor L^-T", upper.dtype)
     return upper
 
 
@@ -521,7 +517,7 @@ def woodbury_factor(centered, reg, ddof=1):
                 "increase reg")
     factor = ldexp(factor, g[..., None, None])
     if not all_finite(factor):  # sqrt(|x_i|^2 + reg dof) itself beyond the range
-        raise _range_error("entries of the Woodbury factor", factor.dtype)
+        raise range_error("entries of the Woodbury factor", factor.dtype)
     return factor
 
 

@@ -27,6 +27,7 @@ from ._validation import (
     ldexp,
     max_abs_exponent,
     working_dtype,
+    range_error,
 )
 
 __all__ = ["KNNIndex", "knn_distances", "pairwise_sq_distances"]
@@ -678,8 +679,7 @@ def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.addmm(y.square().sum(1), x, y.T, alpha=-2.0)
     out = ldexp(out.add_(x.square().sum(1)[:, None]).clamp_(min=0.0), 2 * e)
     if not all_finite(out):
-        raise ValueError(f"squared distances exceed the range of {out.dtype} (largest "
-                         f"{torch.finfo(out.dtype).max:.3g}); use float64 input")
+        raise range_error("squared distances", out.dtype)
     return out
 
 
