@@ -10,7 +10,6 @@ raises, any NaN or infinity it returns, and any change to its input fail the tes
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 
@@ -90,7 +89,19 @@ def _psd(draw, batch: tuple, d: int, dtypes=DTYPES) -> torch.Tensor:
 # --------------------------------------------------------------------------- checks
 
 def _snapshot(obj):
-    return copy.deepcopy(obj)
+    """Copies of the tensors and arrays in ``obj`` (other objects kept as they are: torch
+    < 2.2 cannot deepcopy a Generator, and only tensors and arrays are compared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple (PCAFit)
+        return type(obj)(*(_snapshot(x) for x in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    return obj
 
 
 def _same(a, b) -> bool:
