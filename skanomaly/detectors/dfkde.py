@@ -218,7 +218,10 @@ class DFKDEDetector(BaseDetector):
     ``max_training_points``, in its PCA (fitted to every sample instead of to the
     points kept); with at most ``max_training_points`` samples in all it is ``fit``'s
     model up to float64 rounding. Memory: the reservoir, ``max_training_points x
-    n_features`` numbers, plus the moments and the batch. ``offset_``: a call on an
+    n_features`` numbers, plus the moments and the batch; ``fit`` keeps both too (its
+    KDE points are the reservoir), so that :meth:`partial_fit` may follow it, and a
+    fitted model (and its pickle) holds ``n_training_points x n_features`` float64
+    numbers besides ``dataset_``. ``offset_``: a call on an
     unfitted detector is ``fit``; later calls score the batch with the current model
     before absorbing it (score-then-update: out of sample) and set ``offset_`` to the
     ``contamination`` quantile of the latest 2,048 out-of-sample scores (the first

@@ -214,13 +214,17 @@ class DFMDetector(BaseSpatialDetector):
     seen: the count, the mean and the thin SVD ``vt.T diag(s**2) vt`` of the centred
     scatter (``min(n_samples_seen_, n_pooled_features)`` components, float64).
     :meth:`partial_fit` merges a batch into them (Chan et al.'s pairwise update in
-    factorised form: one SVD of the stacked roots, see ``_merge_moments``), so the model
-    after any split into batches is that of ``fit`` on all of them up to float64
-    rounding: components (up to sign), explained variances and scores agree to
-    ``1e-8`` and better. The state holds at most ``n_pooled_features**2`` numbers (less
+    factorised form: the rows ``diag(s) vt``, the centred batch and ``sqrt(n_a n_b / n)
+    (mean_b - mean_a)`` stacked, then one SVD), so the model after any split into
+    batches is that of ``fit`` on all of them up to float64 rounding: components (up to
+    sign), explained variances and scores agreed to ``1e-14`` on the tests' data. The
+    state holds at most ``n_pooled_features**2`` numbers (less
     than the covariance while fewer images than pooled features have been seen), and a
     call costs one SVD of ``(min(n_seen, n_pooled_features) + n_batch + 1) x
-    n_pooled_features``. ``offset_``: a call on an unfitted detector is ``fit`` (5-fold
+    n_pooled_features``. ``fit`` keeps the same moments, so that :meth:`partial_fit` may
+    follow it: a fitted model (and its pickle) holds ``min(n_samples,
+    n_pooled_features) x n_pooled_features`` float64 numbers besides the components kept.
+    ``offset_``: a call on an unfitted detector is ``fit`` (5-fold
     cross-fitting); later calls score the batch with the current model before absorbing
     it (score-then-update: out of sample) and set ``offset_`` to the
     ``contamination`` quantile of the latest 2,048 out-of-sample scores (the first
