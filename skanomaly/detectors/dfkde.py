@@ -228,9 +228,10 @@ class DFKDEDetector(BaseDetector):
     batch's included, in-sample ones never) by models that had seen at least half as
     many samples as the one that scored the batch: earlier, smaller models score a
     little pessimistically, and this bounds how stale a score may be. Measured on
-    2,000 Gaussian training vectors streamed in batches of 10 or 100, ``predict`` then
-    flagged 0.109 and 0.110 of 20,000 new normals at ``contamination=0.1`` (``fit``:
-    0.108). :meth:`calibrate` after the last batch sets it from held-out normals.
+    2,000 correlated Gaussian vectors of 12 features streamed in batches of 10 or 100
+    (default parameters), ``predict`` then flagged 0.109 and 0.110 of 20,000 new
+    normals at ``contamination=0.1`` (``fit``: 0.108). :meth:`calibrate` after the
+    last batch sets it from held-out normals.
 
     Follows anomalib's ``KDEClassifier`` (PCA, then scaling, then KDE), with
     the KDE of :func:`scipy.stats.gaussian_kde` (anomalib's ``GaussianKDE``
