@@ -685,6 +685,38 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         return np.where(self.decision_function(X) < 0, -1, 1)
 
+    # ------------------------------------------------------ fitted modules
+    def _torch_module(self, device=None, dtype=torch.float64) -> torch.nn.Module:
+        """The fitted scoring as an eval-mode :class:`torch.nn.Module` (cached).
+
+        Built once per ``(device, dtype)`` by ``_build_torch_module`` from the fitted
+        numpy attributes and kept in the private per-fit cache (never pickled).
+
+        The module's contract, which :mod:`skanomaly.export` composes and exports:
+
+        - ``forward(x)`` takes one tensor shaped as the validated input of
+          ``score_samples`` ((n_samples, n_features) for 1-D samples, (n_samples, C,
+          H, W) for spatial ones), any float dtype; it casts ``x`` to ``dtype`` and
+          computes there.
+        - It returns the anomaly scores ``-score_samples(x)``, shape (n_samples,),
+          and, for spatial detectors (:class:`BaseSpatialDetector`), also the maps
+          ``anomaly_map(x)`` at feature resolution, shape (n_samples, H, W): a tuple
+          ``(scores, maps)``. Both in ``dtype``.
+        - It is traceable by ``torch.jit.trace`` and by the TorchScript-based ONNX
+          exporter (opset 17) with a dynamic batch axis: no Python control flow on
+          tensor values, no ``.item()``, no numpy, only shapes read from ``x``.
+        - It does not validate ``x`` (the estimator did); its buffers are the only
+          state.
+        """
+        check_is_fitted(self)
+        dev = self._device() if device is None else resolve_device(device)
+        return self._cached(("torch_module", str(dev), dtype),
+                            lambda: self._build_torch_module(dev, dtype).eval())
+
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        raise NotImplementedError(  # pragma: no cover - implemented by every detector
+            f"{type(self).__name__} has no fitted torch module")
+
     # --------------------------------------------------------- to implement
     def _fit(self, X: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
