@@ -308,7 +308,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         How ``offset_`` was set: ``"leave-one-out"`` (exact leave-one-out scores of the
         training samples), ``"leave-one-image-out"`` (PatchCore), ``"cross-fit"``
         (K-fold cross-fitting), ``"in-sample"`` (too few samples for either; optimistic),
-        ``"held-out"`` (:meth:`calibrate`).
+        ``"held-out"`` (:meth:`calibrate`), ``"score-then-update"`` (``partial_fit`` of
+        detectors without cheap leave-one-out scores: each batch scored before it is
+        absorbed).
 
     Notes
     -----

@@ -364,6 +364,7 @@ def test_dfkde_beyond_max_training_points_keeps_a_reservoir_on_the_full_pca():
     np.testing.assert_allclose(-det.score_samples(Q), expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # 200 streamed fits: ~50 s on 2 cores
 def test_dfkde_reservoir_is_seeded_and_uniform():
     X = _vectors(48, d=3)
     counts = np.zeros(48)
