@@ -228,6 +228,12 @@ def test_pca(x, n_components, data):
     check(F.pca_inverse_transform, data.draw(tensors((3, fit.n_components))), fit)
     if z is not None:
         check(F.pca_inverse_transform, z, fit)
+    # the fitted module validates at construction only (its forward is unchecked)
+    check(F.PCAProjection.from_fit, fit, whiten=data.draw(st.booleans()))
+    check(F.PCAProjection, data.draw(tensors((fit.n_components, x.shape[1]))),
+          data.draw(tensors((data.draw(st.sampled_from([0, x.shape[1]])),))),
+          data.draw(st.sampled_from([None, fit.explained_variance])),
+          whiten=data.draw(st.booleans()))
 
 
 # --------------------------------------------------------------------------- neighbours
@@ -386,7 +392,7 @@ def test_leave_one_out_mahalanobis(x, data, ddof, shrinkage, reg, squared):
 def test_every_public_kernel_is_fuzzed():
     # any new public kernel must be fuzzed in this file and named here
     fuzzed = {"cov", "MomentAccumulator", "regularized_cholesky", "precision_cholesky",
-              "mahalanobis", "woodbury_factor", "mahalanobis_woodbury", "PCAFit",
+              "mahalanobis", "woodbury_factor", "mahalanobis_woodbury", "PCAFit", "PCAProjection",
               "pca_fit", "pca_transform", "pca_inverse_transform", "KNNIndex",
               "knn_distances", "pairwise_sq_distances", "k_center_greedy",
               "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix",

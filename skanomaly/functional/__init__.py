@@ -9,7 +9,13 @@ The estimators in :mod:`skanomaly` are thin layers over these functions.
 """
 
 from .covariance import MomentAccumulator, cov
-from .decomposition import PCAFit, pca_fit, pca_inverse_transform, pca_transform
+from .decomposition import (
+    PCAFit,
+    PCAProjection,
+    pca_fit,
+    pca_inverse_transform,
+    pca_transform,
+)
 from .kde import GaussianKDE, gaussian_kde_logpdf, kde_covariance
 from .leave_one_out import leave_one_out_mahalanobis
 from .mahalanobis import (
@@ -33,6 +39,7 @@ __all__ = [
     "mahalanobis_woodbury",
     "leave_one_out_mahalanobis",
     "PCAFit",
+    "PCAProjection",
     "pca_fit",
     "pca_transform",
     "pca_inverse_transform",

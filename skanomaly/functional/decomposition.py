@@ -4,6 +4,9 @@
 ``svd_solver="full"`` and ``whiten=False`` (sample variance with ``ddof=1``,
 deterministic component signs, fractional ``n_components``);
 :func:`pca_transform` and :func:`pca_inverse_transform` apply a fit.
+:class:`PCAProjection` is the fitted kernel module: a fit's mean and axes as
+buffers, validated once, projecting by one matrix product (the same expression
+as :func:`pca_transform`'s), traceable and exportable to ONNX.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ._validation import (
     all_finite,
@@ -25,7 +29,7 @@ from ._validation import (
     range_error,
 )
 
-__all__ = ["PCAFit", "pca_fit", "pca_transform", "pca_inverse_transform"]
+__all__ = ["PCAFit", "PCAProjection", "pca_fit", "pca_transform", "pca_inverse_transform"]
 
 # binary exponents within which the data are used as they are; beyond, they are first
 # divided by an exact power of two (squares of the singular values would over/underflow)
@@ -202,6 +206,19 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     )
 
 
+def _project(x: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) @ components.T``: the one projection of :func:`pca_transform` and
+    :class:`PCAProjection` (``components`` row-major, (k, d): its layout picks the
+    matrix product's kernel, and with it the bits)."""
+    return (x - mean) @ components.T
+
+
+def _reconstruct(z: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """``z @ components + mean``: the one reconstruction of :func:`pca_inverse_transform`
+    and :class:`PCAProjection`."""
+    return torch.addmm(mean, z, components)
+
+
 def _check_fit_input(x, fit: PCAFit, width: int, what: str, name: str):
     """``x`` and the fit's ``mean`` and ``components``, validated, in one working dtype."""
     x = check_finite(check_ndim(as_float_tensor(x, name), 2, name), name)
@@ -267,7 +284,7 @@ def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     tensor([[1.]])
     """
     x, mean, components = _check_fit_input(x, fit, fit.mean.shape[0], "features", "x")
-    return _affine(x, mean, lambda a, m: (a - m) @ components.T, "the projections")
+    return _affine(x, mean, lambda a, m: _project(a, m, components), "the projections")
 
 
 def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
@@ -308,5 +325,207 @@ def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     tensor([[1., 0.]])
     """
     z, mean, components = _check_fit_input(z, fit, fit.n_components, "components", "z")
-    return _affine(z, mean, lambda a, m: torch.addmm(m, a, components),
+    return _affine(z, mean, lambda a, m: _reconstruct(a, m, components),
                    "the reconstructions")
+
+
+class PCAProjection(nn.Module):
+    """A fitted PCA projection as a :class:`torch.nn.Module` (buffers only).
+
+    Built once from a fit's mean and principal axes (validated here), its
+    :meth:`forward` projects rows by one matrix product without re-validation:
+    ``(x - mean) @ components.T``, the expression :func:`pca_transform`
+    evaluates (so both give the same bits on the same operands), optionally
+    divided by ``sqrt(explained_variance)`` (scikit-learn's ``whiten=True``).
+    It is traceable by :func:`torch.jit.trace` and exportable to ONNX (opset 17)
+    with a dynamic number of rows.
+
+    Parameters
+    ----------
+    components : Tensor of shape (k, d)
+        Principal axes as rows (:attr:`PCAFit.components`).
+    mean : Tensor of shape (d,)
+        Mean of the fitted data (:attr:`PCAFit.mean`).
+    explained_variance : Tensor of shape (k,), optional
+        Variance along each axis; needed (and positive) with ``whiten=True``.
+    whiten : bool, default=False
+        Divide each coordinate by ``sqrt(explained_variance)``: unit-variance
+        coordinates, as :class:`sklearn.decomposition.PCA` with ``whiten=True``.
+    dtype : torch.dtype, optional
+        dtype of the buffers (and of the results); by default the working dtype
+        of ``components`` (float16 and bfloat16 as float32).
+    device : torch.device or str, optional
+        Device of the buffers; by default that of ``components``.
+
+    Attributes
+    ----------
+    components : Tensor of shape (k, d)
+        Buffer: the axes, a contiguous copy.
+    mean : Tensor of shape (d,)
+        Buffer: the mean.
+    scale : Tensor of shape (k,)
+        Buffer: ``sqrt(explained_variance)`` with ``whiten``, ones otherwise.
+    whiten : bool
+        Whether :meth:`forward` whitens.
+    n_components, n_features : int
+        ``k`` and ``d``.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a tensor.
+    ValueError
+        If ``components`` is not 2-D with at least one row and column, ``mean``
+        is not (d,), ``explained_variance`` is not (k,) (or missing, or not
+        positive, with ``whiten``), or any holds NaN or infinity.
+
+    See Also
+    --------
+    pca_fit, pca_transform, pca_inverse_transform
+
+    Notes
+    -----
+    :meth:`forward` casts its input to the buffers' dtype and does not validate
+    it (shape, finiteness, scale): :func:`pca_transform` is the checked route,
+    which also rescales data far from unit scale by an exact power of two.
+    Within ``2**+-30`` (float32; ``2**+-250`` for float64) of unit scale both
+    compute the same expression. As :meth:`sklearn.decomposition.PCA.transform`
+    and ``inverse_transform``.
+
+    References
+    ----------
+    Pedregosa et al., "Scikit-learn: Machine Learning in Python", JMLR 12, 2011.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])
+    >>> fit = pca_fit(x, 1)
+    >>> proj = PCAProjection.from_fit(fit)
+    >>> proj(torch.tensor([[1.0, 3.0]]))
+    tensor([[1.]])
+    >>> proj.inverse(proj(torch.tensor([[1.0, 3.0]])))
+    tensor([[1., 0.]])
+    >>> proj.residual(torch.tensor([[1.0, 3.0]]))  # x minus its reconstruction
+    tensor([[0., 3.]])
+    >>> PCAProjection.from_fit(fit, whiten=True)(torch.tensor([[1.0, 3.0]]))
+    tensor([[0.6124]])
+    """
+
+    def __init__(self, components, mean, explained_variance=None, *, whiten=False,
+                 dtype=None, device=None):
+        super().__init__()
+        components = check_ndim(as_float_tensor(components, "components"), 2, "components")
+        k, d = components.shape
+        if k == 0 or d == 0:
+            raise ValueError(f"components must have at least one row and one column, got "
+                             f"shape {tuple(components.shape)}")
+        dtype = working_dtype(components.dtype) if dtype is None else dtype
+        device = components.device if device is None else torch.device(device)
+        mean = check_ndim(as_float_tensor(mean, "mean"), 1, "mean")
+        if mean.shape[0] != d:
+            raise ValueError(f"mean has {mean.shape[0]} entries but components have {d} "
+                             "columns")
+        components = check_finite(components.to(device=device, dtype=dtype), "components")
+        mean = check_finite(mean.to(device=device, dtype=dtype), "mean")
+        self.whiten = bool(whiten)
+        if explained_variance is not None:
+            variance = check_ndim(as_float_tensor(explained_variance, "explained_variance"),
+                                  1, "explained_variance")
+            if variance.shape[0] != k:
+                raise ValueError(f"explained_variance has {variance.shape[0]} entries but "
+                                 f"there are {k} components")
+            variance = check_finite(variance.to(device=device, dtype=dtype),
+                                    "explained_variance")
+        elif self.whiten:
+            raise ValueError("whiten=True needs the explained_variance of the components")
+        if self.whiten:
+            if not bool((variance > 0).all()):
+                raise ValueError("whiten=True needs a positive explained_variance for every "
+                                 "component (a zero-variance axis cannot be whitened)")
+            scale = variance.sqrt()
+        else:
+            scale = torch.ones(k, dtype=dtype, device=device)
+        # row-major, as pca_fit's: the layout of the axes picks the matrix product's kernel
+        self.register_buffer("components", components.contiguous().clone())
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_fit(cls, fit: PCAFit, *, whiten=False, dtype=None, device=None):
+        """The projection of a :class:`PCAFit` (see the class for the arguments).
+
+        Examples
+        --------
+        >>> import torch
+        >>> x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, -1.0]])
+        >>> PCAProjection.from_fit(pca_fit(x)).n_components
+        2
+        """
+        return cls(fit.components, fit.mean, fit.explained_variance, whiten=whiten,
+                   dtype=dtype, device=device)
+
+    @property
+    def n_components(self) -> int:
+        """Number of principal axes ``k``."""
+        return self.components.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        """Width ``d`` of the data."""
+        return self.components.shape[1]
+
+    def extra_repr(self) -> str:
+        return (f"n_components={self.n_components}, n_features={self.n_features}, "
+                f"whiten={self.whiten}, dtype={self.components.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Principal coordinates of the rows of ``x``, unchecked.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d)
+            Rows in the original feature space; cast to the buffers' dtype.
+
+        Returns
+        -------
+        Tensor of shape (n, k)
+            ``(x - mean) @ components.T`` (divided by ``scale`` with ``whiten``).
+        """
+        z = _project(x.to(self.components.dtype), self.mean, self.components)
+        return z / self.scale if self.whiten else z
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows of the original space from principal coordinates, unchecked.
+
+        Parameters
+        ----------
+        z : Tensor of shape (n, k)
+            Coordinates (whitened ones with ``whiten``); cast to the buffers' dtype.
+
+        Returns
+        -------
+        Tensor of shape (n, d)
+            ``z @ components + mean`` (``z`` first multiplied by ``scale`` with
+            ``whiten``), as :func:`pca_inverse_transform`.
+        """
+        z = z.to(self.components.dtype)
+        return _reconstruct(z * self.scale if self.whiten else z, self.mean, self.components)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` minus its reconstruction from its first ``k`` coordinates, unchecked.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d)
+            Cast to the buffers' dtype.
+
+        Returns
+        -------
+        Tensor of shape (n, d)
+            ``x - inverse(forward(x))``: its squares summed are the feature
+            reconstruction error (DFM's score).
+        """
+        x = x.to(self.components.dtype)
+        return x - _reconstruct(_project(x, self.mean, self.components), self.mean,
+                                self.components)
