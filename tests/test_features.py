@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import urllib.error
+import warnings
 from collections import OrderedDict
 
 import joblib
@@ -416,3 +417,59 @@ def test_images_too_small_for_the_backbone_give_a_value_error(images):
     fe = FeatureExtractor(net, ["0"], normalize=False, device="cpu").fit(images)
     with pytest.raises(ValueError, match="the backbone failed on X\\[0:1\\]"):
         fe.transform(np.zeros((1, 3, 3, 3), np.float32))
+
+
+# ------------------------------------------------- grayscale and the torch module
+def test_grayscale_is_replicated_to_rgb(fitted_resnet, images):
+    gray = images[:, :1]
+    rgb = np.repeat(gray, 3, axis=1)
+    assert_array_equal(fitted_resnet.transform(gray), fitted_resnet.transform(rgb))
+    assert_array_equal(fitted_resnet.transform(torch.from_numpy(gray)),
+                       fitted_resnet.transform(rgb))
+    # fitted on grayscale: counts as 3 channels, takes RGB too
+    fe = FeatureExtractor("resnet18", random_state=0, device="cpu").fit(gray)
+    assert fe.n_features_in_ == 3 and fe.input_shape_ == (1, 32, 32)
+    assert_array_equal(fe.transform(gray), fitted_resnet.transform(rgb))
+    # only under normalize=True (RGB backbones): otherwise the channel count is the input's
+    with pytest.raises(ValueError, match="expecting 3"):
+        FeatureExtractor(tiny_net(), ["c1"], normalize=False, device="cpu").fit(
+            images).transform(gray)
+    with pytest.raises(ValueError, match="needs 3 channels"):
+        FeatureExtractor(tiny_net(), ["c1"], device="cpu").fit(np.zeros((2, 2, 32, 32)))
+
+
+def test_torch_module_is_transform_and_traceable(fitted_resnet, images):
+    module = fitted_resnet._torch_module("cpu")
+    assert module is fitted_resnet._torch_module("cpu") and not module.training
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        assert_array_equal(module(x).numpy(), fitted_resnet.transform(images))
+    # the backbone is cut after layer3: later modules are gone, the kept tensors shared
+    backbone = module.backbone
+    assert isinstance(backbone.layer4, nn.Identity) and isinstance(backbone.fc, nn.Identity)
+    assert isinstance(fitted_resnet.model_.layer4, nn.Sequential)
+    assert backbone.layer3[0].conv1.weight is fitted_resnet.model_.layer3[0].conv1.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.9 deprecates torch.jit.trace
+        traced = torch.jit.trace(copy.deepcopy(module), x[:2])
+    with torch.no_grad():
+        assert_allclose(traced(x).numpy(), fitted_resnet.transform(images), rtol=1e-6,
+                        atol=1e-6)
+
+
+def test_truncation_keeps_a_module_read_by_another():
+    class Tied(nn.Module):  # head is never called, but its weight is read before body
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(3, 4, 3, padding=1)
+            self.body = nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.body(torch.nn.functional.conv2d(x, self.head.weight, padding=1))
+
+    net = Tied()
+    x = np.random.default_rng(4).random((2, 3, 8, 8), dtype=np.float32)
+    fe = FeatureExtractor(net, ["body"], normalize=False, device="cpu").fit(x)
+    assert fe._torch_module().backbone is fe.model_  # the trimmed copy failed: kept whole
+    with torch.no_grad():
+        assert_allclose(fe.transform(x), net(torch.from_numpy(x)).numpy(), rtol=1e-6)

@@ -332,6 +332,82 @@ def _embed(outputs: dict, layers) -> torch.Tensor:
     return torch.cat(maps, dim=1)
 
 
+class _FeatureModule(torch.nn.Module):
+    """Images -> features, exactly as :meth:`FeatureExtractor.transform` computes them.
+
+    ``forward(x)`` takes float32 images (n, C, H, W) already scaled to [0, 1] (uint8
+    scaling and validation stay in ``transform``), standardises them with the ImageNet
+    statistics when ``normalize`` (a 1-channel image broadcasts to 3 channels there:
+    grayscale is replicated), runs the backbone with forward hooks on ``layers`` up to
+    the ``stop_after``-th hook call and returns the layers' maps on the first layer's
+    grid, concatenated (float32, (n, C_out, H_out, W_out)). Traceable by
+    ``torch.jit.trace`` and the TorchScript-based ONNX exporter: the early stop is a
+    Python exception, the hooks live only during the call.
+    """
+
+    def __init__(self, backbone, layers, *, normalize: bool, stop_after=None, device="cpu"):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.normalize = bool(normalize)
+        self.stop_after = stop_after
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+    def layer_outputs(self, x: torch.Tensor) -> tuple[dict, int]:
+        """The hooked layers' outputs and the number of hook calls (see _forward_layers)."""
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return _forward_layers(self.backbone, self.layers, x, self.stop_after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _embed(self.layer_outputs(x)[0], self.layers)
+
+
+def _truncated(model: torch.nn.Module, layers, stop_after: int, probe: torch.Tensor,
+               normalize: bool) -> torch.nn.Module:
+    """``model`` without the modules its forward never reaches before the last hook.
+
+    A copy of the module tree sharing every parameter and buffer with ``model``, in
+    which each maximal subtree not called while ``probe`` runs up to the
+    ``stop_after``-th hook call (a ResNet's ``layer4``, ``avgpool`` and ``fc`` for
+    layers up to ``layer3``) is an ``nn.Identity``: exported graphs and files then hold
+    only the weights the features need. If the truncated copy does not reproduce the
+    features of ``probe`` exactly (a module that reads a skipped module's weights, say),
+    ``model`` itself is returned.
+    """
+    called: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod)))
+               for m in model.modules()]
+    try:
+        with torch.inference_mode():
+            reference = _FeatureModule(model, layers, normalize=normalize,
+                                       stop_after=stop_after, device=probe.device)(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    originals = dict(model.named_modules())
+    skipped = [(parent_name, name) for parent_name, parent in originals.items()
+               if id(parent) in called
+               for name, child in parent.named_children() if id(child) not in called]
+    if not skipped:
+        return model
+    # share the tensors, copy the tree: the memo maps every parameter and buffer to itself
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    trimmed = copy.deepcopy(model, memo)
+    copies = dict(trimmed.named_modules())
+    for parent_name, name in skipped:
+        copies[parent_name]._modules[name] = torch.nn.Identity()
+    try:
+        with torch.inference_mode():
+            same = torch.equal(_FeatureModule(trimmed, layers, normalize=normalize,
+                                              stop_after=stop_after, device=probe.device)(probe),
+                               reference)
+    except Exception:  # noqa: BLE001 - any failure of the trimmed copy: keep the model
+        same = False
+    return trimmed if same else model
+
+
 def _first_conv_in_channels(model) -> int | None:
     convs = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     return next((conv.in_channels for conv in convs), None)
@@ -437,6 +513,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     feature_shape_ : tuple of int
         ``(C_out, H_out, W_out)`` of one transformed sample of the spatial size seen
         in ``fit``; ``C_out`` is the sum of the layers' channels.
+    input_shape_ : tuple of int
+        ``(C, H, W)`` of one image seen in ``fit`` (``(C, 1, 1)`` for 2-D input): the
+        image size an exported pipeline records (:mod:`skanomaly.export`).
 
     See Also
     --------
@@ -452,7 +531,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     does a batch whose features overflow inside the network (NaN or infinity) —
     the features returned are always finite. 2-D input (n_samples, C) is read as
     (n_samples, C, 1, 1), the convention of skanomaly's spatial detectors, so
-    scikit-learn's common checks can run with a channel-agnostic backbone. CNNs
+    scikit-learn's common checks can run with a channel-agnostic backbone. With
+    ``normalize=True``, grayscale images (n_samples, 1, H, W) are replicated to
+    three channels (before normalisation, as a broadcast: no copy) and count as
+    three channels for ``n_features_in_``, so a model fitted on RGB takes grayscale
+    images and the other way round. CNNs
     are fully convolutional, so :meth:`transform` accepts any spatial size; only
     the channel count is fixed by ``fit``. ``fit`` runs one sample through the
     backbone to check the layers and find ``feature_shape_``; it learns nothing
@@ -610,11 +693,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         X = self._validate_input(X, reset=True)
         shape = tuple(X.shape)
-        if self.normalize and shape[1] != 3:
+        if self.normalize and shape[1] != 3 and not self._is_gray(shape):
             raise ValueError(
                 "normalize=True standardises RGB input with ImageNet statistics and needs "
-                f"3 channels, but X has {shape[1]} (axis 1){_channels_last_hint(shape, 3)}; "
-                "pass normalize=False for other inputs"
+                f"3 channels (or 1: grayscale images, replicated to 3), but X has "
+                f"{shape[1]} (axis 1){_channels_last_hint(shape, 3)}; pass normalize=False "
+                "for other inputs"
             )
         if isinstance(self.backbone, torch.nn.Module):
             model = copy.deepcopy(self.backbone)
@@ -631,11 +715,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         layers = _check_layers(model, self.layers, default)
         self.model_, self.layers_ = model, layers
         self.__dict__.pop("_device_cache", None)
+        probe = _FeatureModule(self._model_on(device), layers, normalize=self.normalize,
+                               device=device)
         with torch.inference_mode():
             try:
-                outputs, self._n_hook_calls = _forward_layers(
-                    self._model_on(device), layers, self._to_batch(X[:1], device)
-                )
+                batch = self._to_batch(X[:1], device)
+                outputs, self._n_hook_calls = probe.layer_outputs(batch)
             except RuntimeError as exc:
                 expected = _first_conv_in_channels(model)
                 problem = f"the backbone failed on X[:1] of shape {(1, *shape[1:])}"
@@ -657,6 +742,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                     "in the forward pass; pick convolutional stages"
                 )
         self.feature_shape_ = tuple(_embed(outputs, layers).shape[1:])
+        self.input_shape_ = tuple(batch.shape[1:])
+        # an (empty) cache exists from fit on, so that transform does not add attributes
+        self.__dict__.setdefault("_device_cache", {})
         return self
 
     def transform(self, X):
@@ -696,7 +784,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         X = self._validate_input(X, reset=False)
         device = resolve_device(self.device)
-        model = self._model_on(device)
+        module = self._torch_module(device)
         starts = range(0, X.shape[0], self.batch_size)
         if self.verbose:
             from tqdm.auto import tqdm
@@ -707,13 +795,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             for start in starts:
                 batch = self._to_batch(X[start : start + self.batch_size], device)
                 try:
-                    outputs, _ = _forward_layers(model, self.layers_, batch,
-                                                 self._n_hook_calls)
+                    maps = module(batch)
                 except RuntimeError as exc:  # e.g. images too small for the backbone
                     raise ValueError(f"the backbone failed on X[{start}:"
                                      f"{start + len(batch)}] of shape {tuple(batch.shape)}: "
                                      f"{exc}") from exc
-                maps = _embed(outputs, self.layers_)
                 if not bool(torch.isfinite(maps).all()):
                     peak = float(batch.abs().amax())
                     raise ValueError(
@@ -757,18 +843,29 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 kind = "NaN" if bool(torch.isnan(arr).any()) else "infinity"
                 raise ValueError(f"Input X contains {kind}.")
         _check_float32_range(arr)
-        if not reset and shape[1] != self.n_features_in_:
+        if not reset and shape[1] != self.n_features_in_ and not self._is_gray(shape):
             hint = _channels_last_hint(shape, self.n_features_in_)
             if hint:
                 raise ValueError(
                     f"X has {shape[1]} channels (axis 1), but {type(self).__name__} was "
                     f"fitted on {self.n_features_in_}{hint}"
                 )
-        validate_data(self, X, skip_check_array=True, reset=reset)
+        if self._is_gray(shape):
+            # grayscale counts as the 3 channels it is replicated to (a view, no copy)
+            view = (arr.expand(-1, 3, -1, -1) if isinstance(arr, torch.Tensor)
+                    else np.broadcast_to(arr, (shape[0], 3, *shape[2:])))
+            validate_data(self, view, skip_check_array=True, reset=reset)
+        else:
+            validate_data(self, X, skip_check_array=True, reset=reset)
         return arr
 
+    def _is_gray(self, shape) -> bool:
+        """Whether images of ``shape`` are grayscale that ``normalize`` replicates to RGB."""
+        return bool(self.normalize) and len(shape) == 4 and shape[1] == 1
+
     def _to_batch(self, batch, device: torch.device) -> torch.Tensor:
-        """A float32 (n, C, H, W) copy of ``batch`` on ``device``, scaled and normalised."""
+        """A float32 (n, C, H, W) copy of ``batch`` on ``device``, uint8 scaled by 1/255
+        (ImageNet normalisation is the job of :class:`_FeatureModule`)."""
         is_array = isinstance(batch, np.ndarray)
         # torch.tensor copies, so read-only and memory-mapped arrays work; a tensor
         # is copied too, so that nothing downstream can write into the caller's data
@@ -779,11 +876,36 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             t /= 255
         if t.ndim == 2:
             t = t[:, :, None, None]
-        if self.normalize:
-            mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-            t = (t - mean) / std
         return t
+
+    def _torch_module(self, device=None) -> torch.nn.Module:
+        """Images -> features as an eval-mode :class:`torch.nn.Module` (cached per device).
+
+        ``forward(x)`` takes float32 images (n, C, H, W) in [0, 1] (C = 1 is replicated
+        to RGB when ``normalize``) and returns float32 features (n, C_out, H_out, W_out)
+        exactly as :meth:`transform` computes them (which runs through this module):
+        ImageNet normalisation, the backbone up to the last hooked layer, the layers'
+        maps resized to the first layer's grid and concatenated. No validation inside;
+        traceable by ``torch.jit.trace`` and the TorchScript-based ONNX exporter. The
+        backbone is :attr:`model_` (on ``device``) with the modules never reached
+        before the last hook replaced by ``nn.Identity`` (see ``_truncated``); it
+        shares its tensors with :attr:`model_`, so deep-copy the module before
+        changing it (:func:`skanomaly.export.to_torch` does).
+        """
+        check_is_fitted(self)
+        device = resolve_device(self.device if device is None else device)
+        model = self._model_on(device)  # first: it may reset the device cache
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = ("torch_module", device)
+        if key not in cache:
+            shape = getattr(self, "input_shape_", None)  # None: pickled before it existed
+            if shape is not None:
+                probe = torch.zeros((1, *shape), dtype=torch.float32, device=device)
+                model = _truncated(model, self.layers_, self._n_hook_calls, probe,
+                                   self.normalize)
+            cache[key] = _FeatureModule(model, self.layers_, normalize=self.normalize,
+                                        stop_after=self._n_hook_calls, device=device).eval()
+        return cache[key]
 
     def _model_on(self, device: torch.device) -> torch.nn.Module:
         """``model_`` on ``device``: itself on the CPU, else a cached copy."""
