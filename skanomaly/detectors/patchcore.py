@@ -25,6 +25,7 @@ from ..functional import (
     k_center_greedy,
     sparse_random_projection_matrix,
 )
+from ..functional._validation import ldexp
 
 __all__ = ["PatchCoreDetector"]
 
@@ -41,6 +42,51 @@ def _record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
 def _draw_seed(generator: torch.Generator) -> int:
     """A seed for the next call's generator, drawn from this one (reproducible streams)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def _locally_aware(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Locally aware patch features of maps ``x``, (n * H * W, C) float32."""
+    pooled = x.to(torch.float32)
+    if patch_size > 1:
+        pooled = F.avg_pool2d(pooled, kernel_size=patch_size, stride=1, padding=patch_size // 2)
+    return pooled.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class _PatchCoreModule(torch.nn.Module):
+    """Fitted PatchCore scoring: ``forward(x) -> (anomaly scores, maps)``.
+
+    The memory bank is the buffer of a :class:`~skanomaly.functional.KNNIndex`, searched
+    by its chunked :meth:`~skanomaly.functional.KNNIndex.forward`. Patch features and
+    distances are float32, as the estimator's; the re-weighting runs in ``dtype`` (the
+    estimator's in float64), and both outputs are returned in ``dtype``.
+    """
+
+    def __init__(self, bank: torch.Tensor, *, patch_size: int, n_support: int,
+                 grid: tuple, dtype: torch.dtype):
+        super().__init__()
+        self.index = KNNIndex(bank)
+        self.patch_size, self.n_support, self.grid, self.dtype = (
+            patch_size, n_support, tuple(grid), dtype)
+
+    def forward(self, x: torch.Tensor):
+        patches = _locally_aware(x, self.patch_size)
+        dist, idx = self.index(patches, 1)
+        per_image = self.grid[0] * self.grid[1]
+        dist, idx = dist.reshape(-1, per_image), idx.reshape(-1, per_image)
+        maps = dist.reshape(-1, *self.grid).to(self.dtype)
+        worst = dist.argmax(dim=1, keepdim=True)  # (N, 1)
+        score = dist.gather(1, worst)[:, 0].to(self.dtype)
+        if self.n_support == 1:
+            return score, maps
+        index = self.index
+        exponent = index._exponent
+        nearest = index.bank[idx.gather(1, worst)[:, 0]]  # m*, scaled by 2**-exponent
+        _, support = index(ldexp(nearest, exponent), self.n_support)  # (N, b)
+        patch = patches.reshape(-1, per_image, patches.shape[1]).gather(
+            1, worst[:, :, None].expand(-1, 1, patches.shape[1]))  # (N, 1, C)
+        rows = ldexp(index.bank[support].to(self.dtype), exponent)  # (N, b, C), exact
+        gaps = (rows - patch.to(self.dtype)).square().sum(-1).sqrt()
+        return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score, maps
 
 
 class PatchCoreDetector(BaseSpatialDetector):
@@ -280,11 +326,7 @@ class PatchCoreDetector(BaseSpatialDetector):
 
     def _patches(self, X: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features, (n_samples * H * W, C) float32."""
-        p = self.patch_size
-        pooled = X.to(torch.float32)
-        if p > 1:
-            pooled = F.avg_pool2d(pooled, kernel_size=p, stride=1, padding=p // 2)
-        return pooled.permute(0, 2, 3, 1).reshape(-1, X.shape[1])
+        return _locally_aware(X, self.patch_size)
 
     def _check_patch_size(self) -> None:
         if self.patch_size % 2 == 0:
@@ -474,6 +516,19 @@ class PatchCoreDetector(BaseSpatialDetector):
         gaps = _in_fixed_blocks(
             lambda t: torch.linalg.vector_norm(t[:, 1:] - t[:, :1], dim=-1), stacked, 8)
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score
+
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """The fitted scoring as a module: ``forward(x (N, C, H, W)) -> (scores, maps)``.
+
+        Anomaly scores ``-score_samples(x)`` (N,) and ``anomaly_map(x)`` (N, H, W) in
+        ``dtype``, the bank searched in chunks by
+        :meth:`~skanomaly.functional.KNNIndex.forward` (memory ``queries x chunk``);
+        patch features and distances in float32, as here.
+        """
+        bank = torch.as_tensor(self.memory_bank_, dtype=torch.float32, device=device)
+        return _PatchCoreModule(bank, patch_size=self.patch_size,
+                                n_support=min(self.n_neighbors, bank.shape[0]),
+                                grid=self.input_shape_[1:], dtype=dtype)
 
     def _n_admissible(self, images) -> int:
         """Bank entries every query may use: all, or those of other images than its own."""

@@ -7,7 +7,9 @@ on the bank's mean (as faiss' ``IndexFlatL2`` and scikit-learn's
 CANDIDATES per query, with a rigorous bound on its rounding error; the distances it
 returns are recomputed exactly from the differences ``q - b``, in blocks of a fixed
 shape, so a query's result is bitwise the same in any batch. :class:`KNNIndex`
-prepares the bank once for repeated searches.
+prepares the bank once for repeated searches; it is a :class:`torch.nn.Module` whose
+bank is a buffer, and its :meth:`~KNNIndex.forward` is the same search in a traceable,
+ONNX-exportable form that scans the bank in chunks of a fixed size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ._validation import (
     all_finite,
@@ -39,6 +42,8 @@ _EXTRA = 3  # candidates kept per query beyond n_neighbors
 _PAIR_BLOCK_ELEMENTS = 2**21  # entries of one fixed-shape block of exact differences
 _MAX_PAIR_ROWS = 1024  # small widths: a block of at most 1,024 rows (single-threaded sizes)
 _FAR_EXPONENT = 40  # queries beyond 2**40 x the bank's largest entry: exact pass only
+_FORWARD_CHUNK = 4096  # bank rows per block of KNNIndex.forward
+_FORWARD_EXTRA = 7  # candidates per chunk of KNNIndex.forward beyond n_neighbors
 
 
 def _input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
@@ -81,7 +86,7 @@ class _Prepared(NamedTuple):
     max_norm: float  # max_j |centred_j|
 
 
-class KNNIndex:
+class KNNIndex(nn.Module):
     """Exact Euclidean nearest-neighbour index over a fixed bank of points.
 
     The analogue of faiss' ``IndexFlatL2``: building the index scales, centres
@@ -104,6 +109,12 @@ class KNNIndex:
         came from), on any device. With ``query_groups`` in :meth:`search`,
         bank rows of a query's own group are excluded from its neighbours
         (leave-one-group-out, as for out-of-sample calibration of PatchCore).
+    forward_chunk : int, default=4096
+        Bank rows per block of :meth:`forward` (the exportable search): its
+        intermediates are ``queries x forward_chunk`` distances, never
+        ``queries x n``.
+    forward_extra : int, default=7
+        Candidates that :meth:`forward` keeps per chunk beyond ``n_neighbors``.
 
     Attributes
     ----------
@@ -117,14 +128,22 @@ class KNNIndex:
         Device of the stored bank; queries must be there too.
     groups : LongTensor of shape (n,) or None
         A copy of the group labels.
+    bank : Tensor of shape (n, n_features)
+        Buffer: the bank times ``2**-e`` (see Notes), in the working dtype.
+    bank_groups : LongTensor of shape (n,) or None
+        Buffer: the group labels.
+    centre, sq_norms : Tensor of shape (n_features,) and (n,)
+        Buffers: the mean of ``bank`` and the squared norms of its centred rows.
 
     Raises
     ------
     TypeError
-        If ``bank`` is not a tensor, or ``groups`` is not an integer tensor.
+        If ``bank`` is not a tensor, ``groups`` is not an integer tensor, or
+        ``forward_chunk`` or ``forward_extra`` is not an int.
     ValueError
         If ``bank`` is not 2-D, has no rows (axis 0) or no features (axis 1),
-        or holds NaN or infinity, or ``groups`` does not have shape (n,).
+        or holds NaN or infinity, ``groups`` does not have shape (n,), or
+        ``forward_chunk`` is below 1 or ``forward_extra`` below 0.
 
     See Also
     --------
@@ -196,6 +215,27 @@ class KNNIndex:
     **Memory.** The index holds two copies of the bank in its working dtype
     (scaled, and scaled and centred), plus one more per other dtype of
     queries it was searched with (float64 queries against a float32 bank).
+    Only the first is a buffer (``state_dict``, :meth:`forward`, exported graphs).
+
+    **The exportable search.** :meth:`forward` is :meth:`search` without
+    validation, groups or data-dependent control flow, for
+    :func:`torch.jit.trace` and the ONNX exporter (opset 17, any number of
+    queries). The bank is scanned in ``ceil(n / forward_chunk)`` chunks; per chunk
+    one matrix product ranks the rows by ``|b_c|^2 - 2 q_c.b`` (``c`` the
+    centre: the squared distance less a term constant per query, from the
+    stored bank alone), :func:`torch.topk` keeps ``n_neighbors + forward_extra``
+    candidates, their distances are recomputed exactly as ``sum((q - b)**2)``
+    from the gathered rows, and a running selection by (distance, index) keeps
+    the ``n_neighbors`` best over the chunks. A true neighbour is missed only if
+    more than ``forward_extra`` rows of its chunk rank ahead of it within the
+    rounding of the ranking (near-ties, e.g. duplicated rows; the distances
+    returned are then still exact, of the rows found); :meth:`search`
+    detects such queries and searches them exhaustively, :meth:`forward`
+    cannot branch. Queries far beyond the bank's scale (see Scale) are not
+    special-cased either. Memory: about ``queries x (forward_chunk + 2 (n_neighbors
+    + forward_extra) n_features)`` numbers besides the bank, and an exported graph
+    holds the bank once (the chunk offsets are computed from the input's shape,
+    so that constant folding does not store each chunk again).
 
     References
     ----------
@@ -220,9 +260,23 @@ class KNNIndex:
     (tensor([[5.],
             [0.]]), tensor([[2],
             [0]]))
+
+    The exportable form, scanning the bank two rows at a time:
+
+    >>> index = KNNIndex(torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]]), forward_chunk=2)
+    >>> index(torch.tensor([[0.0, 0.5]]), 2)
+    (tensor([[0.5000, 1.1180]]), tensor([[0, 2]]))
     """
 
-    def __init__(self, bank, groups=None):
+    def __init__(self, bank, groups=None, *, forward_chunk=_FORWARD_CHUNK,
+                 forward_extra=_FORWARD_EXTRA):
+        super().__init__()
+        self.forward_chunk = check_positive_int(forward_chunk, "forward_chunk")
+        if isinstance(forward_extra, bool) or not isinstance(forward_extra, int):
+            raise TypeError(f"forward_extra must be an int, got {forward_extra!r}")
+        if forward_extra < 0:
+            raise ValueError(f"forward_extra must be at least 0, got {forward_extra}")
+        self.forward_extra = int(forward_extra)
         bank = check_ndim(as_float_tensor(bank, "bank"), 2, "bank")
         n, d = bank.shape
         if n == 0:
@@ -234,63 +288,69 @@ class KNNIndex:
         check_finite(bank, "bank")
         bank = bank.to(working_dtype(bank.dtype))
         self._exponent = int(frexp_exponent(bank.abs().amax()))
-        self._bank = ldexp(bank, -self._exponent)  # a new tensor in any case
-        self._prepared: dict[torch.dtype, _Prepared] = {}
-        self._prepare(self._bank.dtype)
+        self.register_buffer("bank", ldexp(bank, -self._exponent))  # a new tensor anyway
+        self._prepared: dict[tuple, _Prepared] = {}
+        prepared = self._prepare(self.bank.dtype)
+        self.register_buffer("centre", prepared.centre)
+        self.register_buffer("sq_norms", prepared.sq_norms)
         self._rows = max(16, min(_MAX_PAIR_ROWS, _PAIR_BLOCK_ELEMENTS // d))
-        self._groups = None
+        labels = values = counts = None
         if groups is not None:
-            self._groups = _check_groups(groups, n, "groups", bank.device)
-            self._group_values, self._group_counts = torch.unique(
-                self._groups, return_counts=True)
+            labels = _check_groups(groups, n, "groups", bank.device)
+            values, counts = torch.unique(labels, return_counts=True)
+        self.register_buffer("bank_groups", labels)
+        self.register_buffer("_group_values", values, persistent=False)
+        self.register_buffer("_group_counts", counts, persistent=False)
 
     @property
     def n_samples(self) -> int:
         """Number of points in the bank."""
-        return self._bank.shape[0]
+        return self.bank.shape[0]
 
     @property
     def n_features(self) -> int:
         """Width of the points."""
-        return self._bank.shape[1]
+        return self.bank.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
         """Working dtype of the stored bank."""
-        return self._bank.dtype
+        return self.bank.dtype
 
     @property
     def device(self) -> torch.device:
         """Device of the stored bank."""
-        return self._bank.device
+        return self.bank.device
 
     @property
     def groups(self) -> torch.Tensor | None:
         """A copy of the bank's group labels (int64), or None."""
-        return None if self._groups is None else self._groups.clone()
+        return None if self.bank_groups is None else self.bank_groups.clone()
 
     def __repr__(self) -> str:
-        grouped = "" if self._groups is None else ", groups=True"
+        grouped = "" if self.bank_groups is None else ", groups=True"
         return (f"KNNIndex(n_samples={self.n_samples}, n_features={self.n_features}, "
                 f"dtype={self.dtype}, device={self.device}{grouped})")
 
     def _prepare(self, dtype: torch.dtype) -> _Prepared:
-        """The bank in ``dtype`` (scaled, centred, norms), built once per dtype."""
-        prepared = self._prepared.get(dtype)
+        """The bank in ``dtype`` (scaled, centred, norms), built once per dtype and device
+        (the module may have been moved since)."""
+        key = (dtype, self.bank.device, self.bank.dtype)
+        prepared = self._prepared.get(key)
         if prepared is None:
-            bank = self._bank.to(dtype)  # exact: dtype is never narrower
+            bank = self.bank.to(dtype)  # exact: dtype is never narrower
             centre = bank.mean(0)
             centred = bank - centre
             sq_norms = centred.square().sum(1)
             prepared = _Prepared(bank, centre, centred, sq_norms,
                                  float(sq_norms.max().sqrt()))
-            self._prepared[dtype] = prepared
+            self._prepared[key] = prepared
         return prepared
 
     def _check_query_groups(self, query_groups, m: int, k: int) -> torch.Tensor | None:
         if query_groups is None:
             return None
-        if self._groups is None:
+        if self.bank_groups is None:
             raise ValueError("query_groups needs an index built with groups: "
                              "KNNIndex(bank, groups=...)")
         labels = _check_groups(query_groups, m, "query_groups", self.device)
@@ -429,6 +489,56 @@ class KNNIndex:
             best, where = self._search_near(prepared, scaled, labels, k, chunk, tile)
         return self._unscale(best, exponents, squared), where
 
+    def forward(self, queries: torch.Tensor, n_neighbors: int = 1, squared: bool = False):
+        """The ``n_neighbors`` nearest bank points of each query, traceable and unchecked.
+
+        The exportable form of :meth:`search` (see "The exportable search" in the
+        class Notes): no validation, no groups, the bank scanned in chunks of
+        ``forward_chunk`` rows; on realistic data the same neighbours as
+        :meth:`search`, their distances exact to rounding.
+
+        Parameters
+        ----------
+        queries : Tensor of shape (m, n_features)
+            Cast to the bank's dtype; on the bank's device; finite (not checked).
+        n_neighbors : int, default=1
+            Neighbours per query, between 1 and ``n_samples`` (not checked); a
+            Python int, fixed when the module is traced.
+        squared : bool, default=False
+            Return squared distances.
+
+        Returns
+        -------
+        distances : Tensor of shape (m, n_neighbors)
+            Euclidean (or squared) distances, ascending, in the bank's dtype.
+        indices : LongTensor of shape (m, n_neighbors)
+            Bank rows at those distances; the smaller index first among ties.
+        """
+        k = int(n_neighbors)
+        bank = self.bank
+        n_bank = bank.shape[0]
+        scaled = ldexp(queries.to(bank.dtype), -self._exponent)
+        centred = scaled - self.centre
+        # chunk offsets that depend on the input's shape: constant folding would otherwise
+        # store every chunk of the bank a second time in an exported graph
+        zero = queries.shape[0] * 0
+        best_r = best_i = None
+        for start in range(0, n_bank, self.forward_chunk):
+            size = min(self.forward_chunk, n_bank - start)
+            rows = bank.narrow(0, zero + start, size)
+            ranking = torch.addmm(self.sq_norms.narrow(0, zero + start, size), centred,
+                                  rows.T, alpha=-2.0)
+            _, local = torch.topk(ranking, min(k + self.forward_extra, size), dim=1,
+                                  largest=False)
+            r = (scaled[:, None, :] - rows[local]).square().sum(-1)  # exact, (m, top)
+            idx = local + start
+            if best_r is not None:
+                r, idx = torch.cat([best_r, r], 1), torch.cat([best_i, idx], 1)
+            best_r, best_i = _smallest(r, idx, min(k, r.shape[1]))
+        if squared:
+            return ldexp(best_r, 2 * self._exponent), best_i
+        return ldexp(best_r.sqrt(), self._exponent), best_i
+
     def _search_near(self, prepared: _Prepared, scaled, labels, k, chunk, tile):
         """(r, idx) of queries in the bank's scale: candidates by GEMM, then exact."""
         n_bank, n_features = prepared.bank.shape
@@ -489,7 +599,7 @@ class KNNIndex:
                 partial = torch.addmm(prepared.sq_norms[j : j + tile], q, b.T, alpha=-2.0,
                                       out=block[:rows, : b.shape[0]])
                 if own is not None:
-                    partial.masked_fill_(own == self._groups[j : j + tile], math.inf)
+                    partial.masked_fill_(own == self.bank_groups[j : j + tile], math.inf)
                 _merge(partial, j, top, found, first=j == 0)
             torch.sum(torch.square(q), 1, out=q_sq[start : start + rows])
             found[0].add_(q_sq[start : start + rows, None])
@@ -548,7 +658,7 @@ class KNNIndex:
                         buf[t:].zero_()
                     r[0, j : j + t] = _block_sq_sums(buf)[:t]
             if labels is not None:
-                r.masked_fill_(labels[start : start + n, None] == self._groups, math.inf)
+                r.masked_fill_(labels[start : start + n, None] == self.bank_groups, math.inf)
             r, order = torch.sort(r, dim=1, stable=True)  # ties: smaller index first
             best[start : start + n], where[start : start + n] = r[:, :k], order[:, :k]
         return best, where
@@ -584,6 +694,23 @@ def _select(r: torch.Tensor, indices: torch.Tensor, k: int):
     indices, order = torch.sort(indices, dim=1)
     r, pick = torch.sort(r.gather(1, order), dim=1, stable=True)
     return r[:, :k], indices.gather(1, pick[:, :k])
+
+
+def _smallest(r: torch.Tensor, indices: torch.Tensor, k: int):
+    """The ``k`` smallest of each row of ``r`` by (value, index), ascending; traceable.
+
+    ``indices`` are distinct along each row. Each entry's rank is counted by
+    comparisons (no sort: torch's sorts are not stable under tracing and export),
+    and the entries of ranks ``0 .. k-1`` are placed by a one-hot sum (exact: one
+    term each).
+    """
+    before = (r[:, None, :] < r[:, :, None]) | (
+        (r[:, None, :] == r[:, :, None]) & (indices[:, None, :] < indices[:, :, None]))
+    rank = before.sum(2)  # (m, w): entries ahead of each one
+    hit = rank[:, :, None] == torch.arange(k, device=r.device)  # (m, w, k)
+    values = torch.where(hit, r[:, :, None], torch.zeros_like(r[:, :1, None])).sum(1)
+    where = torch.where(hit, indices[:, :, None], torch.zeros_like(indices[:, :1, None])).sum(1)
+    return values, where
 
 
 def _merge(partial: torch.Tensor, offset: int, k: int, found, *, first: bool) -> None:
