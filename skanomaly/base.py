@@ -21,6 +21,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import validate_data
+from ._dask import is_dask_array
 from .functional._validation import all_finite
 
 __all__ = [
@@ -548,6 +549,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         self._clear_fitted_state()
         try:
+            if is_dask_array(X):  # fitted on the dask workers: see skanomaly/_dask.py
+                from ._dask import fit_dask
+                return fit_dask(self, X)
             self._reset_device_cache()
             Xt = self._validate_input(X, reset=True)
             self._fit(Xt)
@@ -654,6 +658,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             The negated anomaly score of each sample.
         """
         check_is_fitted(self)
+        if is_dask_array(X):  # a dask array, scored block by block
+            from ._dask import map_samples
+            return map_samples(self, "score_samples", X, (), np.float64)
         Xt = self._validate_input(X, reset=False)
         return -_to_numpy(self._blockwise(self._score, Xt)).astype(np.float64)
 
@@ -786,6 +793,10 @@ class BaseSpatialDetector(BaseDetector):
         from .anomaly_map import postprocess_anomaly_map
 
         check_is_fitted(self)
+        if is_dask_array(X):  # a dask array, mapped block by block
+            from ._dask import map_samples, map_shape
+            return map_samples(self, "anomaly_map", X, map_shape(self, output_size),
+                               np.float64, output_size=output_size, sigma=sigma)
         Xt = self._validate_input(X, reset=False)
 
         def maps_of(x):

@@ -609,3 +609,45 @@ class DFKDEDetector(BaseDetector):
             raise _beyond_range("samples too far from the training data for their PCA "
                                 "coordinates to be represented in float64")
         return -(self._kde().logpdf(self._kde_points(z)) + self._log_unit())
+
+    def _merge_partial(self, other: DFKDEDetector) -> None:
+        """Fold the fit of ``other`` (on other samples) into this one, in place.
+
+        For the tree reduction of per-block fits in :mod:`skanomaly._dask`. The PCA
+        moments merge as in ``partial_fit`` (:func:`_merge_moments` at a common power of
+        two). The reservoirs, uniform samples of ``n_a`` and ``n_b`` samples, merge into
+        a uniform sample of ``m = min(max_training_points, n_a + n_b)`` of the union:
+        ``k ~ Hypergeometric(n_a, n_b, m)`` rows from the first, ``m - k`` from the
+        second, each a uniform subset in order (seeded by this fit's stream). The model
+        is rebuilt by ``partial_fit``'s ``_build``. ``offset_`` is not set.
+        """
+        f64 = dict(dtype=torch.float64)
+        e = max(self._moments[4], other._moments[4])
+
+        def root(moments):
+            n, mean, s, vt, e_m = moments
+            mean, s, vt = (torch.as_tensor(v, **f64) for v in (mean, s, vt))
+            return _root(n, ldexp(mean, e_m - e), ldexp(s, e_m - e), vt)
+
+        n, mean, s, vt = _merge_moments(root(self._moments), root(other._moments))
+        generator = torch.Generator().manual_seed(self._next_seed)
+        rng = np.random.default_rng(_draw_seed(generator))
+        n_a, n_b = self.n_samples_seen_, other.n_samples_seen_
+        m = min(self.max_training_points, n_a + n_b)
+        k = n_a if m == n_a + n_b else int(rng.hypergeometric(n_a, n_b, m))
+        pick_a = np.sort(rng.choice(self._reservoir.shape[0], k, replace=False))
+        pick_b = np.sort(rng.choice(other._reservoir.shape[0], m - k, replace=False))
+        reservoir = torch.as_tensor(np.concatenate([self._reservoir[pick_a],
+                                                    other._reservoir[pick_b]]), **f64)
+        max_abs = max(self._largest_seen, other._largest_seen)
+        exponent = max_abs_exponent(reservoir) - 1
+        self._reset_device_cache()
+        self._build(reservoir, exponent, ldexp(mean, e - exponent), ldexp(s, e - exponent),
+                    vt, n_pca=n, max_abs=max_abs)
+        self._moments = (n, _to_numpy(mean), _to_numpy(s), _to_numpy(vt), e)
+        self._reservoir = _to_numpy(reservoir)
+        self.kde_indices_ = np.concatenate([self.kde_indices_[pick_a],
+                                            other.kde_indices_[pick_b]]).astype(np.int64)
+        self.n_samples_seen_ = n_a + n_b
+        self._largest_seen = max_abs
+        self._next_seed = _draw_seed(generator)

@@ -514,3 +514,19 @@ class DFMDetector(BaseSpatialDetector):
             )
         maps = _finite(self._squared_error(X).sum(dim=1), "squared reconstruction error")
         return maps if maps.shape[1:] == X.shape[2:] else upsample_bilinear(maps, X.shape[2:])
+
+    def _merge_partial(self, other: DFMDetector) -> None:
+        """Fold the fit of ``other`` (on other samples) into this one, in place.
+
+        For the tree reduction of per-block fits in :mod:`skanomaly._dask`: both
+        factorised moments merge by ``partial_fit``'s :func:`_merge_moments` and the PCA
+        is refitted from them by the same ``_set_model``. ``offset_`` is not set.
+        """
+        def root(moments):
+            n, mean, s, vt = moments
+            mean, s, vt = (torch.as_tensor(v, dtype=torch.float64) for v in (mean, s, vt))
+            return n, mean, s[:, None] * vt
+
+        merged = _merge_moments(root(self._moments), root(other._moments))
+        self._reset_device_cache()
+        self._set_model(*merged)

@@ -320,3 +320,29 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         return mahalanobis(X, self._device_tensor("location_"),
                            cholesky=self._device_tensor("covariance_cholesky_"), squared=True)
+
+    def _merge_partial(self, other: GaussianDetector) -> None:
+        """Fold the fit of ``other`` (on other samples) into this one, in place.
+
+        For the tree reduction of per-block fits in :mod:`skanomaly._dask`: the moments
+        merge by :meth:`MomentAccumulator.merge` (Chan et al.), ``other``'s sums of
+        ``||y||**4`` and ``||y||**2 y`` (``y = x - c_b``) move to this fit's centre
+        ``c_a`` (``x - c_a = y + e``, ``e = c_b - c_a``, expanded exactly), and the model is
+        refreshed by ``partial_fit``'s own step on an empty batch. ``offset_`` is not set.
+        """
+        f64 = dict(dtype=torch.float64)
+        theirs = other._moments
+        n_b, e = theirs.n_samples_, torch.as_tensor(other._centre - self._centre, **f64)
+        u = theirs.mean.cpu() - torch.as_tensor(other._centre, **f64)  # mean of y
+        yy = theirs.scatter.cpu() + n_b * torch.outer(u, u)  # sum y y^T
+        s1, s2, ee = n_b * u, yy.trace(), e @ e  # sum y, sum ||y||^2, ||e||^2
+        s2y = torch.as_tensor(other._sum_sq_y, **f64)
+        sum_sq2 = (float(other._sum_sq2) + 4 * e @ yy @ e + n_b * ee * ee + 4 * e @ s2y
+                   + 2 * ee * s2 + 4 * ee * (e @ s1))
+        sum_sq_y = s2y + 2 * yy @ e + ee * s1 + e * s2 + 2 * e * (e @ s1) + n_b * ee * e
+        self._moments = MomentAccumulator(self.n_features_in_).merge(
+            self._moments.to("cpu")).merge(theirs)
+        self._sum_sq2 = self._sum_sq2 + float(sum_sq2)
+        self._sum_sq_y = self._sum_sq_y + sum_sq_y.numpy()
+        self._accumulate(torch.empty(0, self.n_features_in_, **f64), reset=False,
+                         incremental=True)

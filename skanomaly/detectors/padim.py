@@ -406,3 +406,25 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
                 zb = torch.bmm(x, upper[start:stop], out=z[: stop - start])
                 out[first : first + chunk.shape[0], start:stop] = zb.square_().sum(-1).T
         return out.sqrt_().reshape(n, *X.shape[2:])
+
+    def _merge_partial(self, other: PaDiMDetector) -> None:
+        """Fold the fit of ``other`` (on other images, same channels) into this one.
+
+        For the tree reduction of per-block fits in :mod:`skanomaly._dask`: the moments
+        of both merge by :meth:`MomentAccumulator.merge` (Chan et al.) and the model is
+        refreshed by ``partial_fit``'s own step on an empty batch (full solver).
+        ``offset_`` is not set.
+
+        Raises
+        ------
+        ValueError
+            If the two fits kept different channels (different ``random_state``).
+        """
+        if not np.array_equal(self.feature_indices_, other.feature_indices_):
+            raise ValueError("cannot merge PaDiM fits that kept different channels; give "
+                             "random_state an int")
+        merged = MomentAccumulator(len(self.feature_indices_), (self.mean_.shape[0],))
+        merged.merge(self._current_moments().to("cpu")).merge(other._current_moments())
+        self._moments, self.solver_ = merged, "full"
+        self._accumulate(torch.empty(0, *self.input_shape_, dtype=torch.float64),
+                         reset=False, incremental=True)

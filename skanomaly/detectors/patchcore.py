@@ -383,15 +383,7 @@ class PatchCoreDetector(BaseSpatialDetector):
                           patches[local]])
         rows = np.concatenate([self.coreset_indices_,
                                self.n_samples_seen_ * per_image + _to_numpy(local)])
-        if bank.shape[0] > budget:
-            keep = self._coreset(bank, budget, generator)
-            bank, rows = bank[keep], rows[_to_numpy(keep)]
-        self._reset_device_cache()
-        self.memory_bank_ = _to_numpy(bank)
-        self.coreset_indices_ = rows.astype(np.int64)
-        self.bank_images_ = self.coreset_indices_ // per_image
-        self.n_samples_seen_ = n_seen
-        self._next_seed = _draw_seed(generator)
+        self._reduce_union(bank, rows, budget, per_image, n_seen, generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -545,3 +537,38 @@ class PatchCoreDetector(BaseSpatialDetector):
                    "no leave-one-image-out scores")
         images = torch.arange(X.shape[0], device=X.device)
         return self._score(X, images), "leave-one-image-out"
+
+    def _reduce_union(self, bank: torch.Tensor, rows: np.ndarray, budget: int, per_image: int,
+                      n_seen: int, generator: torch.Generator) -> None:
+        """Keep the union ``bank`` (training patch numbers ``rows``) within ``budget``.
+
+        Greedy k-center reduces it when it is over the budget (merge-and-reduce); the
+        bank, its numbering, ``n_samples_seen_`` and the random stream are then stored.
+        """
+        if bank.shape[0] > budget:
+            keep = self._coreset(bank, budget, generator)
+            bank, rows = bank[keep], rows[_to_numpy(keep)]
+        self._reset_device_cache()
+        self.memory_bank_ = _to_numpy(bank)
+        self.coreset_indices_ = rows.astype(np.int64)
+        self.bank_images_ = self.coreset_indices_ // per_image
+        self.n_samples_seen_ = n_seen
+        self._next_seed = _draw_seed(generator)
+
+    def _merge_partial(self, other: PatchCoreDetector) -> None:
+        """Fold the bank of ``other`` (fitted on other images) into this one, in place.
+
+        For the tree reduction of per-block fits in :mod:`skanomaly._dask`: the union of
+        both banks is reduced to the budget of all the patches seen, as ``partial_fit``
+        reduces its union (:meth:`_reduce_union`; this fit's projection and stream).
+        Patch and image numbers (``coreset_indices_``, ``bank_images_``) must already be
+        global. ``offset_`` is not set.
+        """
+        per_image = math.prod(self.input_shape_[1:])
+        n_seen = self.n_samples_seen_ + other.n_samples_seen_
+        generator = torch.Generator().manual_seed(self._next_seed)
+        bank = torch.cat([torch.as_tensor(self.memory_bank_),
+                          torch.as_tensor(other.memory_bank_)])
+        rows = np.concatenate([self.coreset_indices_, other.coreset_indices_])
+        self._reduce_union(bank, rows, self._budget(n_seen * per_image), per_image, n_seen,
+                           generator)

@@ -24,6 +24,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import check_array, validate_data
 
+from .._dask import is_dask_array, transform_dask
 from ..base import make_generator, resolve_device
 from .pretrained import PACKAGED_WEIGHTS, load_packaged_weights
 
@@ -691,6 +692,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         (('layer2', 'layer3'), (384, 8, 8))
         """
         device = resolve_device(self.device)
+        if is_dask_array(X):  # one image checks the backbone: nothing more is gathered
+            X = X[:1].compute()
         X = self._validate_input(X, reset=True)
         shape = tuple(X.shape)
         if self.normalize and shape[1] != 3 and not self._is_gray(shape):
@@ -782,6 +785,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ((3, 448, 8, 8), dtype('float32'))
         """
         check_is_fitted(self)
+        if is_dask_array(X):  # a dask array, transformed block by block (map_blocks)
+            return transform_dask(self, X)
         X = self._validate_input(X, reset=False)
         device = resolve_device(self.device)
         module = self._torch_module(device)
