@@ -334,6 +334,15 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     Input may be a numpy array, any array-like, or a torch tensor on any
     device; it is never modified. Read-only and memory-mapped arrays work.
 
+    A :class:`dask.array.Array` is fitted on the dask workers (the current
+    :class:`distributed.Client`, else dask's default scheduler) without gathering it:
+    each block's partial state (as ``partial_fit`` keeps it) is tree-reduced with the
+    same merges, and ``offset_`` comes from a second pass of out-of-sample scores per
+    block: exact leave-one-out scores under the final state where the detector has them
+    (``calibration_ == "leave-one-out"``, or ``"leave-one-image-out"`` for PatchCore),
+    else ``"cross-fit"`` over ``min(5, n_blocks)`` folds of consecutive blocks. Scoring a
+    dask array returns a dask array computed block by block (see the scaling guide).
+
     Examples
     --------
     A detector scoring the distance to the training mean:
@@ -537,8 +546,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features)
-            Training samples (spatial detectors also take (n_samples, C, H, W)).
+        X : array-like, torch.Tensor or dask.array.Array of shape (n_samples, n_features)
+            Training samples (spatial detectors also take (n_samples, C, H, W)). A dask
+            array is fitted on the dask workers, block by block (see the class Notes).
         y : Ignored
             Not used, present for API consistency.
 
@@ -649,13 +659,14 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        X : array-like, torch.Tensor or dask.array.Array of shape (n_samples, n_features)
             Samples to score, shaped as in ``fit``.
 
         Returns
         -------
         scores : ndarray of shape (n_samples,), float64
-            The negated anomaly score of each sample.
+            The negated anomaly score of each sample (a dask array, computed block by
+            block, for a dask ``X``; so for ``decision_function`` and ``predict``).
         """
         check_is_fitted(self)
         if is_dask_array(X):  # a dask array, scored block by block
@@ -776,8 +787,8 @@ class BaseSpatialDetector(BaseDetector):
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
-            Feature maps shaped as in ``fit``.
+        X : array-like, torch.Tensor or dask.array.Array of shape (n_samples, C, H, W)
+            Feature maps shaped as in ``fit`` (a dask array gives a dask array).
         output_size : int or (int, int), optional
             Image size (height, width) in pixels. When given, the map is
             upsampled bilinearly to it and blurred with a Gaussian of standard
