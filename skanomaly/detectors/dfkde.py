@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from numbers import Integral, Real
 
@@ -12,7 +13,7 @@ import numpy as np
 from sklearn.base import _fit_context
 
 from ..base import BaseDetector, _quantile_offset, _to_numpy, make_generator
-from ..functional import pca_fit
+from ..functional import PCAProjection, pca_fit
 from ..functional._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
 from ..functional.kde import GaussianKDE
@@ -92,6 +93,31 @@ def _unit_rows(z: torch.Tensor) -> torch.Tensor:
     z = ldexp(z, -frexp_exponent(z.abs().amax(1, keepdim=True)))
     norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
     return z / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+class _DFKDEModule(torch.nn.Module):
+    """Fitted DFKDE scoring: ``forward(x (N, C, H, W)) -> anomaly scores (N,)``.
+
+    Global average pooling, the exact power-of-two scaling, the PCA projection
+    (:class:`~skanomaly.functional.PCAProjection`), the feature scaling and the
+    kernel density (:class:`~skanomaly.functional.GaussianKDE`), all in ``dtype``.
+    """
+
+    def __init__(self, projection: PCAProjection, kde: GaussianKDE, *, exponent: int,
+                 feature_scaling, max_length: float, log_unit: float, dtype: torch.dtype):
+        super().__init__()
+        self.projection, self.kde = projection, kde
+        self.exponent, self.feature_scaling, self.max_length, self.log_unit, self.dtype = (
+            exponent, feature_scaling, max_length, log_unit, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.projection(ldexp(x.to(self.dtype).mean(dim=(2, 3)), -self.exponent))
+        if self.feature_scaling == "scale":
+            z = z / self.max_length
+        elif self.feature_scaling == "norm":
+            norm = z.square().sum(1, keepdim=True).sqrt()
+            z = z / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return -(self.kde(z) + self.log_unit)
 
 
 class DFKDEDetector(BaseDetector):
@@ -352,10 +378,26 @@ class DFKDEDetector(BaseDetector):
 
         return self._cached("kde", build)
 
-    def _pca_mean(self, dtype) -> torch.Tensor:
-        """``pca_mean_`` in units of ``scale_``, on the device."""
-        return self._cached(("pca_mean", dtype), lambda: ldexp(
-            self._device_tensor("pca_mean_", dtype), -self._exponent()))
+    def _projection(self, dtype, device=None) -> PCAProjection:
+        """The fitted PCA (``pca_mean_`` in units of ``scale_``) as a module (cached)."""
+        device = self._device() if device is None else device
+        return self._cached(("pca", dtype, str(device)), lambda: PCAProjection(
+            torch.as_tensor(self.pca_components_, dtype=dtype, device=device),
+            ldexp(torch.as_tensor(self.pca_mean_, dtype=dtype, device=device),
+                  -self._exponent())))
+
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """The fitted scoring as a module: ``forward(x (N, C, H, W)) -> scores (N,)``.
+
+        Anomaly scores ``-score_samples(x)`` in ``dtype``, from the cached PCA
+        projection and kernel density (fitted in float64 and cast to ``dtype``).
+        """
+        kde = copy.deepcopy(self._kde()).to(device=device, dtype=dtype)
+        length = (math.ldexp(self.max_length_, -self._exponent())
+                  if self.feature_scaling == "scale" else 1.0)
+        return _DFKDEModule(self._projection(dtype, device), kde, exponent=self._exponent(),
+                            feature_scaling=self.feature_scaling, max_length=length,
+                            log_unit=self._log_unit(), dtype=dtype)
 
     # ------------------------------------------------------------------- fit
     def _fit(self, X: torch.Tensor) -> None:
@@ -412,7 +454,7 @@ class DFKDEDetector(BaseDetector):
             )
         k = min(self.n_components, n_features, n_points - 1, rank)
         components = components[:k]
-        z = (u - pca_mean) @ components.T
+        z = PCAProjection(components, pca_mean)(u)
 
         self.n_components_ = k
         self.scale_ = math.ldexp(1.0, exponent)
@@ -602,9 +644,7 @@ class DFKDEDetector(BaseDetector):
     # ----------------------------------------------------------------- score
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors(X)
-        u = ldexp(vectors, -self._exponent())
-        components = self._device_tensor("pca_components_", vectors.dtype)
-        z = (u - self._pca_mean(vectors.dtype)) @ components.T
+        z = self._projection(vectors.dtype)(ldexp(vectors, -self._exponent()))
         if not all_finite(z):
             raise _beyond_range("samples too far from the training data for their PCA "
                                 "coordinates to be represented in float64")

@@ -1,10 +1,12 @@
 """Gaussian kernel density estimation with :func:`scipy.stats.gaussian_kde` semantics.
 
-:class:`GaussianKDE` is the fitted kernel: built once from a dataset (validation, the
-bandwidth, the Cholesky factor of the kernel covariance and the whitened centres), it
-evaluates log densities of any number of point batches, optionally leave-one-out.
+:class:`GaussianKDE` is the fitted kernel, a :class:`torch.nn.Module`: built once from a
+dataset (validation, the bandwidth, the Cholesky factor of the kernel covariance, its
+inverse as a whitening factor and the whitened centres, all buffers), it evaluates log
+densities of any number of point batches, optionally leave-one-out (:meth:`~GaussianKDE.logpdf`,
+validated and chunked), or unchecked and exportable (its ``forward``).
 :func:`gaussian_kde_logpdf` and :func:`kde_covariance` are one-shot functions over it.
-The log density is computed in whitened coordinates by chunked matrix products and
+The log density is computed in whitened coordinates by matrix products and
 ``logsumexp``, so it stays exact far in the tails where the density itself underflows.
 Unlike scipy, datasets are ``(n_samples, n_features)``: rows are samples.
 """
@@ -15,6 +17,7 @@ import math
 from numbers import Real
 
 import torch
+from torch import nn
 
 from ._validation import (
     all_finite,
@@ -33,11 +36,37 @@ __all__ = ["GaussianKDE", "gaussian_kde_logpdf", "kde_covariance"]
 _CHUNK_ELEMENTS = 1 << 23  # entries of one (chunk, n_samples) block: 64 MB in float64
 
 
+def _as_float_samples(x, name: str) -> torch.Tensor:
+    """A float tensor of samples, 1-D (one feature) or 2-D (rows are samples)."""
+    return check_ndim(as_float_tensor(x, name), (1, 2), name)
+
+
 def _as_samples(x, name: str) -> torch.Tensor:
     """Validated 2-D float tensor (half precision upcast); a 1-D tensor is one feature."""
-    x = check_finite(check_ndim(as_float_tensor(x, name), (1, 2), name), name)
+    x = check_finite(_as_float_samples(x, name), name)
     x = x.to(working_dtype(x.dtype))
     return x[:, None] if x.ndim == 1 else x
+
+
+def _whitened(y: torch.Tensor, precision_factor: torch.Tensor):
+    """Whitened rows with a column of ones appended, and half their squared norms.
+
+    ``y`` is centred and scaled; ``y @ precision_factor`` whitens it (the factor is the
+    inverse transposed Cholesky factor of the kernel covariance, in the same units).
+    """
+    white = y @ precision_factor
+    return torch.cat([white, torch.ones_like(white[:, :1])], 1), 0.5 * white.square().sum(1)
+
+
+def _log_kernel_sum(exponents: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` of each row of a block of kernel exponents (overwritten)."""
+    peak = exponents.amax(1)  # finite: some sample has positive weight
+    return exponents.sub_(peak[:, None]).exp_().sum(1).log_().add_(peak)
+
+
+def _pow2_or_inf(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2.0 ** exponent`` in ``dtype``: exact within its normal range, else 0 or inf."""
+    return torch.pow(2.0, exponent.to(torch.float64)).to(dtype)
 
 
 def _normalized_weights(weights, n_samples: int, like: torch.Tensor) -> torch.Tensor:
@@ -71,14 +100,17 @@ def _bandwidth_factor(bandwidth, neff: float, n_features: int) -> float:
     return float(bandwidth)
 
 
-class GaussianKDE:
+class GaussianKDE(nn.Module):
     """A Gaussian kernel density estimate of a fixed dataset, fitted once.
 
     The estimator of :class:`scipy.stats.gaussian_kde`: one Gaussian kernel per
     sample, all with the covariance of the (weighted) data times the squared
-    bandwidth factor. Building it validates the dataset, computes the bandwidth
-    and the Cholesky factor of the kernel covariance and whitens the centres, so
-    that each :meth:`logpdf` call pays only its matrix products.
+    bandwidth factor. Building it validates the dataset, computes the bandwidth,
+    the Cholesky factor of the kernel covariance and its inverse, and whitens the
+    centres, so that each :meth:`logpdf` call pays only its matrix products. It is
+    a :class:`torch.nn.Module` whose state is buffers; calling it
+    (:meth:`forward`) evaluates log densities without validation or chunking, in
+    a form that :func:`torch.jit.trace` and the ONNX exporter (opset 17) take.
 
     Parameters
     ----------
@@ -107,6 +139,17 @@ class GaussianKDE:
         Working dtype (float32 or float64); points are evaluated in it.
     device : torch.device
         Device of the centres; points must be there too.
+    centres : Tensor of shape (n_samples, n_features + 1)
+        Buffer: the whitened centres, with a last column ``log w_j - |x_j|^2 / 2``.
+    precision_factor : Tensor of shape (n_features, n_features)
+        Buffer: ``U = L^-T`` (upper triangular, ``U U^T = Sigma_s^-1``), the
+        whitening of centred, scaled points (``Sigma_s = L L^T`` the kernel
+        covariance in the scaled units of the Notes).
+    mean, scale : Tensor of shape (n_features,)
+        Buffers: the centring point and the per-feature powers of two that take
+        points to those scaled units, ``(y - mean) * scale``.
+    log_norm : Tensor of shape ()
+        Buffer: ``log det(2 pi Sigma) / 2``, in the units of the dataset.
 
     Raises
     ------
@@ -145,6 +188,15 @@ class GaussianKDE:
     whitened distance overflows) raises a ``ValueError`` instead of returning
     ``-inf``.
 
+    **Module.** :meth:`forward` is :meth:`logpdf` without validation,
+    leave-one-out, chunking or the range check: ``(y - mean) * scale @ U``, one
+    matrix product against ``centres`` and a ``logsumexp`` per point (memory
+    ``n_points x n_samples``). Its scaling multiplies by the stored powers of two
+    where :meth:`logpdf` scales in exact steps; both agree bit for bit while
+    ``scale`` is a normal number of the dtype (data not within a factor of about
+    ``2**(+-125)`` of float32's range limits, ``2**(+-1000)`` of float64's).
+    ``module.to(dtype)`` casts the buffers: a float64 fit evaluated in float32.
+
     **Leave-one-out.** ``logpdf(dataset, leave_one_out=True)`` gives each centre's
     log density under the other centres: the kernel of point ``i`` is dropped from
     its ``logsumexp`` and the remaining weights are renormalised (``w_j / (1 -
@@ -170,9 +222,15 @@ class GaussianKDE:
 
     >>> kde.logpdf(torch.tensor([-1.0, 1.0], dtype=torch.float64), leave_one_out=True)
     tensor([-2.2655, -2.2655], dtype=torch.float64)
+
+    The module form takes (n_points, n_features) rows, unchecked:
+
+    >>> kde(torch.tensor([[0.0], [50.0]], dtype=torch.float64))
+    tensor([  -1.5155, -602.2087], dtype=torch.float64)
     """
 
     def __init__(self, dataset, bandwidth="scott", weights=None):
+        super().__init__()
         x = _as_samples(dataset, "dataset")
         n_samples, n_features = x.shape
         check_min_samples(n_samples, 2, "dataset")
@@ -202,13 +260,13 @@ class GaussianKDE:
             raise ValueError(
                 f"dataset has a constant feature (column {j}): its covariance is singular"
             )
-        self._e0 = frexp_exponent(x.abs().amax(0))
-        u = ldexp(x, -self._e0)
-        self._shift = w @ u
-        v = u - self._shift
+        e0 = frexp_exponent(x.abs().amax(0))
+        u = ldexp(x, -e0)
+        shift = w @ u
+        v = u - shift
         spread = v.abs().amax(0)
-        self._e1 = frexp_exponent(spread)
-        v = ldexp(v, -self._e1)
+        e1 = frexp_exponent(spread)
+        v = ldexp(v, -e1)
         # np.cov(aweights=w, bias=False) with w summing to one.
         data_cov = (v.T * w) @ v / (1.0 - sum_sq)
         # Cholesky of the correlation matrix, to judge rank independently of feature scales.
@@ -221,20 +279,42 @@ class GaussianKDE:
                 "affine subspace (collinear features); reduce the dimension first, e.g. "
                 "with PCA"
             )
-        self._chol = chol * (scale[:, None] * self.factor)
-        white = torch.linalg.solve_triangular(self._chol.T, v, upper=True, left=False)
+        chol = chol * (scale[:, None] * self.factor)
+        eye = torch.eye(n_features, dtype=x.dtype, device=x.device)
+        precision_factor = torch.linalg.solve_triangular(chol, eye, upper=False).T
+        white, half_sq = _whitened(v, precision_factor)
         # exponent_ij = log w_j - |y_i - x_j|^2 / 2
         #             = y_i.x_j + (log w_j - |x_j|^2 / 2) - |y_i|^2 / 2:
         # the middle term rides in the matrix product as an extra column against ones.
-        self._centres = torch.cat([white, (w.log() - 0.5 * white.square().sum(1))[:, None]], 1)
-        self._log_rest = torch.log1p(-w)  # log of the weight left when a sample is dropped
-        self._log_norm = (
-            float(self._chol.diagonal().log().sum())
-            + math.log(2.0) * float((self._e0 + self._e1).sum())
+        white[:, -1] = w.log() - half_sq
+        log_norm = (
+            float(chol.diagonal().log().sum())
+            + math.log(2.0) * float((e0 + e1).sum())
             + 0.5 * n_features * math.log(2 * math.pi)
         )
+        self.register_buffer("centres", white)
+        self.register_buffer("precision_factor", precision_factor.contiguous())
+        # (y - mean) * scale = ldexp(ldexp(y, -e0) - shift, -e1), exactly in the normal range
+        self.register_buffer("mean", ldexp(shift, e0))
+        self.register_buffer("scale", _pow2_or_inf(-(e0 + e1), x.dtype))
+        self.register_buffer("log_norm", torch.tensor(log_norm, dtype=x.dtype, device=x.device))
+        self.register_buffer("_chol", chol, persistent=False)
+        self.register_buffer("_shift", shift, persistent=False)
+        self.register_buffer("_e0", e0, persistent=False)
+        self.register_buffer("_e1", e1, persistent=False)
+        # log of the weight left when a sample is dropped (leave-one-out)
+        self.register_buffer("_log_rest", torch.log1p(-w), persistent=False)
         self.n_samples, self.n_features = n_samples, n_features
-        self.dtype, self.device = x.dtype, x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Working dtype: points are evaluated in it."""
+        return self.centres.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the centres."""
+        return self.centres.device
 
     def __repr__(self) -> str:
         return (f"GaussianKDE(n_samples={self.n_samples}, n_features={self.n_features}, "
@@ -265,6 +345,38 @@ class GaussianKDE:
                 "densities are still exact: GaussianKDE rescales internally"
             )
         return cov
+
+    def _check_points(self, points, leave_one_out: bool) -> torch.Tensor:
+        """``points`` validated against the dataset: 2-D, finite, same width and device."""
+        y = _as_samples(points, "points")
+        if y.shape[1] != self.n_features:
+            raise ValueError(f"points have {y.shape[1]} features, dataset has {self.n_features}")
+        if y.device != self.device:
+            raise ValueError(f"points are on {y.device} but dataset is on {self.device}")
+        if leave_one_out and y.shape[0] != self.n_samples:
+            raise ValueError(
+                f"leave_one_out needs one point per dataset sample ({self.n_samples}), got "
+                f"{y.shape[0]}: point i is evaluated without the kernel of sample i"
+            )
+        return y
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Log density at ``points``, unchecked and traceable (see Notes, **Module**).
+
+        Parameters
+        ----------
+        points : Tensor of shape (n_points, n_features)
+            Cast to :attr:`dtype`; finite and on :attr:`device` (not checked).
+
+        Returns
+        -------
+        Tensor of shape (n_points,)
+            Natural log of the density, in :attr:`dtype`; no range check (a point
+            too many kernel widths from every centre gives ``-inf``).
+        """
+        y = (points.to(self.centres.dtype) - self.mean) * self.scale
+        y, y_half_sq = _whitened(y, self.precision_factor)
+        return _log_kernel_sum(y @ self.centres.T) - y_half_sq - self.log_norm
 
     def logpdf(self, points, *, leave_one_out: bool = False, chunk_size: int | None = None):
         """Log density of the KDE at ``points``.
@@ -300,37 +412,24 @@ class GaussianKDE:
             ``chunk_size`` is below 1; if a log density is beyond the float range
             (a point too many kernel widths from every centre).
         """
-        y = _as_samples(points, "points")
-        if y.shape[1] != self.n_features:
-            raise ValueError(f"points have {y.shape[1]} features, dataset has {self.n_features}")
-        if y.device != self.device:
-            raise ValueError(f"points are on {y.device} but dataset is on {self.device}")
-        if leave_one_out and y.shape[0] != self.n_samples:
-            raise ValueError(
-                f"leave_one_out needs one point per dataset sample ({self.n_samples}), got "
-                f"{y.shape[0]}: point i is evaluated without the kernel of sample i"
-            )
+        y = self._check_points(points, leave_one_out)
         if chunk_size is None:
             chunk = max(1, _CHUNK_ELEMENTS // self.n_samples)
         else:
             chunk = check_positive_int(chunk_size, "chunk_size")
         y = ldexp(ldexp(y.to(self.dtype), -self._e0) - self._shift, -self._e1)
-        y = torch.linalg.solve_triangular(self._chol.T, y, upper=True, left=False)
-        y_half_sq = 0.5 * y.square().sum(1)
-        y = torch.cat([y, y.new_ones(y.shape[0], 1)], 1)
+        y, y_half_sq = _whitened(y, self.precision_factor)
         n_points = y.shape[0]
         out = torch.empty(n_points, dtype=self.dtype, device=self.device)
         block = torch.empty(min(chunk, n_points), self.n_samples, dtype=self.dtype,
                             device=self.device)
         for start in range(0, n_points, chunk):
             rows = y[start : start + chunk]
-            exponents = torch.mm(rows, self._centres.T, out=block[: rows.shape[0]])
+            exponents = torch.mm(rows, self.centres.T, out=block[: rows.shape[0]])
             if leave_one_out:  # row r is point start + r: drop the kernel of that sample
                 exponents.diagonal(offset=start).fill_(-math.inf)
-            peak = exponents.amax(1)  # finite: another sample has positive weight
-            exponents.sub_(peak[:, None]).exp_()
-            out[start : start + rows.shape[0]] = exponents.sum(1).log_().add_(peak)
-        out.sub_(y_half_sq).sub_(self._log_norm)
+            out[start : start + rows.shape[0]] = _log_kernel_sum(exponents)
+        out.sub_(y_half_sq).sub_(self.log_norm)
         if leave_one_out:
             out.sub_(self._log_rest)
         if not all_finite(out):
@@ -465,8 +564,7 @@ def gaussian_kde_logpdf(
     >>> gaussian_kde_logpdf(data, data, leave_one_out=True)  # each point without its kernel
     tensor([-2.0810, -1.8346, -2.9725], dtype=torch.float64)
     """
-    y = check_ndim(as_float_tensor(points, "points"), (1, 2), "points")
-    x = check_ndim(as_float_tensor(dataset, "dataset"), (1, 2), "dataset")
+    y, x = _as_float_samples(points, "points"), _as_float_samples(dataset, "dataset")
     dtype = working_dtype(torch.promote_types(x.dtype, y.dtype))
     return GaussianKDE(x.to(dtype), bandwidth, weights).logpdf(
         y, leave_one_out=leave_one_out, chunk_size=chunk_size)
