@@ -60,12 +60,13 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from .streaming import IMAGE_SUFFIXES
+
 __all__ = ["main", "build_parser", "default_layers", "parse_layers", "resolve_weights",
            "test_label"]
 
 #: smallest --image-size (that of the bundled textures' crops)
 MIN_IMAGE_SIZE = 16
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 SPATIAL_DETECTORS = ("padim", "patchcore", "dfm")
 DETECTORS = ("padim", "patchcore", "dfm", "dfkde", "gaussian")
 #: Backbone of the main job: EfficientNet-Lite0 with ImageNet weights that ship in an
@@ -280,6 +281,100 @@ def _float_in(low: float, high: float, *, low_closed: bool, high_closed: bool):
     return parse
 
 
+def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``fit``, ``predict`` and ``export``: the model-file workflow."""
+    sub = parser.add_subparsers(
+        dest="command", metavar="{fit,predict,export}", parser_class=_Parser,
+        title="subcommands (without one, the command runs the fit-and-score job above)",
+    )
+    fit = sub.add_parser(
+        "fit", help="fit a detector on a folder of normal images, streamed batch by batch, "
+        "and save it as one model file",
+        description="Fit a pipeline (feature extractor, then detector) on the normal images "
+        "of TRAIN_DIR (searched recursively), reading, extracting features and updating the "
+        "detector (partial_fit) one batch at a time, so memory stays flat in the number of "
+        "images; then save it with its metadata (versions, backbone, weights, layers, "
+        "image size, threshold) to --model.",
+    )
+    fit.add_argument("train_dir", type=Path, metavar="TRAIN_DIR",
+                     help="folder of normal training images")
+    fit.add_argument("--model", type=Path, default=Path("model.skanomaly"),
+                     help="model file to write (default: model.skanomaly)")
+    fit.add_argument(
+        "--calibration-dir", type=Path, metavar="DIR",
+        help="folder of held-out normal images: the threshold becomes the --contamination "
+        "quantile of their scores (skanomaly.calibrate); without it, the detector's own "
+        "streamed threshold (leave-one-out scores of the last batch for padim and "
+        "gaussian, score-then-update for the others)",
+    )
+    fit.add_argument("--detector", choices=DETECTORS, default="padim",
+                     help="anomaly detector (default: padim)")
+    fit.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                     help=f"as for the main job (default: {DEFAULT_BACKBONE})")
+    fit.add_argument("--layers", type=parse_layers, metavar="LAYER[,LAYER...]",
+                     help="backbone layers (default: as for the main job, per detector)")
+    fit.add_argument("--weights", metavar="NAME_OR_PATH",
+                     help=f"as for the main job ('{RANDOM_WEIGHTS}', a packaged or "
+                     "torchvision name, or a state_dict file)")
+    fit.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
+                     default=128, help="images are resized to this many pixels square "
+                     "(default: 128); predict and export use the same")
+    fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                     help="images read and absorbed per batch (default: 32)")
+    fit.add_argument("--contamination", default=0.1,
+                     type=_float_in(0, 0.5, low_closed=False, high_closed=True),
+                     help="share of new normal images predicted anomalous (default: 0.1)")
+    fit.add_argument("--max-bank-size", type=_int_at_least(1), default=16384,
+                     help="patchcore: most memory-bank entries, whatever the number of "
+                     "images (default: 16384)")
+    fit.add_argument("--device", default="auto",
+                     help="auto, cpu, cuda or mps (default: auto)")
+    fit.add_argument("--random-state", type=_int_at_least(0), default=0,
+                     help="seed of the backbone's initialisation and the detector")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+    predict = sub.add_parser(
+        "predict", help="score a folder of images with a saved model: scores.csv, heatmaps "
+        "and, with labels or masks, metrics.json",
+        description="Score every image of IMAGE_DIR (searched recursively) with the model "
+        "file MODEL. Writes scores.csv (image, label, defect type, anomaly score, "
+        "prediction, heatmap) and heatmaps/*.png to --output-dir. Labels are not needed; "
+        "if IMAGE_DIR is laid out as MVTec AD (good/ and one subfolder per defect type) "
+        "or --mask-dir is given, metrics.json holds image (and pixel) metrics too.",
+    )
+    predict.add_argument("model", type=Path, metavar="MODEL", help="model file from fit")
+    predict.add_argument("image_dir", type=Path, metavar="IMAGE_DIR",
+                         help="folder of images to score")
+    predict.add_argument("--output-dir", type=Path, default=Path("skanomaly-predictions"),
+                         help="where scores.csv, heatmaps/ and metrics.json go (default: "
+                         "skanomaly-predictions)")
+    predict.add_argument("--mask-dir", type=Path,
+                         help="MVTec-style ground-truth masks: <defect>/<stem>_mask.png")
+    predict.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                         help="images scored per batch (default: 32)")
+    predict.add_argument("--device", default="auto",
+                         help="where the model runs: auto, cpu, cuda or mps (default: auto)")
+    predict.add_argument("--no-heatmaps", action="store_true",
+                         help="do not write heatmap PNGs")
+    predict.add_argument("--quiet", action="store_true",
+                         help="no progress bars and no summary")
+
+    export = sub.add_parser(
+        "export", help="export a saved model to ONNX (.onnx) or TorchScript (.pt)",
+        description="Export the pipeline of MODEL (images in [0, 1], 3 x S x S with S the "
+        "model's image size, any batch size) to OUTPUT: ONNX when it ends in .onnx, "
+        "TorchScript when it ends in .pt (skanomaly.export.export). The threshold travels "
+        "as metadata beside the graph.",
+    )
+    export.add_argument("model", type=Path, metavar="MODEL", help="model file from fit")
+    export.add_argument("output", type=Path, metavar="OUTPUT",
+                        help="file to write: .onnx or .pt")
+    export.add_argument("--dtype", choices=("float32", "float64", "float16"),
+                        default="float64",
+                        help="precision of the detector's statistics (default: float64)")
+    export.add_argument("--quiet", action="store_true", help="no summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``skanomaly`` command.
 
@@ -387,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-heatmaps", action="store_true", help="do not write heatmap PNGs")
     out.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_subcommands(parser)
     return parser
 
 
@@ -402,12 +498,11 @@ def _progress(iterable, quiet: bool, **kwargs):
 
 def _find_images(directory: Path, what: str) -> list[Path]:
     """Image files under ``directory`` (recursive, sorted); CLIError when there are none."""
+    from .streaming import _image_paths
+
     if not directory.is_dir():
         raise CLIError(f"{what} {directory} is not a directory")
-    paths = sorted(
-        p for p in directory.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )
+    paths = _image_paths(directory)
     if not paths:
         raise CLIError(
             f"no images found in {what} {directory} (looked recursively for "
@@ -418,23 +513,13 @@ def _find_images(directory: Path, what: str) -> list[Path]:
 
 def _read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Image at ``path`` as float32 (3, size, size) in [0, 1], and its original (w, h)."""
-    from PIL import Image
+    from .streaming import ImageReadError
+    from .streaming import _read_image as read
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            original = img.size
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                scale = 1.0 if img.mode == "F" else 1 / 65535
-                grey = np.clip(np.asarray(img, dtype=np.float32) * scale, 0, 1)
-                grey = Image.fromarray(grey, mode="F").resize((size, size), Image.BILINEAR)
-                array = np.repeat(np.asarray(grey, dtype=np.float32)[None], 3, axis=0)
-            else:
-                rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-                array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CLIError(f"cannot read image {path}: {exc}") from exc
-    return np.clip(array, 0, 1), original
+        return read(path, size)
+    except ImageReadError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _read_images(paths, size: int, quiet: bool, desc: str):
@@ -538,8 +623,12 @@ def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
 @contextmanager
 def _user_errors(step: str):
     """Turn errors that report bad user input during ``step`` into :class:`CLIError`."""
+    from .streaming import ImageReadError
+
     try:
         yield
+    except ImageReadError as exc:  # names the file already
+        raise CLIError(str(exc)) from exc
     except (ValueError, TypeError, OSError, ImportError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise CLIError(f"{step}: {message}") from exc
@@ -698,7 +787,8 @@ def _metrics(test: _TestSet, scores, maps) -> tuple[dict, list[str]]:
 
 
 # --------------------------------------------------------------------- output
-def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps) -> None:
+def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps,
+                  digits: int = 9) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "defect_type", "anomaly_score", "prediction",
@@ -706,7 +796,7 @@ def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps) -> 
         for i, name in enumerate(test.names):
             label = int(test.labels[i])
             writer.writerow([
-                name, label or "", test.defect_types[i], f"{scores[i]:.9g}",
+                name, label or "", test.defect_types[i], f"{scores[i]:.{digits}g}",
                 int(predictions[i]), heatmaps[i] if heatmaps else "",
             ])
 
@@ -774,22 +864,612 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------- model files
+#: First bytes of a model file written by :func:`save_model`.
+MODEL_MAGIC = b"skanomaly-model\n"
+#: Layout version of the model files this version writes and reads.
+MODEL_FORMAT_VERSION = 1
+_MAX_HEADER_BYTES = 1 << 20
+
+
+class ModelFileError(ValueError):
+    """A file that is not a skanomaly model file, or one that this version cannot read."""
+
+
+class ModelVersionWarning(UserWarning):
+    """A model file saved by another skanomaly version: it loads, but check its scores."""
+
+
+def _jsonable(value):
+    """``value`` with numpy scalars, paths, tuples and other objects made JSON-able."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.nn.Module):
+        return f"<{type(value).__name__} module>"
+    return str(value)
+
+
+def _final_detector(pipeline):
+    """The fitted skanomaly detector ending ``pipeline``; TypeError/NotFittedError else."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.utils.validation import check_is_fitted
+
+    from .base import BaseDetector
+
+    if not isinstance(pipeline, Pipeline) or not isinstance(pipeline[-1], BaseDetector):
+        raise TypeError("a model is a sklearn Pipeline ending in a skanomaly detector, got "
+                        f"{type(pipeline).__name__}")
+    check_is_fitted(pipeline[-1])
+    return pipeline[-1]
+
+
+def _versions() -> dict:
+    import platform
+
+    import sklearn
+    import torch
+
+    from . import __version__
+
+    return {"skanomaly_version": __version__, "torch_version": torch.__version__,
+            "sklearn_version": sklearn.__version__, "numpy_version": np.__version__,
+            "python_version": platform.python_version()}
+
+
+def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) -> dict:
+    """Save a fitted pipeline and its metadata to one model file.
+
+    The file starts with the line ``skanomaly-model``, then one line of JSON
+    metadata, then the pipeline pickled by :func:`joblib.dump`; :func:`load_model`
+    checks the header before it unpickles anything. The file is written to a temporary
+    name beside ``path`` and renamed, so a failed save leaves no partial file.
+
+    Parameters
+    ----------
+    pipeline : sklearn.pipeline.Pipeline
+        Fitted, ending in a skanomaly detector (e.g. a
+        :class:`~skanomaly.features.FeatureExtractor` then a detector).
+    path : str or os.PathLike
+        The model file (``skanomaly fit`` names it ``model.skanomaly``); replaced if
+        it exists.
+    image_size : int
+        Side in pixels of the square images the pipeline was fitted on: images are
+        resized to it before scoring (``skanomaly predict``, ``skanomaly export``).
+    extra : dict or None, default=None
+        More JSON-able metadata (e.g. the training folder); it cannot replace the keys
+        below.
+
+    Returns
+    -------
+    metadata : dict
+        What the header holds: ``format`` (``"skanomaly-model"``), ``format_version``
+        (:data:`MODEL_FORMAT_VERSION`), the skanomaly, torch, scikit-learn, numpy and
+        Python versions, ``created`` (UTC, ISO 8601), the ``steps`` names, ``detector``
+        (class name) and ``detector_params``, ``backbone``, ``weights``,
+        ``weights_source``, ``layers``, ``feature_shape`` (``None`` without a
+        FeatureExtractor), ``image_size``, ``threshold`` (on the anomaly score,
+        ``-offset_``), ``offset``, ``calibration`` (the detector's ``calibration_``:
+        how the threshold was set), ``contamination`` and ``n_samples_seen``.
+
+    Raises
+    ------
+    TypeError
+        If ``pipeline`` is not a Pipeline ending in a skanomaly detector.
+    sklearn.exceptions.NotFittedError
+        If its detector is not fitted.
+    OSError
+        If the file cannot be written.
+
+    Examples
+    --------
+    >>> import tempfile, warnings
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skanomaly import PaDiMDetector
+    >>> from skanomaly.cli import load_model, save_model
+    >>> from skanomaly.features import FeatureExtractor
+    >>> X = np.random.default_rng(0).random((6, 3, 32, 32), dtype=np.float32)
+    >>> model = make_pipeline(FeatureExtractor("resnet18", ["layer1"], random_state=0,
+    ...                                        device="cpu"),
+    ...                       PaDiMDetector(n_features=10, device="cpu")).fit(X)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     meta = save_model(model, Path(tmp) / "model.skanomaly", image_size=32)
+    ...     loaded, meta = load_model(Path(tmp) / "model.skanomaly")
+    >>> meta["detector"], meta["layers"], meta["image_size"], meta["calibration"]
+    ('PaDiMDetector', ['layer1'], 32, 'leave-one-out')
+    >>> bool(np.array_equal(loaded.score_samples(X), model.score_samples(X)))
+    True
+    """
+    import datetime
+
+    import joblib
+
+    from .features import FeatureExtractor
+
+    detector = _final_detector(pipeline)
+    features = next((step for _, step in pipeline.steps
+                     if isinstance(step, FeatureExtractor)), None)
+    weights = None if features is None or features.weights is None else features.weights
+    metadata = {
+        "format": "skanomaly-model",
+        "format_version": MODEL_FORMAT_VERSION,
+        **_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "steps": [name for name, _ in pipeline.steps],
+        "detector": type(detector).__name__,
+        "detector_params": _jsonable(detector.get_params(deep=False)),
+        "backbone": None if features is None else _jsonable(features.backbone),
+        "weights": _jsonable(weights),
+        "weights_source": None if not isinstance(weights, (str, os.PathLike))
+        else _jsonable(_weights_source(weights)),
+        "layers": None if features is None else list(features.layers_),
+        "feature_shape": None if features is None else list(features.feature_shape_),
+        "image_size": int(image_size),
+        "threshold": -float(detector.offset_),
+        "offset": float(detector.offset_),
+        "calibration": detector.calibration_,
+        "contamination": float(detector.contamination),
+        "n_samples_seen": _jsonable(getattr(detector, "n_samples_seen_", None)),
+    }
+    metadata.update({k: v for k, v in _jsonable(extra or {}).items() if k not in metadata})
+    header = json.dumps(metadata).encode()
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(MODEL_MAGIC)
+            f.write(header + b"\n")
+            joblib.dump(pipeline, f)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return metadata
+
+
+def _read_header(f, path) -> dict:
+    """The metadata of the open model file ``f``; ModelFileError unless readable."""
+    from . import __version__
+
+    not_model = (f"{path} is not a skanomaly model file (model files start with the "
+                 "line 'skanomaly-model'; `skanomaly fit` and skanomaly.cli.save_model "
+                 "write them)")
+    if f.read(len(MODEL_MAGIC)) != MODEL_MAGIC:
+        raise ModelFileError(not_model)
+    try:
+        metadata = json.loads(f.readline(_MAX_HEADER_BYTES))
+    except ValueError:
+        raise ModelFileError(f"{not_model}: its metadata line is not JSON") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != "skanomaly-model":
+        raise ModelFileError(f"{not_model}: its metadata is not a model's")
+    version = metadata.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} is a model file of format version {version!r} (saved by skanomaly "
+            f"{metadata.get('skanomaly_version')}), but skanomaly {__version__} reads "
+            f"format version {MODEL_FORMAT_VERSION}: load it with the skanomaly version "
+            "that saved it, or fit the model again"
+        )
+    return metadata
+
+
+def read_model_metadata(path) -> dict:
+    """The metadata of a model file, without loading its model.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save_model` (``skanomaly fit``).
+
+    Returns
+    -------
+    metadata : dict
+        See :func:`save_model`.
+
+    Raises
+    ------
+    ModelFileError
+        A :class:`ValueError`: the file is not a skanomaly model file, or has another
+        format version.
+    OSError
+        If it cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from skanomaly.cli import read_model_metadata
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "notes.txt").write_text("hello")
+    ...     read_model_metadata(Path(tmp) / "notes.txt")
+    Traceback (most recent call last):
+    ...
+    skanomaly.cli.ModelFileError: ...notes.txt is not a skanomaly model file ...
+    """
+    with open(path, "rb") as f:
+        return _read_header(f, path)
+
+
+def load_model(path):
+    """Load a model file written by :func:`save_model` (``skanomaly fit``).
+
+    The header is checked before anything is unpickled. A file saved by another
+    skanomaly version loads with a :class:`ModelVersionWarning` (scikit-learn adds its
+    own ``InconsistentVersionWarning`` for another scikit-learn); another format
+    version, a file that is not a model, or a pickle that does not load is a
+    :class:`ModelFileError`, never a silently different model. As any pickle, load
+    only files you trust.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model file.
+
+    Returns
+    -------
+    pipeline : sklearn.pipeline.Pipeline
+        The fitted pipeline, as saved.
+    metadata : dict
+        Its metadata (see :func:`save_model`).
+
+    Raises
+    ------
+    ModelFileError
+        A :class:`ValueError`: not a skanomaly model file, another format version, a
+        model that cannot be unpickled here (naming the versions that saved it), or a
+        model whose threshold differs from its metadata (a damaged file).
+    FileNotFoundError, IsADirectoryError
+        If ``path`` is not a file.
+
+    Warns
+    -----
+    ModelVersionWarning
+        If another skanomaly version saved the file.
+
+    Examples
+    --------
+    See :func:`save_model`.
+    """
+    import joblib
+
+    from . import __version__
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        metadata = _read_header(f, path)
+        saved = metadata.get("skanomaly_version")
+        versions = (f"skanomaly {saved}, torch {metadata.get('torch_version')}, "
+                    f"scikit-learn {metadata.get('sklearn_version')}")
+        if saved != __version__:
+            warnings.warn(ModelVersionWarning(
+                f"{path} was saved by {versions}; this is skanomaly {__version__}: it "
+                "loads, but check its scores against the original before relying on them"
+            ), stacklevel=2)
+        try:
+            pipeline = joblib.load(f)
+        except Exception as exc:  # any unpickling failure: name the file and versions
+            raise ModelFileError(f"cannot load the model in {path} (saved by {versions}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    try:
+        detector = _final_detector(pipeline)
+    except Exception as exc:
+        raise ModelFileError(f"{path} does not hold a fitted skanomaly pipeline: "
+                             f"{exc}") from exc
+    if -float(detector.offset_) != metadata.get("threshold"):
+        raise ModelFileError(f"{path} is damaged: its model's threshold "
+                             f"{-float(detector.offset_)!r} differs from its metadata's "
+                             f"{metadata.get('threshold')!r}")
+    return pipeline, metadata
+
+
+def _load_for_cli(path: Path):
+    """load_model, with problems as CLIError and version warnings on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModelVersionWarning)
+        try:
+            pipeline, metadata = load_model(path)
+        except (ModelFileError, OSError) as exc:
+            raise CLIError(str(exc)) from exc
+    for w in caught:
+        if issubclass(w.category, ModelVersionWarning):
+            print(f"skanomaly: warning: {w.message}", file=sys.stderr)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return pipeline, metadata
+
+
+# ----------------------------------------------------------------- subcommands
+def _check_model_path(path: Path) -> None:
+    if path.is_dir():
+        raise CLIError(f"--model {path} is a directory; give a file name such as "
+                       "model.skanomaly")
+    _check_output_dir(path.parent, "the folder of --model")
+
+
+def _check_dir(option: str, folder: Path | None) -> None:
+    if folder is not None and not folder.is_dir():
+        problem = "is not a directory" if folder.exists() else "does not exist"
+        raise CLIError(f"{option} {folder} {problem}")
+
+
+def _check_model_file(path: Path) -> None:
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise CLIError(f"model file {path} {problem}")
+
+
+def _fit_command(args) -> dict:
+    """``skanomaly fit``: stream the training folder into the pipeline, save it."""
+    from . import calibrate
+    from .base import CalibrationWarning, resolve_device
+    from .features import FeatureExtractor
+    from .streaming import partial_fit_images, read_image
+
+    _check_dir("TRAIN_DIR", args.train_dir)
+    _check_dir("--calibration-dir", args.calibration_dir)
+    _check_model_path(args.model)
+    with _user_errors("--device"):
+        resolve_device(args.device)
+    timings = {}
+    start = time.perf_counter()
+    layers = args.layers or default_layers(args.backbone, args.detector)
+    weights = resolve_weights(args.backbone, args.weights)
+    extractor = FeatureExtractor(
+        args.backbone, layers, weights=weights, random_state=args.random_state,
+        batch_size=args.batch_size, device=args.device,
+    )
+    with _user_errors("feature extractor"):  # backbone, weights and layers, on a blank image
+        extractor.fit(np.zeros((1, 3, args.image_size, args.image_size), dtype=np.float32))
+    paths = _find_images(args.train_dir, "TRAIN_DIR")
+    calibration_paths = (None if args.calibration_dir is None
+                         else _find_images(args.calibration_dir, "--calibration-dir"))
+    detector = _make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
+    if args.detector == "patchcore":
+        detector.set_params(max_bank_size=args.max_bank_size)
+    model = _make_model(extractor, detector, args.detector)
+    note = None
+    with _user_errors(f"{args.detector} detector"), warnings.catch_warnings(record=True) as caught:
+        partial_fit_images(model, paths, batch_size=args.batch_size,
+                           image_size=args.image_size, verbose=not args.quiet)
+        timings["fit_s"] = time.perf_counter() - start
+        if calibration_paths is not None:
+            start = time.perf_counter()
+            X_cal = np.stack([read_image(p, args.image_size) for p in calibration_paths])
+            calibrate(model, X_cal)
+            timings["calibrate_s"] = time.perf_counter() - start
+    for w in caught:  # an in-sample fallback becomes the note; other warnings go on
+        if issubclass(w.category, CalibrationWarning):  # the final threshold is in-sample
+            note = (f"the threshold comes from in-sample scores ({w.message.reason}), which "
+                    "are optimistic: give more training images or --calibration-dir")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if calibration_paths is not None:
+        note = None
+        n_cal = len(calibration_paths)
+        if n_cal < 1 / args.contamination:
+            note = (f"the threshold is the {args.contamination:g} quantile of only {n_cal} "
+                    "held-out images' scores, which is coarse: give more --calibration-dir "
+                    "images")
+    n_batches = -(-len(paths) // args.batch_size)
+    extra = {
+        "command": "skanomaly fit",
+        "train_dir": str(args.train_dir),
+        "n_train": len(paths),
+        "batch_size": args.batch_size,
+        "n_batches": n_batches,
+        "calibration_dir": None if args.calibration_dir is None else str(args.calibration_dir),
+        "n_calibration": 0 if calibration_paths is None else len(calibration_paths),
+        "threshold_note": note,
+        "random_state": args.random_state,
+        "timings": timings,
+    }
+    try:
+        metadata = save_model(model, args.model, image_size=args.image_size, extra=extra)
+    except OSError as exc:
+        raise CLIError(f"cannot write --model {args.model}: {exc}") from exc
+    if not args.quiet:
+        source = (f"{metadata['n_calibration']} held-out images of --calibration-dir"
+                  if calibration_paths is not None
+                  else f"the {args.detector} detector's streamed {metadata['calibration']} "
+                  "scores")
+        lines = [
+            f"skanomaly fit: {args.detector} on {args.backbone} features "
+            f"({weights or 'random weights'}) at {args.image_size} px: streamed "
+            f"{len(paths)} images in {n_batches} batches of at most {args.batch_size} "
+            f"in {timings['fit_s']:.1f} s; threshold {metadata['threshold']:.6g} from "
+            f"{source}",
+        ]
+        if not weights:
+            lines.append(f"  note: {RANDOM_BACKBONE_NOTE}")
+        if note:
+            lines.append(f"  note: {note}")
+        size = args.model.stat().st_size / 2**20
+        lines.append(f"  wrote {args.model} ({size:.1f} MiB)")
+        print("\n".join(lines))
+    return metadata
+
+
+class _LazyImages:
+    """The images at ``paths``, read on indexing (for heatmaps: none kept in memory)."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return _read_image(self.paths[i], self.size)[0]
+
+
+def _set_device(pipeline, device: str) -> None:
+    """Run every step of ``pipeline`` that has a ``device`` parameter on ``device``."""
+    for _, step in pipeline.steps:
+        if hasattr(step, "get_params") and "device" in step.get_params(deep=False):
+            step.set_params(device=device)
+
+
+def _predict_command(args) -> dict:
+    """``skanomaly predict``: scores, predictions, heatmaps (and metrics) of a folder."""
+    from .base import BaseSpatialDetector, resolve_device
+
+    _check_model_file(args.model)
+    _check_dir("IMAGE_DIR", args.image_dir)
+    _check_dir("--mask-dir", args.mask_dir)
+    with _user_errors("--device"):
+        resolve_device(args.device)
+    _check_output_dir(args.output_dir)
+    pipeline, metadata = _load_for_cli(args.model)
+    _set_device(pipeline, args.device)
+    for _, step in pipeline.steps:
+        if "verbose" in getattr(step, "get_params", dict)(deep=False):
+            step.set_params(verbose=False)
+    size = int(metadata["image_size"])
+    paths = _find_images(args.image_dir, "IMAGE_DIR")
+    relative = [p.relative_to(args.image_dir) for p in paths]
+    labels, defect_types = zip(*map(test_label, relative))
+    detector = pipeline[-1]
+    spatial = isinstance(detector, BaseSpatialDetector)
+    n = len(paths)
+    scores = np.empty(n)
+    predictions = np.empty(n, dtype=np.int64)
+    maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
+    masks = None if args.mask_dir is None else np.zeros((n, size, size), dtype=bool)
+    start = time.perf_counter()
+    starts = range(0, n, args.batch_size)
+    for first in _progress(starts, args.quiet, desc="scoring", unit="batch"):
+        stop = min(first + args.batch_size, n)
+        images = np.empty((stop - first, 3, size, size), dtype=np.float32)
+        for i in range(first, stop):
+            images[i - first], original = _read_image(paths[i], size)
+            if masks is not None:
+                mask_path = _find_mask(args.mask_dir, relative[i])
+                if mask_path is not None:
+                    masks[i] = _read_mask(mask_path, paths[i], original, size)
+                elif labels[i] == -1:
+                    raise CLIError(
+                        f"no mask for defective image {paths[i]} in {args.mask_dir} "
+                        f"(looked for {relative[i].parent / (relative[i].stem + '_mask.png')})")
+        with _user_errors("model"):  # the pipeline's own transform, then its detector
+            features = pipeline[:-1].transform(images)
+            scores[first:stop] = -detector.score_samples(features)
+            predictions[first:stop] = detector.predict(features)
+            if spatial:
+                maps[first:stop] = detector.anomaly_map(features, output_size=size)
+    timings = {"score_s": time.perf_counter() - start}
+    test = _TestSet(_LazyImages(paths, size), [r.as_posix() for r in relative],
+                    np.array(labels, dtype=np.int64), list(defect_types), masks)
+    labelled = bool(np.any(test.labels != 0)) or masks is not None
+    metrics, notes = _metrics(test, scores, maps) if labelled else ({}, [])
+    if not spatial:
+        notes.append(f"no heatmaps: {metadata['detector']} scores whole images")
+    result = {
+        "metrics": metrics,
+        "model": str(args.model),
+        "model_metadata": metadata,
+        "image_dir": str(args.image_dir),
+        "mask_dir": None if args.mask_dir is None else str(args.mask_dir),
+        "n_images": n,
+        "n_labelled": int(np.sum(test.labels != 0)),
+        "n_predicted_anomalous": int(np.sum(predictions == -1)),
+        "threshold": metadata["threshold"],
+        "calibration": metadata["calibration"],
+        "device": str(resolve_device(args.device)),
+        "notes": notes,
+        "timings": timings,
+    }
+    out = args.output_dir
+    heatmaps = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if spatial and not args.no_heatmaps:
+            start = time.perf_counter()
+            heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
+            timings["heatmaps_s"] = time.perf_counter() - start
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17)
+        if labelled:
+            with open(out / "metrics.json", "w") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+    except OSError as exc:
+        raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
+    if not args.quiet:
+        labels_ = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
+                   "pixel_auroc": "pixel AUROC", "pro": "PRO"}
+        line = "  ".join(f"{labels_[k]} {metrics[k]:.3f}" for k in labels_ if k in metrics)
+        wrote = ["scores.csv"] + (["metrics.json"] if labelled else []) + (
+            [f"heatmaps/ ({len(heatmaps)} PNGs)"] if heatmaps else [])
+        lines = [f"skanomaly predict: {result['n_predicted_anomalous']} of {n} images "
+                 f"predicted anomalous by {args.model} ({metadata['detector']}, threshold "
+                 f"{metadata['threshold']:.6g} from {metadata['calibration']})"]
+        lines += [f"  {line}"] if line else []
+        lines += [f"  note: {note}" for note in notes]
+        lines.append(f"  wrote {', '.join(wrote)} to {out}")
+        print("\n".join(lines))
+    return result
+
+
+def _export_command(args) -> dict:
+    """``skanomaly export``: the saved pipeline as ONNX or TorchScript."""
+    _check_model_file(args.model)
+    suffix = args.output.suffix.lower()
+    if suffix not in (".onnx", ".pt"):
+        raise CLIError(f"OUTPUT {args.output} must end in .onnx (ONNX) or .pt (TorchScript)")
+    if args.output.is_dir():
+        raise CLIError(f"OUTPUT {args.output} is a directory")
+    _check_output_dir(args.output.parent, "the folder of OUTPUT")
+    pipeline, metadata = _load_for_cli(args.model)
+    _set_device(pipeline, "cpu")
+    size = int(metadata["image_size"])
+    from .export import export
+
+    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    start = time.perf_counter()
+    with _user_errors("export"):
+        export(pipeline, args.output, example_input=example, dtype=args.dtype)
+    result = {"output": str(args.output), "export_s": time.perf_counter() - start,
+              "model_metadata": metadata}
+    if not args.quiet:
+        kind = "ONNX" if suffix == ".onnx" else "TorchScript"
+        mib = args.output.stat().st_size / 2**20
+        print(f"skanomaly export: {metadata['detector']} pipeline of {args.model} as {kind} "
+              f"({args.dtype}, images 3 x {size} x {size}, any batch size) to {args.output} "
+              f"({mib:.1f} MiB) in {result['export_s']:.1f} s; threshold "
+              f"{metadata['threshold']:.6g} in its metadata")
+    return result
+
+
+_COMMANDS = {"fit": _fit_command, "predict": _predict_command, "export": _export_command}
+
+
 # ----------------------------------------------------------------------- main
-def _check_output_dir(path: Path) -> None:
+def _check_output_dir(path: Path, option: str = "--output-dir") -> None:
     """CLIError unless ``path`` is a writable directory or can be created as one."""
     if path.exists():
         if not path.is_dir():
-            raise CLIError(f"--output-dir {path} exists and is not a directory")
+            raise CLIError(f"{option} {path} exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise CLIError(f"--output-dir {path} is not writable")
+            raise CLIError(f"{option} {path} is not writable")
         return
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise CLIError(f"--output-dir {path} cannot be created: {ancestor} is not a directory")
+        raise CLIError(f"{option} {path} cannot be created: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CLIError(f"--output-dir {path} cannot be created: {ancestor} is not writable")
+        raise CLIError(f"{option} {path} cannot be created: {ancestor} is not writable")
 
 
 def _check_settings(args) -> None:
@@ -993,6 +1673,9 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        if args.command is not None:
+            _COMMANDS[args.command](args)
+            return 0
         _check_settings(args)
         _run(args)
     except CLIError as exc:

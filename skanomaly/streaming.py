@@ -1,0 +1,436 @@
+"""Fit a pipeline on a folder of images batch by batch: memory flat in the number of images.
+
+:func:`partial_fit_images` reads a batch of images, runs it through the pipeline's
+transformers (a :class:`~skanomaly.features.FeatureExtractor`, ...) and hands the features
+to the detector's ``partial_fit``, then reads the next batch: only one batch of images and
+one of features are in memory at a time, besides the detector's own state (which is
+bounded: moments for PaDiM, Gaussian and DFM, a reservoir for DFKDE, a memory bank of at
+most ``max_bank_size`` entries for PatchCore). :func:`iter_image_batches` is the reader,
+:func:`find_images` and :func:`read_image` its parts. The ``skanomaly fit`` command is
+built on them.
+
+Images are read with Pillow (PNG, JPEG, BMP, TIFF, WebP), converted to RGB (16-bit grey
+scaled by 1/65535) and resized to ``image_size`` x ``image_size`` pixels with bilinear
+interpolation, ignoring the aspect ratio, as anomalib does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "find_images",
+    "read_image",
+    "iter_image_batches",
+    "partial_fit_images",
+]
+
+#: File suffixes read as images (lower case; matched case-insensitively).
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read (missing, truncated, not an image)."""
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
+def _image_paths(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted, hidden files left out."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def find_images(folder) -> list[Path]:
+    """Image files under a folder, searched recursively, in sorted order.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder. Files whose suffix is in :data:`IMAGE_SUFFIXES` (any case) count;
+        hidden files (names starting with ``.``) do not.
+
+    Returns
+    -------
+    paths : list of pathlib.Path
+        Sorted by path, so the order is the same on every platform and run.
+
+    Raises
+    ------
+    TypeError
+        If ``folder`` is not a str or path-like.
+    FileNotFoundError
+        If ``folder`` does not exist.
+    NotADirectoryError
+        If it is not a directory.
+    ValueError
+        If it holds no image.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from skanomaly.streaming import find_images
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "sub").mkdir()
+    ...     Image.new("RGB", (8, 8)).save(Path(tmp) / "sub" / "b.png")
+    ...     Image.new("L", (8, 8)).save(Path(tmp) / "a.JPG")
+    ...     (Path(tmp) / "notes.txt").write_text("not an image")
+    ...     [p.relative_to(tmp).as_posix() for p in find_images(tmp)]
+    12
+    ['a.JPG', 'sub/b.png']
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a str or path-like, got {type(folder).__name__}")
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a directory")
+    paths = _image_paths(folder)
+    if not paths:
+        raise ValueError(f"no images found in {folder} (looked recursively for "
+                         f"{', '.join(IMAGE_SUFFIXES)} files)")
+    return paths
+
+
+def _read_image(path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image as float32 (3, s, s) in [0, 1] and its original (width, height)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            original = img.size
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                scale = 1.0 if img.mode == "F" else 1 / 65535
+                grey = np.clip(np.asarray(img, dtype=np.float32) * scale, 0, 1)
+                grey = Image.fromarray(grey, mode="F").resize((image_size, image_size),
+                                                              Image.BILINEAR)
+                array = np.repeat(np.asarray(grey, dtype=np.float32)[None], 3, axis=0)
+            else:
+                rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+    # C-contiguous: a channels-last layout would change the backbone's float32 rounding
+    return np.ascontiguousarray(np.clip(array, 0, 1)), original
+
+
+def read_image(path, image_size: int) -> np.ndarray:
+    """One image file as a float32 RGB array in [0, 1], resized to a square.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An image file Pillow reads (PNG, JPEG, BMP, TIFF, WebP, ...).
+    image_size : int >= 1
+        Side of the output in pixels: the image is resized to ``image_size`` x
+        ``image_size`` with bilinear interpolation, ignoring its aspect ratio.
+
+    Returns
+    -------
+    image : ndarray of shape (3, image_size, image_size), float32
+        Channels first, values in [0, 1]: 8-bit values divided by 255, 16-bit grey by
+        65535, grey and palette images converted to RGB (grey replicated).
+
+    Raises
+    ------
+    ImageReadError
+        A :class:`ValueError` naming the file, if it is missing or cannot be decoded.
+    TypeError, ValueError
+        If ``image_size`` is not an int >= 1.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from skanomaly.streaming import read_image
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     Image.new("L", (40, 30), color=255).save(Path(tmp) / "white.png")
+    ...     image = read_image(Path(tmp) / "white.png", 16)
+    >>> image.shape, image.dtype, float(image.min())
+    ((3, 16, 16), dtype('float32'), 1.0)
+    """
+    return _read_image(path, _check_int(image_size, "image_size", 1))[0]
+
+
+def _image_source(source) -> list[Path] | None:
+    """The image paths of a folder or a sequence of paths; None for anything else."""
+    if isinstance(source, (str, os.PathLike)):
+        return find_images(source)
+    if isinstance(source, (list, tuple)) and source and all(
+            isinstance(p, (str, os.PathLike)) for p in source):
+        return [Path(p) for p in source]
+    return None
+
+
+def iter_image_batches(source, batch_size: int = 32, image_size: int = 128
+                       ) -> Iterator[np.ndarray]:
+    """Read images in batches: a generator of float32 arrays (n, 3, s, s).
+
+    The images are split into ``ceil(n_images / batch_size)`` batches of sizes that
+    differ by at most one (so no batch is much smaller than the others, and the last
+    one is never a lone image when there are more), and read one batch at a time with
+    :func:`read_image`: only one batch is in memory at once.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or sequence of them
+        A folder (searched recursively by :func:`find_images`) or image file paths.
+    batch_size : int >= 1, default=32
+        Most images per batch.
+    image_size : int >= 1, default=128
+        Side of the square images in pixels (see :func:`read_image`).
+
+    Yields
+    ------
+    images : ndarray of shape (n, 3, image_size, image_size), float32
+        The next batch, in [0, 1], in the order of :func:`find_images` (or of the
+        paths given).
+
+    Raises
+    ------
+    TypeError
+        If ``source`` is neither a folder nor a non-empty sequence of paths, or the
+        sizes are not ints.
+    ValueError
+        From :func:`find_images` (no images) and :func:`read_image`
+        (:class:`ImageReadError`), raised when the batch holding the file is read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from skanomaly.streaming import iter_image_batches
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for i in range(10):
+    ...         Image.new("RGB", (20, 20), color=(i, i, i)).save(Path(tmp) / f"{i}.png")
+    ...     [batch.shape for batch in iter_image_batches(tmp, batch_size=4, image_size=8)]
+    [(4, 3, 8, 8), (3, 3, 8, 8), (3, 3, 8, 8)]
+    """
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    image_size = _check_int(image_size, "image_size", 1)
+    paths = _image_source(source)
+    if paths is None:
+        raise TypeError("source must be a folder or a non-empty sequence of image paths, "
+                        f"got {type(source).__name__}")
+    return _batches(paths, batch_size, image_size)
+
+
+def _batches(paths: list[Path], batch_size: int, image_size: int) -> Iterator[np.ndarray]:
+    n_batches = math.ceil(len(paths) / batch_size)
+    for chunk in np.array_split(np.arange(len(paths)), n_batches):
+        images = np.empty((len(chunk), 3, image_size, image_size), dtype=np.float32)
+        for row, i in enumerate(chunk):
+            images[row] = _read_image(paths[i], image_size)[0]
+        yield images
+
+
+def _array_batches(X, batch_size: int) -> Iterator[np.ndarray]:
+    n_batches = math.ceil(len(X) / batch_size)
+    for chunk in np.array_split(np.arange(len(X)), n_batches):
+        yield X[chunk[0]:chunk[-1] + 1]
+
+
+def _is_fitted(estimator) -> bool:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        return False
+    return True
+
+
+def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size: int = 128,
+                       verbose: bool = False):
+    """Fit a pipeline ending in a skanomaly detector on images, one batch at a time.
+
+    For each batch of images: the pipeline's transformers (e.g. a
+    :class:`~skanomaly.features.FeatureExtractor`) transform it and the detector's
+    ``partial_fit`` absorbs the result. Transformers not fitted yet are fitted on the
+    first batch; they must learn nothing that later batches would change (a
+    ``FeatureExtractor`` learns nothing from data; nor does a
+    :class:`~sklearn.preprocessing.FunctionTransformer`). Peak memory is one batch of
+    images and its features plus the detector's state, however many images there are
+    (see the detectors' ``partial_fit`` for what they keep).
+
+    After any split into batches the detector equals its ``fit`` on all the features
+    up to float64 rounding for PaDiM, Gaussian and DFM; PatchCore's bank is a
+    merge-and-reduce coreset and DFKDE's points a seeded reservoir (see their
+    ``partial_fit``). ``offset_`` is the detector's streamed threshold
+    (``calibration_``: leave-one-out scores of the last batch for PaDiM and the
+    Gaussian, ``"score-then-update"`` for the others): call
+    :func:`skanomaly.calibrate` with held-out normal images afterwards to set it from
+    those instead.
+
+    Parameters
+    ----------
+    pipeline : sklearn.pipeline.Pipeline
+        Transformers, then a skanomaly detector (any of the five: all have
+        ``partial_fit``). Modified in place. A fitted detector is updated, not
+        restarted (``partial_fit`` semantics); pass a fresh or cloned pipeline to
+        start over.
+    source : str, os.PathLike, sequence of paths, array-like or iterable of arrays
+        A folder of images (searched recursively by :func:`find_images`) or image
+        paths, read by :func:`iter_image_batches`; or images in memory, (n, C, H, W),
+        split into batches of ``batch_size``; or any iterable of such batches (a
+        generator streams them from anywhere).
+    batch_size : int >= 1, default=32
+        Most images per batch, for folders, paths and arrays. The first batch must
+        hold at least the detector's minimum number of samples (2 for PaDiM, DFM,
+        DFKDE and the Gaussian).
+    image_size : int >= 1, default=128
+        Side in pixels to which files are resized (see :func:`read_image`); unused for
+        arrays.
+    verbose : bool, default=False
+        Show a tqdm progress bar over the batches on stderr.
+
+    Returns
+    -------
+    pipeline : sklearn.pipeline.Pipeline
+        The same object, fitted.
+
+    Raises
+    ------
+    TypeError
+        If ``pipeline`` is not a Pipeline ending in a skanomaly detector, or ``source``
+        is of an unsupported type.
+    ValueError
+        If there are no images, a file cannot be read (:class:`ImageReadError`), or a
+        step rejects a batch (see the detector's ``partial_fit``). Batches absorbed
+        before the error stay absorbed.
+
+    Warns
+    -----
+    skanomaly.base.CalibrationWarning
+        Only when the final threshold comes from in-sample scores (a stream of one
+        small batch): the in-sample threshold of a small first batch, which later
+        batches replace, is not reported.
+
+    See Also
+    --------
+    iter_image_batches : the reader.
+    skanomaly.calibrate : set the threshold from held-out normal images afterwards.
+
+    Notes
+    -----
+    Streaming follows scikit-learn's out-of-core learning (``partial_fit`` over
+    mini-batches, "Strategies to scale computationally: bigger data" in its user
+    guide); the detectors' mergeable states are described in their classes
+    (moments merged by Chan et al.'s pairwise update; merge-and-reduce coresets,
+    Har-Peled and Mazumdar, 2004; reservoir sampling, Vitter's algorithm R).
+
+    Examples
+    --------
+    Ten brick crops written as PNG files, fitted four at a time; the PaDiM moments
+    equal those of ``fit`` on all ten:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from sklearn.base import clone
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skanomaly import PaDiMDetector
+    >>> from skanomaly.datasets import load_textures
+    >>> from skanomaly.features import FeatureExtractor
+    >>> from skanomaly.streaming import iter_image_batches, partial_fit_images
+    >>> crops = load_textures("brick", n_train=10, n_test=1, image_size=32).X_train
+    >>> model = make_pipeline(
+    ...     FeatureExtractor("resnet18", ["layer1", "layer2"], random_state=0, device="cpu"),
+    ...     PaDiMDetector(n_features=8, random_state=0, device="cpu"))
+    >>> whole = clone(model)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for i, crop in enumerate(crops):
+    ...         pixels = np.round(crop.transpose(1, 2, 0) * 255).astype(np.uint8)
+    ...         Image.fromarray(pixels).save(Path(folder) / f"{i:03d}.png")
+    ...     model = partial_fit_images(model, folder, batch_size=4, image_size=32)
+    ...     images = np.concatenate(list(iter_image_batches(folder, 4, image_size=32)))
+    >>> model[-1].n_samples_seen_, model[-1].calibration_
+    (10, 'leave-one-out')
+    >>> whole = whole.fit(images)
+    >>> bool(np.allclose(model[-1].covariance_, whole[-1].covariance_, rtol=1e-8))
+    True
+    >>> bool(np.allclose(model.score_samples(images), whole.score_samples(images)))
+    True
+    """
+    from sklearn.pipeline import Pipeline
+
+    from .base import BaseDetector, CalibrationWarning
+
+    if not isinstance(pipeline, Pipeline):
+        raise TypeError("pipeline must be a sklearn.pipeline.Pipeline ending in a skanomaly "
+                        f"detector, got {type(pipeline).__name__}")
+    detector = pipeline[-1]
+    if not isinstance(detector, BaseDetector) or not hasattr(detector, "partial_fit"):
+        raise TypeError("the last step of pipeline must be a skanomaly detector with "
+                        f"partial_fit, got {type(detector).__name__}")
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    image_size = _check_int(image_size, "image_size", 1)
+    paths = _image_source(source)
+    if paths is not None:
+        batches, n_batches = _batches(paths, batch_size, image_size), math.ceil(
+            len(paths) / batch_size)
+    elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+        raise TypeError("source must be a folder, image paths, an array of images or an "
+                        f"iterable of batches, got {type(source).__name__}")
+    elif hasattr(source, "shape") or (isinstance(source, (list, tuple)) and source
+                                      and np.ndim(source[0]) == 3):
+        X = source if hasattr(source, "shape") else np.asarray(source)
+        if len(X) == 0:
+            raise ValueError("no images: source holds 0 samples")
+        batches, n_batches = _array_batches(X, batch_size), math.ceil(len(X) / batch_size)
+    else:
+        batches, n_batches = iter(source), None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=n_batches, desc="fitting", unit="batch",
+                       file=sys.stderr, leave=False)
+    transformers = [step for _, step in pipeline.steps[:-1]
+                    if step is not None and step != "passthrough"]
+    n_seen = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        for images in batches:
+            Xt = images
+            for step in transformers:
+                if n_seen == 0 and not _is_fitted(step):
+                    step.fit(Xt)
+                Xt = step.transform(Xt)
+            detector.partial_fit(Xt)
+            n_seen += len(Xt)
+    in_sample = getattr(detector, "calibration_", None) == "in-sample"
+    for w in caught:
+        # a small first batch's in-sample threshold is replaced by later batches': warn
+        # only when the final threshold is still in-sample
+        if not issubclass(w.category, CalibrationWarning) or in_sample:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if n_seen == 0:
+        raise ValueError("no images: source gave no batches")
+    return pipeline
