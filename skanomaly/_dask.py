@@ -71,14 +71,15 @@ def _by_samples(X, min_rows: int = 1):
     if X.ndim < 1 or any(math.isnan(c) for c in X.chunks[0]):
         raise ValueError(f"a dask array of known chunk sizes along the sample axis is "
                          f"needed, got {X!r} (call X.compute_chunk_sizes() first)")
-    rows, merged = list(X.chunks[0]), []
-    for size in rows:
+    merged = []
+    for size in X.chunks[0]:
         if merged and merged[-1] < min_rows:
             merged[-1] += size
         else:
             merged.append(size)
     if len(merged) > 1 and merged[-1] < min_rows:
-        merged[-2] += merged.pop()
+        last = merged.pop()
+        merged[-1] += last
     chunks = (tuple(merged),) + tuple((size,) for size in X.shape[1:])
     return X if chunks == X.chunks else X.rechunk(chunks)
 

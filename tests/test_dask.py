@@ -77,6 +77,30 @@ def test_default_scheduler_pipeline_with_feature_extractor():
     _close(scores.compute(), reference.score_samples(model[0].transform(numpy_images)))
 
 
+def test_one_block_is_the_numpy_fit_and_small_blocks_are_merged():
+    from skanomaly._dask import _by_samples
+
+    X = _maps(6, 40, 40)
+    det, reference = (DFMDetector(n_components=3, device="cpu").fit(Z)
+                      for Z in (X, X.compute()))
+    _close(det.components_, reference.components_, rtol=0)
+    assert (det.offset_, det.calibration_) == (reference.offset_, reference.calibration_)
+    ragged = da.ones((34, 3), chunks=((1, 30, 1, 1, 1), (3,)))
+    assert _by_samples(ragged, 2).chunks == ((31, 3), (3,))
+
+
+def test_max_bank_size_and_reservoir_bounds_hold_after_merges():
+    X = _maps(7, 80, 10).astype(np.float32)
+    bank = PatchCoreDetector(max_bank_size=40, random_state=0, device="cpu").fit(X)
+    assert bank.memory_bank_.shape == (40, 6)
+    kde = DFKDEDetector(n_components=3, max_training_points=30, random_state=0,
+                        device="cpu").fit(X)
+    assert kde.dataset_.shape == (30, 3) and kde.n_samples_seen_ == 80
+    assert len(np.unique(kde.kde_indices_)) == 30 and kde.kde_indices_.max() < 80
+    vectors = kde._vectors(torch.as_tensor(X.compute())).numpy()
+    np.testing.assert_array_equal(kde._reservoir, vectors[kde.kde_indices_])
+
+
 def test_import_does_not_import_dask():
     code = "import sys, skanomaly; print(any(m.split('.')[0] == 'dask' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -142,6 +166,8 @@ def test_scoring_a_dask_array_equals_numpy_scoring(client):
         expected = getattr(det, method)(queries_np, **kwargs)
         assert lazy.shape == expected.shape and lazy.dtype == expected.dtype
         np.testing.assert_array_equal(lazy.compute(), expected)  # batch-invariant: bitwise
+    calibrated = PaDiMDetector(n_features=4, random_state=0, device="cpu").fit(X_np)
+    assert calibrated.calibrate(queries).offset_ == det.calibrate(queries_np).offset_
 
 
 @pytest.mark.parametrize("normal_digit", [3, 8])
