@@ -516,3 +516,242 @@ def test_python_dash_m_help():
     )
     assert result.returncode == 0
     assert "--train-dir" in result.stdout and "--detector" in result.stdout
+
+
+# ------------------------------------------------------- fit / predict / export
+RESNET = ["--backbone", "resnet18", "--layers", "layer1,layer2", "--image-size", "32",
+          "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """train/ (12 normal crops), calibration/ (10), test/{good,defect}/ and masks/."""
+    root = tmp_path_factory.mktemp("tree")
+    data = load_textures("brick", n_train=22, n_test=8, image_size=32, defect_fraction=0.5)
+    for i, image in enumerate(data.X_train):
+        folder = "train" if i < 12 else "calibration"
+        save_png(root / folder / f"{i:03d}.png", to_uint8(image))
+    for i, (image, kind, mask) in enumerate(
+        zip(data.X_test, data.defect_type_test, data.masks_test)
+    ):
+        folder = "good" if kind == "good" else kind
+        save_png(root / "test" / folder / f"{i:03d}.png", to_uint8(image))
+        if kind != "good":
+            save_png(root / "masks" / folder / f"{i:03d}_mask.png",
+                     mask.astype(np.uint8) * 255)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(tree):
+    """``skanomaly fit`` of PaDiM on train/ (batches of 5), calibrated on calibration/."""
+    model = tree / "padim.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(model), *RESNET,
+                 "--batch-size", "5", "--calibration-dir", str(tree / "calibration")]) == 0
+    return model
+
+
+def folder_images(folder, size=32):
+    from skanomaly.streaming import find_images, read_image
+
+    paths = find_images(folder)
+    return paths, np.stack([read_image(p, size) for p in paths])
+
+
+def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
+    import sklearn
+    import torch
+
+    from skanomaly import __version__
+    from skanomaly.cli import load_model, read_model_metadata
+
+    model, metadata = load_model(fitted)
+    assert read_model_metadata(fitted) == metadata
+    detector = model[-1]
+    assert type(detector) is PaDiMDetector and detector.n_samples_seen_ == 12
+    assert (metadata["skanomaly_version"], metadata["torch_version"],
+            metadata["sklearn_version"]) == (__version__, torch.__version__, sklearn.__version__)
+    assert (metadata["backbone"], metadata["weights"], metadata["layers"],
+            metadata["image_size"]) == ("resnet18", None, ["layer1", "layer2"], 32)
+    assert (metadata["n_train"], metadata["n_batches"], metadata["n_calibration"]) == (12, 3, 10)
+    assert metadata["format_version"] == cli.MODEL_FORMAT_VERSION
+    # the threshold: the 0.1 quantile of the held-out images' normality, by numpy
+    _, held_out = folder_images(tree / "calibration")
+    assert detector.calibration_ == metadata["calibration"] == "held-out"
+    assert detector.offset_ == pytest.approx(
+        np.percentile(model.score_samples(held_out), 10), rel=1e-12)
+    assert metadata["threshold"] == -detector.offset_
+    # the streamed moments are those of every training image's features (numpy), and
+    # the model scores as one fitted on them in one go
+    _, train = folder_images(tree / "train")
+    features = np.concatenate([model[0].transform(b) for b in np.array_split(train, 3)])
+    kept = features[:, detector.feature_indices_].astype(np.float64)
+    np.testing.assert_allclose(detector.mean_, kept.mean(0).reshape(len(kept[0]), -1).T,
+                               rtol=1e-10, atol=1e-12)
+    reference = PaDiMDetector(n_features=100, solver="full", random_state=0,
+                              device="cpu").fit(features)
+    np.testing.assert_allclose(detector.score_samples(features[:4]),
+                               reference.score_samples(features[:4]), rtol=1e-9)
+
+
+def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
+    """scores.csv (written to 17 digits) equals pipeline.score_samples bit for bit;
+    predictions are its predict; metrics are scikit-learn's on the CSV."""
+    from skanomaly.cli import load_model
+
+    out = tmp_path / "out"
+    assert main(["predict", str(fitted), str(tree / "test"), "--mask-dir",
+                 str(tree / "masks"), "--output-dir", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    model, metadata = load_model(fitted)
+    paths, images = folder_images(tree / "test")
+    rows = read_scores(out)
+    assert [row["image"] for row in rows] == [p.relative_to(tree / "test").as_posix()
+                                              for p in paths]
+    np.testing.assert_array_equal([float(row["anomaly_score"]) for row in rows],
+                                  -model.score_samples(images))
+    np.testing.assert_array_equal([int(row["prediction"]) for row in rows],
+                                  model.predict(images))
+    assert [int(row["label"]) for row in rows] == [
+        1 if p.parent.name == "good" else -1 for p in paths]
+    metrics = read_metrics(out)
+    check_scores_against_metrics(rows, metrics)
+    assert {"image_auroc", "pixel_auroc", "pro"} <= set(metrics["metrics"])
+    assert metrics["model_metadata"] == metadata
+    heatmaps = sorted((out / "heatmaps").glob("*.png"))
+    assert [f"heatmaps/{p.name}" for p in heatmaps] == [row["heatmap"] for row in rows]
+
+
+def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):
+    """Images directly in the folder have no label: no metrics.json; batches of 3 score
+    as one batch (up to the backbone's float32 rounding)."""
+    from skanomaly.cli import load_model
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted((tree / "test").rglob("*.png")):
+        (flat / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    assert main(["predict", str(fitted), str(flat), "--output-dir", str(out), "--device",
+                 "cpu", "--batch-size", "3", "--no-heatmaps", "--quiet"]) == 0
+    rows = read_scores(out)
+    assert all(row["label"] == "" and row["heatmap"] == "" for row in rows)
+    assert not (out / "metrics.json").exists() and not (out / "heatmaps").exists()
+    model, _ = load_model(fitted)
+    _, images = folder_images(flat)
+    np.testing.assert_allclose([float(row["anomaly_score"]) for row in rows],
+                               -model.score_samples(images), rtol=1e-5)
+
+
+@pytest.mark.parametrize("detector", ["gaussian", "dfm", "patchcore", "dfkde"])
+def test_fit_and_predict_other_detectors(detector, tree, tmp_path):
+    from skanomaly.cli import load_model
+
+    model_path = tmp_path / "m.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(model_path), *RESNET,
+                 "--detector", detector, "--batch-size", "6", "--max-bank-size", "64"]) == 0
+    model, metadata = load_model(model_path)
+    assert metadata["calibration"] == model[-1].calibration_ != "in-sample"
+    assert model[-1].n_samples_seen_ == 12
+    if detector == "patchcore":
+        assert len(model[-1].memory_bank_) <= 64
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(tree / "test"), "--output-dir", str(out),
+                 "--device", "cpu", "--quiet", "--no-heatmaps"]) == 0
+    _, images = folder_images(tree / "test")
+    np.testing.assert_array_equal([float(r["anomaly_score"]) for r in read_scores(out)],
+                                  -model.score_samples(images))
+
+
+def rewrite_metadata(source, target, **changes):
+    """Copy a model file, its metadata changed."""
+    with open(source, "rb") as f:
+        magic, header, payload = f.readline(), f.readline(), f.read()
+    metadata = json.loads(header)
+    metadata.update(changes)
+    with open(target, "wb") as f:
+        f.write(magic + json.dumps(metadata).encode() + b"\n" + payload)
+
+
+def test_model_of_another_skanomaly_version_loads_with_a_warning(tree, fitted, tmp_path,
+                                                                 capsys):
+    from skanomaly.cli import ModelVersionWarning, load_model
+
+    other = tmp_path / "other.skanomaly"
+    rewrite_metadata(fitted, other, skanomaly_version="0.0.1")
+    with pytest.warns(ModelVersionWarning, match="saved by skanomaly 0.0.1"):
+        model, _ = load_model(other)
+    reference, _ = load_model(fitted)
+    _, images = folder_images(tree / "test")
+    np.testing.assert_array_equal(model.score_samples(images[:2]),
+                                  reference.score_samples(images[:2]))
+    with pytest.warns(ModelVersionWarning):
+        status = main(["predict", str(other), str(tree / "test"), "--output-dir",
+                       str(tmp_path / "out"), "--device", "cpu", "--quiet", "--no-heatmaps"])
+    assert status == 0
+    assert "skanomaly: warning: " in capsys.readouterr().err
+
+
+def test_unreadable_models_are_clear_errors(fitted, tmp_path, capsys):
+    def predict_error(model):
+        return run_error(["predict", str(model), str(tmp_path), "--output-dir",
+                          str(tmp_path / "out"), "--quiet"], capsys)
+
+    future = tmp_path / "future.skanomaly"
+    rewrite_metadata(fitted, future, format_version=2, skanomaly_version="9.0")
+    err = predict_error(future)
+    assert "format version 2 (saved by skanomaly 9.0)" in err and "reads format version 1" in err
+    not_model = tmp_path / "notes.skanomaly"
+    not_model.write_text("hello")
+    assert "is not a skanomaly model file" in predict_error(not_model)
+    damaged = tmp_path / "damaged.skanomaly"
+    rewrite_metadata(fitted, damaged, threshold=1.0)
+    assert "is damaged: its model's threshold" in predict_error(damaged)
+    truncated = tmp_path / "truncated.skanomaly"
+    truncated.write_bytes(fitted.read_bytes()[:2000])
+    assert "cannot load the model in" in predict_error(truncated)
+    assert "model file" in predict_error(tmp_path / "missing.skanomaly")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "{tmp}/missing"], "TRAIN_DIR {tmp}/missing does not exist"),
+        (["fit", "{tmp}", "--model", "{tmp}"], "--model {tmp} is a directory"),
+        (["fit", "{tmp}", "--calibration-dir", "{tmp}/file.txt"],
+         "--calibration-dir {tmp}/file.txt is not a directory"),
+        (["fit", "{tmp}", "--model", "{tmp}/m.skanomaly"], "no images found in TRAIN_DIR"),
+        (["fit", "{tmp}", "--image-size", "8"], "argument --image-size: must be at least 16"),
+        (["fit", "{tmp}", "--detector", "svm"], "argument --detector: invalid choice"),
+        (["fit", "{tmp}", "--device", "tpu"], "--device: unknown device 'tpu'"),
+        (["predict", "{tmp}/m.skanomaly", "{tmp}"], "model file {tmp}/m.skanomaly does not exist"),
+        (["export", "{tmp}/file.txt", "{tmp}/out.txt"], "must end in .onnx (ONNX) or .pt"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_subcommand_errors(argv, message, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("a regular file")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and err.startswith("skanomaly")
+    assert message.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_installed_script_fits_from_a_fresh_process(tree, tmp_path):
+    """The ``skanomaly`` console script of the installed package runs ``fit``."""
+    import shutil
+
+    script = shutil.which("skanomaly", path=os.path.dirname(sys.executable))
+    assert script is not None, "the skanomaly script is not installed beside python"
+    model = tmp_path / "m.skanomaly"
+    result = subprocess.run(
+        [script, "fit", str(tree / "train"), "--model", str(model), *RESNET],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert cli.read_model_metadata(model)["n_train"] == 12
