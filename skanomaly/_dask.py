@@ -237,6 +237,10 @@ def fit_dask(detector, X):
         (fitted,) = dask.compute(delayed(_fit_whole)(template, blocks[0]), scheduler=scheduler)
         return _adopt(detector, fitted, None, None)
 
+    if getattr(detector, "solver", None) == "woodbury":
+        raise ValueError(f"{type(detector).__name__}(solver='woodbury') keeps every training "
+                         "sample and cannot merge the blocks of a dask array; use solver='full' "
+                         "or 'auto', or one block")
     states = [delayed(_block_state, pure=True)(template, b, s) for b, s in zip(blocks, starts)]
     method = _method(detector)
     if method != "cross-fit":
@@ -301,7 +305,7 @@ def map_samples(estimator, method: str, X, sample_shape: tuple, dtype, **kwargs)
 
     X = _by_samples(X)
     shape = tuple(int(s) for s in sample_shape)
-    est = dask.delayed(estimator, pure=True)
+    est = dask.delayed(estimator, pure=False)  # a random key: no hashing of the model
     return X.map_blocks(
         _apply, est, method, kwargs, dtype=dtype,
         chunks=(X.chunks[0], *((s,) for s in shape)),

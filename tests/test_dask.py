@@ -202,6 +202,14 @@ def test_bad_block_raises_the_detectors_error(client):
     X = da.where(da.arange(100)[:, None] == 70, np.nan, X)
     with pytest.raises(ValueError, match="NaN"):
         GaussianDetector(device="cpu").fit(X)
+    with pytest.raises(ValueError, match="could not be fitted on their own"):
+        GaussianDetector(shrinkage=None, device="cpu").fit(_vectors(0, 100, 4))  # n <= d
+    with pytest.raises(ValueError, match="woodbury"):
+        PaDiMDetector(solver="woodbury", device="cpu").fit(_maps(0, 40, 10))
+    det = GaussianDetector(device="cpu")
+    with pytest.raises(ValueError, match="NaN"):
+        det.fit(X)
+    assert not hasattr(det, "offset_") and not hasattr(det, "location_")  # left unfitted
 
 
 def _peak_rss_during(fn):
