@@ -3,6 +3,8 @@
 One implementation of anomalib's ``AnomalyMapGenerator`` step: per-position
 scores are upsampled bilinearly to the image size and blurred with a Gaussian
 (sigma 4 pixels, kernel radius ``int(4 * sigma + 0.5)``).
+:class:`AnomalyMapPostprocess` is that step as a fitted kernel module (exportable to
+ONNX); :func:`postprocess_anomaly_map` is the validated function over the same code.
 """
 
 from __future__ import annotations
@@ -11,10 +13,158 @@ import math
 from numbers import Integral, Real
 
 import torch
+from torch import nn
 
-from .functional import gaussian_blur2d, upsample_bilinear
+from .functional._validation import working_dtype
+from .functional.spatial import (
+    _blur,
+    _blur_matrix,
+    _check_maps,
+    _check_sigma,
+    _convex,
+    _interpolate,
+    gaussian_kernel1d,
+)
 
-__all__ = ["postprocess_anomaly_map"]
+__all__ = ["AnomalyMapPostprocess", "postprocess_anomaly_map"]
+
+
+def _untraced(build):
+    """``build()`` with a running ``torch.jit.trace`` paused: its tensors are constants.
+
+    The blur matrices depend on the output size only (Python ints at trace time); built
+    while tracing, their index arithmetic (a scatter-add) would be recorded, and the
+    TorchScript ONNX exporter turns a scatter-add into a scatter that drops duplicates.
+    """
+    get = getattr(torch._C, "_get_tracing_state", None)
+    state = get() if get is not None else None
+    if state is None:
+        return build()
+    torch._C._set_tracing_state(None)
+    try:
+        return build()
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+class AnomalyMapPostprocess(nn.Module):
+    """Upsampling and Gaussian blur of anomaly maps as a :class:`torch.nn.Module`.
+
+    anomalib's ``AnomalyMapGenerator`` step with ``sigma`` fixed at construction:
+    :meth:`forward` upsamples (N, h, w) per-position scores bilinearly
+    (``align_corners=False``) to the output size and blurs them with the Gaussian of
+    :func:`~skanomaly.functional.gaussian_blur2d` (scipy's ``mode="mirror"``, torch's
+    and kornia's ``"reflect"`` padding), by the same unchecked code as
+    :func:`postprocess_anomaly_map`, so both give the same bits. The 1-D kernel is a
+    buffer; the two (L, L) blur matrices into which the mirrored border is folded are
+    built once per output size and cached (never part of the state). Traceable by
+    :func:`torch.jit.trace` and exportable to ONNX (opset 17) in float32, with a
+    dynamic number of maps (ONNX Runtime resizes float32 only).
+
+    Parameters
+    ----------
+    sigma : float, default=4.0
+        Standard deviation of the blur in output pixels, >= 0; 0 skips the blur.
+    truncate : float, default=4.0
+        Kernel radius in standard deviations (radius ``int(truncate * sigma + 0.5)``).
+    dtype : torch.dtype, default=torch.float32
+        dtype of the kernel and of the results; maps are cast to it.
+    device : torch.device or str, optional
+        Device of the kernel; by default the CPU.
+
+    Attributes
+    ----------
+    kernel : Tensor of shape (2 * radius + 1,) or None
+        Buffer: the normalised Gaussian kernel (None when ``sigma == 0``).
+    sigma : float
+        The blur's standard deviation.
+
+    Raises
+    ------
+    TypeError
+        If ``sigma`` or ``truncate`` is not a real number or ``dtype`` not floating.
+    ValueError
+        If ``sigma`` is negative or not finite, or the kernel radius exceeds ``2**24``.
+
+    See Also
+    --------
+    postprocess_anomaly_map : the validated function.
+
+    Notes
+    -----
+    :meth:`forward` does not validate its input (shape, finiteness); each output is a
+    convex combination of inputs. Cost per map ``O(H W (H + W))`` (two matrix
+    products), memory ``H**2 + W**2`` for the cached matrices.
+
+    References
+    ----------
+    Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly
+    Detection and Localization", ICPR 2020; anomalib's ``AnomalyMapGenerator``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skanomaly.anomaly_map import AnomalyMapPostprocess, postprocess_anomaly_map
+    >>> post = AnomalyMapPostprocess(sigma=4.0)
+    >>> maps = torch.rand(2, 7, 7)
+    >>> post(maps, (28, 28)).shape
+    torch.Size([2, 28, 28])
+    >>> torch.equal(post(maps, (28, 28)), postprocess_anomaly_map(maps, 28, sigma=4.0))
+    True
+    """
+
+    def __init__(self, sigma=4.0, *, truncate=4.0, dtype=torch.float32, device=None):
+        super().__init__()
+        if isinstance(sigma, bool) or not isinstance(sigma, Real):
+            raise TypeError(f"sigma must be a real number, got {sigma!r}")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.sigma = float(sigma)
+        kernel = None
+        if sigma > 0:
+            kernel = gaussian_kernel1d(_check_sigma(sigma), truncate, dtype=dtype,
+                                       device=device)
+        self.register_buffer("kernel", kernel)
+        self._dtype = dtype
+        self._matrices = {}
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma:g}, dtype={self._dtype}"
+
+    def _blur_matrices(self, height: int, width: int):
+        """The cached (rows, cols) blur matrices for an output of (height, width)."""
+        kernel = self.kernel
+        key = (height, width, kernel.dtype, kernel.device)
+        if key not in self._matrices:
+            k = kernel.detach()
+            self._matrices[key] = _untraced(lambda: (_blur_matrix(height, k),
+                                                     _blur_matrix(width, k)))
+        return self._matrices[key]
+
+    def forward(self, maps: torch.Tensor, output_size) -> torch.Tensor:
+        """Upsample and blur, unchecked.
+
+        Parameters
+        ----------
+        maps : Tensor of shape (N, h, w)
+            Per-position anomaly scores; cast to the module's dtype.
+        output_size : (int, int)
+            Output (height, width) in pixels (Python ints: constants of a trace).
+
+        Returns
+        -------
+        Tensor of shape (N, height, width)
+            The upsampled, blurred maps in the module's dtype.
+        """
+        height, width = (int(s) for s in output_size)
+        dtype = self._dtype if self.kernel is None else self.kernel.dtype
+        out = _interpolate(maps.to(dtype)[:, None], (height, width))[:, 0]
+        if self.kernel is None:
+            return out
+        rows, cols = self._blur_matrices(height, width)
+        return _blur(out, rows, cols)
 
 
 def postprocess_anomaly_map(maps: torch.Tensor, output_size, sigma: float = 4.0) -> torch.Tensor:
@@ -62,6 +212,7 @@ def postprocess_anomaly_map(maps: torch.Tensor, output_size, sigma: float = 4.0)
         raise TypeError(f"maps must be a torch.Tensor, got {type(maps).__name__}")
     if maps.ndim != 3:
         raise ValueError(f"maps must be 3-D (n_samples, H, W), got shape {tuple(maps.shape)}")
+    maps = _check_maps(maps, "maps")
     if isinstance(output_size, Integral):
         size = (output_size, output_size)
     else:
@@ -72,12 +223,8 @@ def postprocess_anomaly_map(maps: torch.Tensor, output_size, sigma: float = 4.0)
                             f"{output_size!r}") from None
     if len(size) != 2 or not all(isinstance(s, Integral) and not isinstance(s, bool)
                                  and s > 0 for s in size):
-        raise ValueError(f"output_size must be a positive int or (height, width), got {output_size!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, Real):
-        raise TypeError(f"sigma must be a real number, got {sigma!r}")
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-    out = upsample_bilinear(maps, tuple(int(s) for s in size))
-    if sigma > 0:
-        out = gaussian_blur2d(out, sigma)
-    return out
+        raise ValueError("output_size must be a positive int or (height, width), got "
+                         f"{output_size!r}")
+    size = tuple(int(s) for s in size)
+    post = AnomalyMapPostprocess(sigma, dtype=working_dtype(maps.dtype), device=maps.device)
+    return _convex(lambda m: post(m, size), maps)

@@ -730,8 +730,13 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         dev = self._device() if device is None else resolve_device(device)
-        return self._cached(("torch_module", str(dev), dtype),
-                            lambda: self._build_torch_module(dev, dtype).eval())
+        return self._scoring_module(dev, dtype)
+
+    def _scoring_module(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """:meth:`_torch_module` without the fitted check: for the scoring hot paths,
+        which also run inside ``fit`` (before ``offset_`` exists) and on cross-fit folds."""
+        return self._cached(("torch_module", str(device), dtype),
+                            lambda: self._build_torch_module(device, dtype).eval())
 
     def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         raise NotImplementedError(  # pragma: no cover - implemented by every detector

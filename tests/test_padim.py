@@ -1,5 +1,7 @@
 """PaDiMDetector against an independent per-position numpy computation."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 
 from skanomaly import PaDiMDetector
 from skanomaly.detectors import padim
+mahalanobis = importlib.import_module("skanomaly.functional.mahalanobis")
 
 
 def _maps(n, c=10, h=3, w=4, seed=0):
@@ -169,9 +172,8 @@ def test_refit_replaces_the_state_of_the_other_solver():
 def test_chunked_scoring_and_fit_agree(monkeypatch, solver):
     X = _maps(30)
     big = PaDiMDetector(solver=solver, device="cpu").fit(X)
-    monkeypatch.setattr(padim, "_CHUNK_ELEMENTS", 1)  # Woodbury: one image per chunk
-    monkeypatch.setattr(padim, "_BLOCK_ELEMENTS", 1)  # full: one position per block
-    monkeypatch.setattr(padim, "_SCORE_IMAGES", 4)  # full: 4 images per scoring chunk
+    monkeypatch.setattr(padim, "_BLOCK_ELEMENTS", 1)  # fit: one position per block
+    monkeypatch.setattr(mahalanobis, "_BLOCK_FEATURES", 1)  # scoring: one position per block
     small = PaDiMDetector(solver=solver, device="cpu").fit(X)
     for name in ("mean_", "covariance_", "precision_cholesky_"):
         if hasattr(big, name):
@@ -185,7 +187,7 @@ def test_blocks_of_positions_match_numpy(monkeypatch, n_features):
     # uneven blocks (5 positions, then 2), channel subset or not, 3 scoring chunks
     X, X_test = _maps(40, h=3, w=4), _maps(9, h=3, w=4, seed=1)
     monkeypatch.setattr(padim, "_BLOCK_ELEMENTS", 5 * 40 * (n_features or 10))
-    monkeypatch.setattr(padim, "_SCORE_IMAGES", 4)
+    monkeypatch.setattr(mahalanobis, "_BLOCK_FEATURES", 5 * (n_features or 10))
     det = PaDiMDetector(n_features=n_features, reg=0.05, random_state=0, device="cpu")
     det.fit(X)
     expected = _reference_maps(X, X_test, det.feature_indices_, 0.05)

@@ -7,14 +7,18 @@ from numbers import Real
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
+from torch import nn
 
 from ..base import BaseDetector
 from ..functional import (
+    GaussianScorer,
     MomentAccumulator,
     leave_one_out_mahalanobis,
     mahalanobis,
     regularized_cholesky,
 )
+from ..functional._validation import all_finite
+from ..functional.covariance import _accumulation_dtype
 
 __all__ = ["GaussianDetector"]
 
@@ -131,6 +135,22 @@ class _IncrementalMixin:
             return self._in_sample_scores(X, f"no leave-one-out scores ({exc})")
 
 
+class _GaussianModule(nn.Module):
+    """A fitted GaussianDetector's scoring: (N, D) samples -> squared distances (N,).
+
+    The anomaly scores ``-score_samples`` of the fitted-module contract
+    (:meth:`~skanomaly.base.BaseDetector._torch_module`); the state is the
+    :class:`~skanomaly.functional.GaussianScorer`'s buffers (one Gaussian, P = 1).
+    """
+
+    def __init__(self, scorer: GaussianScorer):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scorer(x[:, None])[:, 0]
+
+
 class GaussianDetector(_IncrementalMixin, BaseDetector):
     """Anomaly detection with one multivariate Gaussian and the Mahalanobis distance.
 
@@ -219,8 +239,11 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     under the updated model (earlier batches are not kept; a single ``partial_fit(X)``
     equals ``fit(X)``). :meth:`calibrate` sets it from held-out normal samples instead.
 
-    No explicit inverse is formed: scores are triangular solves with the Cholesky
-    factor, ``O(n_features**2)`` per sample.
+    No explicit inverse is formed: the precision factor ``U = L^{-T}`` of the Cholesky
+    factor ``L`` (one triangular solve) is computed once per fit and device, and scores
+    are one matrix product with it, ``O(n_features**2)`` per sample
+    (:class:`~skanomaly.functional.GaussianScorer`, the module that ``_torch_module``
+    returns and :mod:`skanomaly.export` exports).
 
     References
     ----------
@@ -317,9 +340,20 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
                                          shrinkage=self.shrinkage_, target=target,
                                          reg=float(self.reg))
 
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        scorer = GaussianScorer.from_cholesky(
+            torch.from_numpy(self.location_)[None],
+            torch.from_numpy(self.covariance_cholesky_)[None],
+            squared=True, dtype=dtype, device=device)
+        return _GaussianModule(scorer)
+
     def _score(self, X: torch.Tensor) -> torch.Tensor:
-        return mahalanobis(X, self._device_tensor("location_"),
-                           cholesky=self._device_tensor("covariance_cholesky_"), squared=True)
+        module = self._scoring_module(X.device, _accumulation_dtype(X.device))
+        d2 = module(X)
+        if not all_finite(d2):  # unscaled products overflowed: the checked route rescales
+            scorer = module.scorer
+            d2 = mahalanobis(X, scorer.mean[0], precision_cholesky=scorer.U[0], squared=True)
+        return d2
 
     def _merge_partial(self, other: GaussianDetector) -> None:
         """Fold the fit of ``other`` (on other samples) into this one, in place.

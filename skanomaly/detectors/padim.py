@@ -8,29 +8,56 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
+from torch import nn
 
 from ..base import BaseDetector, BaseSpatialDetector, make_generator
 from ..functional import (
+    GaussianScorer,
     MomentAccumulator,
+    WoodburyGaussianScorer,
     leave_one_out_mahalanobis,
+    mahalanobis,
     mahalanobis_woodbury,
     precision_cholesky,
     woodbury_factor,
 )
+from ..functional._validation import all_finite
+from ..functional.covariance import _accumulation_dtype
 from .gaussian import _cholesky_or_raise, _IncrementalMixin
 
 __all__ = ["PaDiMDetector"]
 
-#: float64 numbers per chunk of images of the Woodbury solver (128 MiB of working memory)
-_CHUNK_ELEMENTS = 2**24
-#: float64 numbers per (positions, images, features) block of the full solver (16 MiB):
-#: small enough to stay in cache between the gather, the centring and the products
+#: float64 numbers per (positions, images, features) block of the fit and of the
+#: leave-one-out scores (16 MiB): small enough to stay in cache between the gather, the
+#: centring and the products
 _BLOCK_ELEMENTS = 2**21
-#: images per scoring chunk of the full solver
-_SCORE_IMAGES = 256
 
 _FULL_STATE = ("covariance_", "precision_cholesky_", "_moments")
 _WOODBURY_STATE = ("centered_features_", "woodbury_factor_", "_woodbury_reg")
+
+
+class _PaDiMModule(nn.Module):
+    """A fitted PaDiM's scoring: (N, C, H, W) maps -> (image scores (N,), maps (N, H, W)).
+
+    The fitted-module contract of :meth:`~skanomaly.base.BaseDetector._torch_module`:
+    the kept channels are selected, each position's features are scored by the
+    :class:`~skanomaly.functional.GaussianScorer` (or
+    :class:`~skanomaly.functional.WoodburyGaussianScorer`) of its position, and the
+    image score is the largest distance of the map.
+    """
+
+    def __init__(self, feature_indices, scorer: nn.Module, grid):
+        super().__init__()
+        self.register_buffer("feature_indices", feature_indices)  # None: every channel
+        self.scorer = scorer
+        self.grid = tuple(int(g) for g in grid)
+
+    def forward(self, x: torch.Tensor):
+        if self.feature_indices is not None:
+            x = x.index_select(1, self.feature_indices)
+        # (N, P, d) as a view of the channel-major maps; the scorer gathers its blocks
+        maps = self.scorer(x.flatten(2).transpose(1, 2)).reshape(x.shape[0], *self.grid)
+        return maps.flatten(1).amax(1), maps
 
 
 class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
@@ -114,10 +141,14 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     as anomalib. Unlike anomalib (float32 inverses, a Python loop over positions), the
     statistics accumulate in float64 with a mergeable moment accumulator, batched over
     positions, and scoring is one batched matrix product with ``precision_cholesky_``
-    per block of positions. The full solver works through blocks of positions of about
-    ``2**21`` float64 numbers (16 MiB: gathered, centred and multiplied while in cache),
-    scoring 256 images at a time; the Woodbury solver through chunks of images of about
-    ``2**24`` numbers. Memory beyond the fitted state and the input stays bounded.
+    per block of positions. The fit works through blocks of positions of about
+    ``2**21`` float64 numbers (16 MiB: gathered, centred and multiplied while in cache).
+    Scoring goes through the fitted kernel module built once per fit and device
+    (:class:`~skanomaly.functional.GaussianScorer`, or
+    :class:`~skanomaly.functional.WoodburyGaussianScorer` whose state
+    ``W = L^{-1} Xc`` replaces a triangular solve per call by a matrix product), in
+    blocks of ``2**13 // d`` positions of the fixed-shape blocks of images that every
+    detector scores in. Memory beyond the fitted state and the input stays bounded.
 
     The fitted state of the full solver holds ``3 * n_positions * d**2`` float64 numbers
     (moments, ``covariance_`` and its factor); the Woodbury solver holds
@@ -226,11 +257,6 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         x = X if len(idx) == X.shape[1] else X.index_select(1, idx)
         x = x.flatten(2).transpose(1, 2)
         return x.to(torch.float64, memory_format=torch.contiguous_format)
-
-    @staticmethod
-    def _chunks(X: torch.Tensor, width: int):
-        """Split images so that a chunk holds about ``_CHUNK_ELEMENTS`` (P, width) numbers."""
-        return X.split(max(1, _CHUNK_ELEMENTS // (math.prod(X.shape[2:]) * width)))
 
     def _current_moments(self) -> MomentAccumulator:
         if self.solver_ == "full":
@@ -373,39 +399,36 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         return out
 
     # -------------------------------------------------------------- scoring
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        mean = torch.from_numpy(self.mean_)
+        if self.solver_ == "full":
+            scorer = GaussianScorer(mean, torch.from_numpy(self.precision_cholesky_),
+                                    dtype=dtype, device=device)
+        else:
+            scorer = WoodburyGaussianScorer(
+                mean, torch.from_numpy(self.centered_features_), self._woodbury_reg,
+                factor=torch.from_numpy(self.woodbury_factor_), dtype=dtype, device=device)
+        keep = self.feature_indices_
+        # sorted and unique: as many channels as the input has means all of them
+        indices = None if len(keep) == self.input_shape_[0] else torch.as_tensor(
+            keep, device=device)
+        return _PaDiMModule(indices, scorer, self.input_shape_[1:])
+
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
-        idx = self._device_tensor("feature_indices_")
+        module = self._scoring_module(X.device, _accumulation_dtype(X.device))
+        maps = module(X)[1]
+        if all_finite(maps):
+            return maps
+        # the unscaled products overflowed: the checked route rescales (or raises)
+        positions = self._positions(X, self._device_tensor("feature_indices_"))
         mean = self._device_tensor("mean_")
         if self.solver_ == "full":
-            return self._full_map(X, idx, mean)
-        centered = self._device_tensor("centered_features_")
-        factor = self._device_tensor("woodbury_factor_")
-        width = max(len(idx), centered.shape[1])
-        maps = [mahalanobis_woodbury(self._positions(chunk, idx), mean, centered, factor,
+            d = mahalanobis(positions, mean, precision_cholesky=module.scorer.U)
+        else:
+            d = mahalanobis_woodbury(positions, mean, self._device_tensor("centered_features_"),
+                                     self._device_tensor("woodbury_factor_"),
                                      self._woodbury_reg)
-                for chunk in self._chunks(X, width)]
-        return torch.cat(maps).reshape(X.shape[0], *X.shape[2:])
-
-    def _full_map(self, X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor):
-        """Distances ``|(x - mean) U|`` by blocks of positions: one batched GEMM each.
-
-        ``precision_cholesky_`` was validated when it was computed, so the factor is
-        not re-checked here (the public :func:`mahalanobis` checks it on every call).
-        """
-        upper = self._device_tensor("precision_cholesky_")
-        n, d, n_positions = X.shape[0], len(idx), mean.shape[0]
-        out = torch.empty(n, n_positions, dtype=torch.float64, device=X.device)
-        for first in range(0, n, _SCORE_IMAGES):
-            chunk = X[first : first + _SCORE_IMAGES]
-            blocks = self._position_blocks(n_positions, chunk.shape[0], d)
-            buffers = self._gather_buffers(chunk, blocks[0][1], d)
-            z = torch.empty_like(buffers[1])
-            for start, stop in blocks:
-                x = self._gather(chunk, idx, start, stop, buffers)
-                x.sub_(mean[start:stop].unsqueeze(1))
-                zb = torch.bmm(x, upper[start:stop], out=z[: stop - start])
-                out[first : first + chunk.shape[0], start:stop] = zb.square_().sum(-1).T
-        return out.sqrt_().reshape(n, *X.shape[2:])
+        return d.reshape(X.shape[0], *X.shape[2:])
 
     def _merge_partial(self, other: PaDiMDetector) -> None:
         """Fold the fit of ``other`` (on other images, same channels) into this one.

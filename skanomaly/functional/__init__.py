@@ -19,6 +19,8 @@ from .decomposition import (
 from .kde import GaussianKDE, gaussian_kde_logpdf, kde_covariance
 from .leave_one_out import leave_one_out_mahalanobis
 from .mahalanobis import (
+    GaussianScorer,
+    WoodburyGaussianScorer,
     mahalanobis,
     mahalanobis_woodbury,
     precision_cholesky,
@@ -37,6 +39,8 @@ __all__ = [
     "mahalanobis",
     "woodbury_factor",
     "mahalanobis_woodbury",
+    "GaussianScorer",
+    "WoodburyGaussianScorer",
     "leave_one_out_mahalanobis",
     "PCAFit",
     "PCAProjection",

@@ -217,7 +217,18 @@ def gaussian_blur2d(x: torch.Tensor, sigma, *, truncate: float = 4.0) -> torch.T
     kernels = [gaussian_kernel1d(s, truncate, dtype=work, device=x.device) for s in sigmas]
     rows = _blur_matrix(x.shape[-2], kernels[0])
     cols = _blur_matrix(x.shape[-1], kernels[1])
-    return _convex(lambda maps: torch.matmul(rows.T, maps @ cols), x)
+    return _convex(lambda maps: _blur(maps, rows, cols), x)
+
+
+def _blur(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows^T @ maps @ cols``: the unchecked blur of :func:`gaussian_blur2d` (matrices
+    from :func:`_blur_matrix`), for maps (..., H, W) in the matrices' dtype."""
+    return torch.matmul(rows.transpose(0, 1), maps @ cols)
+
+
+def _interpolate(maps: torch.Tensor, size) -> torch.Tensor:
+    """The unchecked resize of :func:`upsample_bilinear`: (N, C, h, w) -> (N, C, *size)."""
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
@@ -263,6 +274,5 @@ def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
         raise ValueError(f"size must be an int or a pair (height, width), got {size!r}")
     height, width = (check_positive_int(s, "size") for s in sizes)
     maps = x.reshape(-1, 1, *x.shape[-2:])
-    out = _convex(lambda m: F.interpolate(m, size=(height, width), mode="bilinear",
-                                          align_corners=False), maps)
+    out = _convex(lambda m: _interpolate(m, (height, width)), maps)
     return out.reshape(*x.shape[:-2], height, width)
