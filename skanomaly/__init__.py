@@ -4,7 +4,10 @@ Detectors follow scikit-learn's outlier-detection contract: ``score_samples``
 is higher for more normal samples, ``decision_function`` is negative for
 outliers and ``predict`` returns +1 (inlier) / -1 (outlier). Feature
 extraction (:class:`skanomaly.features.FeatureExtractor`) needs torchvision and
-imports it only when used.
+imports it only when used. :class:`AnomalyPipeline` is a scikit-learn ``Pipeline``
+that reaches its detector's anomaly maps; :func:`to_torch` (from
+:mod:`skanomaly.export`, which also writes ONNX and TorchScript files) turns a fitted
+detector or pipeline into one torch module.
 """
 
 from .base import calibrate
@@ -15,6 +18,8 @@ from .detectors import (
     PaDiMDetector,
     PatchCoreDetector,
 )
+from .export import to_torch
+from .pipeline import AnomalyPipeline, make_anomaly_pipeline
 
 __version__ = "0.1.0.dev0"
 
@@ -26,6 +31,9 @@ __all__ = [
     "DFKDEDetector",
     "FeatureExtractor",
     "calibrate",
+    "AnomalyPipeline",
+    "make_anomaly_pipeline",
+    "to_torch",
     "__version__",
 ]
 

@@ -1,0 +1,484 @@
+"""A fitted detector or pipeline as one torch module, and as an ONNX or TorchScript file.
+
+:func:`to_torch` composes the fitted kernel modules (the feature extractor's images ->
+features module, the detector's scoring module, the anomaly-map post-processing) into
+one eval-mode :class:`torch.nn.Module`; :func:`export` traces it to ONNX (``.onnx``,
+TorchScript-based exporter, dynamic batch axis) or TorchScript (``.pt``). Nothing is
+implemented twice: the module runs the same kernels as the estimator's methods.
+
+The decision threshold is not part of the graph: it travels as metadata beside it
+(the module's ``metadata`` dict; ONNX ``metadata_props``; a ``metadata.json`` extra
+file in TorchScript archives), read back by :func:`read_metadata`, so it can be
+changed (recalibrated) without exporting again.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_is_fitted
+
+from .base import BaseDetector, BaseSpatialDetector, resolve_device
+
+__all__ = ["to_torch", "export", "read_metadata", "METADATA_KEY", "DEFAULT_OPSET"]
+
+#: key of the JSON metadata in an ONNX file's ``metadata_props`` (the decision threshold
+#: also has its own key, ``"threshold"``) and, with ``.json``, the extra file of a
+#: TorchScript archive
+METADATA_KEY = "skanomaly"
+_EXTRA_FILE = "metadata.json"
+#: ONNX opset of :func:`export` (torch's TorchScript-based exporter supports 7-20 in
+#: torch 2.1 and later; onnxruntime >= 1.16 runs 17)
+DEFAULT_OPSET = 17
+_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript"}
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class _Exported(torch.nn.Module):
+    """features (optional) -> detector module -> map post-processing (optional).
+
+    ``forward(x)`` returns float32 ``scores`` (n,) — and ``maps`` (n, H, W) for spatial
+    detectors — whatever the detector module's dtype; maps are post-processed (upsampled
+    to the input image size and blurred) in float32 when ``post`` is given.
+    """
+
+    def __init__(self, features, detector, post, *, spatial: bool, metadata: dict):
+        super().__init__()
+        self.features = features
+        self.detector = detector
+        self.post = post
+        self.spatial = spatial
+        self.metadata = metadata
+
+    def forward(self, x: torch.Tensor):
+        z = x if self.features is None else self.features(x)
+        out = self.detector(z)
+        if not self.spatial:
+            return out.to(torch.float32)
+        scores, maps = out
+        maps = maps.to(torch.float32)
+        if self.post is not None:
+            maps = self.post(maps, (x.shape[-2], x.shape[-1]))
+        return scores.to(torch.float32), maps
+
+
+def _json_safe(value):
+    """``value`` as JSON: numbers, str, None, lists and dicts; anything else by repr."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (torch.device, torch.dtype, os.PathLike)):
+        return str(value)
+    if isinstance(value, torch.nn.Module):
+        return type(value).__name__
+    return repr(value)
+
+
+def _split(estimator):
+    """``(feature_extractor or None, detector)`` of a supported estimator, else TypeError."""
+    from .features import FeatureExtractor
+
+    if isinstance(estimator, BaseDetector):
+        return None, estimator
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps]
+        kinds = ", ".join(type(s).__name__ if s not in (None, "passthrough") else repr(s)
+                          for s in steps)
+        if len(steps) == 1 and isinstance(steps[0], BaseDetector):
+            return None, steps[0]
+        if (len(steps) == 2 and isinstance(steps[0], FeatureExtractor)
+                and isinstance(steps[1], BaseDetector)):
+            return steps[0], steps[1]
+        raise TypeError(
+            f"to_torch exports a Pipeline of a FeatureExtractor then a skanomaly detector "
+            f"(or of a detector alone); this one has steps {kinds}. Export the detector "
+            "alone (pipeline[-1]) and run the other steps before it")
+    raise TypeError(f"to_torch takes a fitted skanomaly detector or a Pipeline of a "
+                    f"FeatureExtractor then a detector, got {type(estimator).__name__}")
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype in (torch.float64, torch.float32):
+        return dtype
+    raise ValueError(f"dtype must be torch.float64 or torch.float32 (or their names), got "
+                     f"{dtype!r}")
+
+
+def _metadata(features, detector, dtype: torch.dtype, sigma) -> dict:
+    import skanomaly
+
+    spatial = isinstance(detector, BaseSpatialDetector)
+    meta = {
+        "format_version": 1,
+        "skanomaly_version": skanomaly.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "detector": type(detector).__name__,
+        "detector_params": _json_safe(detector.get_params(deep=False)),
+        # outlier where scores > threshold (predict: decision_function < 0)
+        "threshold": float(-detector.offset_),
+        "offset": float(detector.offset_),
+        "contamination": float(detector.contamination),
+        "calibration": getattr(detector, "calibration_", None),
+        "input": "features" if features is None else "images",
+        "outputs": ["scores", "maps"] if spatial else ["scores"],
+        "detector_dtype": str(dtype).replace("torch.", ""),
+        "feature_shape": _json_safe(detector.input_shape_),
+    }
+    if features is not None:
+        shape = getattr(features, "input_shape_", None)
+        meta.update(
+            backbone=_json_safe(features.backbone),
+            weights=_json_safe(features.weights),
+            layers=list(features.layers_),
+            normalize=bool(features.normalize),
+            input_shape=_json_safe(shape),
+            image_size=None if shape is None else _json_safe(shape[1:]),
+        )
+        if spatial:
+            meta["sigma"] = float(sigma)
+    else:
+        meta["input_shape"] = _json_safe(detector.input_shape_)
+    return meta
+
+
+def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
+    """A fitted detector or pipeline as one eval-mode :class:`torch.nn.Module`.
+
+    Composed from the fitted kernel modules the estimator scores with (no second
+    implementation): for a :class:`~sklearn.pipeline.Pipeline` of a
+    :class:`~skanomaly.features.FeatureExtractor` then a detector, the images ->
+    features module (ImageNet normalisation, the backbone cut after its last hooked
+    layer, resizing and concatenation), the detector's scoring module and, for spatial
+    detectors, the anomaly-map post-processing (bilinear upsampling to the input image
+    size, Gaussian blur).
+
+    Parameters
+    ----------
+    estimator : fitted detector or Pipeline
+        A skanomaly detector, or a ``Pipeline`` (or :class:`~skanomaly.AnomalyPipeline`)
+        of a ``FeatureExtractor`` then a detector.
+    device : str or torch.device, default="cpu"
+        Where the module's parameters and buffers live.
+    dtype : torch.float64 or torch.float32 (or "float64", "float32"), default=torch.float64
+        Dtype the detector's statistics compute in: float64 agrees with the estimator
+        to float64 rounding; float32 is faster and halves the detector's buffers (about
+        1e-6 relative on image features). The backbone and the map post-processing
+        always run in float32.
+    sigma : float, default=4.0
+        Blur standard deviation (output pixels) of the maps of a pipeline with a
+        spatial detector, as in the detector's ``anomaly_map``.
+
+    Returns
+    -------
+    module : torch.nn.Module
+        In eval mode, without gradients, owning copies of its tensors (changing it does
+        not change the estimator). ``module(x)`` takes float32 ``x``: images (n, 3, H, W)
+        in [0, 1] for a pipeline (grayscale (n, 1, H, W) too when the extractor
+        normalises), feature maps (n, C, h, w) for a bare spatial detector, (n, D) for
+        :class:`~skanomaly.GaussianDetector`, shaped as in ``fit``. It returns
+        ``scores``, float32 (n,), the anomaly scores ``-score_samples(x)`` (higher = more
+        anomalous), and for PaDiM, PatchCore and DFM the tuple ``(scores, maps)``,
+        ``maps`` float32 (n, H, W): ``anomaly_map(x, output_size=(H, W), sigma=sigma)``
+        at the input image size for a pipeline, ``anomaly_map(x)`` at feature resolution
+        for a bare detector. ``module.metadata`` is a JSON-ready dict: ``threshold``
+        (a sample is an outlier where ``scores > threshold``: ``-offset_``),
+        ``contamination``, ``calibration``, the detector's class and parameters,
+        skanomaly and torch versions and, for a pipeline, ``backbone``, ``weights``,
+        ``layers``, ``image_size``. Input is not validated (the estimator's methods do
+        that); uint8 images must be scaled to [0, 1] first.
+
+    Raises
+    ------
+    TypeError
+        If ``estimator`` is neither a skanomaly detector nor a supported pipeline.
+    sklearn.exceptions.NotFittedError
+        If the detector or the feature extractor is not fitted.
+    ValueError
+        If ``dtype`` or ``device`` is not supported.
+
+    See Also
+    --------
+    export : The same module as an ONNX or TorchScript file.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skanomaly import PaDiMDetector
+    >>> from skanomaly.export import to_torch
+    >>> X = np.random.default_rng(0).normal(size=(40, 6, 4, 4))
+    >>> det = PaDiMDetector(random_state=0, device="cpu").fit(X)
+    >>> module = to_torch(det)
+    >>> scores, maps = module(torch.as_tensor(X[:3], dtype=torch.float32))
+    >>> scores.shape, maps.shape, scores.dtype
+    (torch.Size([3]), torch.Size([3, 4, 4]), torch.float32)
+    >>> np.allclose(scores.numpy(), -det.score_samples(X[:3].astype(np.float32)),
+    ...             rtol=1e-5)
+    True
+    >>> module.metadata["threshold"] == -det.offset_
+    True
+    """
+    features, detector = _split(estimator)
+    check_is_fitted(detector)
+    if features is not None:
+        check_is_fitted(features)
+    dtype = _resolve_dtype(dtype)
+    dev = resolve_device(device)
+    spatial = isinstance(detector, BaseSpatialDetector)
+    post = None
+    if features is not None and spatial:
+        from .anomaly_map import AnomalyMapPostprocess
+
+        post = AnomalyMapPostprocess(sigma=sigma, device=dev)
+    module = _Exported(
+        None if features is None else features._torch_module(dev),
+        detector._torch_module(dev, dtype),
+        post, spatial=spatial, metadata=_metadata(features, detector, dtype, sigma))
+    # own copies: the estimator's cached modules share tensors with its attributes
+    module = copy.deepcopy(module).to(dev).eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _example(example_input, module) -> torch.Tensor:
+    meta = module.metadata
+    if example_input is None:
+        shape = meta.get("input_shape")
+        if shape is None:
+            raise ValueError("pass example_input: the feature extractor was pickled "
+                             "without input_shape_ (an older skanomaly)")
+        return torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
+    x = example_input
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.uint8:
+            x = x / 255
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == np.uint8:
+            arr = arr / 255
+        x = torch.as_tensor(arr)
+    if not x.is_floating_point():
+        raise TypeError(f"example_input must hold floats, got {x.dtype}")
+    x = x.to(torch.float32)
+    want = meta["input_shape"]
+    if want is not None and meta["input"] == "features" and len(want) == 3 and x.ndim == 2:
+        x = x[:, :, None, None]  # (n, D) for a spatial detector: (n, D, 1, 1)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"example_input must hold at least one sample, got shape "
+                         f"{tuple(x.shape)}")
+    if want is not None and meta["input"] == "features" and list(x.shape[1:]) != list(want):
+        raise ValueError(f"example_input has per-sample shape {tuple(x.shape[1:])}, but the "
+                         f"detector was fitted on {tuple(want)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("example_input holds NaN or infinity")
+    return x
+
+
+def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DEFAULT_OPSET,
+           sigma=4.0):
+    """Write a fitted detector or pipeline as an ONNX (``.onnx``) or TorchScript (``.pt``)
+    file, its metadata (threshold, versions, backbone) beside the graph.
+
+    The module of :func:`to_torch` (on the CPU) is traced on ``example_input``:
+
+    - ``.onnx``: :func:`torch.onnx.export` with the TorchScript-based exporter
+      (``dynamo=False`` where the argument exists, torch >= 2.9; no onnxscript needed),
+      opset ``opset`` (default 17), input ``"input"``, outputs ``"scores"`` (and
+      ``"maps"``), a dynamic batch axis ``"batch"`` (and a dynamic channel axis for
+      pipelines that take grayscale as well as RGB). :func:`read_metadata` returns the
+      metadata, stored as JSON under ``metadata_props[METADATA_KEY]`` (and the
+      threshold alone under ``"threshold"``): in onnxruntime,
+      ``session.get_modelmeta().custom_metadata_map``.
+    - ``.pt``: :func:`torch.jit.trace` then :func:`torch.jit.save` with the metadata as
+      the extra file ``metadata.json`` (``torch.jit.load(path, _extra_files=...)``).
+
+    Parameters
+    ----------
+    estimator : fitted detector or Pipeline
+        As in :func:`to_torch`.
+    path : str or path-like
+        Output file; its suffix picks the format. Parent folders must exist.
+    example_input : array-like or torch.Tensor, optional
+        A batch shaped as the module's input (see :func:`to_torch`); only its shape
+        matters. Default: two random samples of the shape seen in ``fit``. The graph
+        is specialised to its per-sample shape (the image size) and batch-size free.
+    dtype : torch.float64 or torch.float32 (or their names), default=torch.float64
+        The detector module's dtype (see :func:`to_torch`). onnxruntime's CPU kernels
+        run the detectors' matrix products, reductions and top-k in float64; the
+        backbone and the map post-processing stay float32.
+    opset : int, default=17
+        ONNX opset (``.onnx`` only).
+    sigma : float, default=4.0
+        Blur of the maps of a pipeline (see :func:`to_torch`).
+
+    Returns
+    -------
+    metadata : dict
+        The metadata written (``module.metadata`` with ``format``, ``opset`` and the
+        example's ``input_shape``).
+
+    Raises
+    ------
+    ValueError
+        If the suffix of ``path`` is neither ``.onnx`` nor ``.pt``, or ``example_input``
+        does not fit the estimator; as :func:`to_torch` otherwise.
+    TypeError, sklearn.exceptions.NotFittedError
+        As :func:`to_torch`.
+    ImportError
+        If ``.onnx`` is asked for and the ``onnx`` package is not installed.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np, onnxruntime
+    >>> from skanomaly import GaussianDetector
+    >>> from skanomaly.export import export, read_metadata
+    >>> X = np.random.default_rng(0).normal(size=(100, 3))
+    >>> det = GaussianDetector(device="cpu").fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "gaussian.onnx")
+    >>> meta = export(det, path, X[:4])
+    >>> session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    >>> (scores,) = session.run(None, {"input": X[:7].astype(np.float32)})
+    >>> np.allclose(scores, -det.score_samples(X[:7].astype(np.float32)), rtol=1e-5)
+    True
+    >>> read_metadata(path)["threshold"] == -det.offset_
+    True
+    >>> session.get_modelmeta().custom_metadata_map["threshold"] == repr(-det.offset_)
+    True
+    """
+    path = Path(path)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"cannot tell the format of {os.fspath(path)!r}: the file name must "
+                         f"end in .onnx (ONNX) or .pt (TorchScript)")
+    if kind == "onnx":
+        try:
+            import onnx
+        except ImportError as exc:  # pragma: no cover - onnx is a dependency
+            raise ImportError("exporting to ONNX needs the onnx package (pip install onnx)"
+                              ) from exc
+    module = to_torch(estimator, device="cpu", dtype=dtype, sigma=sigma)
+    x = _example(example_input, module)
+    meta = dict(module.metadata, format=kind)
+    meta["input_shape"] = list(x.shape[1:])
+    try:
+        with torch.no_grad():
+            module(x)  # a clear error before tracing
+    except RuntimeError as exc:
+        raise ValueError(f"the model failed on example_input of shape {tuple(x.shape)}: "
+                         f"{exc}") from exc
+    if kind == "onnx":
+        meta["opset"] = int(opset)
+        _export_onnx(module, x, path, opset, meta, onnx)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings; torch >= 2.9 deprecates jit
+            traced = torch.jit.trace(module, (x,), check_trace=False)
+            torch.jit.save(traced, os.fspath(path),
+                           _extra_files={_EXTRA_FILE: json.dumps(meta)})
+    return meta
+
+
+def _export_onnx(module, x, path: Path, opset: int, meta: dict, onnx) -> None:
+    outputs = list(meta["outputs"])
+    axes = {"input": {0: "batch"}}
+    if meta["input"] == "images" and meta.get("normalize"):
+        axes["input"][1] = "channels"  # 1 (grayscale, replicated) or 3
+    axes.update({name: {0: "batch"} for name in outputs})
+    kwargs = dict(input_names=["input"], output_names=outputs, dynamic_axes=axes,
+                  opset_version=int(opset), do_constant_folding=True)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript-based exporter (no onnxscript)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings, the exporter's deprecation
+        # the exporter may leave the module in training mode: it is a private copy
+        torch.onnx.export(module, (x,), os.fspath(path), **kwargs)
+    model = onnx.load(os.fspath(path))
+    for key, value in ((METADATA_KEY, json.dumps(meta)), ("threshold", repr(meta["threshold"]))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, os.fspath(path))
+
+
+def read_metadata(path) -> dict:
+    """The metadata that :func:`export` wrote beside the graph of ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        An ``.onnx`` or ``.pt`` file written by :func:`export`.
+
+    Returns
+    -------
+    metadata : dict
+        ``threshold`` (outlier where ``scores > threshold``), ``contamination``,
+        ``calibration``, ``detector``, ``detector_params``, ``skanomaly_version``,
+        ``torch_version``, ``input_shape``, ``outputs``, ``format`` (and ``opset``) and,
+        for pipelines, ``backbone``, ``weights``, ``layers``, ``image_size``.
+
+    Raises
+    ------
+    ValueError
+        If the suffix is neither ``.onnx`` nor ``.pt``, or the file holds no skanomaly
+        metadata.
+    FileNotFoundError
+        If ``path`` does not exist.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from skanomaly import GaussianDetector
+    >>> from skanomaly.export import export, read_metadata
+    >>> det = GaussianDetector(device="cpu").fit(np.random.default_rng(0).normal(size=(50, 2)))
+    >>> path = os.path.join(tempfile.mkdtemp(), "gaussian.pt")
+    >>> _ = export(det, path)
+    >>> meta = read_metadata(path)
+    >>> meta["detector"], meta["format"], meta["threshold"] == -det.offset_
+    ('GaussianDetector', 'torchscript', True)
+    """
+    path = Path(path)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"cannot tell the format of {os.fspath(path)!r}: expected a .onnx "
+                         "or .pt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)!r} does not exist")
+    text = None
+    if kind == "onnx":
+        import onnx
+
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        text = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    else:
+        try:  # a TorchScript archive is a zip: read the extra file without loading
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist()
+                             if n.endswith(f"/extra/{_EXTRA_FILE}")), None)
+                text = None if name is None else archive.read(name).decode()
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"{os.fspath(path)!r} is not a TorchScript archive") from exc
+    if text is None:
+        raise ValueError(f"{os.fspath(path)!r} holds no skanomaly metadata (was it "
+                         "written by skanomaly.export.export?)")
+    return json.loads(text)
