@@ -262,13 +262,24 @@ class GaussianKDE(nn.Module):
             )
         e0 = frexp_exponent(x.abs().amax(0))
         u = ldexp(x, -e0)
-        shift = w @ u
+        # centred on the weighted mean rounded to a multiple of 2**-24 (|u| < 1): exactly
+        # representable in float32, so that the module cast to float32 centres float32
+        # points exactly where this fit centred its own; the offset, at most 2**-25, is
+        # below 1/32 of the spread of any feature that float32 resolves (2**-20 of its
+        # largest value), and features narrower than that are rounded to 2**-26 of their
+        # spread instead
+        mean = w @ u
+        spread_exponent = frexp_exponent((u - mean).abs().amax(0))
+        quantum = torch.where(spread_exponent > -20, torch.full_like(spread_exponent, -24),
+                              spread_exponent - 26)
+        shift = ldexp(torch.round(ldexp(mean, -quantum)), quantum)
         v = u - shift
         spread = v.abs().amax(0)
         e1 = frexp_exponent(spread)
         v = ldexp(v, -e1)
+        centred = v - w @ v
         # np.cov(aweights=w, bias=False) with w summing to one.
-        data_cov = (v.T * w) @ v / (1.0 - sum_sq)
+        data_cov = (centred.T * w) @ centred / (1.0 - sum_sq)
         # Cholesky of the correlation matrix, to judge rank independently of feature scales.
         scale = data_cov.diagonal().sqrt()
         chol, info = torch.linalg.cholesky_ex(data_cov / torch.outer(scale, scale))
