@@ -369,7 +369,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     export.add_argument("model", type=Path, metavar="MODEL", help="model file from fit")
     export.add_argument("output", type=Path, metavar="OUTPUT",
                         help="file to write: .onnx or .pt")
-    export.add_argument("--dtype", choices=("float32", "float64", "float16"),
+    export.add_argument("--dtype", choices=("float64", "float32"),
                         default="float64",
                         help="precision of the detector's statistics (default: float64)")
     export.add_argument("--quiet", action="store_true", help="no summary")
@@ -1433,11 +1433,11 @@ def _export_command(args) -> dict:
     pipeline, metadata = _load_for_cli(args.model)
     _set_device(pipeline, "cpu")
     size = int(metadata["image_size"])
-    from .export import export
-
     example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
     start = time.perf_counter()
     with _user_errors("export"):
+        from .export import export
+
         export(pipeline, args.output, example_input=example, dtype=args.dtype)
     result = {"output": str(args.output), "export_s": time.perf_counter() - start,
               "model_metadata": metadata}

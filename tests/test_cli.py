@@ -755,3 +755,58 @@ def test_installed_script_fits_from_a_fresh_process(tree, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert cli.read_model_metadata(model)["n_train"] == 12
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_export_runs_as_the_pipeline(suffix, tree, fitted, tmp_path):
+    """The exported file scores 3 images (the example had 2) as the pipeline does, and
+    carries the model's threshold as metadata."""
+    export = pytest.importorskip("skanomaly.export")
+    import torch
+
+    from skanomaly.cli import load_model
+
+    out = tmp_path / f"model{suffix}"
+    assert main(["export", str(fitted), str(out), "--quiet"]) == 0
+    model, metadata = load_model(fitted)
+    _, images = folder_images(tree / "test")
+    images = images[:3]
+    if suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        scores, maps = session.run(None, {session.get_inputs()[0].name: images})
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 deprecates jit
+            loaded = torch.jit.load(str(out))
+        scores, maps = (t.numpy() for t in loaded(torch.from_numpy(images)))
+    np.testing.assert_allclose(scores, -model.score_samples(images), rtol=1e-4)
+    expected = model[-1].anomaly_map(model[0].transform(images), output_size=32)
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert export.read_metadata(out)["threshold"] == metadata["threshold"]
+
+
+def test_export_of_a_pooled_gaussian(tree, tmp_path, capsys):
+    """The Gaussian's pipeline pools between extractor and detector: exported as the
+    pipeline scores, or refused with a one-line error that names the steps."""
+    pytest.importorskip("skanomaly.export")
+    import onnxruntime
+
+    from skanomaly.cli import load_model
+
+    model = tmp_path / "g.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(model), *RESNET,
+                 "--detector", "gaussian"]) == 0
+    status = main(["export", str(model), str(tmp_path / "g.onnx"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    if status == 0:
+        session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        _, images = folder_images(tree / "test")
+        (scores,) = session.run(None, {session.get_inputs()[0].name: images[:3]})
+        pipeline, _ = load_model(model)
+        np.testing.assert_allclose(scores, -pipeline.score_samples(images[:3]), rtol=1e-4)
+    else:
+        assert status == 2 and "\n" not in err
+        assert err.startswith("skanomaly: error: export:") and "FunctionTransformer" in err
