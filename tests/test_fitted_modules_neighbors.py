@@ -51,6 +51,7 @@ def _run_onnx(data, x):
 def _traced(module, example):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in recent torch
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # a value baked in: a bug
         return torch.jit.trace(module, (example,))
 
 

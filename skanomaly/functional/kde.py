@@ -384,6 +384,18 @@ class GaussianKDE(nn.Module):
         Tensor of shape (n_points,)
             Natural log of the density, in :attr:`dtype`; no range check (a point
             too many kernel widths from every centre gives ``-inf``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> data = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.5], [3.0, 1.0]],
+        ...                     dtype=torch.float64)
+        >>> kde = GaussianKDE(data)
+        >>> points = torch.tensor([[1.0, 1.0], [9.0, 9.0]], dtype=torch.float64)
+        >>> torch.allclose(kde(points), kde.logpdf(points))
+        True
+        >>> kde.to(torch.float32)(points.float()).dtype  # a float64 fit, evaluated in float32
+        torch.float32
         """
         y = (points.to(self.centres.dtype) - self.mean) * self.scale
         y, y_half_sq = _whitened(y, self.precision_factor)

@@ -15,6 +15,7 @@ ONNX-exportable form that scans the bank in chunks of a fixed size.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -272,7 +273,7 @@ class KNNIndex(nn.Module):
                  forward_extra=_FORWARD_EXTRA):
         super().__init__()
         self.forward_chunk = check_positive_int(forward_chunk, "forward_chunk")
-        if isinstance(forward_extra, bool) or not isinstance(forward_extra, int):
+        if isinstance(forward_extra, bool) or not isinstance(forward_extra, Integral):
             raise TypeError(f"forward_extra must be an int, got {forward_extra!r}")
         if forward_extra < 0:
             raise ValueError(f"forward_extra must be at least 0, got {forward_extra}")
@@ -289,6 +290,7 @@ class KNNIndex(nn.Module):
         bank = bank.to(working_dtype(bank.dtype))
         self._exponent = int(frexp_exponent(bank.abs().amax()))
         self.register_buffer("bank", ldexp(bank, -self._exponent))  # a new tensor anyway
+        self._n_bank = n
         self._prepared: dict[tuple, _Prepared] = {}
         prepared = self._prepare(self.bank.dtype)
         self.register_buffer("centre", prepared.centre)
@@ -513,28 +515,39 @@ class KNNIndex(nn.Module):
             Euclidean (or squared) distances, ascending, in the bank's dtype.
         indices : LongTensor of shape (m, n_neighbors)
             Bank rows at those distances; the smaller index first among ties.
+
+        Examples
+        --------
+        >>> import torch
+        >>> index = KNNIndex(torch.tensor([[0.0], [2.0], [5.0], [2.0]]), forward_chunk=2)
+        >>> index(torch.tensor([[1.8], [4.0]]), 2)  # a tie at 2.0: the smaller index first
+        (tensor([[0.2000, 0.2000],
+                [1.0000, 2.0000]]), tensor([[1, 3],
+                [2, 1]]))
         """
         k = int(n_neighbors)
         bank = self.bank
-        n_bank = bank.shape[0]
+        n_bank = self._n_bank  # a Python int: the bank's traced shape is not one
         scaled = ldexp(queries.to(bank.dtype), -self._exponent)
         centred = scaled - self.centre
         # chunk offsets that depend on the input's shape: constant folding would otherwise
         # store every chunk of the bank a second time in an exported graph
         zero = queries.shape[0] * 0
         best_r = best_i = None
+        width = 0
         for start in range(0, n_bank, self.forward_chunk):
             size = min(self.forward_chunk, n_bank - start)
+            top = min(k + self.forward_extra, size)
             rows = bank.narrow(0, zero + start, size)
             ranking = torch.addmm(self.sq_norms.narrow(0, zero + start, size), centred,
                                   rows.T, alpha=-2.0)
-            _, local = torch.topk(ranking, min(k + self.forward_extra, size), dim=1,
-                                  largest=False)
+            _, local = torch.topk(ranking, top, dim=1, largest=False)
             r = (scaled[:, None, :] - rows[local]).square().sum(-1)  # exact, (m, top)
             idx = local + start
             if best_r is not None:
                 r, idx = torch.cat([best_r, r], 1), torch.cat([best_i, idx], 1)
-            best_r, best_i = _smallest(r, idx, min(k, r.shape[1]))
+            width = min(k, width + top)
+            best_r, best_i = _smallest(r, idx, width)
         if squared:
             return ldexp(best_r, 2 * self._exponent), best_i
         return ldexp(best_r.sqrt(), self._exponent), best_i
