@@ -167,12 +167,14 @@ def _oos_block(model, block, start: int, method: str):
     return scores.detach().cpu().numpy().astype(np.float64)
 
 
-def _score_block(model, block):
-    """Anomaly scores of a block by a (merged) state, or None if it cannot score."""
+def _score_block(model, block, strict: bool = False):
+    """Anomaly scores of a block by a (merged) state; None if it cannot (unless strict)."""
     try:
         Xt = model._validate_input(block, reset=False)
         scores = model._blockwise(model._score, Xt)
     except ValueError:
+        if strict:
+            raise
         return None
     return scores.detach().cpu().numpy().astype(np.float64)
 
@@ -263,7 +265,7 @@ def fit_dask(detector, X):
         return _adopt(detector, fitted, scores, "cross-fit")
     # a fold model could not score: in-sample scores of the final model (optimistic)
     (final,) = dask.persist(delayed(fitted), scheduler=scheduler)
-    scores = dask.compute(*[delayed(_score_block)(final, b) for b in blocks],
+    scores = dask.compute(*[delayed(_score_block)(final, b, True) for b in blocks],
                           scheduler=scheduler)
     _adopt(detector, fitted, None, None)
     from .base import CalibrationWarning, _user_stacklevel

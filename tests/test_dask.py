@@ -101,6 +101,37 @@ def test_max_bank_size_and_reservoir_bounds_hold_after_merges():
     np.testing.assert_array_equal(kde._reservoir, vectors[kde.kde_indices_])
 
 
+def test_threshold_fallbacks(monkeypatch):
+    """No exact leave-one-out scores: cross-fit over blocks; no fold scores: in-sample."""
+    from skanomaly.base import CalibrationWarning
+
+    X = _vectors(8, 200, 40)
+
+    def no_loo(self, X):
+        raise ValueError("singular leave-one-out model")
+
+    with monkeypatch.context() as m:
+        m.setattr(GaussianDetector, "_leave_one_out", no_loo)
+        det = GaussianDetector(device="cpu").fit(X)
+    assert det.calibration_ == "cross-fit"
+    reference = GaussianDetector(device="cpu").fit(X.compute())
+    _close(det.covariance_, reference.covariance_)
+
+    score = DFMDetector._score
+
+    def only_the_final_model_scores(self, X):
+        if self.n_samples_seen_ < 200:
+            raise ValueError("beyond the float range")
+        return score(self, X)
+
+    monkeypatch.setattr(DFMDetector, "_score", only_the_final_model_scores)
+    with pytest.warns(CalibrationWarning, match="cross-fit over the blocks"):
+        det = DFMDetector(n_components=3, device="cpu").fit(X)
+    assert det.calibration_ == "in-sample"
+    normality = det.score_samples(X.compute())  # of the training samples: in-sample
+    assert det.offset_ == pytest.approx(np.percentile(normality, 10.0), rel=1e-12)
+
+
 def test_import_does_not_import_dask():
     code = "import sys, skanomaly; print(any(m.split('.')[0] == 'dask' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
