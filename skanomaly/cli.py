@@ -1,6 +1,20 @@
 """The ``skanomaly`` command: fit a detector on normal images, score and map test images.
 
-Two modes:
+Three subcommands work around a saved model file (see the command line guide):
+
+* ``skanomaly fit TRAIN_DIR --model model.skanomaly``: the pipeline below, fitted on a
+  folder of normal images read, transformed and absorbed by the detector's
+  ``partial_fit`` one batch at a time (:func:`skanomaly.streaming.partial_fit_images`),
+  optionally calibrated on ``--calibration-dir`` (:func:`skanomaly.calibrate`), saved
+  with its metadata by :func:`save_model`;
+* ``skanomaly predict MODEL IMAGE_DIR --output-dir OUT``: ``scores.csv``, heatmaps and,
+  for labelled folders or with ``--mask-dir``, ``metrics.json``, from the loaded
+  pipeline's ``score_samples``, ``predict`` and its detector's ``anomaly_map``;
+* ``skanomaly export MODEL OUTPUT``: ONNX or TorchScript by
+  :func:`skanomaly.export.export`.
+
+Without a subcommand the command runs the fit-and-score job described below, in one of
+two modes:
 
 * **Bundled data** (no folders given): normal training crops and test crops with
   synthetic, pixel-annotated defects from :func:`skanomaly.datasets.load_textures`.
@@ -381,14 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     Returns
     -------
     parser : argparse.ArgumentParser
-        Parser of the options listed by ``skanomaly --help``.
+        Parser of the options listed by ``skanomaly --help``, with the subcommands
+        ``fit``, ``predict`` and ``export`` (``args.command``; None for the main job).
 
     Examples
     --------
     >>> from skanomaly.cli import build_parser
     >>> args = build_parser().parse_args(["--detector", "dfm", "--image-size", "64"])
-    >>> args.detector, args.image_size, args.layers
-    ('dfm', 64, None)
+    >>> args.command, args.detector, args.image_size, args.layers
+    (None, 'dfm', 64, None)
+    >>> args = build_parser().parse_args(["fit", "train", "--batch-size", "8"])
+    >>> args.command, str(args.train_dir), args.batch_size, str(args.model)
+    ('fit', 'train', 8, 'model.skanomaly')
     """
     from . import __version__
 
@@ -1606,7 +1624,9 @@ def main(argv=None) -> int:
     ----------
     argv : list of str or None, default=None
         Command-line arguments without the program name; None reads ``sys.argv[1:]``.
-        See ``skanomaly --help`` and the module docstring.
+        See ``skanomaly --help`` and the module docstring. A first argument ``fit``,
+        ``predict`` or ``export`` runs that subcommand (``skanomaly fit --help``...);
+        errors are reported as for the main job.
 
     Returns
     -------
