@@ -264,7 +264,10 @@ class DFKDEDetector(BaseDetector):
     differs in normalisation) computed in float64 (float32 on MPS) as a log
     density with ``logsumexp``, so far outliers keep finite, ordered scores
     where anomalib's density underflows to its floor ``1e-300``. The kernel
-    covariance is factorised once per fit, not per scoring call. anomalib
+    covariance is factorised once per fit, not per scoring call: scoring runs
+    through the fitted :class:`~skanomaly.functional.PCAProjection` and
+    :class:`~skanomaly.functional.GaussianKDE` modules, cached per fit, which
+    the exported model composes too. anomalib
     draws the subset with Python's global ``random`` module; its sigmoid map of
     log densities to probabilities is not applied here; and ``"norm"`` scales
     to exactly unit norm, where anomalib's ``F.normalize`` divides vectors of

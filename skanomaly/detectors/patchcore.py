@@ -258,7 +258,14 @@ class PatchCoreDetector(BaseSpatialDetector):
     returns 0 there); this class then returns ``s*``, as for ``n_neighbors=1``.
     Distances to the bank are computed by blocked matrix products against an
     index of the bank built once after ``fit`` (the centred bank and its
-    norms); the pixel scores are those of :meth:`anomaly_map`.
+    norms); the pixel scores are those of :meth:`anomaly_map`. The fitted torch
+    module that ``skanomaly.export`` exports searches through
+    :meth:`KNNIndex.forward <skanomaly.functional.KNNIndex.forward>` instead: the
+    bank, held once, is scanned in chunks of 4,096 rows, so that exporting and
+    running it take memory of the order of the bank plus ``queries x 4,096``
+    distances, never ``queries x bank`` (anomalib #967); its scores equal
+    :meth:`score_samples` (float64 module: to rounding; the patch features and
+    distances are float32 in both).
 
     References
     ----------
