@@ -72,6 +72,29 @@ class _Exported(torch.nn.Module):
         return scores.to(torch.float32), maps
 
 
+class _Standardize(torch.nn.Module):
+    """A fitted :class:`~sklearn.preprocessing.StandardScaler`: ``(x - mean_) / scale_``.
+
+    Computed in float64 and rounded to the input's float32, as the scaler computes on
+    float32 input (its float64 statistics, the result cast back); ``(n, D, 1, 1)`` out
+    for a spatial detector (its reading of 2-D input).
+    """
+
+    def __init__(self, scaler, n_features: int, to_maps: bool, device):
+        super().__init__()
+        f64 = dict(dtype=torch.float64, device=device)
+        mean, scale = scaler.mean_, scaler.scale_
+        self.register_buffer("mean", torch.zeros(n_features, **f64) if mean is None
+                             else torch.as_tensor(np.asarray(mean), **f64))
+        self.register_buffer("scale", torch.ones(n_features, **f64) if scale is None
+                             else torch.as_tensor(np.asarray(scale), **f64))
+        self.to_maps = to_maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ((x.to(torch.float64) - self.mean) / self.scale).to(x.dtype)
+        return y[:, :, None, None] if self.to_maps else y
+
+
 def _json_safe(value):
     """``value`` as JSON: numbers, str, None, lists and dicts; anything else by repr."""
     if value is None or isinstance(value, (bool, str)):
@@ -93,24 +116,30 @@ def _json_safe(value):
 
 
 def _split(estimator):
-    """``(feature_extractor or None, detector)`` of a supported estimator, else TypeError."""
+    """``(feature_extractor, scaler, detector)`` of a supported estimator (the first two
+    may be None), else TypeError."""
+    from sklearn.preprocessing import StandardScaler
+
     from .features import FeatureExtractor
 
     if isinstance(estimator, BaseDetector):
-        return None, estimator
+        return None, None, estimator
     if isinstance(estimator, Pipeline):
         steps = [step for _, step in estimator.steps]
         kinds = ", ".join(type(s).__name__ if s not in (None, "passthrough") else repr(s)
                           for s in steps)
         if len(steps) == 1 and isinstance(steps[0], BaseDetector):
-            return None, steps[0]
-        if (len(steps) == 2 and isinstance(steps[0], FeatureExtractor)
-                and isinstance(steps[1], BaseDetector)):
-            return steps[0], steps[1]
+            return None, None, steps[0]
+        if len(steps) == 2 and isinstance(steps[1], BaseDetector):
+            if isinstance(steps[0], FeatureExtractor):
+                return steps[0], None, steps[1]
+            if type(steps[0]) is StandardScaler:
+                return None, steps[0], steps[1]
         raise TypeError(
-            f"to_torch exports a Pipeline of a FeatureExtractor then a skanomaly detector "
-            f"(or of a detector alone); this one has steps {kinds}. Export the detector "
-            "alone (pipeline[-1]) and run the other steps before it")
+            f"to_torch exports a Pipeline of a FeatureExtractor then a skanomaly detector, "
+            f"of a StandardScaler then a detector (2-D input), or of a detector alone; "
+            f"this one has steps {kinds}. Export the detector alone (pipeline[-1]) and "
+            "run the other steps before it")
     raise TypeError(f"to_torch takes a fitted skanomaly detector or a Pipeline of a "
                     f"FeatureExtractor then a detector, got {type(estimator).__name__}")
 
@@ -124,7 +153,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
                      f"{dtype!r}")
 
 
-def _metadata(features, detector, dtype: torch.dtype, sigma) -> dict:
+def _metadata(features, scaler, detector, dtype: torch.dtype, sigma) -> dict:
     import skanomaly
 
     spatial = isinstance(detector, BaseSpatialDetector)
@@ -156,6 +185,9 @@ def _metadata(features, detector, dtype: torch.dtype, sigma) -> dict:
         )
         if spatial:
             meta["sigma"] = float(sigma)
+    elif scaler is not None:
+        meta["input_shape"] = [int(scaler.n_features_in_)]
+        meta["preprocessing"] = "StandardScaler"
     else:
         meta["input_shape"] = _json_safe(detector.input_shape_)
     return meta
@@ -176,7 +208,8 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     ----------
     estimator : fitted detector or Pipeline
         A skanomaly detector, or a ``Pipeline`` (or :class:`~skanomaly.AnomalyPipeline`)
-        of a ``FeatureExtractor`` then a detector.
+        of a ``FeatureExtractor`` then a detector, or of a
+        :class:`~sklearn.preprocessing.StandardScaler` then a detector (2-D input).
     device : str or torch.device, default="cpu"
         Where the module's parameters and buffers live.
     dtype : torch.float64 or torch.float32 (or "float64", "float32"), default=torch.float64
@@ -194,8 +227,9 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         In eval mode, without gradients, owning copies of its tensors (changing it does
         not change the estimator). ``module(x)`` takes float32 ``x``: images (n, 3, H, W)
         in [0, 1] for a pipeline (grayscale (n, 1, H, W) too when the extractor
-        normalises), feature maps (n, C, h, w) for a bare spatial detector, (n, D) for
-        :class:`~skanomaly.GaussianDetector`, shaped as in ``fit``. It returns
+        normalises), feature maps (n, C, h, w) for a bare spatial detector (or DFKDE),
+        (n, D) for :class:`~skanomaly.GaussianDetector` and after a ``StandardScaler``,
+        shaped as in ``fit``. It returns
         ``scores``, float32 (n,), the anomaly scores ``-score_samples(x)`` (higher = more
         anomalous), and for PaDiM, PatchCore and DFM the tuple ``(scores, maps)``,
         ``maps`` float32 (n, H, W): ``anomaly_map(x, output_size=(H, W), sigma=sigma)``
@@ -237,10 +271,11 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     >>> module.metadata["threshold"] == -det.offset_
     True
     """
-    features, detector = _split(estimator)
+    features, scaler, detector = _split(estimator)
     check_is_fitted(detector)
-    if features is not None:
-        check_is_fitted(features)
+    for step in (features, scaler):
+        if step is not None:
+            check_is_fitted(step)
     dtype = _resolve_dtype(dtype)
     dev = resolve_device(device)
     spatial = isinstance(detector, BaseSpatialDetector)
@@ -249,10 +284,13 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         from .anomaly_map import AnomalyMapPostprocess
 
         post = AnomalyMapPostprocess(sigma=sigma, device=dev)
-    module = _Exported(
-        None if features is None else features._torch_module(dev),
-        detector._torch_module(dev, dtype),
-        post, spatial=spatial, metadata=_metadata(features, detector, dtype, sigma))
+    first = None if features is None else features._torch_module(dev)
+    if scaler is not None:
+        first = _Standardize(scaler, int(scaler.n_features_in_),
+                             isinstance(detector, BaseSpatialDetector) or
+                             detector._sample_ndim > 1, dev)
+    module = _Exported(first, detector._torch_module(dev, dtype), post, spatial=spatial,
+                       metadata=_metadata(features, scaler, detector, dtype, sigma))
     # own copies: the estimator's cached modules share tensors with its attributes
     module = copy.deepcopy(module).to(dev).eval()
     module.requires_grad_(False)
@@ -322,10 +360,16 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
         A batch shaped as the module's input (see :func:`to_torch`); only its shape
         matters. Default: two random samples of the shape seen in ``fit``. The graph
         is specialised to its per-sample shape (the image size) and batch-size free.
-    dtype : torch.float64 or torch.float32 (or their names), default=torch.float64
+    dtype : torch.float64, torch.float32 or "float16" (or their names), default=torch.float64
         The detector module's dtype (see :func:`to_torch`). onnxruntime's CPU kernels
         run the detectors' matrix products, reductions and top-k in float64; the
-        backbone and the map post-processing stay float32.
+        backbone and the map post-processing stay float32. ``"float16"`` (``.onnx``
+        only) stores every weight and statistic in float16, cast to float32 when the
+        graph starts (float32 detector statistics): half the file of float32, the
+        same float32 arithmetic (onnxruntime's CPU float16 kernels are not
+        complete), at the cost of float16 rounding of the weights (measured in
+        ``benchmarks/results/export-*.md``); tensors beyond float16's range stay
+        float32.
     opset : int, default=17
         ONNX opset (``.onnx`` only).
     sigma : float, default=4.0
@@ -377,9 +421,16 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
         except ImportError as exc:  # pragma: no cover - onnx is a dependency
             raise ImportError("exporting to ONNX needs the onnx package (pip install onnx)"
                               ) from exc
-    module = to_torch(estimator, device="cpu", dtype=dtype, sigma=sigma)
+    half = isinstance(dtype, str) and dtype == "float16" or dtype == torch.float16
+    if half and kind != "onnx":
+        raise ValueError("dtype='float16' (float16 storage of the weights) is for .onnx "
+                         "files; TorchScript files take float64 or float32")
+    module = to_torch(estimator, device="cpu", dtype=torch.float32 if half else dtype,
+                      sigma=sigma)
     x = _example(example_input, module)
     meta = dict(module.metadata, format=kind)
+    if half:
+        meta["storage_dtype"] = "float16"
     meta["input_shape"] = list(x.shape[1:])
     try:
         with torch.no_grad():
@@ -414,10 +465,41 @@ def _export_onnx(module, x, path: Path, opset: int, meta: dict, onnx) -> None:
         # the exporter may leave the module in training mode: it is a private copy
         torch.onnx.export(module, (x,), os.fspath(path), **kwargs)
     model = onnx.load(os.fspath(path))
+    if meta.get("storage_dtype") == "float16":
+        _store_float16(model, onnx)
     for key, value in ((METADATA_KEY, json.dumps(meta)), ("threshold", repr(meta["threshold"]))):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, os.fspath(path))
+
+
+def _store_float16(model, onnx) -> None:
+    """Store the graph's float32/float64 initializers as float16, each followed by a Cast
+    back to its type at the start of the graph: half the file, same arithmetic.
+
+    Tensors of fewer than 16 numbers and tensors with values beyond float16's range
+    (which would become infinity) keep their type.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    wide = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    casts = []
+    for init in list(graph.initializer):
+        if init.data_type not in wide or math.prod(init.dims) < 16:
+            continue
+        values = numpy_helper.to_array(init)
+        with np.errstate(over="ignore"):
+            half = values.astype(np.float16)
+        if not np.isfinite(half).all():
+            continue
+        stored = numpy_helper.from_array(half, f"{init.name}__float16")
+        casts.append(helper.make_node("Cast", [stored.name], [init.name], to=init.data_type,
+                                      name=f"{init.name}__cast"))
+        graph.initializer.remove(init)
+        graph.initializer.append(stored)
+    for node in reversed(casts):
+        graph.node.insert(0, node)
 
 
 def read_metadata(path) -> dict:

@@ -18,7 +18,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, StandardScaler
 
 from skanomaly import (
     AnomalyPipeline,
@@ -186,6 +186,25 @@ def test_to_torch_gaussian(gaussian, textures):
     check_parity(result, (-det.score_samples(Z), None), 1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: GaussianDetector(device="cpu"),
+    lambda: PaDiMDetector(device="cpu"),  # 2-D input read as (n, D, 1, 1)
+    lambda: DFKDEDetector(device="cpu"),
+], ids=["gaussian", "padim", "dfkde"])
+def test_standard_scaler_pipeline(make, tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 5)) * [1.0, 10.0, 100.0, 0.1, 3.0] + 7.0
+    model = make_pipeline(StandardScaler(), make()).fit(X)
+    Xq = X[:7].astype(np.float32)
+    expected = -model.score_samples(Xq)
+    with torch.no_grad():
+        got = outputs(to_torch(model)(torch.from_numpy(Xq)))[0]
+    assert relative_error(got, expected) < 1e-5
+    meta = export(model, tmp_path / "model.onnx", Xq[:2])
+    assert meta["preprocessing"] == "StandardScaler" and meta["input_shape"] == [5]
+    assert relative_error(run_onnx(tmp_path / "model.onnx", Xq)[0], expected) < 1e-4
+
+
 def test_to_torch_float32_detector(pipelines, references, textures):
     module = to_torch(pipelines["padim"], dtype="float32")
     with torch.no_grad():
@@ -243,6 +262,19 @@ def test_exported_gaussian(suffix, gaussian, textures, tmp_path):
     check_parity(run(path, Z), (-det.score_samples(Z), None), 1e-4)
 
 
+def test_float16_storage_halves_the_onnx_file(pipelines, references, textures, tmp_path):
+    model, X = pipelines["patchcore"], textures.X_test[:5]
+    export(model, tmp_path / "f32.onnx", X[:2], dtype="float32")
+    meta = export(model, tmp_path / "f16.onnx", X[:2], dtype="float16")
+    assert meta["storage_dtype"] == "float16" and meta["detector_dtype"] == "float32"
+    ratio = (tmp_path / "f16.onnx").stat().st_size / (tmp_path / "f32.onnx").stat().st_size
+    assert 0.45 < ratio < 0.55
+    # float16 rounding of the weights (2**-11 relative) moves the results by about 1e-4
+    check_parity(run_onnx(tmp_path / "f16.onnx", X), head(references["patchcore"], 5), 3e-3)
+    with pytest.raises(ValueError, match="float16.*onnx"):
+        export(model, tmp_path / "f16.pt", X[:2], dtype="float16")
+
+
 def test_onnx_grayscale_and_metadata(pipelines, textures, tmp_path):
     model = pipelines["patchcore"]
     path = tmp_path / "patchcore.onnx"
@@ -281,6 +313,8 @@ def test_errors(pipelines, textures, tmp_path):
     with pytest.raises(TypeError, match="FeatureExtractor then a skanomaly detector"):
         to_torch(make_pipeline(fitted[0], FunctionTransformer(), fitted[1]))
     with pytest.raises(TypeError, match="FeatureExtractor then a skanomaly detector"):
+        to_torch(make_pipeline(MinMaxScaler(), GaussianDetector()))
+    with pytest.raises(NotFittedError):
         to_torch(make_pipeline(StandardScaler(), GaussianDetector()))
     with pytest.raises(TypeError, match="got StandardScaler"):
         to_torch(StandardScaler())
