@@ -228,20 +228,20 @@ def test_input_dtypes(maps, dtype, container):
     make = np.asarray if container == "numpy" else torch.from_numpy
     det = DFMDetector(device="cpu").fit(make(train_d))
     np.testing.assert_array_equal(train_d, before)
-    # float32 stays float32 until the pooling's cast, the others become float64
-    rtol = 1e-5 if dtype is np.float32 else 1e-8
+    # every dtype is cast to float64 before pooling (float32 exactly, its values kept)
+    rtol = 1e-8
     np.testing.assert_allclose(-det.score_samples(make(test_d)),
                                _fre_reference(train_d.astype(np.float64),
                                               test_d.astype(np.float64)), rtol=rtol, atol=1e-9)
 
 
 def test_float32_maps_near_float32_max_pool_without_overflow(maps):
-    # 16-cell pooling sums of 1e37 overflow float32: those rows are pooled in float64.
+    # 16-cell pooling sums of 1e37 overflow float32: maps are pooled in float64.
     train, test = (m.astype(np.float32) * np.float32(1e37) for m in maps)
     det = DFMDetector(device="cpu").fit(torch.from_numpy(train))
     got = -det.score_samples(torch.from_numpy(test))
     expected = _fre_reference(train.astype(np.float64), test.astype(np.float64))
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
     # a row's pooling does not depend on the batch
     np.testing.assert_array_equal(-det.score_samples(torch.from_numpy(test[3:4])), got[3:4])
 

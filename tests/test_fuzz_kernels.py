@@ -188,18 +188,24 @@ def test_mahalanobis(data, d, p, n, how, reg, squared):
     x = data.draw(tensors((n, *p, d)))
     mean = data.draw(tensors((*p, d)))
     cov = _psd(data.draw, p, d)
+    # the fitted module (P, d) validates at construction only (its forward is unchecked)
+    positions = (lambda t: t) if p else (lambda t: t[None])
     if how == "covariance":
         check(F.mahalanobis, x, mean, covariance=cov, reg=reg, squared=squared)
+        check(F.GaussianScorer.from_covariance, positions(mean), positions(cov), reg=reg,
+              squared=squared)
         return
     factor = check(F.regularized_cholesky, cov, reg=reg)
     if factor is None:
         factor = data.draw(tensors((*p, d, d)))  # not triangular in general: must refuse
     if how == "cholesky":
         check(F.mahalanobis, x, mean, cholesky=factor, squared=squared)
+        check(F.GaussianScorer.from_cholesky, positions(mean), positions(factor))
         return
     upper = check(F.precision_cholesky, factor)
     if upper is not None:
         check(F.mahalanobis, x, mean, precision_cholesky=upper, squared=squared)
+        check(F.GaussianScorer, positions(mean), positions(upper), squared=squared)
 
 
 @FUZZ
@@ -212,6 +218,9 @@ def test_woodbury(data, d, n, p, reg, ddof, given_factor):
     mean = data.draw(tensors((*p, d)))
     factor = check(F.woodbury_factor, centered, reg, ddof=ddof) if given_factor else None
     check(F.mahalanobis_woodbury, x, mean, centered, factor, reg, ddof=ddof)
+    positions = (lambda t: t) if p else (lambda t: t[None])
+    check(F.WoodburyGaussianScorer, positions(mean), positions(centered), reg,
+          factor=None if factor is None else positions(factor), ddof=ddof)
 
 
 # --------------------------------------------------------------------------- decomposition
@@ -398,5 +407,5 @@ def test_every_public_kernel_is_fuzzed():
               "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix",
               "gaussian_kernel1d", "gaussian_blur2d", "upsample_bilinear",
               "gaussian_kde_logpdf", "kde_covariance", "GaussianKDE",
-              "leave_one_out_mahalanobis"}
+              "leave_one_out_mahalanobis", "GaussianScorer", "WoodburyGaussianScorer"}
     assert set(F.__all__) <= fuzzed, set(F.__all__) - fuzzed

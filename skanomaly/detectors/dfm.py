@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
+from torch import nn
 
 from ..base import BaseDetector, BaseSpatialDetector, _quantile_offset, _to_numpy
 from ..functional import (
+    GaussianScorer,
     PCAFit,
+    PCAProjection,
     mahalanobis,
     pca_fit,
     pca_inverse_transform,
@@ -24,8 +27,12 @@ from ..functional import (
 from ..functional._validation import all_finite, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
 from ..functional.decomposition import _resolve_n_components
+from ..functional.spatial import _interpolate
 
 __all__ = ["DFMDetector"]
+
+#: numbers per block of images cast to the working dtype before pooling (32 MiB float64)
+_POOL_BLOCK = 2**22
 
 #: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
 _OFFSET_RECORD = 2048
@@ -116,6 +123,40 @@ def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
             "features (e.g. with sklearn.preprocessing.StandardScaler)"
         )
     return scores
+
+
+class _DFMModule(nn.Module):
+    """A fitted DFM's scoring: (N, C, H, W) maps -> anomaly scores (and maps for "fre").
+
+    The fitted-module contract of :meth:`~skanomaly.base.BaseDetector._torch_module`:
+    average pooling, then the :class:`~skanomaly.functional.PCAProjection`'s
+    reconstruction error (``score_type="fre"``: returns ``(scores, maps)``, the maps
+    upsampled bilinearly from the pooled grid to the input's), or the
+    :class:`~skanomaly.functional.GaussianScorer` of the PCA coordinates plus the log
+    determinant (``"nll"``: returns the scores alone, as it has no anomaly map).
+    """
+
+    def __init__(self, projection: PCAProjection, kernel, grid, gaussian=None,
+                 log_det=None):
+        super().__init__()
+        self.projection = projection
+        self.gaussian = gaussian
+        if log_det is not None:
+            self.register_buffer("log_det", log_det)
+        self.kernel = tuple(int(k) for k in kernel)
+        self.grid = tuple(int(g) for g in grid)
+
+    def forward(self, x: torch.Tensor):
+        x = x.to(self.projection.components.dtype)
+        pooled = x if self.kernel == (1, 1) else F.avg_pool2d(x, self.kernel)
+        vectors = pooled.flatten(1)
+        if self.gaussian is not None:
+            return self.gaussian(self.projection(vectors)[:, None])[:, 0] + self.log_det
+        squared = self.projection.residual(vectors).square().reshape(pooled.shape)
+        maps = squared.sum(1)
+        if tuple(pooled.shape[2:]) != self.grid:
+            maps = _interpolate(maps[:, None], self.grid)[:, 0]
+        return squared.flatten(1).sum(1), maps
 
 
 class DFMDetector(BaseSpatialDetector):
@@ -254,8 +295,12 @@ class DFMDetector(BaseSpatialDetector):
     ``(z - mu)^T S^{-1} (z - mu) + log det S``, with ``z`` the PCA coordinates
     and ``S`` their covariance divided by ``n_samples``: twice the Gaussian
     negative log-likelihood minus ``n_components_ * log(2 pi)``. anomalib
-    computes it in float32 through an SVD; here it is float64 with a Cholesky
-    factor (float32 on MPS). Deviations: a fractional ``n_components`` keeps
+    computes it in float32 through an SVD; here it is float64 with the precision
+    factor of a Cholesky factor, computed once per fit (float32 on MPS). Scoring goes
+    through the fitted kernel modules built once per fit and device
+    (:class:`~skanomaly.functional.PCAProjection`, and
+    :class:`~skanomaly.functional.GaussianScorer` for ``"nll"``); maps are pooled in
+    float64 whatever the input dtype. Deviations: a fractional ``n_components`` keeps
     scikit-learn's number of components, one more than anomalib's ``PCA``
     (see :func:`skanomaly.functional.pca_fit`); and anomalib's pooling fails
     on maps smaller than the kernel, which are pooled whole here.
@@ -314,22 +359,22 @@ class DFMDetector(BaseSpatialDetector):
         self.pooling_kernel_size = pooling_kernel_size
         self.score_type = score_type
 
+    def _kernel(self, grid) -> tuple:
+        """The pooling kernel on a (H, W) grid: an axis shorter than it is pooled whole."""
+        return tuple(min(self.pooling_kernel_size, size) for size in grid)
+
     def _pooled(self, X: torch.Tensor) -> torch.Tensor:
         """Average-pooled maps (n_samples, C, h, w) in the working float dtype.
 
-        Pooling runs in the input's dtype; a row whose float32 sums overflow (values
-        near float32's maximum) is pooled again in the working dtype, a choice that
-        depends on the row alone.
+        Blocks of images are cast to the working dtype, then pooled (float32 sums near
+        float32's maximum do not overflow), as the fitted module pools.
         """
-        kernel = tuple(min(self.pooling_kernel_size, size) for size in X.shape[2:])
+        kernel = self._kernel(X.shape[2:])
         dtype = _accumulation_dtype(X.device)
         if kernel == (1, 1):
             return X.to(dtype)
-        pooled = F.avg_pool2d(X, kernel).to(dtype)
-        if not all_finite(pooled):
-            rows = ~torch.isfinite(pooled.flatten(1)).all(1)
-            pooled[rows] = F.avg_pool2d(X[rows].to(dtype), kernel)
-        return pooled
+        step = max(1, _POOL_BLOCK // max(1, math.prod(X.shape[1:])))
+        return torch.cat([F.avg_pool2d(block.to(dtype), kernel) for block in X.split(step)])
 
     def _pca(self) -> PCAFit:
         t = self._device_tensor
@@ -496,15 +541,38 @@ class DFMDetector(BaseSpatialDetector):
         recon = pca_inverse_transform(pca_transform(vectors, fit), fit)
         return (vectors - recon).square().view(pooled.shape)
 
+    def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        projection = PCAProjection(torch.from_numpy(self.components_),
+                                   torch.from_numpy(self.mean_), dtype=dtype, device=device)
+        gaussian = log_det = None
+        if self.score_type == "nll":
+            chol = regularized_cholesky(torch.from_numpy(self.gaussian_covariance_))
+            gaussian = GaussianScorer.from_cholesky(
+                torch.from_numpy(self.gaussian_mean_)[None], chol[None], squared=True,
+                dtype=dtype, device=device)
+            log_det = (2.0 * chol.diagonal().log().sum()).to(device=device, dtype=dtype)
+        return _DFMModule(projection, self._kernel(self.input_shape_[1:]),
+                          self.input_shape_[1:], gaussian, log_det)
+
+    def _module(self, X: torch.Tensor) -> nn.Module:
+        return self._scoring_module(X.device, _accumulation_dtype(X.device))
+
     def _score(self, X: torch.Tensor) -> torch.Tensor:
+        module = self._module(X)
+        out = module(X)
         if self.score_type == "fre":
-            return _finite(self._squared_error(X).flatten(1).sum(dim=1), "squared "
-                           "reconstruction error")
-        z = pca_transform(self._pooled(X).flatten(1), self._pca())
-        chol = self._cached("gaussian_cholesky", lambda: regularized_cholesky(
-            self._device_tensor("gaussian_covariance_")))
-        maha = mahalanobis(z, self._device_tensor("gaussian_mean_"), cholesky=chol, squared=True)
-        return _finite(maha + 2.0 * chol.diagonal().log().sum(), "Mahalanobis distance")
+            scores = out[0]
+            if not all_finite(scores):  # the checked route rescales, or raises
+                scores = _finite(self._squared_error(X).flatten(1).sum(dim=1), "squared "
+                                 "reconstruction error")
+            return scores
+        if not all_finite(out):
+            z = pca_transform(self._pooled(X).flatten(1), self._pca())
+            gaussian = module.gaussian
+            maha = mahalanobis(z, gaussian.mean[0], precision_cholesky=gaussian.U[0],
+                               squared=True)
+            out = _finite(maha + module.log_det, "Mahalanobis distance")
+        return out
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
         if self.score_type != "fre":
@@ -512,6 +580,9 @@ class DFMDetector(BaseSpatialDetector):
                 f"DFMDetector has no anomaly map for score_type={self.score_type!r}: the "
                 "Gaussian likelihood is per image; fit with score_type='fre' for maps"
             )
+        maps = self._module(X)(X)[1]
+        if all_finite(maps):
+            return maps
         maps = _finite(self._squared_error(X).sum(dim=1), "squared reconstruction error")
         return maps if maps.shape[1:] == X.shape[2:] else upsample_bilinear(maps, X.shape[2:])
 

@@ -579,8 +579,11 @@ def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=Fals
 
     Notes
     -----
-    Per query and position the cost is ``O(N * d + N**2)`` (one GEMM ``Xc v`` and one
-    N x N triangular solve) instead of ``O(d**2)``; memory ``O(P * N * (d + M))``. The
+    Per call, ``W = L^{-1} Xc`` (one batched triangular solve, ``O(P * N**2 * d)``, on
+    ``L`` and ``Xc`` divided by a common exact power of two; every entry of ``W`` lies in
+    [-1, 1]); then per query and position ``O(N * d)`` (the GEMM ``W v``) instead of
+    ``O(d**2)``; memory ``O(P * N * (d + M))``. :class:`WoodburyGaussianScorer` keeps
+    ``W`` for repeated scoring (the same kernel). The
     subtraction loses about ``log10(||v||^2 / (reg d^2))`` digits, harmless in float64 and
     for anomalous queries; use float64 when ``reg`` is tiny relative to the variance.
     Operands beyond ``2**+-30`` (float32) are brought to unit scale by exact powers of
