@@ -301,13 +301,18 @@ def map_samples(estimator, method: str, X, sample_shape: tuple, dtype, **kwargs)
     """``estimator.method(X_block)`` on every block of ``X``, as a dask array.
 
     The blocks split only the sample axis; each result has ``sample_shape`` per sample.
-    The fitted estimator travels to the workers once (as a delayed object).
+    The fitted estimator travels to the workers once (scattered to every worker of a
+    distributed client, else a delayed object).
     """
     import dask
 
     X = _by_samples(X)
     shape = tuple(int(s) for s in sample_shape)
-    est = dask.delayed(estimator, pure=False)  # a random key: no hashing of the model
+    client = _scheduler()
+    if client is not None:  # on every worker once, not inside the graph
+        est = client.scatter(estimator, broadcast=True, hash=False)
+    else:
+        est = dask.delayed(estimator, pure=False)  # a random key: no hashing of the model
     return X.map_blocks(
         _apply, est, method, kwargs, dtype=dtype,
         chunks=(X.chunks[0], *((s,) for s in shape)),
