@@ -1,7 +1,9 @@
-"""Smoke run of benchmarks/speed.py at tiny sizes.
+"""Smoke runs of benchmarks/speed.py and benchmarks/end_to_end.py at tiny sizes.
 
 The peers (faiss-cpu, anomalib) live in the benchmark environment only: where one is
 missing its column must say "not installed" and the case must still time skanomaly.
+end_to_end.py needs anomalib: without it, it exits with a message naming the fix, and
+its quick run is skipped.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +131,110 @@ def test_child_reports_peak_rss(speed):
     assert run["peak_rss_mib"] >= run["rss_after_import_mib"] > 0
     assert run["seconds"] > 0
     assert np.isfinite(run["batch_mib"])
+
+
+# --------------------------------------------------------------------------- end_to_end.py
+
+END_TO_END_CASES = {"PaDiM fit", "PaDiM predict", "PatchCore fit", "PatchCore predict",
+                    "DFM fit", "DFM predict", "FeatureExtractor.transform",
+                    "PaDiM fit kernel"}
+
+
+@pytest.fixture(scope="module")
+def end_to_end():
+    spec = importlib.util.spec_from_file_location("skanomaly_bench_end_to_end",
+                                                  BENCH / "end_to_end.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _anomalib_imports() -> bool:
+    if not _installed("anomalib"):
+        return False
+    try:
+        with warnings.catch_warnings():  # anomalib warns about its deprecated modules
+            warnings.simplefilter("ignore")
+            import anomalib.models.components  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_end_to_end_exits_without_anomalib(end_to_end, monkeypatch):
+    for name in [m for m in sys.modules if m == "anomalib" or m.startswith("anomalib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "anomalib", None)  # any anomalib import fails
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit, match=r"anomalib is not installed.*\[bench\]"):
+        end_to_end.main(["--quick", "--output", "unused"])
+    assert torch.get_num_threads() == threads
+
+
+def test_end_to_end_cli(end_to_end):
+    parse = end_to_end._parser().parse_args
+    assert parse([]).sizes == "full" and parse([]).threads == 2
+    assert parse(["--quick"]).sizes == "quick"
+    full = end_to_end.PRESETS["full"]
+    assert (full.n_train, full.n_test, full.image, full.padim_features) == (100, 40, 224, 100)
+
+
+def test_median_time_takes_the_median_after_a_warm_up(end_to_end):
+    calls = []
+    durations = iter([0.0, 0.03, 0.0, 0.01])  # warm-up, then three timed runs
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(durations))
+        return len(calls)
+
+    seconds, result, runs = end_to_end.median_time(fn, 3, torch.device("cpu"))
+    assert len(calls) == 4 and result == 4 and len(runs) == 3
+    assert seconds == sorted(runs)[1] and 0.0 < seconds < 0.03
+
+
+@pytest.fixture(scope="module")
+def end_to_end_run(end_to_end, tmp_path_factory):
+    if not _anomalib_imports():
+        pytest.skip("anomalib (the bench extra) is not installed")
+    out = tmp_path_factory.mktemp("end_to_end")
+    code = end_to_end.main(["--quick", "--repeat", "1", "--output", str(out)])
+    return code, out
+
+
+@pytest.mark.slow
+def test_end_to_end_quick_run(end_to_end_run):
+    code, out = end_to_end_run
+    assert code == 0
+    (json_file,) = out.glob("end_to_end-*-cpu-quick.json")
+    md = json_file.with_suffix(".md").read_text()
+    payload = json.loads(json_file.read_text())
+    assert payload["errors"] == {} and payload["machine"]["threads"] == 2
+    assert payload["peaks"]["gemm_fp64_gflops"] > 0
+    rows = {r["case"]: r for r in payload["rows"]}
+    modules = {case for case in rows if case.endswith(", to_torch module")}
+    assert set(rows) - modules == END_TO_END_CASES
+    for r in rows.values():
+        assert "error" not in r["checks"]
+        assert r["skanomaly_s"] > 0 and r["peer_s"] > 0
+        assert r["ratio"] == pytest.approx(r["peer_s"] / r["skanomaly_s"])
+        if r["case"] not in modules:
+            assert r["met"] == (r["ratio"] >= r["target_ratio"])
+        assert f"| {r['case']} | {r['size']} |" in md
+        if r["met"] is False:  # every missed target is profiled
+            prof = payload["profiles"][r["case"]]
+            assert prof["torch_ops"] and prof["python"]
+            assert f"### {r['case']}" in md
+    for case in END_TO_END_CASES - {"PaDiM fit kernel"}:
+        assert rows[case]["floor_s"] > 0
+    # the same weights and channels on both sides: anomalib's maps are the reference
+    assert rows["PaDiM predict"]["checks"]["map_max_rel_diff"] < 1e-2
+    assert rows["PaDiM predict"]["checks"]["map_corr"] > 0.999
+    assert rows["DFM predict"]["checks"]["map_corr"] > 0.9
+    checks = rows["PatchCore predict"]["checks"]
+    assert checks["bank_size"] == checks["anomalib_bank_size"]
+    assert rows["FeatureExtractor.transform"]["checks"]["naive_equals_transform"]
+    for case in modules:  # the exported module computes what the estimator does
+        assert rows[case]["checks"]["map_max_rel_diff_vs_estimator"] < 1e-4
