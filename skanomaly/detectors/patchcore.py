@@ -25,7 +25,6 @@ from ..functional import (
     k_center_greedy,
     sparse_random_projection_matrix,
 )
-from ..functional._validation import ldexp
 
 __all__ = ["PatchCoreDetector"]
 
@@ -79,12 +78,11 @@ class _PatchCoreModule(torch.nn.Module):
         if self.n_support == 1:
             return score, maps
         index = self.index
-        exponent = index._exponent
-        nearest = index.bank[idx.gather(1, worst)[:, 0]]  # m*, scaled by 2**-exponent
-        _, support = index(ldexp(nearest, exponent), self.n_support)  # (N, b)
+        nearest = index.bank_rows(idx.gather(1, worst)[:, 0])  # m*, (N, C)
+        _, support = index(nearest, self.n_support)  # N_b(m*), (N, b)
         patch = patches.reshape(-1, per_image, patches.shape[1]).gather(
             1, worst[:, :, None].expand(-1, 1, patches.shape[1]))  # (N, 1, C)
-        rows = ldexp(index.bank[support].to(self.dtype), exponent)  # (N, b, C), exact
+        rows = index.bank_rows(support).to(self.dtype)  # (N, b, C)
         gaps = (rows - patch.to(self.dtype)).square().sum(-1).sqrt()
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score, maps
 

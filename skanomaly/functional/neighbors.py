@@ -552,6 +552,29 @@ class KNNIndex(nn.Module):
             return ldexp(best_r, 2 * self._exponent), best_i
         return ldexp(best_r.sqrt(), self._exponent), best_i
 
+    def bank_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of the bank, in the caller's units, traceable and unchecked.
+
+        Parameters
+        ----------
+        indices : LongTensor of any shape
+            Bank rows, in ``[0, n_samples)`` (not checked).
+
+        Returns
+        -------
+        Tensor of shape (*indices.shape, n_features)
+            The bank's points at ``indices``, in its working dtype (the stored rows
+            scaled back exactly).
+
+        Examples
+        --------
+        >>> import torch
+        >>> KNNIndex(torch.tensor([[0.0, 8.0], [3.0, 4.0]])).bank_rows(torch.tensor([1, 1]))
+        tensor([[3., 4.],
+                [3., 4.]])
+        """
+        return ldexp(self.bank[indices], self._exponent)
+
     def _search_near(self, prepared: _Prepared, scaled, labels, k, chunk, tile):
         """(r, idx) of queries in the bank's scale: candidates by GEMM, then exact."""
         n_bank, n_features = prepared.bank.shape
