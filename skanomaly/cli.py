@@ -678,9 +678,11 @@ def _make_detector(name: str, n_channels: int, n_train: int, args):
 
 
 def _make_model(extractor, detector, name: str):
-    """The pipeline: feature maps, global average pooling for the Gaussian, the detector."""
-    from sklearn.pipeline import Pipeline
+    """The pipeline (an :class:`~skanomaly.AnomalyPipeline`, so a saved one has
+    ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector."""
     from sklearn.preprocessing import FunctionTransformer
+
+    from .pipeline import AnomalyPipeline as Pipeline
 
     steps = [("features", extractor)]
     if name == "gaussian":  # DFKDE pools its input maps itself; the Gaussian takes vectors

@@ -592,6 +592,9 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
                               device="cpu").fit(features)
     np.testing.assert_allclose(detector.score_samples(features[:4]),
                                reference.score_samples(features[:4]), rtol=1e-9)
+    # a saved model maps images itself (an AnomalyPipeline)
+    np.testing.assert_array_equal(model.anomaly_map(train[:2]), detector.anomaly_map(
+        model[0].transform(train[:2]), output_size=32))
 
 
 def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
@@ -643,7 +646,10 @@ def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):
                                -model.score_samples(images), rtol=1e-5)
 
 
-@pytest.mark.parametrize("detector", ["gaussian", "dfm", "patchcore", "dfkde"])
+@pytest.mark.parametrize("detector", [
+    "dfm", "patchcore",
+    pytest.param("gaussian", marks=pytest.mark.slow), pytest.param("dfkde", marks=pytest.mark.slow),
+])
 def test_fit_and_predict_other_detectors(detector, tree, tmp_path):
     from skanomaly.cli import load_model
 
@@ -742,6 +748,7 @@ def test_subcommand_errors(argv, message, tmp_path, capsys):
     assert message.replace("{tmp}", str(tmp_path)) in err
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: about 25 s on 2 busy cores
 def test_installed_script_fits_from_a_fresh_process(tree, tmp_path):
     """The ``skanomaly`` console script of the installed package runs ``fit``."""
     import shutil
