@@ -432,6 +432,18 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
     if half:
         meta["storage_dtype"] = "float16"
     meta["input_shape"] = list(x.shape[1:])
+    if meta["input"] == "images":  # the detector's grid is fixed: so is the image size
+        with torch.no_grad():
+            try:
+                shape = list(module.features(x).shape[1:])
+            except RuntimeError as exc:
+                raise ValueError(f"the backbone failed on example_input of shape "
+                                 f"{tuple(x.shape)}: {exc}") from exc
+        if shape != meta["feature_shape"]:
+            raise ValueError(
+                f"example_input of shape {tuple(x.shape)} gives features of shape "
+                f"{tuple(shape)}, but the detector was fitted on {tuple(meta['feature_shape'])}"
+                f"; pass images of the size fitted on, {tuple(meta['image_size'] or ())}")
     try:
         with torch.no_grad():
             module(x)  # a clear error before tracing
