@@ -1203,10 +1203,11 @@ def _load_for_cli(path: Path):
             pipeline, metadata = load_model(path)
         except (ModelFileError, OSError) as exc:
             raise CLIError(str(exc)) from exc
-    for w in caught:
+    for w in caught:  # ours as one line; others (scikit-learn's versions...) as they are
         if issubclass(w.category, ModelVersionWarning):
             print(f"skanomaly: warning: {w.message}", file=sys.stderr)
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return pipeline, metadata
 
 
