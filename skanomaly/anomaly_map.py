@@ -38,7 +38,7 @@ def _untraced(build):
     """
     get = getattr(torch._C, "_get_tracing_state", None)
     state = get() if get is not None else None
-    if state is None:
+    if state is None or not hasattr(torch._C, "_set_tracing_state"):
         return build()
     torch._C._set_tracing_state(None)
     try:

@@ -376,3 +376,19 @@ def test_kernel_modules_trace_and_export_to_onnx(tmp_path, kind):
     np.testing.assert_allclose(_traced(module, example)(other).numpy(), want, rtol=1e-6)
     got = _onnx_outputs(module, example, other, tmp_path, 1)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_padim_falls_back_to_the_checked_route_where_the_module_overflows():
+    # tiny training variances without a ridge: U ~ 1e100, so |(x - mean) U| ~ 1e250 for
+    # queries of 1e150, whose squares overflow; the checked function rescales by powers
+    # of two and the distances (not squared) are finite and scale with the query
+    rng = np.random.default_rng(6)
+    train = rng.normal(size=(40, 3, 2, 2)) * 1e-100
+    det = PaDiMDetector(reg=0.0, device="cpu").fit(train)
+    query = rng.normal(size=(4, 3, 2, 2))
+    assert not torch.isfinite(det._torch_module()(torch.tensor(query * 1e149))[1]).all()
+    big, bigger = det.anomaly_map(query * 1e148), det.anomaly_map(query * 1e149)
+    assert np.isfinite(bigger).all()
+    np.testing.assert_allclose(bigger, 10 * big, rtol=1e-12)
+    np.testing.assert_allclose(-det.score_samples(query * 1e149), bigger.max(axis=(1, 2)),
+                               rtol=1e-15)
