@@ -145,6 +145,8 @@ class _DFMModule(nn.Module):
             self.register_buffer("log_det", log_det)
         self.kernel = tuple(int(k) for k in kernel)
         self.grid = tuple(int(g) for g in grid)
+        # avg_pool2d (stride = kernel, floor): fixed here, not read from a traced shape
+        self.upsample = tuple(g // k for g, k in zip(self.grid, self.kernel)) != self.grid
 
     def forward(self, x: torch.Tensor):
         x = x.to(self.projection.components.dtype)
@@ -154,7 +156,7 @@ class _DFMModule(nn.Module):
             return self.gaussian(self.projection(vectors)[:, None])[:, 0] + self.log_det
         squared = self.projection.residual(vectors).square().reshape(pooled.shape)
         maps = squared.sum(1)
-        if tuple(pooled.shape[2:]) != self.grid:
+        if self.upsample:
             maps = _interpolate(maps[:, None], self.grid)[:, 0]
         return squared.flatten(1).sum(1), maps
 
