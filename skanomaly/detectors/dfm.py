@@ -7,7 +7,6 @@ from numbers import Integral
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from torch import nn
@@ -27,7 +26,7 @@ from ..functional import (
 from ..functional._validation import all_finite, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
 from ..functional.decomposition import _resolve_n_components
-from ..functional.spatial import _interpolate
+from ..functional.spatial import _bilinear_matrix
 
 __all__ = ["DFMDetector"]
 
@@ -125,6 +124,17 @@ def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
     return scores
 
 
+def _average_pool(x: torch.Tensor, kernel, grid) -> torch.Tensor:
+    """``F.avg_pool2d(x, kernel)`` (stride = kernel, the remainder dropped) of maps on the
+    (H, W) ``grid`` (Python ints: nothing read from a traced shape) as a reshape and a
+    mean: ONNX ReduceMean, which onnxruntime runs in float64 (its AveragePool is float
+    only)."""
+    (kh, kw), (h, w) = kernel, grid
+    ph, pw = int(h) // kh, int(w) // kw
+    x = x[:, :, : ph * kh, : pw * kw]
+    return x.reshape(-1, x.shape[1], ph, kh, pw, kw).mean(dim=(3, 5))
+
+
 class _DFMModule(nn.Module):
     """A fitted DFM's scoring: (N, C, H, W) maps -> anomaly scores (and maps for "fre").
 
@@ -146,18 +156,24 @@ class _DFMModule(nn.Module):
         self.kernel = tuple(int(k) for k in kernel)
         self.grid = tuple(int(g) for g in grid)
         # avg_pool2d (stride = kernel, floor): fixed here, not read from a traced shape
-        self.upsample = tuple(g // k for g, k in zip(self.grid, self.kernel)) != self.grid
+        pooled = tuple(g // k for g, k in zip(self.grid, self.kernel))
+        self.upsample = pooled != self.grid
+        if self.upsample:  # bilinear from the pooled grid, as matrices (float64 in ONNX)
+            like = dict(dtype=projection.components.dtype,
+                        device=projection.components.device)
+            self.register_buffer("rows", _bilinear_matrix(pooled[0], self.grid[0], **like))
+            self.register_buffer("cols", _bilinear_matrix(pooled[1], self.grid[1], **like).T)
 
     def forward(self, x: torch.Tensor):
         x = x.to(self.projection.components.dtype)
-        pooled = x if self.kernel == (1, 1) else F.avg_pool2d(x, self.kernel)
+        pooled = x if self.kernel == (1, 1) else _average_pool(x, self.kernel, self.grid)
         vectors = pooled.flatten(1)
         if self.gaussian is not None:
             return self.gaussian(self.projection(vectors)[:, None])[:, 0] + self.log_det
         squared = self.projection.residual(vectors).square().reshape(pooled.shape)
         maps = squared.sum(1)
         if self.upsample:
-            maps = _interpolate(maps[:, None], self.grid)[:, 0]
+            maps = self.rows @ maps @ self.cols
         return squared.flatten(1).sum(1), maps
 
 
@@ -376,7 +392,9 @@ class DFMDetector(BaseSpatialDetector):
         if kernel == (1, 1):
             return X.to(dtype)
         step = max(1, _POOL_BLOCK // max(1, math.prod(X.shape[1:])))
-        return torch.cat([F.avg_pool2d(block.to(dtype), kernel) for block in X.split(step)])
+        grid = tuple(X.shape[2:])
+        return torch.cat([_average_pool(block.to(dtype), kernel, grid)
+                          for block in X.split(step)])
 
     def _pca(self) -> PCAFit:
         t = self._device_tensor

@@ -231,6 +231,22 @@ def _interpolate(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def _bilinear_matrix(n_in: int, n_out: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix ``A``: ``A @ line`` is the bilinear resize of ``line``
+    (``align_corners=False``, torch's source index ``(i + 0.5) n_in / n_out - 0.5``,
+    clamped at 0), so ``A_h @ maps @ A_w.T`` is :func:`_interpolate` as matrix products
+    (ONNX MatMul, which onnxruntime runs in float64; its Resize is float only)."""
+    out = torch.arange(n_out, dtype=torch.float64)
+    src = ((out + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    low = src.floor().to(torch.int64).clamp_max(n_in - 1)
+    weight = src - low
+    rows = torch.arange(n_out)
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+    matrix.index_put_((rows, (low + 1).clamp_max(n_in - 1)), weight, accumulate=True)
+    return matrix.to(dtype=dtype, device=device)
+
+
 def upsample_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear resize of the last two dimensions of ``x`` (``align_corners=False``).
 
