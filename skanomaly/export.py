@@ -59,6 +59,9 @@ class _Exported(torch.nn.Module):
         self.post = post
         self.spatial = spatial
         self.metadata = metadata
+        #: (H, W) of the maps, set by export() from its example: under a trace, sizes read
+        #: from ``x`` are traced values (and the graph's image size is fixed anyway)
+        self.image_size = None
 
     def forward(self, x: torch.Tensor):
         z = x if self.features is None else self.features(x)
@@ -68,7 +71,8 @@ class _Exported(torch.nn.Module):
         scores, maps = out
         maps = maps.to(torch.float32)
         if self.post is not None:
-            maps = self.post(maps, (x.shape[-2], x.shape[-1]))
+            size = self.image_size or (int(x.shape[-2]), int(x.shape[-1]))
+            maps = self.post(maps, size)
         return scores.to(torch.float32), maps
 
 
@@ -153,10 +157,9 @@ def _resolve_dtype(dtype) -> torch.dtype:
                      f"{dtype!r}")
 
 
-def _metadata(features, scaler, detector, dtype: torch.dtype, sigma) -> dict:
+def _metadata(features, scaler, detector, dtype: torch.dtype, sigma, spatial: bool) -> dict:
     import skanomaly
 
-    spatial = isinstance(detector, BaseSpatialDetector)
     meta = {
         "format_version": 1,
         "skanomaly_version": skanomaly.__version__,
@@ -231,7 +234,8 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         (n, D) for :class:`~skanomaly.GaussianDetector` and after a ``StandardScaler``,
         shaped as in ``fit``. It returns
         ``scores``, float32 (n,), the anomaly scores ``-score_samples(x)`` (higher = more
-        anomalous), and for PaDiM, PatchCore and DFM the tuple ``(scores, maps)``,
+        anomalous), and for PaDiM, PatchCore and DFM (``score_type="fre"``; ``"nll"``
+        has no maps) the tuple ``(scores, maps)``,
         ``maps`` float32 (n, H, W): ``anomaly_map(x, output_size=(H, W), sigma=sigma)``
         at the input image size for a pipeline, ``anomaly_map(x)`` at feature resolution
         for a bare detector. ``module.metadata`` is a JSON-ready dict: ``threshold``
@@ -278,7 +282,11 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
             check_is_fitted(step)
     dtype = _resolve_dtype(dtype)
     dev = resolve_device(device)
-    spatial = isinstance(detector, BaseSpatialDetector)
+    scoring = detector._torch_module(dev, dtype)
+    # maps or not: what the module returns (DFM's "nll" has no maps), on one zero sample
+    with torch.no_grad():
+        probe = scoring(torch.zeros((1, *detector.input_shape_), dtype=dtype, device=dev))
+    spatial = isinstance(probe, tuple)
     post = None
     if features is not None and spatial:
         from .anomaly_map import AnomalyMapPostprocess
@@ -289,8 +297,8 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         first = _Standardize(scaler, int(scaler.n_features_in_),
                              isinstance(detector, BaseSpatialDetector) or
                              detector._sample_ndim > 1, dev)
-    module = _Exported(first, detector._torch_module(dev, dtype), post, spatial=spatial,
-                       metadata=_metadata(features, scaler, detector, dtype, sigma))
+    module = _Exported(first, scoring, post, spatial=spatial,
+                       metadata=_metadata(features, scaler, detector, dtype, sigma, spatial))
     # own copies: the estimator's cached modules share tensors with its attributes
     module = copy.deepcopy(module).to(dev).eval()
     module.requires_grad_(False)
@@ -444,6 +452,7 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
                 f"example_input of shape {tuple(x.shape)} gives features of shape "
                 f"{tuple(shape)}, but the detector was fitted on {tuple(meta['feature_shape'])}"
                 f"; pass images of the size fitted on, {tuple(meta['image_size'] or ())}")
+    module.image_size = (int(x.shape[-2]), int(x.shape[-1]))
     try:
         with torch.no_grad():
             module(x)  # a clear error before tracing

@@ -48,19 +48,6 @@ DETECTORS = {
 SPATIAL = ("padim", "patchcore", "dfm")
 
 
-@pytest.fixture(autouse=True)
-def _needs_fitted_modules(request):
-    # TEMPORARY while the detectors' fitted modules land (issue 11): skip a detector
-    # that has none yet rather than fail on it
-    from skanomaly.base import BaseDetector
-
-    name = getattr(request.node, "callspec", None)
-    name = name.params.get("name") if name is not None else None
-    cls = type(DETECTORS[name]()) if name in DETECTORS else None
-    if cls is not None and cls._build_torch_module is BaseDetector._build_torch_module:
-        pytest.skip(f"{cls.__name__} has no fitted torch module yet")
-
-
 def relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
@@ -164,6 +151,19 @@ def test_to_torch_pipeline_matches_the_estimator(name, pipelines, references, te
     assert meta["threshold"] == -model[-1].offset_
     assert meta["image_size"] == [SIZE, SIZE] and meta["layers"] == ["layer1", "layer2"]
     assert meta["outputs"] == (["scores", "maps"] if name in SPATIAL else ["scores"])
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_trace_bakes_nothing_in(name, pipelines, textures):
+    # a TracerWarning means a traced value became a Python constant: the graph would
+    # then not be batch-size free (export sets the image size, fixed, beforehand)
+    module = to_torch(pipelines[name])
+    module.image_size = (SIZE, SIZE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(module, torch.from_numpy(textures.X_test[:2]), check_trace=False)
+    assert [str(w.message) for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning)] == []
 
 
 @pytest.mark.parametrize("name", DETECTORS)
