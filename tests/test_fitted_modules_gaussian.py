@@ -344,11 +344,7 @@ def test_detector_modules_trace_and_export_to_onnx(textures, digits, tmp_path, d
         expected = expected if isinstance(expected, tuple) else (expected,)
         traced = _traced(module, example)(other)
         traced = traced if isinstance(traced, tuple) else (traced,)
-        if dtype == torch.float64 and name.startswith("dfm"):
-            # onnxruntime's CPU AveragePool and Resize kernels are float32-only
-            got = [want.numpy() for want in expected]
-        else:
-            got = _onnx_outputs(module, example, other, tmp_path, len(expected))
+        got = _onnx_outputs(module, example, other, tmp_path, len(expected))
         for want, t, o in zip(expected, traced, got):
             scale = 1e-6 * float(want.abs().max())
             np.testing.assert_allclose(t.numpy(), want.numpy(), rtol=1e-6, atol=scale,
