@@ -208,6 +208,7 @@ class Context:
     floors: dict = field(default_factory=dict)  # n images -> raw forward seconds
     profile: bool = True  # profile the skanomaly side of missed targets
     profiles: dict = field(default_factory=dict)  # case -> profile_top(...)
+    breakdowns: dict = field(default_factory=dict)  # case -> {stage: seconds}
 
     def time(self, fn, once_above: float = 20.0):
         return median_time(fn, self.repeat, self.device, once_above)
@@ -498,6 +499,22 @@ def case_dfm(ctx: Context) -> list[Row]:
                           build, lambda m: m.fit(), compare)
 
 
+def round_robin(fns: dict, repeat: int, device: torch.device) -> dict:
+    """Median seconds of each callable, timed in turns (one warm-up each, then ``repeat``
+    rounds), so that a change of the machine's load hits every entry alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def case_transform(ctx: Context) -> list[Row]:
     """FeatureExtractor.transform (PaDiM's layer1-3) against the raw forward to layer3."""
     s = ctx.sizes
@@ -506,24 +523,44 @@ def case_transform(ctx: Context) -> list[Row]:
     sk_s, z, sk_runs = ctx.time(lambda: fe.transform(x))
     floor = _floor(ctx, x)
     net = _raw_backbone(ctx)
-    hooks = {}
-    handles = [getattr(net, str(i)).register_forward_hook(
-        lambda m, a, out, i=i: hooks.__setitem__(i, out)) for i in (4, 5, 6)]
+    keep = np.sort(np.random.default_rng(ctx.seed).permutation(z.shape[1])[:s.padim_features])
+    bounds = np.cumsum([0] + [getattr(net, str(i))[-1].conv2.out_channels for i in (4, 5, 6)])
+    kept = [torch.as_tensor(keep[(keep >= lo) & (keep < hi)] - lo)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-    def naive():  # forward + nearest upsampling + concatenation + numpy, no checks
-        out = np.empty(z.shape, dtype=np.float32)
+    def naive(stage=4, channels_last=False, select=False):
+        """Forward, then (by stage) nearest upsampling, concatenation, numpy, finiteness."""
+        out = None
         with torch.inference_mode():
             for start in range(0, len(x), s.batch_size):
-                net(_normalise(x[start:start + s.batch_size], ctx.device))
-                grid = hooks[4].shape[-2:]
-                maps = [hooks[4]] + [torch.nn.functional.interpolate(hooks[i], size=grid)
-                                     for i in (5, 6)]
-                out[start:start + s.batch_size] = torch.cat(maps, 1).cpu().numpy()
+                batch = _normalise(x[start:start + s.batch_size], ctx.device)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                h = net[:4](batch)
+                maps = [net[4](h)]
+                maps += [net[5](maps[0])]
+                maps += [net[6](maps[1])]
+                if select:
+                    maps = [m[:, k] for m, k in zip(maps, kept)]
+                if stage == 0:
+                    continue
+                grid = maps[0].shape[-2:]
+                maps = maps[:1] + [torch.nn.functional.interpolate(m, size=grid)
+                                   for m in maps[1:]]
+                if stage == 1:
+                    continue
+                emb = torch.cat(maps, 1)
+                if stage == 2:
+                    continue
+                if stage >= 4 and not bool(torch.isfinite(emb).all()):
+                    raise ValueError("non-finite features")
+                emb = emb.cpu().numpy()
+                if out is None:
+                    out = np.empty((len(x), *emb.shape[1:]), dtype=np.float32)
+                out[start:start + len(emb)] = emb
         return out
 
-    naive_s, z_naive, naive_runs = ctx.time(naive)
-    for h in handles:
-        h.remove()
+    naive_s, z_naive, naive_runs = ctx.time(lambda: naive(3))
     row = Row("FeatureExtractor.transform", f"{s.n_train} images, {s.image} px, "
               f"{BACKBONE} {'-'.join(PADIM_LAYERS)}, batch {s.batch_size}", sk_s,
               "raw torchvision forward to layer3", floor, n_images=s.n_train, floor_s=floor,
@@ -535,6 +572,18 @@ def case_transform(ctx: Context) -> list[Row]:
     row.judge()
     if ctx.profile and not row.met:
         ctx.profiles[row.case] = profile_top(lambda: fe.transform(x))
+        ctx.breakdowns[row.case] = round_robin({
+            "raw forward to layer3 (the floor)": lambda: naive(0),
+            "+ nearest upsampling of layer2, layer3 to layer1's grid": lambda: naive(1),
+            "+ concatenation (448 channels)": lambda: naive(2),
+            f"+ copy into the numpy output ({z.nbytes / 2**20:.0f} MiB)": lambda: naive(3),
+            "+ finiteness check of the features": lambda: naive(4),
+            "FeatureExtractor.transform": lambda: fe.transform(x),
+            "naive with channels_last input": lambda: naive(3, channels_last=True),
+            f"naive keeping {s.padim_features} channels (selected before upsampling)":
+                lambda: naive(3, select=True),
+            "both": lambda: naive(3, channels_last=True, select=True),
+        }, ctx.repeat, ctx.device)
     return [row]
 
 
@@ -589,7 +638,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: dict) -> str:
+def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: dict,
+             breakdowns: dict) -> str:
     """The result table with the machine it ran on, then the profiles of missed targets."""
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
     load = (f"load average {info['load_average_start'][0]:.2f} at the start, "
@@ -632,6 +682,11 @@ def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: di
         lines.append(f"| {r.case} | {r.size} | {_fmt_s(r.skanomaly_s)} | {r.peer} | "
                      f"{_fmt_s(r.peer_s)} | {ratio} | {r.target} | {met} | {ips} | {pips} | "
                      f"{_fmt_s(r.floor_s)} | {over} | {text} |")
+    for case, stages in breakdowns.items():
+        base = next(iter(stages.values()))
+        lines += ["", f"## {case}: the gap stage by stage (medians, timed in turns)", "",
+                  "| variant | seconds | / raw forward |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt_s(v)} | {v / base:.2f}x |" for k, v in stages.items()]
     if profiles:
         lines += ["", "## Profiles of the missed targets (skanomaly side, one run each)", ""]
         for case, prof in profiles.items():
@@ -738,12 +793,13 @@ def _run(args: argparse.Namespace, device: torch.device, peers: dict) -> int:
     if args.only:
         stem += "-" + "-".join(args.only)
     args.output.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, info, peaks, args.sizes, ctx.profiles)
+    table = markdown(rows, info, peaks, args.sizes, ctx.profiles, ctx.breakdowns)
     if errors:
         table += "\nErrors:\n\n" + "".join(f"- {k}: {v}\n" for k, v in errors.items())
     (args.output / f"{stem}.md").write_text(table)
     payload = {"machine": info, "peaks": peaks, "sizes": asdict(sizes), "preset": args.sizes,
                "repeat": args.repeat, "errors": errors, "profiles": ctx.profiles,
+               "breakdowns": ctx.breakdowns,
                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}
     (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     print("\n" + table)
