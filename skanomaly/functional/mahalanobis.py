@@ -620,10 +620,11 @@ def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=Fals
     xr, mr = xr.to(dtype), mr.to(dtype)
     if xr.shape[0] == 0:
         return xr.new_zeros(shape)
-    rows = _woodbury_rows(xc.reshape(-1, n, d).to(dtype), factor.reshape(-1, n, n).to(dtype))
+    rows_t = _woodbury_rows(xc.reshape(-1, n, d).to(dtype),
+                            factor.reshape(-1, n, n).to(dtype)).transpose(-2, -1).contiguous()
     exponents = (max_abs_exponent(xr), max_abs_exponent(mr), math.frexp(reg)[1])
     if _plain_is_safe(dtype, *exponents):
-        d2 = _woodbury_quadratic((xr - mr).transpose(0, 1), rows) / reg
+        d2 = _woodbury_quadratic((xr - mr).transpose(0, 1), rows_t) / reg
         if all_finite(d2):
             return _finish(d2, shape, squared)
     # Exact powers of two: v = 2**a v_s per position (``rows`` are bounded by 1 whatever
@@ -631,7 +632,7 @@ def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=Fals
     common = max(exponents[:2])
     v = (ldexp(xr, -common) - ldexp(mr, -common)).transpose(0, 1)
     ev = _row_exponents(v)
-    q = _woodbury_quadratic(ldexp(v, -ev[:, None, None]), rows)
+    q = _woodbury_quadratic(ldexp(v, -ev[:, None, None]), rows_t)
     fraction, exponent = math.frexp(reg)
     if exponent % 2:
         fraction, exponent = fraction / 2, exponent + 1
@@ -650,15 +651,22 @@ def _woodbury_rows(centered: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     return torch.linalg.solve_triangular(ldexp(factor, -e), ldexp(centered, -e), upper=False)
 
 
-def _woodbury_quadratic(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(P, M) ``|v|^2 - |W v|^2`` (clamped at 0) for v (P, M, d), rows W (P, N, d).
+def _woodbury_quadratic(v: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
+    """(P, M) ``|v|^2 - |W v|^2`` (clamped at 0) for v (P, M, d), ``rows_t`` = W^T (P, d, N).
+
+    ``W^T`` is stored transposed and contiguous, so that the products have no transposed
+    operand: onnxruntime before 1.24 fuses such patterns of a float64 graph into its
+    float-only ``FusedMatMul`` and then cannot run it.
 
     The one kernel of :func:`mahalanobis_woodbury` and :class:`WoodburyGaussianScorer`:
     two batched GEMMs, no solve (``W = L^{-1} Xc`` is precomputed by
     :func:`_woodbury_rows`).
     """
-    u = torch.matmul(v, rows.transpose(-2, -1))  # (P, M, N)
-    return (v.square().sum(-1) - u.square().sum(-1)).clamp(min=0)
+    u = torch.matmul(v, rows_t)  # (P, M, N)
+    # |v|^2 as a batched dot product, not v.square().sum(-1): with the latter,
+    # onnxruntime < 1.24 rewrote the float64 graph into a float-only FusedMatMul.
+    vv = torch.matmul(v.unsqueeze(-2), v.unsqueeze(-1))[..., 0, 0]
+    return (vv - u.square().sum(-1)).clamp(min=0)
 
 
 #: features x positions per block of the scorers' forward: a block of ``_BLOCK_FEATURES //
@@ -924,8 +932,9 @@ class WoodburyGaussianScorer(_PositionBlocks):
     ----------
     mean : Tensor of shape (P, d)
         Buffer: the means.
-    W : Tensor of shape (P, N, d)
-        Buffer: ``L^{-1} Xc``; every entry lies in [-1, 1] (``W W^T <= I``).
+    W : Tensor of shape (P, d, N)
+        Buffer: ``(L^{-1} Xc)^T``, stored transposed (see ``_woodbury_quadratic``);
+        every entry lies in [-1, 1] (``W^T W <= I``).
     reg : Tensor of shape ()
         Buffer: the ridge.
     squared : bool
@@ -992,12 +1001,13 @@ class WoodburyGaussianScorer(_PositionBlocks):
         device = mean.device if device is None else torch.device(device)
         super().__init__(p, max(d, n), squared)
         self.register_buffer("mean", _buffer(mean, "mean", dtype, device))
-        self.register_buffer("W", _buffer(rows, "W", dtype, device))
+        self.register_buffer("W", _buffer(rows.transpose(-2, -1).contiguous(), "W", dtype,
+                                          device))
         self.register_buffer("reg", torch.tensor(reg, dtype=dtype, device=device))
 
     def extra_repr(self) -> str:
         return (f"n_positions={self.n_positions}, n_features={self.n_features}, "
-                f"n_samples={self.W.shape[1]}, squared={self.squared}, "
+                f"n_samples={self.W.shape[2]}, squared={self.squared}, "
                 f"dtype={self.mean.dtype}")
 
     def _quadratic(self, v, start: int, stop: int) -> torch.Tensor:
