@@ -217,7 +217,44 @@ def measure(name, model, X, work: Path) -> dict:
     return row
 
 
-def markdown(rows, info, settings) -> str:
+def bank_scaling(work: Path, sizes, dim=64, grid=8, n_query=16) -> list[dict]:
+    """PatchCore alone (features in) with banks of ``sizes`` rows (every training patch
+    kept): file size and onnxruntime / TorchScript run peak memory on ``n_query`` images
+    of ``grid`` x ``grid`` positions, against the bank's size."""
+    import skanomaly
+
+    rng = np.random.default_rng(SEED)
+    rows = []
+    for n_bank in sizes:
+        train = rng.normal(size=(n_bank // grid**2, dim, grid, grid)).astype(np.float32)
+        query = rng.normal(size=(n_query, dim, grid, grid)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            det = skanomaly.PatchCoreDetector(coreset_sampling_ratio=1.0, random_state=SEED,
+                                              device="cpu").fit(train)
+        folder = work / f"bank-{n_bank}"
+        folder.mkdir()
+        model_path, input_path = str(folder / "model.joblib"), str(folder / "input.npy")
+        joblib.dump(det, model_path)
+        np.save(input_path, query)
+        row = {"bank_rows": int(det.memory_bank_.shape[0]), "dim": dim,
+               "queries": n_query * grid**2,
+               "bank_mib": det.memory_bank_.nbytes / 2**20}
+        row.update(_run_child("export", model_path, input_path, str(folder)))
+        ref = (-det.score_samples(query), det.anomaly_map(query))
+        for phase in ("onnx", "torchscript"):
+            info = _run_child(phase, model_path, input_path, str(folder))
+            with np.load(info.pop("outputs")) as saved:
+                row[f"{phase}_rel_error"] = _errors([saved[k] for k in sorted(saved.files)],
+                                                    ref)
+            row.update(info)
+        row["onnx_mib"] = (folder / "model.onnx").stat().st_size / 2**20
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows, info, settings, bank_rows=()) -> str:
     lines = [
         "# Exported models: parity, file sizes, peak memory",
         "",
@@ -255,6 +292,25 @@ def markdown(rows, info, settings) -> str:
                       f"{pc['bank_dtype']} ({pc['bank_mib']:.2f} MiB as fitted). Its graph "
                       "scans the bank in chunks (KNNIndex.forward): run memory grows with "
                       "the queries (batch x positions) times the chunk, not with the bank."]
+    if bank_rows:
+        lines += [
+            "", "## PatchCore: file and run memory against the bank", "",
+            "PatchCore alone (features in: random normal features, every training patch "
+            "in the bank, `coreset_sampling_ratio=1.0`), float64 statistics; run on "
+            f"{bank_rows[0]['queries']} query patches ({settings['bank_query_images']} "
+            "images). Queries x bank distances in float64 would be "
+            "`queries * bank_rows * 8` bytes.", "",
+            "| bank rows x dim | bank MiB (float32) | queries x bank f64 MiB | ONNX MiB | "
+            "ONNX error | TorchScript error | export peak MiB | ORT run peak MiB | "
+            "TorchScript run peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+        for r in bank_rows:
+            full = r["queries"] * r["bank_rows"] * 8 / 2**20
+            lines.append(
+                f"| {r['bank_rows']} x {r['dim']} | {r['bank_mib']:.1f} | {full:.0f} | "
+                f"{r['onnx_mib']:.1f} | {r['onnx_rel_error']:.1e} | "
+                f"{r['torchscript_rel_error']:.1e} | {r['export_peak_mib']:.0f} | "
+                f"{r['onnx_peak_mib']:.0f} | {r['torchscript_peak_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +319,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="64 px, fewer images")
     parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--bank-sizes", nargs="*", type=int, default=None,
+                        help="PatchCore bank rows of the bank-scaling table (none: skip); "
+                             "default 4096 16384 65536 (--quick: 4096 16384)")
     args = parser.parse_args(argv)
     import onnxruntime
 
@@ -274,17 +333,23 @@ def main(argv=None):
                                  settings["n_test"])
     settings["feature_shape"] = " x ".join(map(str, models["padim"][-1].input_shape_))
     rows = []
+    sizes = args.bank_sizes
+    if sizes is None:
+        sizes = [4096, 16384] if args.quick else [4096, 16384, 65536]
+    settings["bank_query_images"] = 16
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.detectors:
             row = measure(name, models[name], inputs[name], Path(tmp))
             rows.append(row)
             print(json.dumps(row), flush=True)
+        bank_rows = bank_scaling(Path(tmp), sizes) if sizes else []
     stem = f"export-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
     args.output.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, info, settings)
+    table = markdown(rows, info, settings, bank_rows)
     (args.output / f"{stem}.md").write_text(table)
-    (args.output / f"{stem}.json").write_text(
-        json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1) + "\n")
+    (args.output / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "settings": settings, "rows": rows, "bank_scaling": bank_rows},
+        indent=1) + "\n")
     print("\n" + table + f"\nwritten: {args.output / stem}.md and .json")
     return rows
 
