@@ -111,7 +111,19 @@ def _seeded(template) -> None:
 
 
 # --------------------------------------------------------------------- tasks
-def _block_state(template, block, start: int):
+#: fitted attributes that PaDiM's merge recomputes from the moments: left out of the
+#: states that travel between tasks (two thirds of PaDiM's state), kept in the root's
+_DERIVED = ("covariance_", "precision_cholesky_")
+
+
+def _lighten(est, light: bool):
+    if light and hasattr(est, "_current_moments"):  # PaDiM: the moments are the state
+        for name in _DERIVED:
+            est.__dict__.pop(name, None)
+    return est
+
+
+def _block_state(template, block, start: int, light: bool = False):
     """The partial state of one block: a clone of the detector fitted on it (no offset)."""
     from sklearn.base import clone
 
@@ -131,15 +143,15 @@ def _block_state(template, block, start: int):
     if hasattr(est, "kde_indices_"):
         est.kde_indices_ = est.kde_indices_ + start
     est._reset_device_cache()
-    return est
+    return _lighten(est, light)
 
 
-def _merged(left, right):
+def _merged(left, right, light: bool = False):
     """A new state: ``left`` with ``right`` folded in (inputs left untouched)."""
     out = copy.deepcopy(left)
     out._merge_partial(right)
     out._reset_device_cache()
-    return out
+    return _lighten(out, light)
 
 
 def _fit_whole(template, block):
@@ -184,13 +196,17 @@ def _apply(block, estimator, method: str, kwargs: dict):
 
 
 # ----------------------------------------------------------------- reduction
-def _tree(states: list):
-    """Pairwise merges of delayed states in a binary tree (order kept: left = earlier)."""
+def _tree(states: list, light: bool = False):
+    """Pairwise merges of delayed states in a binary tree (order kept: left = earlier).
+
+    ``light``: the merges below the root leave out what the root recomputes.
+    """
     from dask import delayed
 
     states = list(states)
     while len(states) > 1:
-        paired = [delayed(_merged, pure=True)(states[i], states[i + 1])
+        below_root = light and len(states) > 2
+        paired = [delayed(_merged, pure=True)(states[i], states[i + 1], below_root)
                   for i in range(0, len(states) - 1, 2)]
         states = paired + states[len(paired) * 2:]
     return states[0]
@@ -243,16 +259,18 @@ def fit_dask(detector, X):
         raise ValueError(f"{type(detector).__name__}(solver='woodbury') keeps every training "
                          "sample and cannot merge the blocks of a dask array; use solver='full' "
                          "or 'auto', or one block")
-    states = [delayed(_block_state, pure=True)(template, b, s) for b, s in zip(blocks, starts)]
     method = _method(detector)
     if method != "cross-fit":
-        (final,) = dask.persist(_tree(states), scheduler=scheduler)
+        light = [delayed(_block_state, pure=True)(template, b, s, True)
+                 for b, s in zip(blocks, starts)]
+        (final,) = dask.persist(_tree(light, light=True), scheduler=scheduler)
         scores = [delayed(_oos_block, pure=True)(final, b, s, method)
                   for b, s in zip(blocks, starts)]
         fitted, *scores = dask.compute(final, *scores, scheduler=scheduler)
         if all(s is not None for s in scores):
             return _adopt(detector, fitted, scores, method)
 
+    states = [delayed(_block_state, pure=True)(template, b, s) for b, s in zip(blocks, starts)]
     k = min(detector._n_splits, len(blocks))
     folds = np.arange(len(blocks)) * k // len(blocks)
     fold_states = dask.persist(*[_tree([states[i] for i in np.flatnonzero(folds == f)])
