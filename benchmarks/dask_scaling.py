@@ -156,6 +156,9 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--note", default="", help="e.g. the machine's load")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--detectors", nargs="+", choices=[c[0] for c in CASES],
+                        default=[c[0] for c in CASES],
+                        help="run these cases; the other rows of today's file are kept")
     args = parser.parse_args(argv)
 
     import dask
@@ -171,6 +174,8 @@ def main(argv=None):
             distributed.Client(cluster) as client:
         client.run(_set_threads, 1)
         for name, n, shape, chunk, params in CASES:
+            if name not in args.detectors:
+                continue
             if args.quick:
                 n, chunk, shape = n // 8, chunk // 4, (shape[0] // 4, *shape[1:])
                 params = {k: min(v, shape[0]) for k, v in params.items()}
@@ -180,6 +185,12 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     stem = f"dask-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
     args.output.mkdir(parents=True, exist_ok=True)
+    earlier = args.output / f"{stem}.json"
+    if earlier.exists():  # rows of the cases not run this time
+        kept = [r for r in json.loads(earlier.read_text())["rows"]
+                if r["detector"] not in args.detectors]
+        order = [c[0] for c in CASES]
+        rows = sorted(kept + rows, key=lambda r: order.index(r["detector"]))
     table = markdown(rows, info)
     (args.output / f"{stem}.md").write_text(table)
     (args.output / f"{stem}.json").write_text(
