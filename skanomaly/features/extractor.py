@@ -881,7 +881,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             t /= 255
         if t.ndim == 2:
             t = t[:, :, None, None]
-        return t
+        # one memory layout whatever the caller's strides (a stack of transposed HWC
+        # images is channels-last): convolutions pick their kernels by layout, and the
+        # features must not depend on it
+        return t.contiguous()
 
     def _torch_module(self, device=None) -> torch.nn.Module:
         """Images -> features as an eval-mode :class:`torch.nn.Module` (cached per device).
