@@ -190,8 +190,8 @@ def test_overflow_is_reported_or_avoided():
     fit = pca_fit(torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.5, 0.0]]), 1)
     fit = fit._replace(mean=torch.tensor([-3e38, 3e38]))
     z = pca_transform(torch.tensor([[3e38, -3e38], [3e38, -2.9e38]]), fit)
-    expected = (fit.components.double() @ torch.tensor([[6e38, 6e38], [-6e38, -5.9e38]],
-                                                        dtype=torch.float64)).T
+    centred = torch.tensor([[6e38, 6e38], [-6e38, -5.9e38]], dtype=torch.float64)
+    expected = (fit.components.double() @ centred).T
     torch.testing.assert_close(z.double(), expected, rtol=1e-5, atol=1e33)
     with pytest.raises(ValueError, match="projections exceed the range"):
         pca_transform(torch.tensor([[3.4e38, 3.4e38]]), fit._replace(mean=torch.tensor(

@@ -351,7 +351,8 @@ def test_groups_leave_one_image_out_against_sklearn():
 def test_group_errors():
     bank = torch.arange(6.0).reshape(6, 1)
     index = KNNIndex(bank, groups=torch.tensor([0, 0, 0, 1, 1, 2]))
-    assert "groups=True" in repr(index) and torch.equal(index.groups, torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert "groups=True" in repr(index)
+    assert torch.equal(index.groups, torch.tensor([0, 0, 0, 1, 1, 2]))
     q = torch.zeros(3, 1)
     with pytest.raises(ValueError, match="query 2 \\(group 0\\) has only 3"):
         index.search(q, 4, query_groups=torch.tensor([2, 1, 0]))

@@ -28,7 +28,8 @@ from .mahalanobis import (
     woodbury_factor,
 )
 from .neighbors import KNNIndex, knn_distances, pairwise_sq_distances
-from .sampling import johnson_lindenstrauss_min_dim, k_center_greedy, sparse_random_projection_matrix
+from .sampling import (johnson_lindenstrauss_min_dim, k_center_greedy,
+                       sparse_random_projection_matrix)
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
 
 __all__ = [

@@ -1,4 +1,7 @@
-"""Input checks and exact rescaling shared by the torch kernels (torch only: no numpy, no sklearn)."""
+"""Input checks and exact rescaling shared by the torch kernels.
+
+Torch only: no numpy, no sklearn.
+"""
 
 from __future__ import annotations
 
