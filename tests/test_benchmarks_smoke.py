@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
+import types
 import warnings
 from pathlib import Path
 
@@ -181,18 +181,25 @@ def test_end_to_end_cli(end_to_end):
     assert (full.n_train, full.n_test, full.image, full.padim_features) == (100, 40, 224, 100)
 
 
-def test_median_time_takes_the_median_after_a_warm_up(end_to_end):
+def test_median_time_takes_the_median_after_a_warm_up(end_to_end, monkeypatch):
+    # a fake clock that each call of fn advances by its duration: no real timing (a
+    # sleep-based version failed under load, when sleep(0.01) took 0.034 s)
+    now = [0.0]
+    monkeypatch.setattr(end_to_end, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     calls = []
-    durations = iter([0.0, 0.03, 0.0, 0.01])  # warm-up, then three timed runs
+    durations = iter([5.0, 3.0, 1.0, 2.0])  # warm-up, then three timed runs
 
     def fn():
         calls.append(1)
-        time.sleep(next(durations))
+        now[0] += next(durations)
         return len(calls)
 
     seconds, result, runs = end_to_end.median_time(fn, 3, torch.device("cpu"))
-    assert len(calls) == 4 and result == 4 and len(runs) == 3
-    assert seconds == sorted(runs)[1] and 0.0 < seconds < 0.03
+    assert len(calls) == 4 and result == 4
+    assert runs == [3.0, 1.0, 2.0] and seconds == 2.0
+    # a warm-up longer than once_above is the measurement
+    now[0], durations, calls[:] = 0.0, iter([30.0]), []
+    assert end_to_end.median_time(fn, 3, torch.device("cpu"))[::2] == (30.0, [30.0])
 
 
 @pytest.fixture(scope="module")
