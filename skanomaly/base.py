@@ -178,6 +178,21 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+#: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
+_OFFSET_RECORD = 2048
+
+
+def _score_record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
+    """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
+    scores = _to_numpy(anomaly_scores).astype(np.float64)
+    return np.stack([scores, np.full_like(scores, n_model)], axis=1)
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    """A seed for the next call's generator, drawn from this one (reproducible streams)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
 def _in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
     """``fn`` applied to ``x`` in blocks of exactly ``block`` rows, results concatenated.
 
@@ -748,6 +763,60 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class _ScoreThenUpdateMixin:
+    """``partial_fit`` for detectors without cheap leave-one-out scores (PatchCore, DFM,
+    DFKDE): the first call fits; each later batch is scored by the model that has not
+    seen it, then absorbed (``_absorb``), and ``offset_`` is the ``contamination``
+    quantile of a bounded record of the latest out-of-sample scores.
+
+    A call that raises leaves the fitted state as it was.
+    """
+
+    def _stream(self, X):
+        before = dict(self.__dict__)
+        try:
+            if not self.__sklearn_is_fitted__():
+                self._clear_fitted_state()
+                self._reset_device_cache()
+                Xt = self._validate_input(X, reset=True)
+                self._fit(Xt)
+                self._set_offset(*self._out_of_sample_scores(Xt))
+            else:
+                Xt = self._validate_input(X, reset=False)
+                self._check_streamed_batch()
+                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
+                n_model = self.n_samples_seen_
+                self._absorb(Xt)
+                self._score_then_update(scores, n_model)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        return self
+
+    def _check_streamed_batch(self) -> None:
+        """Checks of the fitted state before a later batch is scored (none by default)."""
+
+    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
+        super()._set_offset(anomaly_scores, method)
+        record = _score_record(anomaly_scores, self.n_samples_seen_)
+        # in-sample scores are optimistic: a stream does not build on them
+        self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
+
+    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
+        """``offset_`` from the latest out-of-sample scores, those of this batch added.
+
+        ``n_model``: samples seen by the model that scored the batch. Scores of models
+        that had seen fewer than half as many are dropped (they are too pessimistic).
+        """
+        old = self._offset_record
+        record = np.concatenate([old[old[:, 1] >= n_model / 2],
+                                 _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
+        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
+        self.calibration_ = "score-then-update"
+        self._offset_record = record
 
 
 class BaseSpatialDetector(BaseDetector):

@@ -12,27 +12,19 @@ from sklearn.utils._param_validation import Interval, StrOptions
 import numpy as np
 from sklearn.base import _fit_context
 
-from ..base import BaseDetector, _quantile_offset, _to_numpy, make_generator
+from ..base import (
+    BaseDetector,
+    _draw_seed,
+    _ScoreThenUpdateMixin,
+    _to_numpy,
+    make_generator,
+)
 from ..functional import PCAProjection, pca_fit
 from ..functional._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
 from ..functional.kde import GaussianKDE
 
 __all__ = ["DFKDEDetector"]
-
-#: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
-_OFFSET_RECORD = 2048
-
-
-def _record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
-    """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
-    scores = _to_numpy(anomaly_scores).astype(np.float64)
-    return np.stack([scores, np.full_like(scores, n_model)], axis=1)
-
-
-def _draw_seed(generator: torch.Generator) -> int:
-    """A seed for the next call's generator, drawn from this one (reproducible streams)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
 def _batch_moments(x: torch.Tensor):
@@ -120,7 +112,7 @@ class _DFKDEModule(torch.nn.Module):
         return -(self.kde(z) + self.log_unit)
 
 
-class DFKDEDetector(BaseDetector):
+class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
     """Deep Feature Kernel Density Estimation (DFKDE) anomaly detector.
 
     Feature vectors are reduced by PCA, scaled, and modelled by a Gaussian
@@ -582,44 +574,7 @@ class DFKDEDetector(BaseDetector):
         >>> bool(det.kde_indices_.max() >= 100)  # the reservoir keeps later samples too
         True
         """
-        before = dict(self.__dict__)
-        try:
-            if not self.__sklearn_is_fitted__():
-                self._clear_fitted_state()
-                self._reset_device_cache()
-                Xt = self._validate_input(X, reset=True)
-                self._fit(Xt)
-                self._set_offset(*self._out_of_sample_scores(Xt))
-            else:
-                Xt = self._validate_input(X, reset=False)
-                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
-                n_model = self.n_samples_seen_
-                self._absorb(Xt)
-                self._score_then_update(scores, n_model)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
-        return self
-
-    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
-        super()._set_offset(anomaly_scores, method)
-        record = _record(anomaly_scores, self.n_samples_seen_)
-        # in-sample scores are optimistic: a stream does not build on them
-        self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
-
-    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
-        """``offset_`` from the latest out-of-sample scores, those of this batch added.
-
-        ``n_model``: samples seen by the model that scored the batch. Scores of models
-        that had seen fewer than half as many are dropped (they are too pessimistic).
-        """
-        old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2],
-                                 _record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
-        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
-        self.calibration_ = "score-then-update"
-        self._offset_record = record
+        return self._stream(X)
 
     def _out_of_sample_scores(self, X: torch.Tensor):
         """Exact leave-one-out scores of the KDE points; the others scored as new samples.

@@ -11,7 +11,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from torch import nn
 
-from ..base import BaseDetector, BaseSpatialDetector, _quantile_offset, _to_numpy
+from ..base import BaseDetector, BaseSpatialDetector, _ScoreThenUpdateMixin, _to_numpy
 from ..functional import (
     GaussianScorer,
     PCAFit,
@@ -32,15 +32,6 @@ __all__ = ["DFMDetector"]
 
 #: numbers per block of images cast to the working dtype before pooling (32 MiB float64)
 _POOL_BLOCK = 2**22
-
-#: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
-_OFFSET_RECORD = 2048
-
-
-def _record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
-    """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
-    scores = _to_numpy(anomaly_scores).astype(np.float64)
-    return np.stack([scores, np.full_like(scores, n_model)], axis=1)
 
 
 def _merge_moments(a, b):
@@ -177,7 +168,7 @@ class _DFMModule(nn.Module):
         return squared.flatten(1).sum(1), maps
 
 
-class DFMDetector(BaseSpatialDetector):
+class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     """Deep Feature Modeling (DFM) anomaly detector (Ahuja et al., 2019).
 
     Feature maps are average-pooled, flattened to one vector per image and
@@ -513,45 +504,10 @@ class DFMDetector(BaseSpatialDetector):
         >>> bool(np.allclose(det.score_samples(X[:5]), whole.score_samples(X[:5]), rtol=1e-8))
         True
         """
-        before = dict(self.__dict__)
-        try:
-            if not self.__sklearn_is_fitted__():
-                self._clear_fitted_state()
-                self._reset_device_cache()
-                Xt = self._validate_input(X, reset=True)
-                self._fit(Xt)
-                self._set_offset(*self._out_of_sample_scores(Xt))
-            else:
-                Xt = self._validate_input(X, reset=False)
-                self._check_pooling()
-                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
-                n_model = self.n_samples_seen_
-                self._absorb(Xt)
-                self._score_then_update(scores, n_model)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
-        return self
+        return self._stream(X)
 
-    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
-        super()._set_offset(anomaly_scores, method)
-        record = _record(anomaly_scores, self.n_samples_seen_)
-        # in-sample scores are optimistic: a stream does not build on them
-        self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
-
-    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
-        """``offset_`` from the latest out-of-sample scores, those of this batch added.
-
-        ``n_model``: samples seen by the model that scored the batch. Scores of models
-        that had seen fewer than half as many are dropped (they are too pessimistic).
-        """
-        old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2],
-                                 _record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
-        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
-        self.calibration_ = "score-then-update"
-        self._offset_record = record
+    def _check_streamed_batch(self) -> None:
+        self._check_pooling()
 
     def _squared_error(self, X: torch.Tensor) -> torch.Tensor:
         """Squared reconstruction error of the pooled maps, (n_samples, C, h, w)."""

@@ -14,8 +14,9 @@ from sklearn.utils._param_validation import Interval
 from ..base import (
     BaseDetector,
     BaseSpatialDetector,
+    _draw_seed,
     _in_fixed_blocks,
-    _quantile_offset,
+    _ScoreThenUpdateMixin,
     _to_numpy,
     make_generator,
 )
@@ -27,20 +28,6 @@ from ..functional import (
 )
 
 __all__ = ["PatchCoreDetector"]
-
-#: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
-_OFFSET_RECORD = 2048
-
-
-def _record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
-    """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
-    scores = _to_numpy(anomaly_scores).astype(np.float64)
-    return np.stack([scores, np.full_like(scores, n_model)], axis=1)
-
-
-def _draw_seed(generator: torch.Generator) -> int:
-    """A seed for the next call's generator, drawn from this one (reproducible streams)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
 def _locally_aware(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -87,7 +74,7 @@ class _PatchCoreModule(torch.nn.Module):
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score, maps
 
 
-class PatchCoreDetector(BaseSpatialDetector):
+class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     """PatchCore anomaly detector over feature maps (Roth et al., 2022).
 
     Every position of every training feature map, after a ``p x p``
@@ -436,44 +423,7 @@ class PatchCoreDetector(BaseSpatialDetector):
         >>> int(det.bank_images_.max()) >= 30  # images numbered across the batches
         True
         """
-        before = dict(self.__dict__)
-        try:
-            if not self.__sklearn_is_fitted__():
-                self._clear_fitted_state()
-                self._reset_device_cache()
-                Xt = self._validate_input(X, reset=True)
-                self._fit(Xt)
-                self._set_offset(*self._out_of_sample_scores(Xt))
-            else:
-                Xt = self._validate_input(X, reset=False)
-                scores = self._blockwise(self._score, Xt)  # by a bank that has not seen X
-                n_model = self.n_samples_seen_
-                self._absorb(Xt)
-                self._score_then_update(scores, n_model)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
-        return self
-
-    def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
-        super()._set_offset(anomaly_scores, method)
-        record = _record(anomaly_scores, self.n_samples_seen_)
-        # in-sample scores are optimistic: a stream does not build on them
-        self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
-
-    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
-        """``offset_`` from the latest out-of-sample scores, those of this batch added.
-
-        ``n_model``: samples seen by the model that scored the batch. Scores of models
-        that had seen fewer than half as many are dropped (they are too pessimistic).
-        """
-        old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2],
-                                 _record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
-        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
-        self.calibration_ = "score-then-update"
-        self._offset_record = record
+        return self._stream(X)
 
     def _bank_index(self) -> KNNIndex:
         return self._cached("bank_index", lambda: KNNIndex(
