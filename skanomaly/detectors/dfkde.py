@@ -22,6 +22,7 @@ from ..base import (
 from ..functional import PCAProjection, pca_fit
 from ..functional._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent
 from ..functional.covariance import _accumulation_dtype
+from ..functional.decomposition import _merge_moments
 from ..functional.kde import GaussianKDE
 
 __all__ = ["DFKDEDetector"]
@@ -36,37 +37,6 @@ def _batch_moments(x: torch.Tensor):
 def _root(n: int, mean, s, vt):
     """``(n, mean, root)`` of factorised moments: ``diag(s) @ vt`` is a scatter root."""
     return n, mean, s[:, None] * vt
-
-
-def _merge_moments(a, b):
-    """Count, mean and factorised centred scatter of two sets of samples together.
-
-    ``a`` and ``b`` are ``(n, mean, root)``: a count, a mean (d,) and a root ``R`` of the
-    centred scatter, ``R.T @ R = sum (x - mean)(x - mean)^T``. Returns
-    ``(n, mean, s, vt)``, ``vt`` (r, d) orthonormal rows by decreasing ``s`` (r,),
-    ``r = min(n, d)``, the scatter of the union being ``vt.T @ diag(s**2) @ vt``: the
-    thin SVD of the centred union as :func:`~skanomaly.functional.pca_fit` computes it
-    (signs included), from the update of Chan, Golub & LeVeque (``M2 = M2_a + M2_b +
-    n_a n_b / n delta delta^T``) in factorised form: the rows ``R_a``, ``R_b`` and
-    ``sqrt(n_a n_b / n) delta`` stacked, then one SVD at unit scale (an exact power of
-    two). The same merge as DFM's.
-    """
-    (n_a, mean_a, root_a), (n_b, mean_b, root_b) = a, b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    stacked = torch.cat([root_a, root_b, (delta * math.sqrt(n_a * n_b / n))[None]])
-    exponent = max_abs_exponent(stacked)
-    try:
-        _, s, vt = torch.linalg.svd(ldexp(stacked, -exponent), full_matrices=False)
-    except torch.linalg.LinAlgError as exc:  # pragma: no cover - LAPACK non-convergence
-        raise ValueError(f"the SVD of the merged moments did not converge ({exc})") from exc
-    r = min(n, stacked.shape[1])
-    s, vt = ldexp(s[:r], exponent), vt[:r]
-    rows = torch.arange(r, device=vt.device)
-    # row-major, as pca_fit's: the layout of the components changes the matrix products'
-    # kernels, and with them the bits of the scores (batch invariance)
-    vt = (vt * torch.sign(vt[rows, vt.abs().argmax(1)])[:, None]).contiguous()
-    return n, mean_a + delta * (n_b / n), s, vt
 
 
 def _beyond_range(what: str) -> ValueError:

@@ -11,6 +11,7 @@ as :func:`pca_transform`'s), traceable and exportable to ONNX.
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -102,6 +103,37 @@ def _resolve_n_components(n_components, ratio: torch.Tensor, max_components: int
     fraction = torch.tensor(float(n_components), dtype=cumsum.dtype, device=cumsum.device)
     k = int(torch.searchsorted(cumsum, fraction, right=True)) + 1
     return min(k, max_components)
+
+
+def _merge_moments(a, b):
+    """Count, mean and factorised centred scatter of two sets of samples together.
+
+    ``a`` and ``b`` are ``(n, mean, root)``: a count, a mean (d,) and a root ``R`` of the
+    centred scatter, ``R.T @ R = sum (x - mean)(x - mean)^T`` (the centred samples
+    themselves, or ``diag(s) @ vt``). Returns ``(n, mean, s, vt)`` with ``vt`` (r, d)
+    orthonormal rows by decreasing ``s`` (r,), ``r = min(n, d)``, such that the scatter
+    of the union is ``vt.T @ diag(s**2) @ vt``: the thin SVD of the centred union, as
+    :func:`~skanomaly.functional.pca_fit` computes it (signs included), from the update
+    of Chan, Golub & LeVeque, ``M2 = M2_a + M2_b + n_a n_b / n delta delta^T``, in
+    factorised form (the rows ``R_a``, ``R_b`` and ``sqrt(n_a n_b / n) delta`` stacked,
+    then one SVD at unit scale, an exact power of two).
+    """
+    (n_a, mean_a, root_a), (n_b, mean_b, root_b) = a, b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    stacked = torch.cat([root_a, root_b, (delta * math.sqrt(n_a * n_b / n))[None]])
+    exponent = max_abs_exponent(stacked)
+    try:
+        _, s, vt = torch.linalg.svd(ldexp(stacked, -exponent), full_matrices=False)
+    except torch.linalg.LinAlgError as exc:  # pragma: no cover - LAPACK non-convergence
+        raise ValueError(f"the SVD of the merged moments did not converge ({exc})") from exc
+    r = min(n, stacked.shape[1])
+    s, vt = ldexp(s[:r], exponent), vt[:r]
+    rows = torch.arange(r, device=vt.device)
+    # row-major, as pca_fit's: the layout of the components changes the matrix products'
+    # kernels, and with them the bits of the scores (batch invariance)
+    vt = (vt * torch.sign(vt[rows, vt.abs().argmax(1)])[:, None]).contiguous()
+    return n, mean_a + delta * (n_b / n), s, vt
 
 
 def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
