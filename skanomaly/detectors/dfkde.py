@@ -484,15 +484,8 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
                                         _batch_moments(ldexp(vectors, -e)))
         max_abs = max(self._largest_seen, float(vectors.abs().max()))
 
-        exponent = max_abs_exponent(reservoir) - 1
-        self._reset_device_cache()
-        self._build(reservoir, exponent, ldexp(mean, e - exponent), ldexp(s, e - exponent),
-                    vt, n_pca=n, max_abs=max_abs)
-        self._moments = (n, _to_numpy(mean), _to_numpy(s), _to_numpy(vt), e)
-        self._reservoir = _to_numpy(reservoir)
-        self.kde_indices_ = indices
+        self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
         self.n_samples_seen_ = n_before + n_batch
-        self._largest_seen = max_abs
         self._next_seed = _draw_seed(generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -578,6 +571,18 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
                                 "coordinates to be represented in float64")
         return -(self._kde().logpdf(self._kde_points(z)) + self._log_unit())
 
+    def _set_streamed_state(self, n, mean, s, vt, e, reservoir, indices, max_abs) -> None:
+        """Rebuild the model from merged PCA moments (at scale ``2**e``) and a reservoir,
+        and keep both for the next merge (``partial_fit`` and ``_merge_partial``)."""
+        exponent = max_abs_exponent(reservoir) - 1
+        self._reset_device_cache()
+        self._build(reservoir, exponent, ldexp(mean, e - exponent), ldexp(s, e - exponent),
+                    vt, n_pca=n, max_abs=max_abs)
+        self._moments = (n, _to_numpy(mean), _to_numpy(s), _to_numpy(vt), e)
+        self._reservoir = _to_numpy(reservoir)
+        self.kde_indices_ = indices
+        self._largest_seen = max_abs
+
     def _merge_partial(self, other: DFKDEDetector) -> None:
         """Fold the fit of ``other`` (on other samples) into this one, in place.
 
@@ -608,14 +613,8 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         reservoir = torch.as_tensor(np.concatenate([self._reservoir[pick_a],
                                                     other._reservoir[pick_b]]), **f64)
         max_abs = max(self._largest_seen, other._largest_seen)
-        exponent = max_abs_exponent(reservoir) - 1
-        self._reset_device_cache()
-        self._build(reservoir, exponent, ldexp(mean, e - exponent), ldexp(s, e - exponent),
-                    vt, n_pca=n, max_abs=max_abs)
-        self._moments = (n, _to_numpy(mean), _to_numpy(s), _to_numpy(vt), e)
-        self._reservoir = _to_numpy(reservoir)
-        self.kde_indices_ = np.concatenate([self.kde_indices_[pick_a],
-                                            other.kde_indices_[pick_b]]).astype(np.int64)
+        indices = np.concatenate([self.kde_indices_[pick_a],
+                                  other.kde_indices_[pick_b]]).astype(np.int64)
+        self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
         self.n_samples_seen_ = n_a + n_b
-        self._largest_seen = max_abs
         self._next_seed = _draw_seed(generator)
