@@ -1,6 +1,7 @@
 """The whole pipeline, backbone included, timed side by side with anomalib's torch models.
 
-skanomaly's ``make_pipeline(FeatureExtractor, <Detector>)`` against anomalib 2.x's
+skanomaly's ``make_anomaly_pipeline(FeatureExtractor, <Detector>)`` (fused: the features
+stay tensors on the device, one pass gives scores and maps) against anomalib 2.x's
 ``PadimModel``, ``PatchcoreModel`` (with ``subsample_embedding``) and ``DFMModel`` on the
 same images (the bundled brick tiles of :func:`skanomaly.datasets.load_textures`), the
 same backbone architecture with the SAME weights (resnet18, random initialisation seeded
@@ -24,7 +25,12 @@ this runner exits with a message saying so.
 Usage::
 
     python benchmarks/end_to_end.py            # 100 train / 40 test tiles at 224 px
+    python benchmarks/end_to_end.py --large    # 1,000 train / 200 test at 256 px (PaDiM, DFM)
     python benchmarks/end_to_end.py --quick    # tiny sizes (the test suite's smoke run)
+
+Peak memory beside each fit and predict row, from one extra untimed run of each side:
+the host's resident set size above its level before the run (sampled every 2 ms), and
+``torch.cuda.max_memory_allocated`` on CUDA.
 """
 
 from __future__ import annotations
@@ -89,9 +95,15 @@ class Sizes:
 PRESETS = {
     "full": Sizes(n_train=100, n_test=40, image=224, padim_features=100, coreset_ratio=0.1,
                   batch_size=32, kernel=(200, 100, 56), gemm=4096, bandwidth_bytes=2**30),
+    "large": Sizes(n_train=1000, n_test=200, image=256, padim_features=100,
+                   coreset_ratio=0.1, batch_size=32, kernel=(1000, 100, 64), gemm=4096,
+                   bandwidth_bytes=2**30),
     "quick": Sizes(n_train=10, n_test=4, image=64, padim_features=20, coreset_ratio=0.1,
                    batch_size=4, kernel=(24, 12, 8), gemm=256, bandwidth_bytes=2**22),
 }
+#: cases a preset runs when --only is not given: anomalib's PatchCore k-center over the
+#: large preset's 4 million patches runs for hours on 2 cores
+DEFAULT_CASES = {"large": ("padim", "dfm", "transform")}
 
 
 def _import_anomalib():
@@ -160,6 +172,45 @@ def profile_top(fn: Callable[[], object], top: int = 12) -> dict:
     return {"torch_ops": torch_ops, "python": python, "python_total_ms": total * 1e3}
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak memory of one run of ``fn``: host RSS above its level before the run, in MiB,
+    sampled every 2 ms by a thread (psutil), and on CUDA ``max_memory_allocated``."""
+    import gc
+    import threading
+
+    import psutil
+
+    gc.collect()
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.002)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_alloc = torch.cuda.memory_allocated(device)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+        synchronize(device)
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    out = {"rss_mib": (peak[0] - base) / 2**20}
+    if device.type == "cuda":
+        out["cuda_mib"] = (torch.cuda.max_memory_allocated(device) - start_alloc) / 2**20
+    del result
+    return out
+
+
 # --------------------------------------------------------------------------- rows
 
 @dataclass
@@ -177,6 +228,7 @@ class Row:
     target_ratio: float | None = None  # peer / sk must reach this
     met: bool | None = None
     fraction_of_peak: float | None = None  # of the fp64 GEMM peak (kernel row)
+    memory: dict = field(default_factory=dict)  # side -> peak_memory(...) of one run
     checks: dict = field(default_factory=dict)
     times: dict = field(default_factory=dict)  # every timed run, both sides
 
@@ -309,12 +361,9 @@ def _peer_predict(ctx: Context, model):
 
 
 def _sk_predict(ctx: Context, pipe):
-    """What a user of the pipeline runs: features once, then scores and maps at image size."""
-    features = pipe[:-1].transform(ctx.x_test)
-    detector = pipe[-1]
-    scores = detector.score_samples(features)
-    maps = detector.anomaly_map(features, output_size=ctx.sizes.image)
-    return scores, maps
+    """What a user of the pipeline runs: scores and maps at image size from one pass of
+    the fused pipeline (``AnomalyPipeline.score_and_map``)."""
+    return pipe.score_and_map(ctx.x_test, output_size=ctx.sizes.image)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -332,12 +381,12 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def _pipeline_rows(ctx: Context, name: str, layers, detail: str, detector, build, finish,
                    compare) -> list[Row]:
     """Fit and predict rows of one pipeline, skanomaly beside anomalib."""
-    from sklearn.pipeline import make_pipeline
+    from skanomaly import make_anomaly_pipeline
 
     s = ctx.sizes
 
     def sk_fit():
-        return make_pipeline(_extractor(ctx, layers), detector()).fit(ctx.x_train)
+        return make_anomaly_pipeline(_extractor(ctx, layers), detector()).fit(ctx.x_train)
 
     sk_fit_s, pipe, sk_fit_runs = ctx.time(sk_fit)
     peer_fit_s, model, peer_fit_runs = ctx.time(lambda: _peer_fit(ctx, lambda: build(pipe),
@@ -363,6 +412,11 @@ def _pipeline_rows(ctx: Context, name: str, layers, detail: str, detector, build
     })
     for row in (fit, pred):
         row.judge()
+    fit.memory = {"skanomaly": peak_memory(sk_fit, ctx.device),
+                  "anomalib": peak_memory(lambda: _peer_fit(ctx, lambda: build(pipe), finish),
+                                          ctx.device)}
+    pred.memory = {"skanomaly": peak_memory(lambda: _sk_predict(ctx, pipe), ctx.device),
+                   "anomalib": peak_memory(lambda: _peer_predict(ctx, model), ctx.device)}
     row_profiles = {}
     if ctx.profile:
         if not fit.met:
@@ -407,7 +461,8 @@ def _module_predict_row(ctx: Context, name: str, pipe, pred: Row, sk_maps, pa_ma
             return torch.cat(scores).cpu().numpy(), torch.cat(maps).cpu().numpy()
 
         row.skanomaly_s, (_, maps), row.times["skanomaly"] = ctx.time(predict)
-        row.checks.update({"map_max_rel_diff_vs_estimator": _rel(maps, sk_maps),
+        row.checks.update({"estimator_over_module": pred.skanomaly_s / row.skanomaly_s,
+                           "map_max_rel_diff_vs_estimator": _rel(maps, sk_maps),
                            "map_corr_vs_anomalib": _corr(maps, pa_maps)})
     except Exception as exc:  # the export module is optional here: report, do not fail
         row.checks["error"] = f"{type(exc).__name__}: {exc}"
@@ -520,7 +575,9 @@ def case_transform(ctx: Context) -> list[Row]:
     s = ctx.sizes
     x = ctx.x_train
     fe = _extractor(ctx, PADIM_LAYERS).fit(x[:1])
-    sk_s, z, sk_runs = ctx.time(lambda: fe.transform(x))
+    x_tensor = torch.from_numpy(x)  # tensor in, tensor out: the features skip numpy
+    sk_s, z_tensor, sk_runs = ctx.time(lambda: fe.transform(x_tensor))
+    numpy_s, z, numpy_runs = ctx.time(lambda: fe.transform(x))
     floor = _floor(ctx, x)
     net = _raw_backbone(ctx)
     keep = np.sort(np.random.default_rng(ctx.seed).permutation(z.shape[1])[:s.padim_features])
@@ -562,12 +619,14 @@ def case_transform(ctx: Context) -> list[Row]:
 
     naive_s, z_naive, naive_runs = ctx.time(lambda: naive(3))
     row = Row("FeatureExtractor.transform", f"{s.n_train} images, {s.image} px, "
-              f"{BACKBONE} {'-'.join(PADIM_LAYERS)}, batch {s.batch_size}", sk_s,
-              "raw torchvision forward to layer3", floor, n_images=s.n_train, floor_s=floor,
-              target="sk / raw <= 1.15", target_ratio=1 / 1.15,
-              times={"skanomaly": sk_runs, "naive": naive_runs})
-    row.checks = {"naive_forward_upsample_concat_numpy_s": naive_s,
+              f"{BACKBONE} {'-'.join(PADIM_LAYERS)}, batch {s.batch_size}, tensor out",
+              sk_s, "raw torchvision forward to layer3", floor, n_images=s.n_train,
+              floor_s=floor, target="sk / raw <= 1.15", target_ratio=1 / 1.15,
+              times={"skanomaly": sk_runs, "naive": naive_runs, "numpy_out": numpy_runs})
+    row.checks = {"numpy_out_s": numpy_s,
+                  "naive_forward_upsample_concat_numpy_s": naive_s,
                   "naive_equals_transform": bool(np.array_equal(z, z_naive)),
+                  "tensor_equals_numpy": bool(np.array_equal(z_tensor.numpy(), z)),
                   "output_mib": z.nbytes / 2**20}
     row.judge()
     if ctx.profile and not row.met:
@@ -632,6 +691,17 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
+def _fmt_memory(memory: dict) -> str:
+    """'host RSS sk / peer MiB' (and CUDA allocated) of a row's peak_memory entries."""
+    if not memory:
+        return "-"
+    sk, peer = memory.get("skanomaly", {}), memory.get("anomalib", {})
+    text = f"RSS {sk.get('rss_mib', 0):.0f} / {peer.get('rss_mib', 0):.0f} MiB"
+    if "cuda_mib" in sk:
+        text += f"; CUDA {sk['cuda_mib']:.0f} / {peer.get('cuda_mib', 0):.0f} MiB"
+    return text
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -666,8 +736,8 @@ def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: di
         "for batch.",
         "",
         "| case | size | skanomaly | peer | peer time | peer / sk | target | met | "
-        "sk images/s | peer images/s | floor | sk / floor | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "sk images/s | peer images/s | floor | sk / floor | peak memory sk / peer | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
@@ -681,7 +751,7 @@ def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: di
         text = "; ".join(f"{k}={_fmt(v)}" for k, v in checks.items())
         lines.append(f"| {r.case} | {r.size} | {_fmt_s(r.skanomaly_s)} | {r.peer} | "
                      f"{_fmt_s(r.peer_s)} | {ratio} | {r.target} | {met} | {ips} | {pips} | "
-                     f"{_fmt_s(r.floor_s)} | {over} | {text} |")
+                     f"{_fmt_s(r.floor_s)} | {over} | {_fmt_memory(r.memory)} | {text} |")
     for case, stages in breakdowns.items():
         base = next(iter(stages.values()))
         lines += ["", f"## {case}: the gap stage by stage (medians, timed in turns)", "",
@@ -709,6 +779,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", dest="sizes", action="store_const", const="quick",
                    help="tiny sizes (10 train / 4 test tiles at 64 px)")
+    p.add_argument("--large", dest="sizes", action="store_const", const="large",
+                   help="1,000 train / 200 test tiles at 256 px (PaDiM, DFM and transform "
+                        "unless --only says otherwise)")
     p.add_argument("--only", action="append", choices=sorted(CASES), metavar="NAME",
                    help=f"run only this case (repeatable): {', '.join(CASES)}")
     p.add_argument("--repeat", type=int, default=3,
@@ -765,7 +838,7 @@ def _run(args: argparse.Namespace, device: torch.device, peers: dict) -> int:
     ctx.state_dict = _extractor(ctx, PADIM_LAYERS).fit(data.X_train[:1]).model_.state_dict()
 
     rows, errors = [], {}
-    for name in args.only or CASES:
+    for name in args.only or DEFAULT_CASES.get(args.sizes, CASES):
         t0 = time.perf_counter()
         try:
             new = CASES[name](ctx)

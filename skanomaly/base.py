@@ -178,6 +178,27 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _like_input(X, t: torch.Tensor):
+    """``t`` in the namespace and on the device of the user's input ``X``.
+
+    scikit-learn's Array API convention: a :class:`torch.Tensor` in gives a tensor out
+    on that tensor's device (one transfer at the end, none when the detector computes
+    there); anything else gives a numpy array. Floating results are float64 either way.
+    """
+    if t.is_floating_point():
+        t = t.to(torch.float64)
+    if isinstance(X, torch.Tensor):
+        return t.to(X.device)
+    return _to_numpy(t)
+
+
+def _predict_labels(decision):
+    """+1 where ``decision >= 0``, else -1: an int64 tensor for a tensor, else numpy."""
+    if isinstance(decision, torch.Tensor):
+        return torch.where(decision < 0, -1, 1)
+    return np.where(decision < 0, -1, 1)
+
+
 #: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
 _OFFSET_RECORD = 2048
 
@@ -586,6 +607,56 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             raise
         return self
 
+    def _fit_features(self, X: torch.Tensor, input_shape) -> BaseDetector:
+        """``fit`` on features a pipeline's extractor computed on the device: ``X`` holds
+        the channels of :meth:`_fit_channels` (all when None) of input of per-sample
+        shape ``input_shape``. Finite by the extractor's check; the detector's own
+        parameter, range and sample checks run here.
+        """
+        self._validate_params()
+        self._clear_fitted_state()
+        try:
+            self._reset_device_cache()
+            self._check_range(X, fit=True)
+            self.input_shape_ = tuple(int(s) for s in input_shape)
+            self.n_features_in_ = self.input_shape_[0]
+            self._fit(X)
+            self._set_offset(*self._out_of_sample_scores(X))
+        except BaseException:
+            self._clear_fitted_state()
+            raise
+        return self
+
+    def _fit_channels(self, n_channels: int):
+        """Sorted indices of the ``n_channels`` input channels that ``fit`` reads, or
+        None (all): a pipeline's extractor computes only these (PaDiM's subset)."""
+        return None
+
+    def _input_channels(self):
+        """Sorted indices of the input channels that scoring reads, or None (all)."""
+        return None
+
+    def _check_features(self, X: torch.Tensor) -> torch.Tensor:
+        """Score-time checks of device features of a pipeline's extractor (finite by its
+        check): per-sample shape, with only :meth:`_input_channels` present, and range."""
+        channels = self._input_channels()
+        expected = tuple(self.input_shape_)
+        got = (expected[0] if channels is not None and X.shape[1] == len(channels)
+               else int(X.shape[1]), *(int(s) for s in X.shape[2:]))
+        if got != expected:
+            raise ValueError(
+                f"the feature extractor gives maps of per-sample shape {got}, but "
+                f"{type(self).__name__} was fitted on shape {expected}: score images of "
+                "the size the pipeline was fitted on")
+        if self._range_can_fail(X.dtype):
+            self._check_range(X, fit=False)
+        return X
+
+    def _range_can_fail(self, dtype: torch.dtype) -> bool:
+        """Whether values of ``dtype`` can lie outside what the kernels represent."""
+        info = torch.finfo(dtype)
+        return info.max > self._max_abs or info.tiny < self._min_max_abs
+
     def _out_of_sample_scores(self, X: torch.Tensor):
         """Anomaly scores of the training samples ``X`` by models that did not see them.
 
@@ -664,7 +735,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         >>> bool(abs((det.predict(rng.normal(size=(5000, 2))) == -1).mean() - 0.2) < 0.03)
         True
         """
-        normality = self.score_samples(X)
+        return self._set_held_out_offset(self.score_samples(X))
+
+    def _set_held_out_offset(self, normality):
+        """``offset_`` from normality scores of held-out normal samples (numpy or tensor)."""
+        if isinstance(normality, torch.Tensor):  # the scores alone come to the host
+            normality = _to_numpy(normality)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = "held-out"
         return self
@@ -679,16 +755,18 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        scores : ndarray of shape (n_samples,), float64
-            The negated anomaly score of each sample (a dask array, computed block by
-            block, for a dask ``X``; so for ``decision_function`` and ``predict``).
+        scores : ndarray or torch.Tensor of shape (n_samples,), float64
+            The negated anomaly score of each sample: a tensor on ``X``'s device for a
+            tensor ``X`` (scikit-learn's Array API convention), a dask array computed
+            block by block for a dask ``X``, else a numpy array. So for
+            ``decision_function`` and ``predict``.
         """
         check_is_fitted(self)
         if is_dask_array(X):  # a dask array, scored block by block
             from ._dask import map_samples
             return map_samples(self, "score_samples", X, (), np.float64)
         Xt = self._validate_input(X, reset=False)
-        return -_to_numpy(self._blockwise(self._score, Xt)).astype(np.float64)
+        return _like_input(X, -self._blockwise(self._score, Xt).to(torch.float64))
 
     def decision_function(self, X):
         """Shifted normality score: negative for outliers, positive for inliers.
@@ -700,8 +778,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        decision : ndarray of shape (n_samples,), float64
-            ``score_samples(X) - offset_``.
+        decision : ndarray or torch.Tensor of shape (n_samples,), float64
+            ``score_samples(X) - offset_`` (a tensor on ``X``'s device for a tensor ``X``).
         """
         return self.score_samples(X) - self.offset_
 
@@ -715,10 +793,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        labels : ndarray of shape (n_samples,), int
-            +1 where ``decision_function(X) >= 0``, else -1.
+        labels : ndarray or torch.Tensor of shape (n_samples,), int
+            +1 where ``decision_function(X) >= 0``, else -1 (an int64 tensor on ``X``'s
+            device for a tensor ``X``).
         """
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return _predict_labels(self.decision_function(X))
 
     # ------------------------------------------------------ fitted modules
     def _torch_module(self, device=None, dtype=torch.float64) -> torch.nn.Module:
@@ -872,25 +951,103 @@ class BaseSpatialDetector(BaseDetector):
 
         Returns
         -------
-        maps : ndarray of shape (n_samples, H, W) or (n_samples, height, width), float64
-            Higher = more anomalous.
+        maps : ndarray or torch.Tensor of shape (n_samples, H, W) or (n_samples, height, width)
+            Higher = more anomalous; float64, a tensor on ``X``'s device for a tensor
+            ``X``.
         """
-        from .anomaly_map import postprocess_anomaly_map
-
         check_is_fitted(self)
         if is_dask_array(X):  # a dask array, mapped block by block
             from ._dask import map_samples, map_shape
             return map_samples(self, "anomaly_map", X, map_shape(self, output_size),
                                np.float64, output_size=output_size, sigma=sigma)
         Xt = self._validate_input(X, reset=False)
+        post = self._map_postprocess(output_size, sigma)
+        return _like_input(X, self._blockwise(lambda x: post(self._anomaly_map(x)), Xt))
 
-        def maps_of(x):
-            maps = self._anomaly_map(x)
-            if output_size is not None:
-                maps = postprocess_anomaly_map(maps, output_size, sigma=sigma)
-            return maps
+    def score_and_map(self, X, output_size=None, sigma=4.0):
+        """``score_samples(X)`` and ``anomaly_map(X, output_size, sigma)`` from one pass.
 
-        return _to_numpy(self._blockwise(maps_of, Xt)).astype(np.float64)
+        The detector's scoring runs once per block of samples and gives both results,
+        as anomalib's torch models return ``pred_score`` and ``anomaly_map`` from one
+        forward; each equals what its own method returns, bitwise.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Feature maps shaped as in ``fit``.
+        output_size : int or (int, int), optional
+            Map size (height, width) in pixels, as in :meth:`anomaly_map`.
+        sigma : float, default=4.0
+            Blur standard deviation in output pixels; used only with ``output_size``.
+
+        Returns
+        -------
+        scores : ndarray or torch.Tensor of shape (n_samples,), float64
+            Higher = more normal (:meth:`score_samples`).
+        maps : ndarray or torch.Tensor of shape (n_samples, H, W) or (n_samples, height, width)
+            Higher = more anomalous (:meth:`anomaly_map`), float64. Both are tensors on
+            ``X``'s device for a tensor ``X``, else numpy arrays.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If ``X`` is invalid (see :meth:`score_samples`), or ``output_size`` or
+            ``sigma`` is (see :func:`~skanomaly.anomaly_map.postprocess_anomaly_map`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import PaDiMDetector
+        >>> X = np.random.default_rng(0).normal(size=(30, 6, 4, 4))
+        >>> det = PaDiMDetector(random_state=0, device="cpu").fit(X)
+        >>> scores, maps = det.score_and_map(X[:3], output_size=16)
+        >>> scores.shape, maps.shape
+        ((3,), (3, 16, 16))
+        >>> bool((scores == det.score_samples(X[:3])).all())
+        True
+        """
+        check_is_fitted(self)
+        Xt = self._validate_input(X, reset=False)
+        scores, maps = self._score_and_map_blockwise(Xt, output_size, sigma)
+        return _like_input(X, scores), _like_input(X, maps)
+
+    def _score_and_map_blockwise(self, Xt: torch.Tensor, output_size, sigma):
+        """(normality scores, maps) of validated ``Xt`` in fixed-shape blocks."""
+        post = self._map_postprocess(output_size, sigma)
+        n_scores = Xt.shape[0]
+
+        def both(x):
+            scores, maps = self._score_and_map(x)
+            # one tensor per block, so that _blockwise keeps both batch-invariant
+            return torch.cat([scores.to(torch.float64)[:, None],
+                              post(maps).to(torch.float64).flatten(1)], dim=1)
+
+        out = self._blockwise(both, Xt)
+        maps = out[:, 1:].reshape(n_scores, *self._map_shape(Xt, output_size))
+        return -out[:, 0], maps
+
+    @staticmethod
+    def _map_shape(Xt: torch.Tensor, output_size):
+        if output_size is None:
+            return tuple(Xt.shape[2:])
+        return (output_size, output_size) if isinstance(output_size, Integral) else tuple(
+            int(s) for s in output_size)
+
+    @staticmethod
+    def _map_postprocess(output_size, sigma):
+        """maps -> maps at ``output_size`` (upsampled and blurred), or unchanged for None."""
+        from .anomaly_map import postprocess_anomaly_map
+
+        if output_size is None:
+            return lambda maps: maps
+        return lambda maps: postprocess_anomaly_map(maps, output_size, sigma=sigma)
+
+    def _score_and_map(self, X: torch.Tensor):
+        """(anomaly scores (n,), maps (n, H, W)) of validated ``X``: both from one pass
+        where the detector overrides this; by default ``_score`` and ``_anomaly_map``."""
+        return self._score(X), self._anomaly_map(X)
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

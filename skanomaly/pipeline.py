@@ -4,14 +4,24 @@
 ``model.anomaly_map(X)``: :class:`AnomalyPipeline` is a ``Pipeline`` (same parameters,
 ``clone``, ``get_params``, grid search) with the detector's :meth:`anomaly_map` and
 :meth:`calibrate` reached through the earlier steps.
+
+A pipeline of a :class:`~skanomaly.features.FeatureExtractor` then a skanomaly detector
+over feature maps runs FUSED: images go to the device once, batch by batch; the features
+stay there as tensors from the extractor to the detector (no numpy in between), the
+extractor computes only the channels the detector reads (PaDiM's ``feature_indices_``,
+selected before any resizing), and only scores and maps leave. The results are those of
+the step-by-step pipeline, bitwise.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
+
+from ._dask import is_dask_array
 
 __all__ = ["AnomalyPipeline", "make_anomaly_pipeline"]
 
@@ -52,6 +62,22 @@ class AnomalyPipeline(Pipeline):
     make_anomaly_pipeline : Build one from estimators, naming the steps.
     skanomaly.export.to_torch : The fitted pipeline as one torch module.
 
+    Notes
+    -----
+    With exactly two steps, a :class:`~skanomaly.features.FeatureExtractor` then a
+    skanomaly detector that takes feature maps (PaDiM, PatchCore, DFM, DFKDE), ``fit``,
+    ``score_samples``, ``decision_function``, ``predict``, :meth:`anomaly_map`,
+    :meth:`score_and_map` and :meth:`calibrate` run fused: the images of each batch go
+    to the extractor's device once, the features go to the detector's device as tensors
+    (never through numpy), the extractor computes only the channels the detector keeps
+    (PaDiM's random subset, selected before the layers are resized to a common grid),
+    and only the scores and maps come back: numpy for numpy input, tensors on the
+    input's device for tensor input. ``fit`` holds the training features of the kept
+    channels on the detector's device (the out-of-sample scores that set ``offset_``
+    need them), never the full N x all-channels array. Other pipelines (more steps,
+    ``memory``, dask input, routed ``**params``) run step by step as
+    :class:`~sklearn.pipeline.Pipeline` does.
+
     Examples
     --------
     >>> import numpy as np
@@ -65,6 +91,150 @@ class AnomalyPipeline(Pipeline):
     >>> model.anomaly_map(X[:2], output_size=16).shape
     (2, 16, 16)
     """
+
+    # ------------------------------------------------------------ fused path
+    def _fused_steps(self, X=None):
+        """(extractor, detector) when this pipeline runs fused on ``X``, else None."""
+        from .base import BaseDetector
+        from .features import FeatureExtractor
+
+        if len(self.steps) != 2 or self.memory is not None or is_dask_array(X):
+            return None
+        extractor, detector = self.steps[0][1], self.steps[1][1]
+        if (isinstance(extractor, FeatureExtractor) and isinstance(detector, BaseDetector)
+                and detector._sample_ndim > 1):
+            return extractor, detector
+        return None
+
+    def fit(self, X, y=None, **params):
+        """Fit the steps on ``X`` (fused where possible: see the class Notes).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Training input of the first step: images (n_samples, C, H, W).
+        y : Ignored
+            Not used, present for API consistency.
+        **params : dict
+            Routed to the steps as by :meth:`sklearn.pipeline.Pipeline.fit` (the
+            pipeline then runs step by step).
+
+        Returns
+        -------
+        self : AnomalyPipeline
+            The fitted pipeline.
+        """
+        fused = None if params else self._fused_steps(X)
+        if fused is None:
+            return super().fit(X, y, **params)
+        extractor, detector = fused
+        self._validate_steps()
+        extractor._validate_params()
+        detector._validate_params()
+        Xv = extractor._fit(X)
+        shape = extractor.feature_shape_
+        channels = detector._fit_channels(shape[0])
+        device = detector._device()
+        features = torch.cat([f for _, f in extractor._feature_batches(Xv, channels, device)])
+        detector._fit_features(features, shape)
+        return self
+
+    def _fused_pass(self, fused, X, what, output_size=None, sigma=4.0):
+        """Anomaly scores and/or maps of ``X`` through the fused steps (tensors on the
+        detector's device): ``what`` is "scores", "maps" or "both"."""
+        extractor, detector = fused
+        check_is_fitted(detector)
+        Xv = extractor._validate_input(X, reset=False)
+        post = detector._map_postprocess(output_size, sigma) if what != "scores" else None
+        scores, maps = [], []
+        for _, features in extractor._feature_batches(Xv, detector._input_channels(),
+                                                      detector._device()):
+            features = detector._check_features(features)
+            if what == "scores":
+                scores.append(-detector._blockwise(detector._score, features).to(
+                    torch.float64))
+            elif what == "maps":
+                maps.append(detector._blockwise(lambda x: post(detector._anomaly_map(x)),
+                                                features))
+            else:
+                s, m = detector._score_and_map_blockwise(features, output_size, sigma)
+                scores.append(s)
+                maps.append(m)
+        return (torch.cat(scores) if scores else None), (torch.cat(maps) if maps else None)
+
+    def _default_size(self, X, output_size):
+        from .features import FeatureExtractor
+
+        if output_size is None and isinstance(self.steps[0][1], FeatureExtractor):
+            return _image_size(X)
+        return output_size
+
+    @available_if(_final_has("score_samples"))
+    def score_samples(self, X, **params):
+        """Normality scores of ``X`` through the steps (higher = more normal).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+        **params : dict
+            Routed as by :meth:`sklearn.pipeline.Pipeline.score_samples`.
+
+        Returns
+        -------
+        scores : ndarray or torch.Tensor of shape (n_samples,), float64
+            A tensor on ``X``'s device for a tensor ``X``, else numpy.
+        """
+        fused = None if params else self._fused_steps(X)
+        if fused is None:
+            return super().score_samples(X, **params)
+        from .base import _like_input
+
+        return _like_input(X, self._fused_pass(fused, X, "scores")[0])
+
+    @available_if(_final_has("decision_function"))
+    def decision_function(self, X, **params):
+        """``score_samples(X) - offset_`` of the detector, through the steps.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+        **params : dict
+            Routed as by :meth:`sklearn.pipeline.Pipeline.decision_function`.
+
+        Returns
+        -------
+        decision : ndarray or torch.Tensor of shape (n_samples,), float64
+            Negative for outliers; a tensor on ``X``'s device for a tensor ``X``.
+        """
+        fused = None if params else self._fused_steps(X)
+        if fused is None:
+            return super().decision_function(X, **params)
+        return self.score_samples(X) - fused[1].offset_
+
+    @available_if(_final_has("predict"))
+    def predict(self, X, **params):
+        """+1 (inlier) / -1 (outlier) for each sample of ``X``, through the steps.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+        **params : dict
+            Routed as by :meth:`sklearn.pipeline.Pipeline.predict`.
+
+        Returns
+        -------
+        labels : ndarray or torch.Tensor of shape (n_samples,), int
+            A tensor on ``X``'s device for a tensor ``X``, else numpy.
+        """
+        fused = None if params else self._fused_steps(X)
+        if fused is None:
+            return super().predict(X, **params)
+        from .base import _predict_labels
+
+        return _predict_labels(self.decision_function(X))
 
     @available_if(_final_has("anomaly_map"))
     def anomaly_map(self, X, output_size=None, sigma=4.0):
@@ -85,9 +255,9 @@ class AnomalyPipeline(Pipeline):
 
         Returns
         -------
-        maps : ndarray of shape (n_samples, height, width), float64
+        maps : ndarray or torch.Tensor of shape (n_samples, height, width), float64
             Higher = more anomalous; ``self[-1].anomaly_map(self[:-1].transform(X),
-            output_size, sigma)``.
+            output_size, sigma)``. A tensor on ``X``'s device for a tensor ``X``.
 
         Raises
         ------
@@ -97,13 +267,71 @@ class AnomalyPipeline(Pipeline):
             If ``X`` is invalid for the first step, or ``output_size``/``sigma`` for
             the detector.
         """
-        from .features import FeatureExtractor
-
         check_is_fitted(self)
-        if output_size is None and isinstance(self.steps[0][1], FeatureExtractor):
-            output_size = _image_size(X)
+        output_size = self._default_size(X, output_size)
+        fused = self._fused_steps(X)
+        if fused is not None:
+            from .base import _like_input
+
+            return _like_input(X, self._fused_pass(fused, X, "maps", output_size, sigma)[1])
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.anomaly_map(Xt, output_size=output_size, sigma=sigma)
+
+    @available_if(_final_has("score_and_map"))
+    def score_and_map(self, X, output_size=None, sigma=4.0):
+        """Scores and maps of ``X`` from one pass through the steps.
+
+        What anomalib's torch models return from one forward (``pred_score``,
+        ``anomaly_map``): ``(score_samples(X), anomaly_map(X, output_size, sigma))``,
+        each equal to its own method's result, for the cost of one.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step: images (n_samples, C, H, W).
+        output_size : int, (int, int) or None, default=None
+            As in :meth:`anomaly_map` (None: the input image size).
+        sigma : float, default=4.0
+            As in :meth:`anomaly_map`.
+
+        Returns
+        -------
+        scores : ndarray or torch.Tensor of shape (n_samples,), float64
+            Higher = more normal.
+        maps : ndarray or torch.Tensor of shape (n_samples, height, width), float64
+            Higher = more anomalous. Both tensors on ``X``'s device for a tensor ``X``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the pipeline is not fitted.
+        ValueError
+            If ``X`` is invalid for the first step, or ``output_size``/``sigma`` for
+            the detector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import FeatureExtractor, PaDiMDetector, make_anomaly_pipeline
+        >>> X = np.random.default_rng(0).random((12, 3, 32, 32), dtype=np.float32)
+        >>> model = make_anomaly_pipeline(FeatureExtractor(random_state=0),
+        ...                               PaDiMDetector(n_features=20, random_state=0))
+        >>> scores, maps = model.fit(X).score_and_map(X[:2])
+        >>> scores.shape, maps.shape
+        ((2,), (2, 32, 32))
+        >>> bool((scores == model.score_samples(X[:2])).all())
+        True
+        """
+        check_is_fitted(self)
+        output_size = self._default_size(X, output_size)
+        fused = self._fused_steps(X)
+        if fused is not None:
+            from .base import _like_input
+
+            scores, maps = self._fused_pass(fused, X, "both", output_size, sigma)
+            return _like_input(X, scores), _like_input(X, maps)
+        Xt = self[:-1].transform(X) if len(self) > 1 else X
+        return self._final_estimator.score_and_map(Xt, output_size=output_size, sigma=sigma)
 
     @available_if(_final_has("calibrate"))
     def calibrate(self, X, y=None):
@@ -132,7 +360,50 @@ class AnomalyPipeline(Pipeline):
         from .base import calibrate
 
         check_is_fitted(self)
+        fused = self._fused_steps(X)
+        if fused is not None:
+            fused[1]._set_held_out_offset(self._fused_pass(fused, X, "scores")[0])
+            return self
         return calibrate(self, X)
+
+    def partial_fit(self, X, y=None):
+        """Update the pipeline with one more batch of (mostly) normal input.
+
+        The extractor is fitted on the first batch (its backbone is built once); each
+        batch's features go to the detector's ``partial_fit`` as tensors on its device.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            A batch of images (n_samples, C, H, W) of the size of the first batch.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : AnomalyPipeline
+            The updated pipeline.
+
+        Raises
+        ------
+        TypeError
+            If the pipeline is not a FeatureExtractor then a detector with
+            ``partial_fit``.
+        ValueError
+            If the batch is invalid for the extractor or the detector.
+        """
+        fused = self._fused_steps(X)
+        if fused is None or not hasattr(fused[1], "partial_fit"):
+            raise TypeError("AnomalyPipeline.partial_fit needs two steps: a "
+                            "FeatureExtractor, then a skanomaly detector over feature maps")
+        extractor, detector = fused
+        if not hasattr(extractor, "model_"):
+            extractor.fit(X)
+        Xv = extractor._validate_input(X, reset=False)
+        device = detector._device()
+        detector.partial_fit(torch.cat([f for _, f in extractor._feature_batches(Xv,
+                                                                                device=device)]))
+        return self
 
 
 def make_anomaly_pipeline(*steps, memory=None, verbose=False):

@@ -519,6 +519,13 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
             out = _finite(maha + module.log_det, "Mahalanobis distance")
         return out
 
+    def _score_and_map(self, X: torch.Tensor):
+        if self.score_type == "fre":
+            scores, maps = self._module(X)(X)
+            if all_finite(scores) and all_finite(maps):
+                return scores, maps
+        return self._score(X), self._anomaly_map(X)  # the checked routes (or the error)
+
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
         if self.score_type != "fre":
             raise ValueError(

@@ -212,7 +212,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool) -> None:
         if reset:
             self._check_min_samples(X, 2)
-            indices = self._select_features(X.shape[1])
+            # input_shape_[0], not X.shape[1]: a pipeline's extractor may have computed
+            # only the kept channels (see _fit_channels)
+            indices = self._select_features(self.input_shape_[0])
         else:
             indices = self.feature_indices_
         solver = self._resolve_solver(X.shape[0], len(indices), incremental)
@@ -415,11 +417,24 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         return _PaDiMModule(indices, scorer, self.input_shape_[1:])
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
-        module = self._scoring_module(X.device, _accumulation_dtype(X.device))
-        maps = module(X)[1]
+        return self._score_and_map(X)[1]
+
+    def _score_and_map(self, X: torch.Tensor):
+        """(image scores, maps) of ``X``: its ``input_shape_[0]`` channels, or only the
+        kept ones (``feature_indices_``, as :meth:`_input_channels` asks a pipeline's
+        feature extractor for them)."""
+        dtype = _accumulation_dtype(X.device)
+        if X.shape[1] == self.input_shape_[0]:
+            module = self._scoring_module(X.device, dtype)
+        else:  # the kept channels only: the same scorer, without the channel selection
+            full = self._scoring_module(X.device, dtype)
+            module = self._cached(("selected_module", str(X.device), dtype),
+                                  lambda: _PaDiMModule(None, full.scorer, full.grid))
+        scores, maps = module(X)
         if all_finite(maps):
-            return maps
+            return scores, maps
         # the unscaled products overflowed: the checked route rescales (or raises)
+        # X holds every channel, or only the kept ones (then no selection happens)
         positions = self._positions(X, self._device_tensor("feature_indices_"))
         mean = self._device_tensor("mean_")
         if self.solver_ == "full":
@@ -428,7 +443,19 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
             d = mahalanobis_woodbury(positions, mean, self._device_tensor("centered_features_"),
                                      self._device_tensor("woodbury_factor_"),
                                      self._woodbury_reg)
-        return d.reshape(X.shape[0], *X.shape[2:])
+        maps = d.reshape(X.shape[0], *X.shape[2:])
+        return maps.flatten(1).amax(1), maps
+
+    def _fit_channels(self, n_channels: int):
+        """The channels ``fit`` keeps of ``n_channels`` (drawn with ``random_state``), or
+        None for all: a pipeline's feature extractor then computes only these."""
+        keep = self._select_features(n_channels)
+        return None if len(keep) == n_channels else keep
+
+    def _input_channels(self):
+        """Channels of the input that scoring reads (``feature_indices_``), or None: all."""
+        keep = self.feature_indices_
+        return None if len(keep) == self.input_shape_[0] else keep
 
     def _merge_partial(self, other: PaDiMDetector) -> None:
         """Fold the fit of ``other`` (on other images, same channels) into this one.

@@ -444,8 +444,13 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:
         return self._nearest(X)[1].view(X.shape[0], *X.shape[2:])
 
-    def _score(self, X: torch.Tensor, images=None) -> torch.Tensor:
-        patches, dist, idx = self._nearest(X, images)
+    def _score_and_map(self, X: torch.Tensor):
+        nearest = self._nearest(X)
+        return self._score(X, nearest=nearest), nearest[1].view(X.shape[0], *X.shape[2:])
+
+    def _score(self, X: torch.Tensor, images=None, nearest=None) -> torch.Tensor:
+        """Image scores of ``X``; ``nearest``: its :meth:`_nearest` when already searched."""
+        patches, dist, idx = self._nearest(X, images) if nearest is None else nearest
         rows = torch.arange(X.shape[0], device=dist.device)
         worst = dist.argmax(dim=1)
         score = dist[rows, worst]

@@ -326,11 +326,35 @@ def _forward_layers(model, layers, x, stop_after=None) -> tuple[dict, int]:
     return outputs, calls
 
 
-def _embed(outputs: dict, layers) -> torch.Tensor:
-    """Resize every layer's map to the first layer's grid (nearest) and concatenate."""
+def _embed(outputs: dict, layers, selection=None) -> torch.Tensor:
+    """Resize every layer's map to the first layer's grid (nearest) and concatenate.
+
+    ``selection``: per layer, the indices of its channels to keep (None: all), applied
+    BEFORE the resize (nearest interpolation is per channel, so the result equals
+    selecting from the full concatenation, bitwise, at a fraction of the work).
+    """
     size = outputs[layers[0]].shape[-2:]
-    maps = [F.interpolate(outputs[name], size=size, mode="nearest") for name in layers]
+    maps = []
+    for i, name in enumerate(layers):
+        out = outputs[name]
+        if selection is not None and selection[i] is not None:
+            out = out.index_select(1, selection[i])
+        # no shape test to skip the first layer's resize: under a trace it would turn
+        # traced sizes into Python constants (the resize to its own size is a copy)
+        maps.append(F.interpolate(out, size=size, mode="nearest"))
     return torch.cat(maps, dim=1)
+
+
+def _layer_selection(channels, widths, device) -> list:
+    """``channels`` (sorted indices into the concatenation of layers ``widths`` wide) as
+    per-layer index tensors on ``device`` (None for a layer kept whole)."""
+    channels = np.asarray(channels, dtype=np.int64)
+    selection, start = [], 0
+    for width in widths:
+        mine = channels[(channels >= start) & (channels < start + width)] - start
+        selection.append(None if len(mine) == width else torch.as_tensor(mine, device=device))
+        start += width
+    return selection
 
 
 class _FeatureModule(torch.nn.Module):
@@ -363,6 +387,10 @@ class _FeatureModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _embed(self.layer_outputs(x)[0], self.layers)
+
+    def features(self, x: torch.Tensor, selection=None) -> torch.Tensor:
+        """:meth:`forward` keeping only the channels of ``selection`` (see ``_embed``)."""
+        return _embed(self.layer_outputs(x)[0], self.layers, selection)
 
 
 def _truncated(model: torch.nn.Module, layers, stop_after: int, probe: torch.Tensor,
@@ -691,6 +719,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         >>> fe.layers_, fe.feature_shape_
         (('layer2', 'layer3'), (384, 8, 8))
         """
+        self._fit(X)
+        return self
+
+    def _fit(self, X):
+        """:meth:`fit`, returning the validated ``X`` (a pipeline's fused fit reuses it)."""
         device = resolve_device(self.device)
         if is_dask_array(X):  # one image checks the backbone: nothing more is gathered
             X = X[:1].compute()
@@ -745,10 +778,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                     "in the forward pass; pick convolutional stages"
                 )
         self.feature_shape_ = tuple(_embed(outputs, layers).shape[1:])
+        self._layer_widths = tuple(int(outputs[name].shape[1]) for name in layers)
         self.input_shape_ = tuple(batch.shape[1:])
         # an (empty) cache exists from fit on, so that transform does not add attributes
         self.__dict__.setdefault("_device_cache", {})
-        return self
+        return X
 
     def transform(self, X):
         """Concatenated, resized feature maps of ``X``.
@@ -760,9 +794,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : numpy.ndarray of float32, shape (n_samples, C_out, H_out, W_out)
+        features : numpy.ndarray or torch.Tensor of float32, shape (n_samples, C_out, H_out, W_out)
             The layers' maps on the first layer's grid, concatenated along
-            channels in the order of ``layers_``.
+            channels in the order of ``layers_``: a tensor on ``X``'s device for a
+            tensor ``X`` (scikit-learn's Array API convention; the features never
+            pass through numpy), else a numpy array.
 
         Raises
         ------
@@ -787,36 +823,72 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         if is_dask_array(X):  # a dask array, transformed block by block (map_blocks)
             return transform_dask(self, X)
-        X = self._validate_input(X, reset=False)
-        device = resolve_device(self.device)
-        module = self._torch_module(device)
+        Xv = self._validate_input(X, reset=False)
+        if isinstance(X, torch.Tensor):  # a tensor out, on X's device
+            return torch.cat([f.to(X.device) for _, f in self._feature_batches(Xv)])
+        features = None
+        for start, maps in self._feature_batches(Xv):
+            maps = maps.cpu().numpy()
+            if features is None:
+                features = np.empty((len(Xv), *maps.shape[1:]), dtype=np.float32)
+            features[start : start + len(maps)] = maps
+        return features
+
+    def _feature_batches(self, X, channels=None, device=None):
+        """Yield ``(start, features)`` of validated ``X`` (see :meth:`_validate_input`)
+        batch by batch, as tensors on the extractor's device.
+
+        ``channels``: indices of the output channels to compute (sorted; None: all),
+        selected before the resize to the first layer's grid. ``device``: where each
+        batch of features goes (default: where it was computed). The finiteness of the
+        features is checked once, after the last batch (one device-to-host flag per
+        call, not one per batch); a generator abandoned early checks nothing.
+        """
+        dev = resolve_device(self.device)
+        module = self._torch_module(dev)
+        selection = None
+        if channels is not None:
+            widths = getattr(self, "_layer_widths", None)
+            if widths is None:  # fitted before the widths were kept: measure them
+                widths = self._measure_layer_widths(module, dev)
+            selection = _layer_selection(channels, widths, dev)
         starts = range(0, X.shape[0], self.batch_size)
         if self.verbose:
             from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc="FeatureExtractor", unit="batch")
-        features = None
+        finite = []
         with torch.inference_mode():
             for start in starts:
-                batch = self._to_batch(X[start : start + self.batch_size], device)
+                batch = self._to_batch(X[start : start + self.batch_size], dev)
                 try:
-                    maps = module(batch)
+                    maps = module.features(batch, selection)
                 except RuntimeError as exc:  # e.g. images too small for the backbone
                     raise ValueError(f"the backbone failed on X[{start}:"
                                      f"{start + len(batch)}] of shape {tuple(batch.shape)}: "
                                      f"{exc}") from exc
-                if not bool(torch.isfinite(maps).all()):
+                # a finite sum proves every feature finite; a batch whose sum is not
+                # is checked entry by entry at the end (it may be a mere overflow)
+                finite.append(torch.isfinite(maps.sum()))
+                yield start, maps if device is None else maps.to(device)
+            if finite and not bool(torch.stack(finite).all()):
+                for i in torch.stack(finite).logical_not().nonzero()[:, 0].tolist():
+                    bad = i * self.batch_size
+                    batch = self._to_batch(X[bad : bad + self.batch_size], dev)
+                    if bool(torch.isfinite(module.features(batch, selection)).all()):
+                        continue
                     peak = float(batch.abs().amax())
                     raise ValueError(
-                        f"the backbone's features of X[{start}:{start + len(batch)}] hold NaN "
+                        f"the backbone's features of X[{bad}:{bad + len(batch)}] hold NaN "
                         f"or infinity (float32 overflow inside the network; its input "
                         f"reaches {peak:.3g}): images are expected in [0, 1] (or uint8 in "
                         "[0, 255])")
-                maps = maps.cpu().numpy()
-                if features is None:
-                    features = np.empty((X.shape[0], *maps.shape[1:]), dtype=np.float32)
-                features[start : start + len(maps)] = maps
-        return features
+
+    def _measure_layer_widths(self, module, device) -> tuple:
+        probe = torch.zeros((1, *self.input_shape_), dtype=torch.float32, device=device)
+        with torch.inference_mode():
+            outputs = module.layer_outputs(probe)[0]
+        self._layer_widths = tuple(int(outputs[name].shape[1]) for name in self.layers_)
+        return self._layer_widths
 
     def _validate_input(self, X, *, reset: bool):
         """Check X (2-D or 4-D, non-empty, finite) and track ``n_features_in_`` (channels).
