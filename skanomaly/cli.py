@@ -759,24 +759,33 @@ def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16):
     """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps
     (n, s, s) float32 (else None) of the fitted pipeline ``model``, by batches.
 
-    Each batch goes through the pipeline's transformers once, then the detector's
-    ``score_samples``, ``predict`` and ``anomaly_map``: what ``model.score_samples``
-    and ``model.predict`` do, without extracting the features thrice.
+    Each batch goes through the pipeline once (:func:`_score_batch`).
     """
     n, size = len(images), images.shape[-1]
-    transformers, detector = model[:-1], model[-1]
     scores = np.empty(n)
     predictions = np.empty(n, dtype=np.int64)
     maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
     starts = range(0, n, batch_size)
     for start in _progress(starts, quiet, desc="scoring", unit="batch"):
-        features = transformers.transform(images[start:start + batch_size])
-        stop = start + len(features)
-        scores[start:stop] = -detector.score_samples(features)
-        predictions[start:stop] = detector.predict(features)
+        stop = min(start + batch_size, n)
+        scores[start:stop], predictions[start:stop], batch_maps = _score_batch(
+            model, images[start:stop], spatial, size)
         if spatial:
-            maps[start:stop] = detector.anomaly_map(features, output_size=size)
+            maps[start:stop] = batch_maps
     return scores, predictions, maps
+
+
+def _score_batch(model, images, spatial: bool, size: int):
+    """Anomaly scores, predictions and (spatial detectors) maps at ``size`` of one batch
+    from ONE pass of the pipeline: ``score_and_map`` (fused: features stay tensors, only
+    the channels the detector reads), the predictions from the scores and ``offset_``,
+    as ``predict`` labels them."""
+    if spatial:
+        normality, maps = model.score_and_map(images, output_size=size)
+    else:
+        normality, maps = model.score_samples(images), None
+    predictions = np.where(normality - model[-1].offset_ < 0, -1, 1)
+    return -normality, predictions, maps
 
 
 # -------------------------------------------------------------------- metrics
@@ -1383,12 +1392,11 @@ def _predict_command(args) -> dict:
                     raise CLIError(
                         f"no mask for defective image {paths[i]} in {args.mask_dir} "
                         f"(looked for {relative[i].parent / (relative[i].stem + '_mask.png')})")
-        with _user_errors("model"):  # the pipeline's own transform, then its detector
-            features = pipeline[:-1].transform(images)
-            scores[first:stop] = -detector.score_samples(features)
-            predictions[first:stop] = detector.predict(features)
+        with _user_errors("model"):  # one pass of the pipeline: scores and maps
+            scores[first:stop], predictions[first:stop], batch_maps = _score_batch(
+                pipeline, images, spatial, size)
             if spatial:
-                maps[first:stop] = detector.anomaly_map(features, output_size=size)
+                maps[first:stop] = batch_maps
     timings = {"score_s": time.perf_counter() - start}
     test = _TestSet(_LazyImages(paths, size), [r.as_posix() for r in relative],
                     np.array(labels, dtype=np.int64), list(defect_types), masks)

@@ -400,9 +400,8 @@ class AnomalyPipeline(Pipeline):
         if not hasattr(extractor, "model_"):
             extractor.fit(X)
         Xv = extractor._validate_input(X, reset=False)
-        device = detector._device()
-        detector.partial_fit(torch.cat([f for _, f in extractor._feature_batches(Xv,
-                                                                                device=device)]))
+        batches = extractor._feature_batches(Xv, device=detector._device())
+        detector.partial_fit(torch.cat([features for _, features in batches]))
         return self
 
 
