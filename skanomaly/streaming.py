@@ -414,10 +414,17 @@ def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size: in
                        file=sys.stderr, leave=False)
     transformers = [step for _, step in pipeline.steps[:-1]
                     if step is not None and step != "passthrough"]
+    # an AnomalyPipeline of an extractor then a detector streams fused: each batch's
+    # features go to the detector as tensors on its device, never through numpy
+    fused = getattr(pipeline, "_fused_steps", lambda X: None)(None) is not None
     n_seen = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         for images in batches:
+            if fused:
+                pipeline.partial_fit(images)
+                n_seen += len(images)
+                continue
             Xt = images
             for step in transformers:
                 if n_seen == 0 and not _is_fitted(step):

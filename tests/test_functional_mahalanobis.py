@@ -404,3 +404,35 @@ def test_empty_axes_are_named():
     assert mahalanobis_woodbury(torch.zeros(0, 2), torch.zeros(2), xc, None, 0.1).shape == (0,)
     with pytest.raises(ValueError, match="exceeds the range"):
         regularized_cholesky(eye, reg=1e300)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 16, 100, 101])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tril_inverse_matches_scipy(d, dtype):
+    from scipy.linalg import solve_triangular
+
+    from skanomaly.functional import tril_inverse
+
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(3, 2, d, 2 * d))
+    lower = np.linalg.cholesky(a @ a.swapaxes(-1, -2) / (2 * d) + 0.1 * np.eye(d))
+    # entries above the diagonal are not read
+    noisy = lower + np.triu(rng.normal(size=lower.shape), 1)
+    before = torch.as_tensor(noisy, dtype=dtype)
+    copy = before.clone()
+    got = tril_inverse(before)
+    assert torch.equal(before, copy) and got.dtype == dtype and got.shape == before.shape
+    expected = np.stack([[solve_triangular(m.astype(np.float64), np.eye(d), lower=True)
+                          for m in batch] for batch in lower.astype(
+                              np.float32 if dtype == torch.float32 else np.float64)])
+    tol = 1e-11 if dtype == torch.float64 else 1e-4
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0,
+                               atol=tol * np.abs(expected).max())
+    assert np.all(np.triu(got.numpy(), 1) == 0)
+
+
+def test_tril_inverse_rejects_non_square():
+    from skanomaly.functional import tril_inverse
+
+    with pytest.raises(ValueError):
+        tril_inverse(torch.zeros(3, 4, dtype=torch.float64))

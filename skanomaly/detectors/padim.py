@@ -19,6 +19,7 @@ from ..functional import (
     mahalanobis,
     mahalanobis_woodbury,
     precision_cholesky,
+    tril_inverse,
     woodbury_factor,
 )
 from ..functional._validation import all_finite
@@ -80,9 +81,10 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     solver : {"auto", "full", "woodbury"}, default="auto"
         ``"full"`` stores a d x d covariance and its Cholesky factor per position;
         ``"woodbury"`` stores the centred training features and an N x N factor per
-        position (Woodbury identity; needs ``reg > 0``), cheaper when the number of
-        training samples N is at most d. ``"auto"`` takes ``"woodbury"`` when
-        ``n_samples <= n_features`` and ``"full"`` otherwise. :meth:`partial_fit` always
+        position (Woodbury identity; needs ``reg > 0``), smaller when the number of
+        training samples N is below d. ``"auto"`` takes ``"woodbury"`` when
+        ``n_samples < n_features`` and ``"full"`` otherwise (at N = d = 100 on 56 x 56
+        positions the full solver fitted as fast and scored 5x faster, 2-core CPU). :meth:`partial_fit` always
         uses ``"full"`` (moments stream; Woodbury needs every sample).
     random_state : int, RandomState instance or None, default=None
         Seeds the channel subset through a local CPU :class:`torch.Generator`, so the
@@ -245,10 +247,10 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
                              "'auto'; solver='woodbury' keeps every training sample")
         solver = self.solver
         if solver == "auto":
-            solver = "full" if incremental or n_samples > d else "woodbury"
+            solver = "full" if incremental or n_samples >= d else "woodbury"
         if solver == "woodbury" and self.reg == 0:
             why = ("solver='woodbury'" if self.solver == "woodbury" else
-                   f"n_samples={n_samples} <= n_features={d} (a singular covariance)")
+                   f"n_samples={n_samples} < n_features={d} (a singular covariance)")
             raise ValueError(f"{why} needs reg > 0 (PaDiM uses 0.01)")
         return solver
 
@@ -391,8 +393,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
             factor, info = torch.linalg.cholesky_ex(gram)
             if bool((info != 0).any()):
                 raise ValueError("singular leave-one-out Gram matrix")
-            inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(gram),
-                                                           upper=False)
+            inverse_factor = tril_inverse(factor)
             q = 1.0 - mu * inverse_factor.square().sum(1)  # (k, N): diag of (mu I + G)^-1
             denom = 1.0 - c * q
             d2 = torch.where(denom > 0, c * c * (n - 2) * q / denom.clamp(min=1e-300),

@@ -25,6 +25,7 @@ from .mahalanobis import (
     mahalanobis_woodbury,
     precision_cholesky,
     regularized_cholesky,
+    tril_inverse,
     woodbury_factor,
 )
 from .neighbors import KNNIndex, knn_distances, pairwise_sq_distances
@@ -36,6 +37,7 @@ __all__ = [
     "cov",
     "MomentAccumulator",
     "regularized_cholesky",
+    "tril_inverse",
     "precision_cholesky",
     "mahalanobis",
     "woodbury_factor",

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._validation import as_float_tensor, check_finite
+from .mahalanobis import tril_inverse
 
 __all__ = ["leave_one_out_mahalanobis"]
 
@@ -150,7 +151,7 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     batch = mean.shape[:-1]
     p = math.prod(batch)
     rhs = r.reshape(r.shape[0], p, d).permute(1, 2, 0)  # (P, d, m)
-    z = torch.linalg.solve_triangular(factor.reshape(p, d, d), rhs, upper=False)
+    z = tril_inverse(factor.reshape(p, d, d)) @ rhs
     q = z.square().sum(1).mT.reshape(r.shape[:-1])  # (m, B...)
     denom = 1.0 - c * q
     if not bool((denom > 8 * torch.finfo(work).eps).all()):

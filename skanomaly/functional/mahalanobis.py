@@ -28,6 +28,7 @@ from ._validation import (
 
 __all__ = [
     "regularized_cholesky",
+    "tril_inverse",
     "precision_cholesky",
     "mahalanobis",
     "woodbury_factor",
@@ -301,6 +302,73 @@ def _distances(xr, mr, factor, shape, squared: bool, *, solve: bool) -> torch.Te
     return _unscale(d2, common + ev + (-fe if solve else fe), shape, squared)
 
 
+def tril_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of lower-triangular matrices by recursive 2 x 2 blocks (matrix products).
+
+    With ``L = [[A, 0], [C, D]]``, ``L^{-1} = [[A^{-1}, 0], [-D^{-1} C A^{-1}, D^{-1}]]``,
+    applied recursively down to 1 x 1 blocks (LAPACK's ``trtri`` recursion): every
+    operation is a batched matrix product over the whole batch, where a batched
+    ``torch.linalg.solve_triangular`` loops over the matrices, one small LAPACK call each
+    (on a 2-core CPU with 2 threads it ran the 3,136 100 x 100 factors of a PaDiM fit
+    2.7x slower than this; 2x with 1 thread). Forward error of the order of a
+    triangular solve's: ``cond(L) * eps`` relative.
+
+    Parameters
+    ----------
+    lower : Tensor of shape (..., d, d)
+        Lower-triangular matrices with a non-zero diagonal (the entries above the
+        diagonal are not read), float32 or float64, any device.
+
+    Returns
+    -------
+    Tensor of shape (..., d, d)
+        ``L^{-1}``, lower-triangular, same dtype and device.
+
+    Raises
+    ------
+    TypeError
+        If ``lower`` is not a floating tensor.
+    ValueError
+        If it is not a batch of square matrices.
+
+    References
+    ----------
+    F. G. Gustavson, "Recursion leads to automatic variable blocking for dense
+    linear-algebra algorithms", IBM J. Res. Dev. 41(6), 1997.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skanomaly.functional import tril_inverse
+    >>> L = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, -1.0, 4.0]],
+    ...                  dtype=torch.float64)
+    >>> torch.allclose(tril_inverse(L) @ L, torch.eye(3, dtype=torch.float64))
+    True
+    """
+    lower = _check_square(as_float_tensor(lower, "lower"), "lower")
+    if not lower.is_floating_point():
+        raise TypeError(f"lower must be a floating tensor, got {lower.dtype}")
+    batch, d = lower.shape[:-2], lower.shape[-1]
+    flat = lower.reshape(-1, d, d)
+    out = torch.zeros_like(flat)
+    _tril_inverse_into(flat, out)
+    return out.reshape(*batch, d, d)
+
+
+def _tril_inverse_into(lower: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the inverse of lower-triangular (B, d, d) ``lower`` into the zeroed ``out``."""
+    d = lower.shape[-1]
+    if d == 1:
+        torch.reciprocal(lower, out=out)
+        return
+    h = d // 2
+    top, bottom = out[:, :h, :h], out[:, h:, h:]
+    _tril_inverse_into(lower[:, :h, :h], top)
+    _tril_inverse_into(lower[:, h:, h:], bottom)
+    torch.matmul(bottom, lower[:, h:, :h] @ top, out=out[:, h:, :h])
+    out[:, h:, :h].neg_()
+
+
 def precision_cholesky(cholesky):
     """Upper-triangular ``U = L^{-T}`` with ``Sigma^{-1} = U U^T``, batched.
 
@@ -329,8 +397,9 @@ def precision_cholesky(cholesky):
 
     Notes
     -----
-    One batched triangular solve ``L X = I`` (``O(d**3 / 3)`` per matrix, like the
-    factorisation), never a general inverse: LU-based batched ``torch.linalg.inv`` is
+    One triangular inversion ``L^{-1}`` by :func:`tril_inverse` (``O(d**3 / 3)`` per
+    matrix, like the factorisation, in batched matrix products), never a general
+    inverse: LU-based batched ``torch.linalg.inv`` is
     both less stable and faulty on some CPU builds for ``d >~ 150``. Scoring against
     ``U`` is then a batched matrix product, which on CPUs runs far closer to the GEMM
     peak than a batched triangular solve with many right-hand sides (see
@@ -352,10 +421,7 @@ def precision_cholesky(cholesky):
                            lower=True)
     # L = 2**e L_s (e per matrix, exact) gives U = 2**-e U_s: no overflow on the way
     e = frexp_exponent(factor.abs().amax((-2, -1)))[..., None, None]
-    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-    upper = torch.linalg.solve_triangular(ldexp(factor, -e), eye.expand_as(factor),
-                                          upper=False).mT
-    upper = ldexp(upper, -e)
+    upper = ldexp(tril_inverse(ldexp(factor, -e)).mT, -e)
     if not all_finite(upper):
         raise range_error("entries of the precision factor L^-T", upper.dtype)
     return upper
@@ -648,7 +714,7 @@ def _woodbury_rows(centered: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     triangular solve, so nothing overflows on the way.
     """
     e = _row_exponents(factor)[:, None, None]
-    return torch.linalg.solve_triangular(ldexp(factor, -e), ldexp(centered, -e), upper=False)
+    return tril_inverse(ldexp(factor, -e)) @ ldexp(centered, -e)
 
 
 def _woodbury_quadratic(v: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
