@@ -121,6 +121,6 @@ for name in image_results:
 # %%
 # On the texture, detectors that model each position of the feature map (PaDiM,
 # PatchCore, DFM) find small defects that a pooled vector averages away; on a table of
-# a few features, scikit-learn's detectors are as good and the Gaussian family is the
-# fastest. :doc:`/choosing_a_detector` puts these numbers beside memory, streaming and
+# a few features, scikit-learn's detectors are as good, and the Gaussian and PaDiM are
+# among the fastest to fit and score. :doc:`/choosing_a_detector` puts these numbers beside memory, streaming and
 # export.

@@ -76,5 +76,6 @@ default = PaDiMDetector(random_state=0).fit(normal)
 X_test = extractor.transform(test_data.X_test)
 for name, detector in [("best", best), ("default", default)]:
     auroc = image_auroc(test_data.y_test, -detector.score_samples(X_test))
-    print(f"{name:<8} {detector.get_params()['n_features']!s:>5} features, "
-          f"reg {detector.get_params()['reg']:<6} test AUROC {auroc:.3f}")
+    n_features = detector.n_features or "all"
+    print(f"{name:<8} n_features={n_features!s:<4} reg={detector.reg:<6} "
+          f"test AUROC {auroc:.3f}")

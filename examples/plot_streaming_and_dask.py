@@ -35,7 +35,7 @@ for i, crop in enumerate(crops):
     Image.fromarray(np.round(crop.transpose(1, 2, 0) * 255).astype(np.uint8)).save(
         folder / f"brick_{i:03d}.png")
 del crops
-print(len(find_images(folder)), "images in", folder)
+print(len(find_images(folder)), "images in the folder")
 
 
 def make_model():
