@@ -28,7 +28,6 @@ import numpy as np
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.neighbors import LocalOutlierFactor
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
@@ -122,5 +121,5 @@ for name in image_results:
 # On the texture, detectors that model each position of the feature map (PaDiM,
 # PatchCore, DFM) find small defects that a pooled vector averages away; on a table of
 # a few features, scikit-learn's detectors are as good, and the Gaussian and PaDiM are
-# among the fastest to fit and score. :doc:`/choosing_a_detector` puts these numbers beside memory, streaming and
-# export.
+# among the fastest to fit and score. :doc:`/choosing_a_detector` puts these numbers
+# beside memory, streaming and export.

@@ -63,7 +63,9 @@ ax.set(xticks=range(3), xticklabels=param_grid["reg"], xlabel="reg",
        yticks=range(3), yticklabels=param_grid["n_features"], ylabel="n_features",
        title="PaDiM on grass: mean validation AUROC")
 for (i, j), value in np.ndenumerate(scores):
-    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=9)
+    dark = value < (scores.min() + scores.max()) / 2   # white text on dark cells
+    ax.text(j, i, f"{value:.3f}", ha="center", va="center",
+            color="white" if dark else "black", fontsize=9)
 fig.colorbar(image, ax=ax)
 plt.show()
 

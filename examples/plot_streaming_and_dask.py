@@ -18,9 +18,12 @@ Both give PaDiM the model a one-shot ``fit`` gives (its moments merge exactly).
 import tempfile
 from pathlib import Path
 
+import dask
+import dask.array as da
 import matplotlib.pyplot as plt
 import numpy as np
 import psutil
+from distributed import Client, LocalCluster
 from PIL import Image
 
 from skanomaly import PaDiMDetector, make_anomaly_pipeline
@@ -91,9 +94,6 @@ print(f"RSS {rss_mib[0]:.0f} MiB after the first batch, {rss_mib[-1]:.0f} MiB af
 # extracted block by block on the workers, each block's PaDiM moments are computed
 # there and merged, and the images never reach the client. Here the cluster is two
 # threads of this process; with a real one, ``Client("tcp://scheduler:8786")``.
-import dask
-import dask.array as da
-from distributed import Client, LocalCluster
 
 
 @dask.delayed
