@@ -14,6 +14,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "numpydoc",
+    "sphinx_gallery.gen_gallery",
 ]
 
 autosummary_generate = True
@@ -28,7 +29,39 @@ numpydoc_xref_param_type = False
 intersphinx_mapping = {}
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "api/generated/*.examples"]
-html_theme = "alabaster"
+exclude_patterns = ["_build", "api/generated/*.examples", "auto_examples/*.ipynb",
+                    "auto_examples/*.py", "auto_examples/*.zip", "auto_examples/*.json",
+                    "auto_examples/*.md5"]
+
+# -- The gallery -------------------------------------------------------------------------
+# Every script examples/plot_*.py runs during the build; its printed output and figures
+# become the page auto_examples/<name>.html; getting_started.rst shows a figure of
+# plot_main_job.py. Options are plain strings so that Sphinx can cache the configuration.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"/plot_",
+    "within_subsection_order": "FileNameSortKey",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "min_reported_time": 0,
+    "image_scrapers": ("matplotlib",),
+    "capture_repr": ("_repr_html_", "__repr__"),
+    "doc_module": ("skanomaly",),
+    "backreferences_dir": None,
+}
+
+# -- HTML ----------------------------------------------------------------------------------
+html_theme = "pydata_sphinx_theme"
+html_title = f"skanomaly {release}"
 html_static_path = []
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "header_links_before_dropdown": 6,
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version", "theme-version"],
+}
+html_sidebars = {"index": [], "getting_started": [], "choosing_a_detector": [],
+                 "coming_from_anomalib": []}
 nitpicky = False
