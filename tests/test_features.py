@@ -96,10 +96,9 @@ def test_resnet_matches_hand_written_forward(fitted_resnet, images, layout):
     features = fitted_resnet.transform(images)
     assert features.dtype == np.float32 and features.flags.c_contiguous
     assert features.shape == (4, 64 + 128 + 256, 8, 8) == (4, *fitted_resnet.feature_shape_)
-    if layout == torch.channels_last:  # the layout the extractor computes in on the CPU
-        assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
-    else:  # NCHW convolutions sum in another order: float32 rounding of the features' scale
-        assert_allclose(features, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # the extractor folds batch norms into the convolutions and, on the CPU, computes
+    # channels-last: the sums run in another order, float32 rounding of the features' scale
+    assert_allclose(features, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("layers", [["c1", "c3"], ["c3", "r1", "c2"]])
@@ -448,11 +447,21 @@ def test_torch_module_is_transform_and_traceable(fitted_resnet, images):
     x = torch.from_numpy(images)
     with torch.no_grad():
         assert_array_equal(module(x).numpy(), fitted_resnet.transform(images))
-    # the backbone is cut after layer3: later modules are gone, the kept tensors shared
+    # the backbone is cut after layer3: later modules are gone; each batch norm is folded
+    # into its convolution (w * gamma / sqrt(var + eps), by hand here), model_ untouched
     backbone = module.backbone
     assert isinstance(backbone.layer4, nn.Identity) and isinstance(backbone.fc, nn.Identity)
     assert isinstance(fitted_resnet.model_.layer4, nn.Sequential)
-    assert backbone.layer3[0].conv1.weight is fitted_resnet.model_.layer3[0].conv1.weight
+    block, original = backbone.layer3[0], fitted_resnet.model_.layer3[0]
+    assert isinstance(block.bn1, nn.Identity) and isinstance(block.downsample[1], nn.Identity)
+    assert isinstance(original.bn1, nn.BatchNorm2d)
+    bn = original.bn1
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert_allclose(block.conv1.weight.detach().numpy(),
+                    (original.conv1.weight * scale[:, None, None, None]).detach().numpy(),
+                    rtol=1e-6, atol=1e-7)
+    assert_allclose(block.conv1.bias.detach().numpy(),
+                    (bn.bias - bn.running_mean * scale).detach().numpy(), rtol=1e-6, atol=1e-7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch >= 2.9 deprecates torch.jit.trace
         traced = torch.jit.trace(copy.deepcopy(module), x[:2])
