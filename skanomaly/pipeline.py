@@ -40,6 +40,23 @@ def _image_size(X):
     return tuple(int(s) for s in shape[-2:]) if len(shape) == 4 else None
 
 
+def _in_blocks(batches, block: int):
+    """The rows of ``batches`` (tensors) regrouped into tensors of ``block`` rows, the
+    last one shorter: the extractor's batches feed the detector's fixed-shape scoring
+    blocks whole, so that only the call's last block is padded (not every batch's)."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        if count >= block:
+            rows = torch.cat(pending)
+            full = (count // block) * block
+            yield rows[:full]
+            pending, count = ([rows[full:]] if full < count else []), count - full
+    if count:
+        yield torch.cat(pending)
+
+
 class AnomalyPipeline(Pipeline):
     """A :class:`~sklearn.pipeline.Pipeline` ending in a skanomaly detector, with maps.
 
@@ -147,8 +164,9 @@ class AnomalyPipeline(Pipeline):
         Xv = extractor._validate_input(X, reset=False)
         post = detector._map_postprocess(output_size, sigma) if what != "scores" else None
         scores, maps = [], []
-        for _, features in extractor._feature_batches(Xv, detector._input_channels(),
-                                                      detector._device()):
+        batches = (features for _, features in extractor._feature_batches(
+            Xv, detector._input_channels(), detector._device()))
+        for features in _in_blocks(batches, detector._block_size()):
             features = detector._check_features(features)
             if what == "scores":
                 scores.append(-detector._blockwise(detector._score, features).to(
