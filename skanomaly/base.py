@@ -393,7 +393,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache",)
+    _private_state: tuple = ("_device_cache", "_streaming_state_dropped")
+    #: private fitted attributes that only ``partial_fit`` (and the merges of a dask fit)
+    #: needs, not scoring: a model file leaves them out unless asked to keep them
+    _streaming_state: tuple = ()
 
     def __init__(self, *, contamination=0.1, device="auto"):
         self.contamination = contamination
@@ -408,6 +411,34 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
         return state
+
+    def _without_streaming_state(self):
+        """This fitted detector without its ``_streaming_state``, for a compact model file.
+
+        A new object sharing the fitted arrays (nothing is copied; ``self`` is left as it
+        is); ``partial_fit`` on it raises a ``ValueError`` that says why. ``self`` itself
+        when the detector keeps no streaming state.
+        """
+        dropped = tuple(name for name in self._streaming_state if name in self.__dict__)
+        if not dropped:
+            return self
+        out = object.__new__(type(self))
+        out.__dict__.update({k: v for k, v in self.__dict__.items()
+                             if k not in dropped and k != "_device_cache"})
+        out._streaming_state_dropped = dropped
+        out._reset_device_cache()
+        return out
+
+    def _check_streaming_state(self) -> None:
+        """``ValueError`` if this fitted detector was saved without its streaming state."""
+        dropped = self.__dict__.get("_streaming_state_dropped")
+        if dropped:
+            raise ValueError(
+                f"{type(self).__name__} was saved without its streaming state (the "
+                f"{', '.join(dropped)} that partial_fit updates), so partial_fit cannot "
+                "continue it: save it with skanomaly.cli.save_model(..., "
+                "keep_streaming_state=True) (`skanomaly fit --keep-streaming-state`), or "
+                "fit it again")
 
     def _cached(self, key, build):
         """``build()``, computed once per fit and kept out of pickles."""
@@ -784,6 +815,7 @@ class _ScoreThenUpdateMixin:
                 self._fit(Xt)
                 self._set_offset(*self._out_of_sample_scores(Xt))
             else:
+                self._check_streaming_state()
                 Xt = self._validate_input(X, reset=False)
                 self._check_streamed_batch()
                 scores = self._blockwise(self._score, Xt)  # by a model that has not seen X

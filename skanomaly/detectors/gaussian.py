@@ -101,8 +101,9 @@ class _IncrementalMixin:
             If the batch does not match the shape of earlier batches or holds NaN or
             infinity, if the first batch has fewer than 2 samples, if the updated
             covariance is singular, or if the detector's parameters do not allow
-            incremental fitting (PaDiM's ``solver="woodbury"``). The fitted state is
-            then left as it was.
+            incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
+            loaded from a model file saved without its streaming state (the moments). The
+            fitted state is then left as it was.
 
         Examples
         --------
@@ -117,6 +118,8 @@ class _IncrementalMixin:
         (100, True)
         """
         first = not hasattr(self, "n_samples_seen_")
+        if not first:
+            self._check_streaming_state()
         Xt = self._validate_input(X, reset=first)
         self._accumulate(Xt, reset=first, incremental=True)
         self._set_offset(*self._out_of_sample_scores(Xt))
@@ -271,6 +274,7 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     _range_reason = "fourth moments of the features in float64"
     _private_state = (*BaseDetector._private_state, "_moments", "_centre", "_sum_sq2",
                       "_sum_sq_y")
+    _streaming_state = ("_moments", "_centre", "_sum_sq2", "_sum_sq_y")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
