@@ -29,6 +29,7 @@ __all__ = [
     "BaseDetector",
     "BaseSpatialDetector",
     "calibrate",
+    "pvalues",
     "resolve_device",
     "make_generator",
 ]
@@ -227,13 +228,51 @@ def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
     return float(np.percentile(normality, 100.0 * contamination))
 
 
+def _finite_normality(normality: np.ndarray) -> np.ndarray:
+    """float64 normality scores with -inf (an overflow) below the lowest finite score."""
+    normality = np.asarray(normality, dtype=np.float64)
+    finite = np.isfinite(normality)
+    if not finite.all():
+        if not finite.any():
+            raise ValueError("every score used to set offset_ is infinite (an overflow: the "
+                             "magnitude of X is too large for the detector's precision; "
+                             "rescale the features)")
+        low = normality[finite].min()
+        normality = np.where(finite, normality, low - abs(low) - 1.0)
+    return normality
+
+
+def _conformal_rank(n: int, alpha: float) -> int:
+    """``ceil((1 - alpha) (n + 1))``, exactly for the decimal ``alpha`` the user wrote."""
+    from fractions import Fraction
+
+    return math.ceil((1 - Fraction(repr(float(alpha)))) * (n + 1))
+
+
+def _conformal_offset(normality: np.ndarray, alpha: float) -> tuple[float, np.ndarray]:
+    """The split-conformal threshold on normality scores of held-out normals.
+
+    Returns ``(offset, sorted_scores)``. With ``k = ceil((1 - alpha) (n + 1))``, a sample
+    is flagged when its anomaly score exceeds the ``k``-th smallest of the ``n``
+    calibration anomaly scores, i.e. when its normality is below the ``(n + 1 - k)``-th
+    smallest normality: ``offset`` is that score (``-inf`` when ``k > n``: too few
+    samples for any finite threshold to hold the rate at ``alpha``).
+    """
+    scores = np.sort(_finite_normality(normality))
+    n = scores.shape[0]
+    k = _conformal_rank(n, alpha)
+    return (float(scores[n - k]) if k <= n else -math.inf), scores
+
+
 def calibrate(estimator, X, y=None):
     """Set the decision threshold of a fitted detector or pipeline from held-out normals.
 
     The last step of ``estimator`` (or ``estimator`` itself) must be a fitted skanomaly
     detector; the earlier steps of a :class:`~sklearn.pipeline.Pipeline` transform ``X``
-    first. ``offset_`` becomes the ``contamination`` quantile of the held-out scores,
-    so that ``predict`` flags about ``contamination`` of new normal samples.
+    first. ``offset_`` becomes the split-conformal threshold of the held-out scores at
+    level ``contamination``, so that ``predict`` flags at most ``contamination`` of new
+    normal samples in expectation (see :meth:`BaseDetector.calibrate`), and the
+    detector's :meth:`~BaseDetector.pvalues` give conformal p-values (:func:`pvalues`).
 
     Parameters
     ----------
@@ -295,6 +334,58 @@ def calibrate(estimator, X, y=None):
     return estimator
 
 
+def pvalues(estimator, X):
+    """Conformal p-values of normality of ``X`` under a calibrated detector or pipeline.
+
+    The earlier steps of a :class:`~sklearn.pipeline.Pipeline` transform ``X`` first;
+    then :meth:`BaseDetector.pvalues` of its last step.
+
+    Parameters
+    ----------
+    estimator : skanomaly detector or Pipeline ending in one, calibrated
+        By :func:`calibrate` (or :meth:`BaseDetector.calibrate`).
+    X : array-like of shape (n_samples, ...)
+        Samples in the input format of ``estimator``.
+
+    Returns
+    -------
+    pvalues : ndarray of shape (n_samples,), float64
+        See :meth:`BaseDetector.pvalues`.
+
+    Raises
+    ------
+    TypeError
+        If the (last step of the) estimator is not a skanomaly detector.
+    sklearn.exceptions.NotFittedError
+        If it is not fitted, or not calibrated on held-out samples.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skanomaly import GaussianDetector, calibrate, pvalues
+    >>> rng = np.random.default_rng(0)
+    >>> model = make_pipeline(StandardScaler(), GaussianDetector(device="cpu"))
+    >>> model = calibrate(model.fit(rng.normal(size=(200, 3))), rng.normal(size=(99, 3)))
+    >>> pvalues(model, [[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
+    array([1.  , 0.01])
+    """
+    from sklearn.pipeline import Pipeline
+
+    detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    if not isinstance(detector, BaseDetector):
+        raise TypeError(
+            f"pvalues needs a skanomaly detector or a Pipeline ending in one, got "
+            f"{type(detector).__name__}"
+        )
+    check_is_fitted(detector)
+    Xt = X
+    if isinstance(estimator, Pipeline) and len(estimator) > 1:
+        Xt = estimator[:-1].transform(X)
+    return detector.pvalues(Xt)
+
+
 class BaseDetector(OutlierMixin, BaseEstimator):
     """Base class of skanomaly's detectors (scikit-learn's outlier contract).
 
@@ -327,6 +418,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         ``"held-out"`` (:meth:`calibrate`), ``"score-then-update"`` (``partial_fit`` of
         detectors without cheap leave-one-out scores: each batch scored before it is
         absorbed).
+    calibration_scores_ : ndarray of shape (n_calibration,), float64
+        Normality scores (:meth:`score_samples`) of the held-out samples of the last
+        :meth:`calibrate`, sorted ascending: the reference of :meth:`pvalues`. Only after
+        :meth:`calibrate`; a later ``fit`` or ``partial_fit`` removes it.
 
     Notes
     -----
@@ -657,14 +752,23 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
+        self.__dict__.pop("calibration_scores_", None)  # the model they scored is gone
 
     def calibrate(self, X, y=None):
-        """Set ``offset_`` from normal samples that were not used for fitting.
+        """Set ``offset_`` from normal samples that were not used for fitting (conformal).
 
-        ``offset_`` becomes the ``contamination`` quantile of ``score_samples(X)``,
-        so that ``predict`` flags about ``contamination`` of new normal samples like
-        these. Through a :class:`~sklearn.pipeline.Pipeline`, use
-        :func:`skanomaly.calibrate`.
+        With ``n`` held-out samples, ``alpha = contamination`` and
+        ``k = ceil((1 - alpha) (n + 1))``, ``predict`` flags a sample whose anomaly score
+        ``-score_samples`` exceeds the ``k``-th smallest anomaly score of ``X`` (split
+        conformal prediction). If the held-out samples and a new normal sample are
+        exchangeable (e.g. drawn independently from the same distribution, and not used
+        in ``fit``), the new sample is flagged with probability at most ``alpha``, and
+        at least ``alpha - 1 / (n + 1)`` when scores have no ties: a finite-sample
+        guarantee, on average over the draw of the calibration set. With
+        ``n < (1 - alpha) / alpha`` samples no finite threshold gives it: ``offset_`` is
+        then ``-inf`` (nothing is flagged) and a :class:`CalibrationWarning` says so.
+        The scores are kept (``calibration_scores_``) for :meth:`pvalues`. Through a
+        :class:`~sklearn.pipeline.Pipeline`, use :func:`skanomaly.calibrate`.
 
         Parameters
         ----------
@@ -696,9 +800,87 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         True
         """
         normality = self.score_samples(X)
-        self.offset_ = _quantile_offset(normality, self.contamination)
+        offset, scores = _conformal_offset(normality, self.contamination)
+        if offset == -math.inf:
+            n, alpha = scores.shape[0], self.contamination
+            from fractions import Fraction
+
+            a = Fraction(repr(float(alpha)))
+            need = math.ceil((1 - a) / a)  # the smallest n with k <= n
+            why = (f"{n} held-out samples are too few for a conformal threshold at "
+                   f"contamination={alpha:g} (it needs at least {need})")
+            warnings.warn(CalibrationWarning(
+                f"{type(self).__name__}: {why}; predict flags no sample. Give more "
+                "held-out normal samples, or rank samples by pvalues(X).", reason=why),
+                stacklevel=_user_stacklevel())
+        self.offset_ = offset
         self.calibration_ = "held-out"
+        self.calibration_scores_ = scores
         return self
+
+    def pvalues(self, X):
+        """Conformal p-value of normality of each sample, from the calibration scores.
+
+        ``p(x) = (1 + #{i : s_i <= s(x)}) / (n + 1)`` with ``s = score_samples`` and
+        ``s_i`` the ``n`` scores of the held-out normals of :meth:`calibrate`: the share
+        of calibration samples at least as anomalous as ``x``, counting ``x`` itself.
+        Small p-values are evidence of an anomaly. For a new normal sample exchangeable
+        with the calibration samples, ``P(p(x) <= t) <= t`` for every ``t`` in [0, 1]
+        (the p-value is valid; without ties it is uniform on ``{1/(n+1), ..., 1}``), so
+        p-values can be thresholded at any level later, ranked, or combined over a batch
+        (e.g. the Benjamini-Hochberg procedure, :func:`scipy.stats.false_discovery_control`).
+        ``predict(X) == -1`` exactly where ``pvalues(X) <= contamination`` when scores
+        have no ties.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            Samples shaped as in ``fit``.
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,), float64
+            In ``[1 / (n + 1), 1]``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted, or was not calibrated on held-out samples
+            (or was refitted or updated since).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = GaussianDetector(device="cpu").fit(rng.normal(size=(200, 2)))
+        >>> det = det.calibrate(rng.normal(size=(99, 2)))
+        >>> det.pvalues([[0.0, 0.0], [5.0, 5.0]])
+        array([1.  , 0.01])
+        >>> p = det.pvalues(rng.normal(size=(5000, 2)))  # new normals: uniform p-values
+        >>> bool(abs((p <= 0.1).mean() - 0.1) < 0.05)
+        True
+        """
+        from sklearn.exceptions import NotFittedError
+
+        check_is_fitted(self)
+        if "calibration_scores_" not in self.__dict__:
+            raise NotFittedError(
+                f"{type(self).__name__} has no calibration scores for p-values: call "
+                "calibrate(X_heldout) with normal samples not used in fit first (a fit or "
+                "partial_fit since the last calibrate removes them)")
+        scores = self.score_samples(X)
+        if is_dask_array(scores):
+            return scores.map_blocks(self._pvalues_of, dtype=np.float64)
+        return self._pvalues_of(scores)
+
+    def _pvalues_of(self, normality: np.ndarray) -> np.ndarray:
+        reference = self.calibration_scores_
+        normality = np.asarray(normality, dtype=np.float64)
+        # an overflow (-inf) ranks below every calibration score
+        at_most = np.searchsorted(reference, np.where(np.isfinite(normality), normality,
+                                                      -np.inf), side="right")
+        return (1.0 + at_most) / (reference.shape[0] + 1.0)
 
     def score_samples(self, X):
         """Normality score of each sample: higher means more normal.
@@ -848,6 +1030,7 @@ class _ScoreThenUpdateMixin:
                                  _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
         self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
         self.calibration_ = "score-then-update"
+        self.__dict__.pop("calibration_scores_", None)  # the model they scored is gone
         self._offset_record = record
 
 

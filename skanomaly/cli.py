@@ -316,8 +316,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      help="model file to write (default: model.skanomaly)")
     fit.add_argument(
         "--calibration-dir", type=Path, metavar="DIR",
-        help="folder of held-out normal images: the threshold becomes the --contamination "
-        "quantile of their scores (skanomaly.calibrate); without it, the detector's own "
+        help="folder of held-out normal images: the threshold becomes the conformal "
+        "--contamination quantile of their scores (skanomaly.calibrate; predict then also "
+        "writes p-values); without it, the detector's own "
         "streamed threshold (leave-one-out scores of the last batch for padim and "
         "gaussian, score-then-update for the others)",
     )
@@ -747,8 +748,11 @@ def _fit_model(args, extractor, X_train, train_names):
                     f"scores are optimistic, so more than {share} of new normal images may "
                     "be predicted anomalous: give more training images")
     elif held.size < 1 / args.contamination:
-        note = (f"the threshold is the {share} quantile of only {held.size} held-out images' "
-                "scores, which is coarse: give more training images or a larger "
+        none = (": too few for any threshold to keep the rate of false alarms at "
+                f"{share}, so no image is predicted anomalous"
+                if model[-1].offset_ == -np.inf else ", which is coarse")
+        note = (f"the threshold is the conformal {share} quantile of only {held.size} "
+                f"held-out images' scores{none}: give more training images or a larger "
                 "--calibration-fraction")
     record = {
         "method": method,
@@ -813,17 +817,32 @@ def _metrics(test: _TestSet, scores, maps) -> tuple[dict, list[str]]:
 
 # --------------------------------------------------------------------- output
 def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps,
-                  digits: int = 9) -> None:
+                  digits: int = 9, pvalues=None) -> None:
+    """scores.csv; a ``pvalue`` column after ``prediction`` when ``pvalues`` is given."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "defect_type", "anomaly_score", "prediction",
-                         "heatmap"])
+                         *(["pvalue"] if pvalues is not None else []), "heatmap"])
         for i, name in enumerate(test.names):
             label = int(test.labels[i])
             writer.writerow([
                 name, label or "", test.defect_types[i], f"{scores[i]:.{digits}g}",
-                int(predictions[i]), heatmaps[i] if heatmaps else "",
+                int(predictions[i]),
+                *([f"{pvalues[i]:.{digits}g}"] if pvalues is not None else []),
+                heatmaps[i] if heatmaps else "",
             ])
+
+
+def _pvalues(detector, anomaly_scores):
+    """The detector's conformal ``pvalues`` of images with these anomaly scores, or None.
+
+    None unless the detector was calibrated on held-out images (``calibration_scores_``).
+    ``-anomaly_scores`` are the images' ``score_samples`` exactly, so this is
+    ``detector.pvalues(features)`` without scoring the features again.
+    """
+    if "calibration_scores_" not in vars(detector):
+        return None
+    return detector._pvalues_of(-np.asarray(anomaly_scores, dtype=np.float64))
 
 
 def _heatmap_names(names: list[str]) -> list[str]:
@@ -1302,8 +1321,11 @@ def _fit_command(args) -> dict:
         note = None
         n_cal = len(calibration_paths)
         if n_cal < 1 / args.contamination:
-            note = (f"the threshold is the {args.contamination:g} quantile of only {n_cal} "
-                    "held-out images' scores, which is coarse: give more --calibration-dir "
+            none = (": too few for any threshold to keep the rate of false alarms at "
+                    f"{args.contamination:g}, so no image is predicted anomalous"
+                    if model[-1].offset_ == -np.inf else ", which is coarse")
+            note = (f"the threshold is the conformal {args.contamination:g} quantile of only "
+                    f"{n_cal} held-out images' scores{none}: give more --calibration-dir "
                     "images")
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
@@ -1442,7 +1464,8 @@ def _predict_command(args) -> dict:
             start = time.perf_counter()
             heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             timings["heatmaps_s"] = time.perf_counter() - start
-        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17)
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17,
+                      pvalues=_pvalues(detector, scores))
         if labelled:
             with open(out / "metrics.json", "w") as f:
                 json.dump(result, f, indent=2)
@@ -1541,8 +1564,10 @@ def _check_settings(args) -> None:
     _check_output_dir(args.output_dir)
 
 
-def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: bool, result):
-    """scores.csv, heatmaps/ and metrics.json in ``--output-dir``; the heatmaps' paths."""
+def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: bool, result,
+                   pvalues=None):
+    """scores.csv (with a p-value column when ``pvalues`` is given), heatmaps/ and
+    metrics.json in ``--output-dir``; the heatmaps' paths."""
     out = args.output_dir
     heatmaps = []
     try:
@@ -1551,7 +1576,8 @@ def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: boo
             start = time.perf_counter()
             heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             result["timings"]["heatmaps_s"] = time.perf_counter() - start
-        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps)
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps,
+                      pvalues=pvalues)
         with open(out / "metrics.json", "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
@@ -1637,7 +1663,8 @@ def _run(args) -> dict:
         "notes": notes + metric_notes,
         "timings": timings,
     }
-    heatmaps = _write_outputs(args, test, scores, predictions, maps, spatial, result)
+    heatmaps = _write_outputs(args, test, scores, predictions, maps, spatial, result,
+                              pvalues=_pvalues(detector, scores))
     if not args.quiet:
         print(_summary(result, args.output_dir, len(heatmaps)))
     return result
@@ -1679,10 +1706,14 @@ def main(argv=None) -> int:
     ``--test-dir``, or ``test_NNN`` for bundled data), ``label`` (+1 good, -1 defective,
     empty if unknown), ``defect_type``, ``anomaly_score`` (higher = more anomalous: the
     detector's negated ``score_samples``), ``prediction`` (-1 where the score exceeds the
-    threshold, else +1: the fitted pipeline's ``predict``) and ``heatmap``. The
-    threshold is ``-offset_`` of the detector: the ``1 - contamination`` quantile of
-    the anomaly scores of the ``--calibration-fraction`` of training images held out
-    of fitting (:func:`skanomaly.calibrate`). With a fraction of 0, or too few
+    threshold, else +1: the fitted pipeline's ``predict``), ``pvalue`` (when the
+    threshold comes from held-out images: the conformal p-value of normality, the
+    detector's ``pvalues``) and ``heatmap``. The threshold is ``-offset_`` of the
+    detector: the conformal ``1 - contamination`` quantile of the anomaly scores of the
+    ``--calibration-fraction`` of training images held out of fitting
+    (:func:`skanomaly.calibrate`: the ``ceil((1 - contamination)(n + 1))``-th smallest of
+    their ``n`` scores, so that a new normal image is predicted anomalous with
+    probability at most ``contamination``). With a fraction of 0, or too few
     training images to hold one out, it comes from the detector's own out-of-sample
     scores of the fitted images (cross-fitting or leave-one-out; in-sample scores,
     which are optimistic, only when even those are impossible, with a note). In-sample

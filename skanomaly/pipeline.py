@@ -3,7 +3,7 @@
 ``model[-1].anomaly_map(model[:-1].transform(X), output_size=...)`` becomes
 ``model.anomaly_map(X)``: :class:`AnomalyPipeline` is a ``Pipeline`` (same parameters,
 ``clone``, ``get_params``, grid search) with the detector's :meth:`anomaly_map` and
-:meth:`calibrate` reached through the earlier steps.
+:meth:`calibrate` and :meth:`pvalues` reached through the earlier steps.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class AnomalyPipeline(Pipeline):
     Everything of scikit-learn's ``Pipeline`` (parameters, ``fit``, ``score_samples``,
     ``decision_function``, ``predict``, ``clone``, ``get_params``/``set_params``,
     :class:`~sklearn.model_selection.GridSearchCV`), plus :meth:`anomaly_map` (when the
-    last step is a spatial detector: PaDiM, PatchCore, DFM) and :meth:`calibrate`,
-    which run ``X`` through the earlier steps first.
+    last step is a spatial detector: PaDiM, PatchCore, DFM), :meth:`calibrate` and
+    :meth:`pvalues`, which run ``X`` through the earlier steps first.
 
     Parameters
     ----------
@@ -133,6 +133,45 @@ class AnomalyPipeline(Pipeline):
 
         check_is_fitted(self)
         return calibrate(self, X)
+
+    @available_if(_final_has("pvalues"))
+    def pvalues(self, X):
+        """Conformal p-values of normality of ``X``: its detector's, through the earlier steps.
+
+        See :meth:`~skanomaly.base.BaseDetector.pvalues` (after :meth:`calibrate` on
+        held-out normal input): the share of calibration samples at least as anomalous,
+        with the +1 correction.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,), float64
+            ``self[-1].pvalues(self[:-1].transform(X))``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the pipeline is not fitted or its detector not calibrated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn.preprocessing import StandardScaler
+        >>> from skanomaly import GaussianDetector, make_anomaly_pipeline
+        >>> rng = np.random.default_rng(0)
+        >>> model = make_anomaly_pipeline(StandardScaler(), GaussianDetector(device="cpu"))
+        >>> model = model.fit(rng.normal(size=(200, 2))).calibrate(rng.normal(size=(49, 2)))
+        >>> model.pvalues([[0.0, 0.0], [9.0, 9.0]])
+        array([1.  , 0.02])
+        """
+        from .base import pvalues
+
+        check_is_fitted(self)
+        return pvalues(self, X)
 
 
 def make_anomaly_pipeline(*steps, memory=None, verbose=False):

@@ -153,10 +153,17 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
     held = [int(name.removeprefix("train_")) for name in calibration["images"]]
     assert len(held) == calibration["n_images"] == 2 and calibration["method"] == "held-out"
     assert model[-1].calibration_ == "held-out"
-    normality = model.score_samples(data.X_train[held])
-    assert model[-1].offset_ == pytest.approx(np.percentile(normality, 10), rel=1e-12)
-    assert read_metrics(out)["threshold"] == pytest.approx(-model[-1].offset_, rel=1e-12)
+    # conformal rank ceil(0.9 * 3) = 3 > 2 held-out images: no finite threshold holds
+    # the false-alarm rate at 0.1, so nothing is flagged, and the note says why
+    assert model[-1].offset_ == -np.inf
+    assert read_metrics(out)["threshold"] == np.inf
     assert "quantile of only 2 held-out images" in calibration["note"]
+    assert "no image is predicted anomalous" in calibration["note"]
+    assert all(int(row["prediction"]) == 1 for row in rows)
+    # the p-values of the test images against the 2 held-out ones, by the definition
+    normality = model.score_samples(data.X_train[held])
+    expected = [(1 + np.sum(normality <= s)) / 3 for s in model.score_samples(data.X_test)]
+    np.testing.assert_allclose([float(row["pvalue"]) for row in rows], expected, rtol=1e-8)
     fit = np.setdiff1d(np.arange(10), held)
     reference = padim_pipeline().fit(data.X_train[fit])
     np.testing.assert_array_equal(reference.score_samples(data.X_test),
@@ -247,6 +254,7 @@ def test_threshold_from_the_fit_without_held_out_images(n_train, fraction, note,
         assert any(fragment in n for n in metrics["notes"])
         assert fragment in summary
     assert f"threshold from {method} scores of the fitted images" in summary
+    assert "pvalue" not in read_scores(tmp_path)[0]  # no held-out images, no p-values
 
 
 def save_png(path, array):
@@ -575,11 +583,11 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
             metadata["image_size"]) == ("resnet18", None, ["layer1", "layer2"], 32)
     assert (metadata["n_train"], metadata["n_batches"], metadata["n_calibration"]) == (12, 3, 10)
     assert metadata["format_version"] == cli.MODEL_FORMAT_VERSION
-    # the threshold: the 0.1 quantile of the held-out images' normality, by numpy
+    # the threshold: the conformal 0.1 quantile of the 10 held-out images' anomaly
+    # scores, the ceil(0.9 * 11) = 10th smallest: their largest
     _, held_out = folder_images(tree / "calibration")
     assert detector.calibration_ == metadata["calibration"] == "held-out"
-    assert detector.offset_ == pytest.approx(
-        np.percentile(model.score_samples(held_out), 10), rel=1e-12)
+    assert detector.offset_ == np.min(model.score_samples(held_out))
     assert metadata["threshold"] == -detector.offset_
     # the streamed moments are those of every training image's features (numpy), and
     # the model scores as one fitted on them in one go
@@ -617,6 +625,11 @@ def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
                                   model.predict(images))
     assert [int(row["label"]) for row in rows] == [
         1 if p.parent.name == "good" else -1 for p in paths]
+    # calibrated on 10 held-out images: conformal p-values, by the definition
+    _, held_out = folder_images(tree / "calibration")
+    held = model.score_samples(held_out)
+    expected = [(1 + np.sum(held <= s)) / 11 for s in model.score_samples(images)]
+    np.testing.assert_array_equal([float(row["pvalue"]) for row in rows], expected)
     metrics = read_metrics(out)
     check_scores_against_metrics(rows, metrics)
     assert {"image_auroc", "pixel_auroc", "pro"} <= set(metrics["metrics"])
