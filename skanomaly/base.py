@@ -179,6 +179,10 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+#: what calibrate / calibrate_pixels set besides offset_: stale once the model changes
+_CALIBRATION_STATE = ("calibration_scores_", "pixel_threshold_", "pixel_calibration_",
+                      "pixel_map_size_", "pixel_sigma_")
+
 #: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
 _OFFSET_RECORD = 2048
 
@@ -264,6 +268,39 @@ def _conformal_offset(normality: np.ndarray, alpha: float) -> tuple[float, np.nd
     return (float(scores[n - k]) if k <= n else -math.inf), scores
 
 
+def _f1_max_threshold(anomaly: np.ndarray, positive: np.ndarray) -> float:
+    """The anomaly score ``t`` whose rule ``anomaly >= t`` has the largest F1 on ``positive``.
+
+    anomalib's adaptive threshold (the F1-maximising point of the precision-recall curve,
+    the lowest such threshold on ties). ``positive``: True for anomalous samples/pixels.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(positive, anomaly)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total),
+                   where=total > 0)
+    return float(thresholds[np.argmax(f1)])
+
+
+def _check_labels(y, n: int) -> np.ndarray:
+    """``y`` as a bool array "anomalous" of shape (n,); ValueError unless +1 / -1."""
+    labels = np.asarray(y)
+    if labels.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to label the {n} samples of X, got "
+                         f"shape {labels.shape}")
+    if labels.dtype.kind not in "iuf" or not np.isin(labels, (1, -1)).all():
+        raise ValueError("y must hold +1 (normal) and -1 (anomalous) labels, scikit-learn's "
+                         f"outlier convention; got values {np.unique(labels)[:5]}")
+    anomalous = labels == -1
+    if not anomalous.any():
+        raise ValueError("y labels no sample anomalous (-1): an F1-maximising threshold "
+                         "needs anomalies; for normal samples only use calibrate(X) (the "
+                         "conformal threshold)")
+    return anomalous
+
+
 def calibrate(estimator, X, y=None):
     """Set the decision threshold of a fitted detector or pipeline from held-out normals.
 
@@ -280,9 +317,11 @@ def calibrate(estimator, X, y=None):
         Modified in place.
     X : array-like of shape (n_samples, ...)
         Normal samples that were not used for fitting, in the input format of
-        ``estimator`` (images for a pipeline starting with a feature extractor).
-    y : Ignored
-        Not used, present for API consistency.
+        ``estimator`` (images for a pipeline starting with a feature extractor); or,
+        with ``y``, labelled validation samples.
+    y : array-like of shape (n_samples,) or None, default=None
+        +1 (normal) / -1 (anomalous) labels of ``X``: the threshold then maximises F1
+        on them (see :meth:`BaseDetector.calibrate`).
 
     Returns
     -------
@@ -330,7 +369,7 @@ def calibrate(estimator, X, y=None):
     Xt = X
     if isinstance(estimator, Pipeline) and len(estimator) > 1:
         Xt = estimator[:-1].transform(X)
-    detector.calibrate(Xt)
+    detector.calibrate(Xt, y)
     return estimator
 
 
@@ -415,13 +454,14 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         How ``offset_`` was set: ``"leave-one-out"`` (exact leave-one-out scores of the
         training samples), ``"leave-one-image-out"`` (PatchCore), ``"cross-fit"``
         (K-fold cross-fitting), ``"in-sample"`` (too few samples for either; optimistic),
-        ``"held-out"`` (:meth:`calibrate`), ``"score-then-update"`` (``partial_fit`` of
+        ``"held-out"`` (:meth:`calibrate`), ``"labelled-f1"`` (:meth:`calibrate` with
+        labels: the F1-maximising threshold), ``"score-then-update"`` (``partial_fit`` of
         detectors without cheap leave-one-out scores: each batch scored before it is
         absorbed).
     calibration_scores_ : ndarray of shape (n_calibration,), float64
-        Normality scores (:meth:`score_samples`) of the held-out samples of the last
-        :meth:`calibrate`, sorted ascending: the reference of :meth:`pvalues`. Only after
-        :meth:`calibrate`; a later ``fit`` or ``partial_fit`` removes it.
+        Normality scores (:meth:`score_samples`) of the held-out normal samples of the
+        last :meth:`calibrate`, sorted ascending: the reference of :meth:`pvalues`. Only
+        after :meth:`calibrate`; a later ``fit`` or ``partial_fit`` removes it.
 
     Notes
     -----
@@ -752,7 +792,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
-        self.__dict__.pop("calibration_scores_", None)  # the model they scored is gone
+        for name in _CALIBRATION_STATE:  # the model they were set with is gone
+            self.__dict__.pop(name, None)
 
     def calibrate(self, X, y=None):
         """Set ``offset_`` from normal samples that were not used for fitting (conformal).
@@ -770,24 +811,36 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         The scores are kept (``calibration_scores_``) for :meth:`pvalues`. Through a
         :class:`~sklearn.pipeline.Pipeline`, use :func:`skanomaly.calibrate`.
 
+        With labels ``y`` (+1 normal, -1 anomalous), ``offset_`` is instead the threshold
+        that maximises F1 (anomalies the positive class) on ``X``: anomalib's adaptive
+        threshold. Chosen on these very samples, its F1 is optimistic for new data and it
+        carries no false-alarm guarantee; the normal samples among them become the
+        ``calibration_scores_`` of :meth:`pvalues` (valid p-values, as the threshold
+        does not enter them).
+
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, ...)
-            Held-out normal samples, shaped as in ``fit``.
-        y : Ignored
-            Not used, present for API consistency.
+            Held-out normal samples (or, with ``y``, labelled validation samples), shaped
+            as in ``fit``.
+        y : array-like of shape (n_samples,) or None, default=None
+            None: ``X`` is normal, the conformal threshold. Else +1 / -1 labels, at least
+            one -1: the F1-maximising threshold; a sample is flagged when its anomaly
+            score is at least the chosen one.
 
         Returns
         -------
         self : object
-            The detector, with ``offset_`` and ``calibration_`` (``"held-out"``) updated.
+            The detector, with ``offset_``, ``calibration_`` (``"held-out"``, or
+            ``"labelled-f1"`` with ``y``) and ``calibration_scores_`` updated.
 
         Raises
         ------
         sklearn.exceptions.NotFittedError
             If the detector is not fitted.
         ValueError
-            If ``X`` is invalid (see :meth:`score_samples`).
+            If ``X`` is invalid (see :meth:`score_samples`), or ``y`` is not one +1 / -1
+            label per sample with at least one -1.
 
         Examples
         --------
@@ -799,6 +852,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         >>> bool(abs((det.predict(rng.normal(size=(5000, 2))) == -1).mean() - 0.2) < 0.03)
         True
         """
+        if y is not None:
+            return self._calibrate_labelled(X, y)
         normality = self.score_samples(X)
         offset, scores = _conformal_offset(normality, self.contamination)
         if offset == -math.inf:
@@ -816,6 +871,19 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         self.offset_ = offset
         self.calibration_ = "held-out"
         self.calibration_scores_ = scores
+        return self
+
+    def _calibrate_labelled(self, X, y):
+        normality = self.score_samples(X)
+        anomalous = _check_labels(y, normality.shape[0])
+        best = _f1_max_threshold(-_finite_normality(normality), anomalous)
+        # flagged where the anomaly score is >= best: normality <= -best < offset_
+        self.offset_ = float(np.nextafter(-best, np.inf))
+        self.calibration_ = "labelled-f1"
+        if anomalous.all():
+            self.__dict__.pop("calibration_scores_", None)
+        else:
+            self.calibration_scores_ = np.sort(_finite_normality(normality[~anomalous]))
         return self
 
     def pvalues(self, X):
@@ -1030,7 +1098,8 @@ class _ScoreThenUpdateMixin:
                                  _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
         self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
         self.calibration_ = "score-then-update"
-        self.__dict__.pop("calibration_scores_", None)  # the model they scored is gone
+        for name in _CALIBRATION_STATE:  # the model they were set with is gone
+            self.__dict__.pop(name, None)
         self._offset_record = record
 
 
@@ -1106,6 +1175,123 @@ class BaseSpatialDetector(BaseDetector):
             return maps
 
         return _to_numpy(self._blockwise(maps_of, Xt)).astype(np.float64)
+
+    def calibrate_pixels(self, X, masks=None, *, output_size=None, sigma=4.0):
+        """Set the pixel threshold of :meth:`predict_mask` from validation maps.
+
+        With ``masks`` (True on anomalous pixels), ``pixel_threshold_`` maximises F1 over
+        all pixels of ``anomaly_map(X)`` (anomalib's adaptive pixel threshold; optimistic
+        on these very images). Without, ``X`` is normal and the threshold is the
+        conformal ``contamination`` quantile of its pixels' anomaly scores: with ``N``
+        pixels, the ``ceil((1 - contamination)(N + 1))``-th smallest, so that a pixel of
+        a new normal image is predicted anomalous with probability at most
+        ``contamination`` if it is exchangeable with those pixels (pixels of one image
+        are dependent, so this holds on average over images, not image by image).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Validation feature maps, shaped as in ``fit``.
+        masks : array-like of bool of shape (n_samples, height, width), optional
+            Ground truth (non-zero = anomalous); the maps are computed at its size
+            (upsampled and blurred, unless it is the feature resolution).
+        output_size : int or (int, int), optional
+            Without ``masks``: the map size in pixels, as in :meth:`anomaly_map` (None:
+            the feature resolution).
+        sigma : float, default=4.0
+            Blur of upsampled maps, as in :meth:`anomaly_map`.
+
+        Returns
+        -------
+        self : object
+            With ``pixel_threshold_`` (on the map: a pixel is anomalous where the map
+            exceeds it), ``pixel_calibration_`` (``"labelled-f1"`` or ``"held-out"``),
+            ``pixel_map_size_`` and ``pixel_sigma_`` (the map settings that
+            :meth:`predict_mask` reuses). A later ``fit`` or ``partial_fit`` removes them.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If ``masks`` does not have one (height, width) mask per sample, or marks no
+            anomalous pixel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import PaDiMDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = PaDiMDetector(n_features=4, random_state=0, device="cpu")
+        >>> det = det.fit(rng.normal(size=(40, 6, 4, 4)))
+        >>> X_val = rng.normal(size=(10, 6, 4, 4))
+        >>> masks = np.zeros((10, 4, 4), bool)
+        >>> X_val[:5, :, 1, 2] += 8.0
+        >>> masks[:5, 1, 2] = True
+        >>> det = det.calibrate_pixels(X_val, masks)
+        >>> bool((det.predict_mask(X_val) == masks).all())
+        True
+        """
+        check_is_fitted(self)
+        if masks is not None:
+            truth = np.asarray(masks).astype(bool)
+            if truth.ndim != 3:
+                raise ValueError(f"masks must be (n_samples, height, width), got shape "
+                                 f"{truth.shape}")
+            size = tuple(truth.shape[1:])  # masks at the feature resolution: the raw map
+            output_size = None if size == tuple(self.input_shape_[1:]) else size
+        maps = self.anomaly_map(X, output_size=output_size, sigma=sigma)
+        if masks is not None:
+            if truth.shape != maps.shape:
+                raise ValueError(f"masks have shape {truth.shape}, but X gives "
+                                 f"{maps.shape[0]} maps of {maps.shape[1:]}")
+            if not truth.any():
+                raise ValueError("masks mark no anomalous pixel: an F1-maximising "
+                                 "threshold needs some; for normal images only call "
+                                 "calibrate_pixels(X) without masks (conformal)")
+            best = _f1_max_threshold(maps.ravel(), truth.ravel())
+            threshold, method = float(np.nextafter(best, -np.inf)), "labelled-f1"
+        else:
+            pixels = np.sort(maps.ravel())
+            k = _conformal_rank(pixels.size, self.contamination)
+            threshold = float(pixels[k - 1]) if k <= pixels.size else math.inf
+            method = "held-out"
+        self.pixel_threshold_ = threshold
+        self.pixel_calibration_ = method
+        self.pixel_map_size_ = None if output_size is None else tuple(maps.shape[1:])
+        self.pixel_sigma_ = float(sigma)
+        return self
+
+    def predict_mask(self, X):
+        """Predicted anomalous pixels: ``anomaly_map(X) > pixel_threshold_``.
+
+        The maps are computed with the size and blur of :meth:`calibrate_pixels`.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Feature maps shaped as in ``fit``.
+
+        Returns
+        -------
+        masks : ndarray of bool of shape (n_samples, height, width)
+            True on pixels predicted anomalous.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted or has no pixel threshold
+            (:meth:`calibrate_pixels`).
+        """
+        from sklearn.exceptions import NotFittedError
+
+        check_is_fitted(self)
+        if "pixel_threshold_" not in self.__dict__:
+            raise NotFittedError(f"{type(self).__name__} has no pixel threshold: call "
+                                 "calibrate_pixels(X_val, masks) or calibrate_pixels("
+                                 "X_normal) first")
+        maps = self.anomaly_map(X, output_size=self.pixel_map_size_, sigma=self.pixel_sigma_)
+        return maps > self.pixel_threshold_
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -107,15 +107,16 @@ class AnomalyPipeline(Pipeline):
 
     @available_if(_final_has("calibrate"))
     def calibrate(self, X, y=None):
-        """Set the detector's threshold from held-out normal input (see
-        :func:`skanomaly.calibrate`).
+        """Set the detector's threshold from held-out normal input, or from labelled
+        validation input (see :func:`skanomaly.calibrate`).
 
         Parameters
         ----------
         X : array-like or torch.Tensor
-            Normal samples not used in ``fit``, in the input format of the first step.
-        y : Ignored
-            Not used, present for API consistency.
+            Normal samples not used in ``fit`` (or, with ``y``, labelled validation
+            samples), in the input format of the first step.
+        y : array-like of shape (n_samples,) or None, default=None
+            None: the conformal threshold. +1 / -1 labels: the F1-maximising one.
 
         Returns
         -------
@@ -132,7 +133,73 @@ class AnomalyPipeline(Pipeline):
         from .base import calibrate
 
         check_is_fitted(self)
-        return calibrate(self, X)
+        return calibrate(self, X, y)
+
+    @available_if(_final_has("calibrate_pixels"))
+    def calibrate_pixels(self, X, masks=None, *, output_size=None, sigma=4.0):
+        """Set the detector's pixel threshold from validation input (spatial detectors).
+
+        See :meth:`~skanomaly.base.BaseSpatialDetector.calibrate_pixels`: F1-maximising
+        over the pixels of ``masks``, or without masks the conformal ``contamination``
+        quantile of the pixels of normal input.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Validation input of the first step.
+        masks : array-like of bool of shape (n_samples, height, width), optional
+            Ground truth; the maps are computed at its size.
+        output_size : int, (int, int) or None, default=None
+            Without ``masks``: the map size; ``None`` means as :meth:`anomaly_map` (the
+            input image size after a ``FeatureExtractor``).
+        sigma : float, default=4.0
+            Blur of upsampled maps.
+
+        Returns
+        -------
+        self : AnomalyPipeline
+            The pipeline, its detector's pixel threshold set.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import AnomalyPipeline, FeatureExtractor, PaDiMDetector
+        >>> X = np.random.default_rng(0).random((14, 3, 32, 32), dtype=np.float32)
+        >>> model = AnomalyPipeline([
+        ...     ("features", FeatureExtractor("resnet18", ["layer1"], random_state=0)),
+        ...     ("padim", PaDiMDetector(n_features=8, random_state=0))]).fit(X[:10])
+        >>> model.calibrate_pixels(X[10:]).predict_mask(X[:2]).shape
+        (2, 32, 32)
+        """
+        from .features import FeatureExtractor
+
+        check_is_fitted(self)
+        if masks is None and output_size is None and isinstance(self.steps[0][1],
+                                                                 FeatureExtractor):
+            output_size = _image_size(X)
+        Xt = self[:-1].transform(X) if len(self) > 1 else X
+        self._final_estimator.calibrate_pixels(Xt, masks, output_size=output_size,
+                                               sigma=sigma)
+        return self
+
+    @available_if(_final_has("predict_mask"))
+    def predict_mask(self, X):
+        """Predicted anomalous pixels of ``X``: the detector's, through the earlier steps.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+
+        Returns
+        -------
+        masks : ndarray of bool of shape (n_samples, height, width)
+            ``self[-1].predict_mask(self[:-1].transform(X))`` (after
+            :meth:`calibrate_pixels`).
+        """
+        check_is_fitted(self)
+        Xt = self[:-1].transform(X) if len(self) > 1 else X
+        return self._final_estimator.predict_mask(Xt)
 
     @available_if(_final_has("pvalues"))
     def pvalues(self, X):
