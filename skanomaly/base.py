@@ -1282,6 +1282,19 @@ class BaseSpatialDetector(BaseDetector):
         sklearn.exceptions.NotFittedError
             If the detector is not fitted or has no pixel threshold
             (:meth:`calibrate_pixels`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import PaDiMDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = PaDiMDetector(contamination=0.05, random_state=0, device="cpu")
+        >>> det = det.fit(rng.normal(size=(40, 4, 3, 3)))
+        >>> det = det.calibrate_pixels(rng.normal(size=(30, 4, 3, 3)))  # normal images
+        >>> X = rng.normal(size=(2, 4, 3, 3))
+        >>> X[0, :, 2, 2] += 10.0
+        >>> det.predict_mask(X)[:, 2, 2]
+        array([ True, False])
         """
         from sklearn.exceptions import NotFittedError
 

@@ -196,6 +196,10 @@ class AnomalyPipeline(Pipeline):
         masks : ndarray of bool of shape (n_samples, height, width)
             ``self[-1].predict_mask(self[:-1].transform(X))`` (after
             :meth:`calibrate_pixels`).
+
+        Examples
+        --------
+        See :meth:`calibrate_pixels`.
         """
         check_is_fitted(self)
         Xt = self[:-1].transform(X) if len(self) > 1 else X
