@@ -5,11 +5,13 @@ Three subcommands work around a saved model file (see the command line guide):
 * ``skanomaly fit TRAIN_DIR --model model.skanomaly``: the pipeline below, fitted on a
   folder of normal images read, transformed and absorbed by the detector's
   ``partial_fit`` one batch at a time (:func:`skanomaly.streaming.partial_fit_images`),
-  optionally calibrated on ``--calibration-dir`` (:func:`skanomaly.calibrate`), saved
-  with its metadata by :func:`save_model`;
+  optionally calibrated on ``--calibration-dir`` (:func:`skanomaly.calibrate`, conformal)
+  or on labelled ``--validation-dir`` images (F1-maximising image and pixel thresholds),
+  saved with its metadata by :func:`save_model`;
 * ``skanomaly predict MODEL IMAGE_DIR --output-dir OUT``: ``scores.csv``, heatmaps and,
   for labelled folders or with ``--mask-dir``, ``metrics.json``, from the loaded
-  pipeline's ``score_samples``, ``predict`` and its detector's ``anomaly_map``;
+  pipeline's ``score_samples``, ``predict`` and its detector's ``anomaly_map`` (and
+  ``masks/``, its ``predict_mask``, when the model has a pixel threshold);
 * ``skanomaly export MODEL OUTPUT``: ONNX or TorchScript by
   :func:`skanomaly.export.export`.
 
@@ -322,6 +324,15 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
         "streamed threshold (leave-one-out scores of the last batch for padim and "
         "gaussian, score-then-update for the others)",
     )
+    fit.add_argument(
+        "--validation-dir", type=Path, metavar="DIR",
+        help="instead of --calibration-dir: labelled validation images laid out as MVTec "
+        "AD (good/ and one subfolder per defect type); the image threshold maximises F1 on "
+        "them (anomalib's adaptive threshold, optimistic on these images) and, with "
+        "--validation-mask-dir, the pixel threshold of predicted masks maximises pixel F1",
+    )
+    fit.add_argument("--validation-mask-dir", type=Path, metavar="DIR",
+                     help="MVTec-style masks of --validation-dir: <defect>/<stem>_mask.png")
     fit.add_argument("--detector", choices=DETECTORS, default="padim",
                      help="anomaly detector (default: padim)")
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE,
@@ -833,6 +844,35 @@ def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps,
             ])
 
 
+def _resized_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """Predicted masks at ``size`` x ``size`` (nearest neighbour when the detector's pixel
+    threshold was set at another map size)."""
+    if masks.shape[1:] == (size, size):
+        return masks
+    rows = (np.arange(size) * masks.shape[1]) // size
+    cols = (np.arange(size) * masks.shape[2]) // size
+    return masks[:, rows][:, :, cols]
+
+
+def _pixel_confusion(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Pixel precision, recall and F1 of predicted masks against ground truth."""
+    tp = int(np.sum(truth & predicted))
+    n_predicted, n_true = int(predicted.sum()), int(truth.sum())
+    precision = tp / n_predicted if n_predicted else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * tp / (n_predicted + n_true) if tp else 0.0
+    return {"pixel_precision": precision, "pixel_recall": recall, "pixel_f1": f1}
+
+
+def _write_masks(folder: Path, names: list[str], masks: np.ndarray) -> None:
+    """Predicted masks as black/white PNGs, named as the heatmaps."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, mask in zip(_heatmap_names(names), masks):
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / name)
+
+
 def _pvalues(detector, anomaly_scores):
     """The detector's conformal ``pvalues`` of images with these anomaly scores, or None.
 
@@ -1281,6 +1321,14 @@ def _fit_command(args) -> dict:
 
     _check_dir("TRAIN_DIR", args.train_dir)
     _check_dir("--calibration-dir", args.calibration_dir)
+    _check_dir("--validation-dir", args.validation_dir)
+    _check_dir("--validation-mask-dir", args.validation_mask_dir)
+    if args.calibration_dir is not None and args.validation_dir is not None:
+        raise CLIError("give --calibration-dir (held-out normal images: a conformal "
+                       "threshold) or --validation-dir (labelled images: an F1-maximising "
+                       "one), not both")
+    if args.validation_mask_dir is not None and args.validation_dir is None:
+        raise CLIError("--validation-mask-dir needs --validation-dir")
     _check_model_path(args.model)
     with _user_errors("--device"):
         resolve_device(args.device)
@@ -1297,6 +1345,7 @@ def _fit_command(args) -> dict:
     paths = _find_images(args.train_dir, "TRAIN_DIR")
     calibration_paths = (None if args.calibration_dir is None
                          else _find_images(args.calibration_dir, "--calibration-dir"))
+    validation = None if args.validation_dir is None else _read_validation(args)
     detector = _make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
         detector.set_params(max_bank_size=args.max_bank_size)
@@ -1306,10 +1355,20 @@ def _fit_command(args) -> dict:
         partial_fit_images(model, paths, batch_size=args.batch_size,
                            image_size=args.image_size, verbose=not args.quiet)
         timings["fit_s"] = time.perf_counter() - start
+        spatial = args.detector in SPATIAL_DETECTORS
         if calibration_paths is not None:
             start = time.perf_counter()
             X_cal = np.stack([read_image(p, args.image_size) for p in calibration_paths])
             calibrate(model, X_cal)
+            if spatial:  # predicted masks: the conformal quantile of their pixels
+                model.calibrate_pixels(X_cal)
+            timings["calibrate_s"] = time.perf_counter() - start
+        if validation is not None:
+            start = time.perf_counter()
+            X_val, y_val, masks_val = validation
+            calibrate(model, X_val, y_val)
+            if spatial and masks_val is not None:
+                model.calibrate_pixels(X_val, masks_val)
             timings["calibrate_s"] = time.perf_counter() - start
     for w in caught:  # an in-sample fallback becomes the note; other warnings go on
         if issubclass(w.category, CalibrationWarning):  # the final threshold is in-sample
@@ -1317,6 +1376,9 @@ def _fit_command(args) -> dict:
                     "are optimistic: give more training images or --calibration-dir")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if validation is not None:
+        note = ("the threshold maximises F1 on the labelled --validation-dir images: "
+                "optimistic on them, with no false-alarm guarantee")
     if calibration_paths is not None:
         note = None
         n_cal = len(calibration_paths)
@@ -1336,6 +1398,10 @@ def _fit_command(args) -> dict:
         "n_batches": n_batches,
         "calibration_dir": None if args.calibration_dir is None else str(args.calibration_dir),
         "n_calibration": 0 if calibration_paths is None else len(calibration_paths),
+        "validation_dir": None if args.validation_dir is None else str(args.validation_dir),
+        "n_validation": 0 if validation is None else len(validation[1]),
+        "pixel_threshold": getattr(model[-1], "pixel_threshold_", None),
+        "pixel_calibration": getattr(model[-1], "pixel_calibration_", None),
         "threshold_note": note,
         "random_state": args.random_state,
         "timings": timings,
@@ -1348,6 +1414,8 @@ def _fit_command(args) -> dict:
     if not args.quiet:
         source = (f"{metadata['n_calibration']} held-out images of --calibration-dir"
                   if calibration_paths is not None
+                  else f"F1 on {metadata['n_validation']} labelled images of --validation-dir"
+                  if validation is not None
                   else f"the {args.detector} detector's streamed {metadata['calibration']} "
                   "scores")
         lines = [
@@ -1365,6 +1433,31 @@ def _fit_command(args) -> dict:
         lines.append(f"  wrote {args.model} ({size:.1f} MiB)")
         print("\n".join(lines))
     return metadata
+
+
+def _read_validation(args):
+    """Images, +1/-1 labels and (with --validation-mask-dir) masks of --validation-dir."""
+    paths = _find_images(args.validation_dir, "--validation-dir")
+    relative = [p.relative_to(args.validation_dir) for p in paths]
+    labels = np.array([test_label(r)[0] for r in relative], dtype=np.int64)
+    if not (labels == -1).any() or (labels == 0).any():
+        raise CLIError(f"--validation-dir {args.validation_dir} must be laid out as MVTec AD, "
+                       "good/ and at least one defect subfolder, with no image directly in "
+                       "it: the F1-maximising threshold needs labelled defects")
+    size = args.image_size
+    images = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    masks = None if args.validation_mask_dir is None else np.zeros((len(paths), size, size),
+                                                                   dtype=bool)
+    for i, path in enumerate(paths):
+        images[i], original = _read_image(path, size)
+        if masks is not None:
+            mask_path = _find_mask(args.validation_mask_dir, relative[i])
+            if mask_path is not None:
+                masks[i] = _read_mask(mask_path, path, original, size)
+            elif labels[i] == -1:
+                raise CLIError(f"no mask for defective image {path} in "
+                               f"{args.validation_mask_dir}")
+    return images, labels, masks
 
 
 class _LazyImages:
@@ -1413,6 +1506,9 @@ def _predict_command(args) -> dict:
     predictions = np.empty(n, dtype=np.int64)
     maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
     masks = None if args.mask_dir is None else np.zeros((n, size, size), dtype=bool)
+    # predicted masks where the model has a pixel threshold (spatial detectors)
+    predicted = (np.empty((n, size, size), dtype=bool)
+                 if "pixel_threshold_" in vars(detector) else None)
     start = time.perf_counter()
     starts = range(0, n, args.batch_size)
     for first in _progress(starts, args.quiet, desc="scoring", unit="batch"):
@@ -1434,11 +1530,15 @@ def _predict_command(args) -> dict:
             predictions[first:stop] = detector.predict(features)
             if spatial:
                 maps[first:stop] = detector.anomaly_map(features, output_size=size)
+            if predicted is not None:
+                predicted[first:stop] = _resized_masks(detector.predict_mask(features), size)
     timings = {"score_s": time.perf_counter() - start}
     test = _TestSet(_LazyImages(paths, size), [r.as_posix() for r in relative],
                     np.array(labels, dtype=np.int64), list(defect_types), masks)
     labelled = bool(np.any(test.labels != 0)) or masks is not None
     metrics, notes = _metrics(test, scores, maps) if labelled else ({}, [])
+    if predicted is not None and masks is not None:  # the pixel confusion at the threshold
+        metrics.update(_pixel_confusion(masks, predicted))
     if not spatial:
         notes.append(f"no heatmaps: {metadata['detector']} scores whole images")
     result = {
@@ -1464,6 +1564,8 @@ def _predict_command(args) -> dict:
             start = time.perf_counter()
             heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             timings["heatmaps_s"] = time.perf_counter() - start
+        if predicted is not None:
+            _write_masks(out / "masks", test.names, predicted)
         _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17,
                       pvalues=_pvalues(detector, scores))
         if labelled:
@@ -1474,10 +1576,12 @@ def _predict_command(args) -> dict:
         raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
     if not args.quiet:
         labels_ = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
-                   "pixel_auroc": "pixel AUROC", "pro": "PRO"}
+                   "pixel_auroc": "pixel AUROC", "pro": "PRO",
+                   "pixel_precision": "pixel precision", "pixel_recall": "pixel recall"}
         line = "  ".join(f"{labels_[k]} {metrics[k]:.3f}" for k in labels_ if k in metrics)
         wrote = ["scores.csv"] + (["metrics.json"] if labelled else []) + (
-            [f"heatmaps/ ({len(heatmaps)} PNGs)"] if heatmaps else [])
+            [f"heatmaps/ ({len(heatmaps)} PNGs)"] if heatmaps else []) + (
+            [f"masks/ ({n} predicted masks)"] if predicted is not None else [])
         lines = [f"skanomaly predict: {result['n_predicted_anomalous']} of {n} images "
                  f"predicted anomalous by {args.model} ({metadata['detector']}, threshold "
                  f"{metadata['threshold']:.6g} from {metadata['calibration']})"]

@@ -174,3 +174,99 @@ def test_predicted_masks_on_the_bundled_textures():
     np.testing.assert_array_equal(predicted,
                                   model.anomaly_map(data.X_test[20:]) > detector.pixel_threshold_)
     assert _f1(truth, predicted) > 0.2
+
+
+# ---------------------------------------------------------------- command line
+def _save_png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _to_uint8(image):
+    return np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def test_cli_fits_thresholds_on_labelled_validation_images_and_writes_masks(tmp_path):
+    """``skanomaly fit --validation-dir/--validation-mask-dir``: the image threshold
+    maximises F1 on the validation images and the pixel threshold pixel F1 (brute force
+    on the saved pipeline's own scores and maps); ``skanomaly predict`` writes the
+    predicted masks and their pixel precision and recall against the test masks."""
+    import json
+
+    from PIL import Image
+
+    from skanomaly.cli import load_model, main
+    from skanomaly.datasets import load_textures
+    from skanomaly.streaming import find_images, read_image
+
+    data = load_textures("brick", n_train=12, n_test=24, image_size=32, random_state=0)
+    for i, image in enumerate(data.X_train):
+        _save_png(tmp_path / "train" / f"{i:03d}.png", _to_uint8(image))
+    for i, (image, kind, mask) in enumerate(zip(data.X_test, data.defect_type_test,
+                                                data.masks_test)):
+        split = "validation" if i < 12 else "test"
+        folder = "good" if kind == "good" else kind
+        _save_png(tmp_path / split / folder / f"{i:03d}.png", _to_uint8(image))
+        if kind != "good":
+            _save_png(tmp_path / f"{split}_masks" / folder / f"{i:03d}_mask.png",
+                      mask.astype(np.uint8) * 255)
+    model_path = tmp_path / "m.skanomaly"
+    common = ["--backbone", "resnet18", "--layers", "layer1,layer2", "--image-size", "32",
+              "--device", "cpu", "--quiet"]
+    assert main(["fit", str(tmp_path / "train"), "--model", str(model_path), *common,
+                 "--validation-dir", str(tmp_path / "validation"), "--validation-mask-dir",
+                 str(tmp_path / "validation_masks")]) == 0
+    model, metadata = load_model(model_path)
+    detector = model[-1]
+    assert metadata["calibration"] == "labelled-f1" == detector.calibration_
+    assert metadata["pixel_calibration"] == "labelled-f1"
+    assert metadata["pixel_threshold"] == detector.pixel_threshold_
+
+    def folder(split):
+        paths = find_images(tmp_path / split)
+        images = np.stack([read_image(p, 32) for p in paths])
+        labels = np.array([1 if p.parent.name == "good" else -1 for p in paths])
+        masks = np.zeros((len(paths), 32, 32), bool)
+        for i, p in enumerate(paths):
+            mask = tmp_path / f"{split}_masks" / p.parent.name / f"{p.stem}_mask.png"
+            if mask.exists():
+                masks[i] = np.asarray(Image.open(mask)) > 0
+        return paths, images, labels, masks
+
+    _, X_val, y_val, masks_val = folder("validation")
+    anomaly = -model.score_samples(X_val)
+    _, best_t = _brute_f1(anomaly, y_val == -1)
+    np.testing.assert_array_equal(model.predict(X_val) == -1, anomaly >= best_t)
+    maps = model.anomaly_map(X_val)
+    _, best_pixel = _brute_f1(maps.ravel(), masks_val.ravel())
+    np.testing.assert_array_equal(model.predict_mask(X_val), maps >= best_pixel)
+
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(tmp_path / "test"), "--mask-dir",
+                 str(tmp_path / "test_masks"), "--output-dir", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    paths, X_test, _, masks_test = folder("test")
+    expected = model.predict_mask(X_test)
+    written = sorted((out / "masks").glob("*.png"))
+    assert len(written) == len(paths)
+    np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) > 0 for p in written]),
+                                  expected)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    tp = np.sum(expected & masks_test)
+    assert metrics["pixel_precision"] == pytest.approx(tp / expected.sum())
+    assert metrics["pixel_recall"] == pytest.approx(tp / masks_test.sum())
+
+
+def test_cli_validation_options_are_checked(tmp_path, capsys):
+    from skanomaly.cli import main
+
+    for name in ("train", "cal", "val"):
+        (tmp_path / name).mkdir()
+    base = ["fit", str(tmp_path / "train"), "--model", str(tmp_path / "m.skanomaly")]
+    assert main([*base, "--calibration-dir", str(tmp_path / "cal"), "--validation-dir",
+                 str(tmp_path / "val")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*base, "--validation-mask-dir", str(tmp_path / "val")]) == 2
+    assert "needs --validation-dir" in capsys.readouterr().err
