@@ -170,3 +170,16 @@ def test_save_model_leaves_out_the_streaming_state_unless_asked(keep, tmp_path):
     else:
         with pytest.raises(ValueError, match="keep_streaming_state=True"):
             loaded[-1].partial_fit(more)
+
+
+def test_gaussian_covariance_is_derived_not_stored():
+    from sklearn.covariance import LedoitWolf
+
+    X = _vectors(80)
+    det = GaussianDetector(reg=0.5, device="cpu").fit(X)
+    assert "covariance_" not in vars(det)
+    reference = LedoitWolf().fit(X).covariance_
+    np.testing.assert_allclose(det.covariance_, reference, rtol=1e-9, atol=1e-12)
+    compact = pickle.loads(pickle.dumps(det._without_streaming_state()))
+    np.testing.assert_allclose(compact.covariance_, reference, rtol=1e-8, atol=1e-12)
+    assert not hasattr(GaussianDetector(), "covariance_")
