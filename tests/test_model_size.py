@@ -183,3 +183,16 @@ def test_gaussian_covariance_is_derived_not_stored():
     compact = pickle.loads(pickle.dumps(det._without_streaming_state()))
     np.testing.assert_allclose(compact.covariance_, reference, rtol=1e-8, atol=1e-12)
     assert not hasattr(GaussianDetector(), "covariance_")
+
+
+def test_copies_keep_plain_arrays():
+    """copy.copy hands __getstate__'s objects over unpickled: no packed wrapper leaks."""
+    import copy
+
+    X = _maps(30)
+    det = _streamed("padim")
+    for twin in (copy.copy(det), copy.deepcopy(det)):
+        assert type(twin.precision_cholesky_) is np.ndarray
+        assert type(twin._moments.scatter) is torch.Tensor
+        np.testing.assert_array_equal(twin.score_samples(X), det.score_samples(X))
+        np.testing.assert_array_equal(twin._moments.scatter, det._moments.scatter)

@@ -441,6 +441,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
                 state[name] = PackedMatrices(state[name], keep, "zero")
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(PackedMatrices.unwrap(state))
+
     # -------------------------------------------------------------- scoring
     def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         mean = torch.from_numpy(self.mean_)

@@ -71,9 +71,20 @@ class PackedMatrices:
         if keep not in ("lower", "upper") or other not in ("zero", "mirror"):
             raise ValueError(f"keep must be 'lower' or 'upper' and other 'zero' or "
                              f"'mirror', got {keep!r}, {other!r}")
+        self.original = a
         self.as_tensor = isinstance(a, torch.Tensor)
         self.a = a.numpy() if self.as_tensor else np.asarray(a)
         self.keep, self.other = keep, other
+
+    @staticmethod
+    def unwrap(state: dict) -> dict:
+        """``state`` with every PackedMatrices replaced by the matrices it wraps.
+
+        For ``__setstate__``: :func:`copy.copy` hands ``__getstate__``'s objects over
+        as they are (only pickling and :func:`copy.deepcopy` go through the packing).
+        """
+        return {k: v.original if isinstance(v, PackedMatrices) else v
+                for k, v in state.items()}
 
     def _reduce_args(self):
         a = self.a

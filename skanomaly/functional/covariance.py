@@ -446,6 +446,9 @@ class MomentAccumulator:
             state["_m2"] = PackedMatrices(self._m2, "lower", "mirror")
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(PackedMatrices.unwrap(state))
+
     def _move(self, device: torch.device) -> None:
         dt = _accumulation_dtype(device)
         self._mean, self._m2 = self._mean.to(device, dt), self._m2.to(device, dt)
