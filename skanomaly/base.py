@@ -253,6 +253,34 @@ def _conformal_rank(n: int, alpha: float) -> int:
     return math.ceil((1 - Fraction(repr(float(alpha)))) * (n + 1))
 
 
+def conformal_min_samples(contamination: float) -> int:
+    """Fewest held-out samples for a conformal threshold at level ``contamination``.
+
+    The smallest ``n`` with ``ceil((1 - contamination)(n + 1)) <= n``, i.e.
+    ``ceil((1 - contamination) / contamination)``: :meth:`BaseDetector.calibrate` needs
+    at least this many normal samples.
+
+    Parameters
+    ----------
+    contamination : float in (0, 1)
+        The false-alarm rate to guarantee.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from skanomaly.base import conformal_min_samples
+    >>> conformal_min_samples(0.1), conformal_min_samples(0.05), conformal_min_samples(0.01)
+    (9, 19, 99)
+    """
+    from fractions import Fraction
+
+    a = Fraction(repr(float(contamination)))
+    return math.ceil((1 - a) / a)
+
+
 def _conformal_offset(normality: np.ndarray, alpha: float) -> tuple[float, np.ndarray]:
     """The split-conformal threshold on normality scores of held-out normals.
 
@@ -806,9 +834,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         in ``fit``), the new sample is flagged with probability at most ``alpha``, and
         at least ``alpha - 1 / (n + 1)`` when scores have no ties: a finite-sample
         guarantee, on average over the draw of the calibration set. With
-        ``n < (1 - alpha) / alpha`` samples no finite threshold gives it: ``offset_`` is
-        then ``-inf`` (nothing is flagged) and a :class:`CalibrationWarning` says so.
-        The scores are kept (``calibration_scores_``) for :meth:`pvalues`. Through a
+        ``n < (1 - alpha) / alpha`` samples (``k > n``) no threshold gives it, and a
+        ``ValueError`` says how many are needed. The scores are kept (``calibration_scores_``) for :meth:`pvalues`. Through a
         :class:`~sklearn.pipeline.Pipeline`, use :func:`skanomaly.calibrate`.
 
         With labels ``y`` (+1 normal, -1 anomalous), ``offset_`` is instead the threshold
@@ -839,8 +866,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         sklearn.exceptions.NotFittedError
             If the detector is not fitted.
         ValueError
-            If ``X`` is invalid (see :meth:`score_samples`), or ``y`` is not one +1 / -1
-            label per sample with at least one -1.
+            If ``X`` is invalid (see :meth:`score_samples`), has fewer than
+            ``(1 - contamination) / contamination`` samples (without ``y``), or ``y`` is
+            not one +1 / -1 label per sample with at least one -1.
 
         Examples
         --------
@@ -857,17 +885,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = self.score_samples(X)
         offset, scores = _conformal_offset(normality, self.contamination)
         if offset == -math.inf:
-            n, alpha = scores.shape[0], self.contamination
-            from fractions import Fraction
-
-            a = Fraction(repr(float(alpha)))
-            need = math.ceil((1 - a) / a)  # the smallest n with k <= n
-            why = (f"{n} held-out samples are too few for a conformal threshold at "
-                   f"contamination={alpha:g} (it needs at least {need})")
-            warnings.warn(CalibrationWarning(
-                f"{type(self).__name__}: {why}; predict flags no sample. Give more "
-                "held-out normal samples, or rank samples by pvalues(X).", reason=why),
-                stacklevel=_user_stacklevel())
+            raise ValueError(
+                f"{type(self).__name__}: X has {scores.shape[0]} held-out sample(s), too few "
+                f"for a conformal threshold at contamination={self.contamination:g}: it "
+                f"needs at least {conformal_min_samples(self.contamination)} (the threshold "
+                "is the ceil((1 - contamination)(n + 1))-th smallest of n anomaly scores); "
+                "give more held-out normal samples or a larger contamination")
         self.offset_ = offset
         self.calibration_ = "held-out"
         self.calibration_scores_ = scores
@@ -1254,8 +1277,12 @@ class BaseSpatialDetector(BaseDetector):
         else:
             pixels = np.sort(maps.ravel())
             k = _conformal_rank(pixels.size, self.contamination)
-            threshold = float(pixels[k - 1]) if k <= pixels.size else math.inf
-            method = "held-out"
+            if k > pixels.size:
+                raise ValueError(
+                    f"{pixels.size} pixels are too few for a conformal pixel threshold at "
+                    f"contamination={self.contamination:g}: it needs at least "
+                    f"{conformal_min_samples(self.contamination)}")
+            threshold, method = float(pixels[k - 1]), "held-out"
         self.pixel_threshold_ = threshold
         self.pixel_calibration_ = method
         self.pixel_map_size_ = None if output_size is None else tuple(maps.shape[1:])

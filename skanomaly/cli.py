@@ -725,11 +725,13 @@ def _fit_model(args, extractor, X_train, train_names):
     and the record's note says so.
     """
     from . import calibrate
-    from .base import CalibrationWarning
+    from .base import CalibrationWarning, conformal_min_samples
 
     n, fraction = len(X_train), args.calibration_fraction
     fit, held = _calibration_split(n, fraction, args.random_state)
-    held_out = held.size > 0 and fit.size > 0
+    # a conformal threshold at --contamination needs this many held-out images
+    needed = conformal_min_samples(args.contamination)
+    held_out = held.size >= needed and fit.size > 0
     if not held_out:
         fit, held = np.arange(n), held[:0]
     detector = _make_detector(args.detector, extractor.feature_shape_[0], fit.size, args)
@@ -752,19 +754,17 @@ def _fit_model(args, extractor, X_train, train_names):
         source = f"the {args.detector} detector's {method} scores of the {n} fitted images"
         if fraction > 0:
             note = (f"too few training images ({n}) to hold out --calibration-fraction "
-                    f"{fraction:g} of them for the threshold, so it comes from {source}")
+                    f"{fraction:g} of them for the threshold (a conformal threshold at "
+                    f"{share} needs {needed} held-out images), so it comes from {source}")
         if method == "in-sample":
             reason = f" ({in_sample_reason})" if in_sample_reason else ""
             note = (f"{note or f'the threshold comes from {source}'}{reason}; in-sample "
                     f"scores are optimistic, so more than {share} of new normal images may "
                     "be predicted anomalous: give more training images")
     elif held.size < 1 / args.contamination:
-        none = (": too few for any threshold to keep the rate of false alarms at "
-                f"{share}, so no image is predicted anomalous"
-                if model[-1].offset_ == -np.inf else ", which is coarse")
         note = (f"the threshold is the conformal {share} quantile of only {held.size} "
-                f"held-out images' scores{none}: give more training images or a larger "
-                "--calibration-fraction")
+                "held-out images' scores, which is coarse: give more training images or a "
+                "larger --calibration-fraction")
     record = {
         "method": method,
         "n_images": int(held.size if held_out else fit.size),
@@ -1315,7 +1315,7 @@ def _check_model_file(path: Path) -> None:
 def _fit_command(args) -> dict:
     """``skanomaly fit``: stream the training folder into the pipeline, save it."""
     from . import calibrate
-    from .base import CalibrationWarning, resolve_device
+    from .base import CalibrationWarning, conformal_min_samples, resolve_device
     from .features import FeatureExtractor
     from .streaming import partial_fit_images, read_image
 
@@ -1345,6 +1345,12 @@ def _fit_command(args) -> dict:
     paths = _find_images(args.train_dir, "TRAIN_DIR")
     calibration_paths = (None if args.calibration_dir is None
                          else _find_images(args.calibration_dir, "--calibration-dir"))
+    if calibration_paths is not None and len(calibration_paths) < conformal_min_samples(
+            args.contamination):
+        raise CLIError(f"--calibration-dir {args.calibration_dir} has {len(calibration_paths)} "
+                       "images, too few for a conformal threshold at --contamination "
+                       f"{args.contamination:g}: it needs at least "
+                       f"{conformal_min_samples(args.contamination)}")
     validation = None if args.validation_dir is None else _read_validation(args)
     detector = _make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
@@ -1383,12 +1389,9 @@ def _fit_command(args) -> dict:
         note = None
         n_cal = len(calibration_paths)
         if n_cal < 1 / args.contamination:
-            none = (": too few for any threshold to keep the rate of false alarms at "
-                    f"{args.contamination:g}, so no image is predicted anomalous"
-                    if model[-1].offset_ == -np.inf else ", which is coarse")
             note = (f"the threshold is the conformal {args.contamination:g} quantile of only "
-                    f"{n_cal} held-out images' scores{none}: give more --calibration-dir "
-                    "images")
+                    f"{n_cal} held-out images' scores, which is coarse: give more "
+                    "--calibration-dir images")
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
         "command": "skanomaly fit",

@@ -191,17 +191,25 @@ def test_pvalues_need_a_current_calibration():
     assert not hasattr(det, "calibration_scores_")
 
 
-def test_too_few_held_out_samples_flag_nothing_with_a_warning():
+def test_too_few_held_out_samples_are_a_clear_error():
+    from skanomaly.base import conformal_min_samples
+
     rng = np.random.default_rng(4)
     det = GaussianDetector(contamination=0.1, device="cpu").fit(rng.normal(size=(50, 2)))
-    with pytest.warns(UserWarning, match="8 held-out samples are too few .* at least 9"):
+    offset = det.offset_
+    # ceil(0.9 * 9) = 9 > 8 samples: no threshold keeps the rate at 0.1
+    with pytest.raises(ValueError, match="8 held-out sample.*at least 9"):
         det.calibrate(rng.normal(size=(8, 2)))
-    assert det.offset_ == -np.inf
-    assert (det.predict(rng.normal(size=(100, 2)) * 5) == 1).all()
+    assert det.offset_ == offset and det.calibration_ != "held-out"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         det.calibrate(rng.normal(size=(9, 2)))  # k = 9 <= n: the largest anomaly score
     assert np.isfinite(det.offset_)
+    # by hand: the smallest n with ceil((1 - a)(n + 1)) <= n
+    for alpha in (0.5, 0.3, 0.2, 0.1, 0.05, 0.01, 0.003):
+        smallest = next(n for n in range(1, 10**4)
+                        if np.ceil(round((1 - alpha) * (n + 1), 9)) <= n)
+        assert conformal_min_samples(alpha) == smallest
 
 
 def test_pvalues_through_pipelines():
