@@ -1847,13 +1847,14 @@ def main(argv=None) -> int:
     >>> from pathlib import Path
     >>> from skanomaly.cli import main
     >>> with tempfile.TemporaryDirectory() as out:
-    ...     status = main(["--image-size", "32", "--n-train", "8", "--n-test", "4",
-    ...                    "--device", "cpu", "--no-heatmaps", "--quiet", "--output-dir", out])
+    ...     status = main(["--image-size", "32", "--n-train", "12", "--n-test", "4",
+    ...                    "--calibration-fraction", "0.75", "--device", "cpu",
+    ...                    "--no-heatmaps", "--quiet", "--output-dir", out])
     ...     result = json.loads((Path(out) / "metrics.json").read_text())
     >>> status, sorted(result["metrics"])
     (0, ['image_auroc', 'image_average_precision', 'pixel_auroc', 'pro'])
     >>> result["calibration"]["method"], result["calibration"]["n_images"]
-    ('held-out', 2)
+    ('held-out', 9)
     """
     args = build_parser().parse_args(argv)
     try:
