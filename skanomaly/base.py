@@ -220,16 +220,7 @@ def _in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
 
 def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
     """The ``contamination`` quantile of normality scores; -inf scores count as the lowest."""
-    normality = np.asarray(normality, dtype=np.float64)
-    finite = np.isfinite(normality)
-    if not finite.all():
-        if not finite.any():
-            raise ValueError("every score used to set offset_ is infinite (an overflow: the "
-                             "magnitude of X is too large for the detector's precision; "
-                             "rescale the features)")
-        low = normality[finite].min()
-        normality = np.where(finite, normality, low - abs(low) - 1.0)
-    return float(np.percentile(normality, 100.0 * contamination))
+    return float(np.percentile(_finite_normality(normality), 100.0 * contamination))
 
 
 def _finite_normality(normality: np.ndarray) -> np.ndarray:
