@@ -826,7 +826,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         at least ``alpha - 1 / (n + 1)`` when scores have no ties: a finite-sample
         guarantee, on average over the draw of the calibration set. With
         ``n < (1 - alpha) / alpha`` samples (``k > n``) no threshold gives it, and a
-        ``ValueError`` says how many are needed. The scores are kept (``calibration_scores_``) for :meth:`pvalues`. Through a
+        ``ValueError`` says how many are needed. The scores are kept
+        (``calibration_scores_``) for :meth:`pvalues`. Through a
         :class:`~sklearn.pipeline.Pipeline`, use :func:`skanomaly.calibrate`.
 
         With labels ``y`` (+1 normal, -1 anomalous), ``offset_`` is instead the threshold

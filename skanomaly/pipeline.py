@@ -174,8 +174,8 @@ class AnomalyPipeline(Pipeline):
         from .features import FeatureExtractor
 
         check_is_fitted(self)
-        if masks is None and output_size is None and isinstance(self.steps[0][1],
-                                                                 FeatureExtractor):
+        first = self.steps[0][1]
+        if masks is None and output_size is None and isinstance(first, FeatureExtractor):
             output_size = _image_size(X)
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         self._final_estimator.calibrate_pixels(Xt, masks, output_size=output_size,
