@@ -10,7 +10,7 @@ that reaches its detector's anomaly maps; :func:`to_torch` (from
 detector or pipeline into one torch module.
 """
 
-from .base import calibrate
+from .base import calibrate, pvalues
 from .detectors import (
     DFKDEDetector,
     DFMDetector,
@@ -31,6 +31,7 @@ __all__ = [
     "DFKDEDetector",
     "FeatureExtractor",
     "calibrate",
+    "pvalues",
     "AnomalyPipeline",
     "make_anomaly_pipeline",
     "to_torch",

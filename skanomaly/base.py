@@ -29,6 +29,7 @@ __all__ = [
     "BaseDetector",
     "BaseSpatialDetector",
     "calibrate",
+    "pvalues",
     "resolve_device",
     "make_generator",
 ]
@@ -199,6 +200,10 @@ def _predict_labels(decision):
     return np.where(decision < 0, -1, 1)
 
 
+#: what calibrate / calibrate_pixels set besides offset_: stale once the model changes
+_CALIBRATION_STATE = ("calibration_scores_", "pixel_threshold_", "pixel_calibration_",
+                      "pixel_map_size_", "pixel_sigma_")
+
 #: out-of-sample anomaly scores that streaming keeps to set ``offset_`` (the latest ones)
 _OFFSET_RECORD = 2048
 
@@ -236,6 +241,11 @@ def _in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
 
 def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
     """The ``contamination`` quantile of normality scores; -inf scores count as the lowest."""
+    return float(np.percentile(_finite_normality(normality), 100.0 * contamination))
+
+
+def _finite_normality(normality: np.ndarray) -> np.ndarray:
+    """float64 normality scores with -inf (an overflow) below the lowest finite score."""
     normality = np.asarray(normality, dtype=np.float64)
     finite = np.isfinite(normality)
     if not finite.all():
@@ -245,7 +255,90 @@ def _quantile_offset(normality: np.ndarray, contamination: float) -> float:
                              "rescale the features)")
         low = normality[finite].min()
         normality = np.where(finite, normality, low - abs(low) - 1.0)
-    return float(np.percentile(normality, 100.0 * contamination))
+    return normality
+
+
+def _conformal_rank(n: int, alpha: float) -> int:
+    """``ceil((1 - alpha) (n + 1))``, exactly for the decimal ``alpha`` the user wrote."""
+    from fractions import Fraction
+
+    return math.ceil((1 - Fraction(repr(float(alpha)))) * (n + 1))
+
+
+def conformal_min_samples(contamination: float) -> int:
+    """Fewest held-out samples for a conformal threshold at level ``contamination``.
+
+    The smallest ``n`` with ``ceil((1 - contamination)(n + 1)) <= n``, i.e.
+    ``ceil((1 - contamination) / contamination)``: :meth:`BaseDetector.calibrate` needs
+    at least this many normal samples.
+
+    Parameters
+    ----------
+    contamination : float in (0, 1)
+        The false-alarm rate to guarantee.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from skanomaly.base import conformal_min_samples
+    >>> conformal_min_samples(0.1), conformal_min_samples(0.05), conformal_min_samples(0.01)
+    (9, 19, 99)
+    """
+    from fractions import Fraction
+
+    a = Fraction(repr(float(contamination)))
+    return math.ceil((1 - a) / a)
+
+
+def _conformal_offset(normality: np.ndarray, alpha: float) -> tuple[float, np.ndarray]:
+    """The split-conformal threshold on normality scores of held-out normals.
+
+    Returns ``(offset, sorted_scores)``. With ``k = ceil((1 - alpha) (n + 1))``, a sample
+    is flagged when its anomaly score exceeds the ``k``-th smallest of the ``n``
+    calibration anomaly scores, i.e. when its normality is below the ``(n + 1 - k)``-th
+    smallest normality: ``offset`` is that score (``-inf`` when ``k > n``: too few
+    samples for any finite threshold to hold the rate at ``alpha``).
+    """
+    scores = np.sort(_finite_normality(normality))
+    n = scores.shape[0]
+    k = _conformal_rank(n, alpha)
+    return (float(scores[n - k]) if k <= n else -math.inf), scores
+
+
+def _f1_max_threshold(anomaly: np.ndarray, positive: np.ndarray) -> float:
+    """The anomaly score ``t`` whose rule ``anomaly >= t`` has the largest F1 on ``positive``.
+
+    anomalib's adaptive threshold (the F1-maximising point of the precision-recall curve,
+    the lowest such threshold on ties). ``positive``: True for anomalous samples/pixels.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(positive, anomaly)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total),
+                   where=total > 0)
+    return float(thresholds[np.argmax(f1)])
+
+
+def _check_labels(y, n: int) -> np.ndarray:
+    """``y`` as a bool array "anomalous" of shape (n,); ValueError unless +1 / -1."""
+    labels = np.asarray(y)
+    if labels.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to label the {n} samples of X, got "
+                         f"shape {labels.shape}")
+    if labels.dtype.kind not in "iuf" or not np.isin(labels, (1, -1)).all():
+        raise ValueError("y must hold +1 (normal) and -1 (anomalous) labels, scikit-learn's "
+                         f"outlier convention; got values {np.unique(labels)[:5]}")
+    anomalous = labels == -1
+    if not anomalous.any():
+        raise ValueError("y labels no sample anomalous (-1): an F1-maximising threshold "
+                         "needs anomalies; for normal samples only use calibrate(X) (the "
+                         "conformal threshold)")
+    return anomalous
 
 
 def calibrate(estimator, X, y=None):
@@ -253,8 +346,10 @@ def calibrate(estimator, X, y=None):
 
     The last step of ``estimator`` (or ``estimator`` itself) must be a fitted skanomaly
     detector; the earlier steps of a :class:`~sklearn.pipeline.Pipeline` transform ``X``
-    first. ``offset_`` becomes the ``contamination`` quantile of the held-out scores,
-    so that ``predict`` flags about ``contamination`` of new normal samples.
+    first. ``offset_`` becomes the split-conformal threshold of the held-out scores at
+    level ``contamination``, so that ``predict`` flags at most ``contamination`` of new
+    normal samples in expectation (see :meth:`BaseDetector.calibrate`), and the
+    detector's :meth:`~BaseDetector.pvalues` give conformal p-values (:func:`pvalues`).
 
     Parameters
     ----------
@@ -262,9 +357,11 @@ def calibrate(estimator, X, y=None):
         Modified in place.
     X : array-like of shape (n_samples, ...)
         Normal samples that were not used for fitting, in the input format of
-        ``estimator`` (images for a pipeline starting with a feature extractor).
-    y : Ignored
-        Not used, present for API consistency.
+        ``estimator`` (images for a pipeline starting with a feature extractor); or,
+        with ``y``, labelled validation samples.
+    y : array-like of shape (n_samples,) or None, default=None
+        +1 (normal) / -1 (anomalous) labels of ``X``: the threshold then maximises F1
+        on them (see :meth:`BaseDetector.calibrate`).
 
     Returns
     -------
@@ -312,8 +409,60 @@ def calibrate(estimator, X, y=None):
     Xt = X
     if isinstance(estimator, Pipeline) and len(estimator) > 1:
         Xt = estimator[:-1].transform(X)
-    detector.calibrate(Xt)
+    detector.calibrate(Xt, y)
     return estimator
+
+
+def pvalues(estimator, X):
+    """Conformal p-values of normality of ``X`` under a calibrated detector or pipeline.
+
+    The earlier steps of a :class:`~sklearn.pipeline.Pipeline` transform ``X`` first;
+    then :meth:`BaseDetector.pvalues` of its last step.
+
+    Parameters
+    ----------
+    estimator : skanomaly detector or Pipeline ending in one, calibrated
+        By :func:`calibrate` (or :meth:`BaseDetector.calibrate`).
+    X : array-like of shape (n_samples, ...)
+        Samples in the input format of ``estimator``.
+
+    Returns
+    -------
+    pvalues : ndarray of shape (n_samples,), float64
+        See :meth:`BaseDetector.pvalues`.
+
+    Raises
+    ------
+    TypeError
+        If the (last step of the) estimator is not a skanomaly detector.
+    sklearn.exceptions.NotFittedError
+        If it is not fitted, or not calibrated on held-out samples.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skanomaly import GaussianDetector, calibrate, pvalues
+    >>> rng = np.random.default_rng(0)
+    >>> model = make_pipeline(StandardScaler(), GaussianDetector(device="cpu"))
+    >>> model = calibrate(model.fit(rng.normal(size=(200, 3))), rng.normal(size=(99, 3)))
+    >>> pvalues(model, [[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
+    array([1.  , 0.01])
+    """
+    from sklearn.pipeline import Pipeline
+
+    detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+    if not isinstance(detector, BaseDetector):
+        raise TypeError(
+            f"pvalues needs a skanomaly detector or a Pipeline ending in one, got "
+            f"{type(detector).__name__}"
+        )
+    check_is_fitted(detector)
+    Xt = X
+    if isinstance(estimator, Pipeline) and len(estimator) > 1:
+        Xt = estimator[:-1].transform(X)
+    return detector.pvalues(Xt)
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):
@@ -345,9 +494,14 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         How ``offset_`` was set: ``"leave-one-out"`` (exact leave-one-out scores of the
         training samples), ``"leave-one-image-out"`` (PatchCore), ``"cross-fit"``
         (K-fold cross-fitting), ``"in-sample"`` (too few samples for either; optimistic),
-        ``"held-out"`` (:meth:`calibrate`), ``"score-then-update"`` (``partial_fit`` of
+        ``"held-out"`` (:meth:`calibrate`), ``"labelled-f1"`` (:meth:`calibrate` with
+        labels: the F1-maximising threshold), ``"score-then-update"`` (``partial_fit`` of
         detectors without cheap leave-one-out scores: each batch scored before it is
         absorbed).
+    calibration_scores_ : ndarray of shape (n_calibration,), float64
+        Normality scores (:meth:`score_samples`) of the held-out normal samples of the
+        last :meth:`calibrate`, sorted ascending: the reference of :meth:`pvalues`. Only
+        after :meth:`calibrate`; a later ``fit`` or ``partial_fit`` removes it.
 
     Notes
     -----
@@ -414,7 +568,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache",)
+    _private_state: tuple = ("_device_cache", "_streaming_state_dropped")
+    #: private fitted attributes that only ``partial_fit`` (and the merges of a dask fit)
+    #: needs, not scoring: a model file leaves them out unless asked to keep them
+    _streaming_state: tuple = ()
 
     def __init__(self, *, contamination=0.1, device="auto"):
         self.contamination = contamination
@@ -429,6 +586,34 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
         return state
+
+    def _without_streaming_state(self):
+        """This fitted detector without its ``_streaming_state``, for a compact model file.
+
+        A new object sharing the fitted arrays (nothing is copied; ``self`` is left as it
+        is); ``partial_fit`` on it raises a ``ValueError`` that says why. ``self`` itself
+        when the detector keeps no streaming state.
+        """
+        dropped = tuple(name for name in self._streaming_state if name in self.__dict__)
+        if not dropped:
+            return self
+        out = object.__new__(type(self))
+        out.__dict__.update({k: v for k, v in self.__dict__.items()
+                             if k not in dropped and k != "_device_cache"})
+        out._streaming_state_dropped = dropped
+        out._reset_device_cache()
+        return out
+
+    def _check_streaming_state(self) -> None:
+        """``ValueError`` if this fitted detector was saved without its streaming state."""
+        dropped = self.__dict__.get("_streaming_state_dropped")
+        if dropped:
+            raise ValueError(
+                f"{type(self).__name__} was saved without its streaming state (the "
+                f"{', '.join(dropped)} that partial_fit updates), so partial_fit cannot "
+                "continue it: save it with skanomaly.cli.save_model(..., "
+                "keep_streaming_state=True) (`skanomaly fit --keep-streaming-state`), or "
+                "fit it again")
 
     def _cached(self, key, build):
         """``build()``, computed once per fit and kept out of pickles."""
@@ -697,33 +882,56 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
+        for name in _CALIBRATION_STATE:  # the model they were set with is gone
+            self.__dict__.pop(name, None)
 
     def calibrate(self, X, y=None):
-        """Set ``offset_`` from normal samples that were not used for fitting.
+        """Set ``offset_`` from normal samples that were not used for fitting (conformal).
 
-        ``offset_`` becomes the ``contamination`` quantile of ``score_samples(X)``,
-        so that ``predict`` flags about ``contamination`` of new normal samples like
-        these. Through a :class:`~sklearn.pipeline.Pipeline`, use
-        :func:`skanomaly.calibrate`.
+        With ``n`` held-out samples, ``alpha = contamination`` and
+        ``k = ceil((1 - alpha) (n + 1))``, ``predict`` flags a sample whose anomaly score
+        ``-score_samples`` exceeds the ``k``-th smallest anomaly score of ``X`` (split
+        conformal prediction). If the held-out samples and a new normal sample are
+        exchangeable (e.g. drawn independently from the same distribution, and not used
+        in ``fit``), the new sample is flagged with probability at most ``alpha``, and
+        at least ``alpha - 1 / (n + 1)`` when scores have no ties: a finite-sample
+        guarantee, on average over the draw of the calibration set. With
+        ``n < (1 - alpha) / alpha`` samples (``k > n``) no threshold gives it, and a
+        ``ValueError`` says how many are needed. The scores are kept
+        (``calibration_scores_``) for :meth:`pvalues`. Through a
+        :class:`~sklearn.pipeline.Pipeline`, use :func:`skanomaly.calibrate`.
+
+        With labels ``y`` (+1 normal, -1 anomalous), ``offset_`` is instead the threshold
+        that maximises F1 (anomalies the positive class) on ``X``: anomalib's adaptive
+        threshold. Chosen on these very samples, its F1 is optimistic for new data and it
+        carries no false-alarm guarantee; the normal samples among them become the
+        ``calibration_scores_`` of :meth:`pvalues` (valid p-values, as the threshold
+        does not enter them).
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, ...)
-            Held-out normal samples, shaped as in ``fit``.
-        y : Ignored
-            Not used, present for API consistency.
+            Held-out normal samples (or, with ``y``, labelled validation samples), shaped
+            as in ``fit``.
+        y : array-like of shape (n_samples,) or None, default=None
+            None: ``X`` is normal, the conformal threshold. Else +1 / -1 labels, at least
+            one -1: the F1-maximising threshold; a sample is flagged when its anomaly
+            score is at least the chosen one.
 
         Returns
         -------
         self : object
-            The detector, with ``offset_`` and ``calibration_`` (``"held-out"``) updated.
+            The detector, with ``offset_``, ``calibration_`` (``"held-out"``, or
+            ``"labelled-f1"`` with ``y``) and ``calibration_scores_`` updated.
 
         Raises
         ------
         sklearn.exceptions.NotFittedError
             If the detector is not fitted.
         ValueError
-            If ``X`` is invalid (see :meth:`score_samples`).
+            If ``X`` is invalid (see :meth:`score_samples`), has fewer than
+            ``(1 - contamination) / contamination`` samples (without ``y``), or ``y`` is
+            not one +1 / -1 label per sample with at least one -1.
 
         Examples
         --------
@@ -735,15 +943,108 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         >>> bool(abs((det.predict(rng.normal(size=(5000, 2))) == -1).mean() - 0.2) < 0.03)
         True
         """
+        if y is not None:
+            return self._calibrate_labelled(X, y)
         return self._set_held_out_offset(self.score_samples(X))
 
     def _set_held_out_offset(self, normality):
-        """``offset_`` from normality scores of held-out normal samples (numpy or tensor)."""
+        """Conformal ``offset_`` from normality scores (numpy or tensor) of held-out
+        normal samples (see :meth:`calibrate`)."""
         if isinstance(normality, torch.Tensor):  # the scores alone come to the host
             normality = _to_numpy(normality)
-        self.offset_ = _quantile_offset(normality, self.contamination)
+        offset, scores = _conformal_offset(normality, self.contamination)
+        if offset == -math.inf:
+            raise ValueError(
+                f"{type(self).__name__}: X has {scores.shape[0]} held-out sample(s), too few "
+                f"for a conformal threshold at contamination={self.contamination:g}: it "
+                f"needs at least {conformal_min_samples(self.contamination)} (the threshold "
+                "is the ceil((1 - contamination)(n + 1))-th smallest of n anomaly scores); "
+                "give more held-out normal samples or a larger contamination")
+        self.offset_ = offset
         self.calibration_ = "held-out"
+        self.calibration_scores_ = scores
         return self
+
+    def _calibrate_labelled(self, X, y):
+        normality = self.score_samples(X)
+        if isinstance(normality, torch.Tensor):  # the scores alone come to the host
+            normality = _to_numpy(normality)
+        anomalous = _check_labels(y, normality.shape[0])
+        best = _f1_max_threshold(-_finite_normality(normality), anomalous)
+        # flagged where the anomaly score is >= best: normality <= -best < offset_
+        self.offset_ = float(np.nextafter(-best, np.inf))
+        self.calibration_ = "labelled-f1"
+        if anomalous.all():
+            self.__dict__.pop("calibration_scores_", None)
+        else:
+            self.calibration_scores_ = np.sort(_finite_normality(normality[~anomalous]))
+        return self
+
+    def pvalues(self, X):
+        """Conformal p-value of normality of each sample, from the calibration scores.
+
+        ``p(x) = (1 + #{i : s_i <= s(x)}) / (n + 1)`` with ``s = score_samples`` and
+        ``s_i`` the ``n`` scores of the held-out normals of :meth:`calibrate`: the share
+        of calibration samples at least as anomalous as ``x``, counting ``x`` itself.
+        Small p-values are evidence of an anomaly. For a new normal sample exchangeable
+        with the calibration samples, ``P(p(x) <= t) <= t`` for every ``t`` in [0, 1]
+        (the p-value is valid; without ties it is uniform on ``{1/(n+1), ..., 1}``), so
+        p-values can be thresholded at any level later, ranked, or combined over a batch
+        (e.g. the Benjamini-Hochberg procedure, :func:`scipy.stats.false_discovery_control`).
+        ``predict(X) == -1`` exactly where ``pvalues(X) <= contamination`` when scores
+        have no ties.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            Samples shaped as in ``fit``.
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,), float64
+            In ``[1 / (n + 1), 1]``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted, or was not calibrated on held-out samples
+            (or was refitted or updated since).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = GaussianDetector(device="cpu").fit(rng.normal(size=(200, 2)))
+        >>> det = det.calibrate(rng.normal(size=(99, 2)))
+        >>> det.pvalues([[0.0, 0.0], [5.0, 5.0]])
+        array([1.  , 0.01])
+        >>> p = det.pvalues(rng.normal(size=(5000, 2)))  # new normals: uniform p-values
+        >>> bool(abs((p <= 0.1).mean() - 0.1) < 0.05)
+        True
+        """
+        from sklearn.exceptions import NotFittedError
+
+        check_is_fitted(self)
+        if "calibration_scores_" not in self.__dict__:
+            raise NotFittedError(
+                f"{type(self).__name__} has no calibration scores for p-values: call "
+                "calibrate(X_heldout) with normal samples not used in fit first (a fit or "
+                "partial_fit since the last calibrate removes them)")
+        scores = self.score_samples(X)
+        if is_dask_array(scores):
+            return scores.map_blocks(self._pvalues_of, dtype=np.float64)
+        if isinstance(scores, torch.Tensor):  # a tensor out, on X's device
+            return torch.from_numpy(self._pvalues_of(_to_numpy(scores))).to(scores.device)
+        return self._pvalues_of(scores)
+
+    def _pvalues_of(self, normality: np.ndarray) -> np.ndarray:
+        reference = self.calibration_scores_
+        normality = np.asarray(normality, dtype=np.float64)
+        # an overflow (-inf) ranks below every calibration score
+        at_most = np.searchsorted(reference, np.where(np.isfinite(normality), normality,
+                                                      -np.inf), side="right")
+        return (1.0 + at_most) / (reference.shape[0] + 1.0)
 
     def score_samples(self, X):
         """Normality score of each sample: higher means more normal.
@@ -863,6 +1164,7 @@ class _ScoreThenUpdateMixin:
                 self._fit(Xt)
                 self._set_offset(*self._out_of_sample_scores(Xt))
             else:
+                self._check_streaming_state()
                 Xt = self._validate_input(X, reset=False)
                 self._check_streamed_batch()
                 scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
@@ -895,6 +1197,8 @@ class _ScoreThenUpdateMixin:
                                  _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
         self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
         self.calibration_ = "score-then-update"
+        for name in _CALIBRATION_STATE:  # the model they were set with is gone
+            self.__dict__.pop(name, None)
         self._offset_record = record
 
 
@@ -1048,6 +1352,142 @@ class BaseSpatialDetector(BaseDetector):
         """(anomaly scores (n,), maps (n, H, W)) of validated ``X``: both from one pass
         where the detector overrides this; by default ``_score`` and ``_anomaly_map``."""
         return self._score(X), self._anomaly_map(X)
+
+    def calibrate_pixels(self, X, masks=None, *, output_size=None, sigma=4.0):
+        """Set the pixel threshold of :meth:`predict_mask` from validation maps.
+
+        With ``masks`` (True on anomalous pixels), ``pixel_threshold_`` maximises F1 over
+        all pixels of ``anomaly_map(X)`` (anomalib's adaptive pixel threshold; optimistic
+        on these very images). Without, ``X`` is normal and the threshold is the
+        conformal ``contamination`` quantile of its pixels' anomaly scores: with ``N``
+        pixels, the ``ceil((1 - contamination)(N + 1))``-th smallest, so that a pixel of
+        a new normal image is predicted anomalous with probability at most
+        ``contamination`` if it is exchangeable with those pixels (pixels of one image
+        are dependent, so this holds on average over images, not image by image).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Validation feature maps, shaped as in ``fit``.
+        masks : array-like of bool of shape (n_samples, height, width), optional
+            Ground truth (non-zero = anomalous); the maps are computed at its size
+            (upsampled and blurred, unless it is the feature resolution).
+        output_size : int or (int, int), optional
+            Without ``masks``: the map size in pixels, as in :meth:`anomaly_map` (None:
+            the feature resolution).
+        sigma : float, default=4.0
+            Blur of upsampled maps, as in :meth:`anomaly_map`.
+
+        Returns
+        -------
+        self : object
+            With ``pixel_threshold_`` (on the map: a pixel is anomalous where the map
+            exceeds it), ``pixel_calibration_`` (``"labelled-f1"`` or ``"held-out"``),
+            ``pixel_map_size_`` and ``pixel_sigma_`` (the map settings that
+            :meth:`predict_mask` reuses). A later ``fit`` or ``partial_fit`` removes them.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If ``masks`` does not have one (height, width) mask per sample, or marks no
+            anomalous pixel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import PaDiMDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = PaDiMDetector(n_features=4, random_state=0, device="cpu")
+        >>> det = det.fit(rng.normal(size=(40, 6, 4, 4)))
+        >>> X_val = rng.normal(size=(10, 6, 4, 4))
+        >>> masks = np.zeros((10, 4, 4), bool)
+        >>> X_val[:5, :, 1, 2] += 8.0
+        >>> masks[:5, 1, 2] = True
+        >>> det = det.calibrate_pixels(X_val, masks)
+        >>> bool((det.predict_mask(X_val) == masks).all())
+        True
+        """
+        check_is_fitted(self)
+        if masks is not None:
+            truth = np.asarray(masks).astype(bool)
+            if truth.ndim != 3:
+                raise ValueError(f"masks must be (n_samples, height, width), got shape "
+                                 f"{truth.shape}")
+            size = tuple(truth.shape[1:])  # masks at the feature resolution: the raw map
+            output_size = None if size == tuple(self.input_shape_[1:]) else size
+        maps = self.anomaly_map(X, output_size=output_size, sigma=sigma)
+        if isinstance(maps, torch.Tensor):  # the maps come to the host for the threshold
+            maps = _to_numpy(maps)
+        if masks is not None:
+            if truth.shape != maps.shape:
+                raise ValueError(f"masks have shape {truth.shape}, but X gives "
+                                 f"{maps.shape[0]} maps of {maps.shape[1:]}")
+            if not truth.any():
+                raise ValueError("masks mark no anomalous pixel: an F1-maximising "
+                                 "threshold needs some; for normal images only call "
+                                 "calibrate_pixels(X) without masks (conformal)")
+            best = _f1_max_threshold(maps.ravel(), truth.ravel())
+            threshold, method = float(np.nextafter(best, -np.inf)), "labelled-f1"
+        else:
+            pixels = np.sort(maps.ravel())
+            k = _conformal_rank(pixels.size, self.contamination)
+            if k > pixels.size:
+                raise ValueError(
+                    f"{pixels.size} pixels are too few for a conformal pixel threshold at "
+                    f"contamination={self.contamination:g}: it needs at least "
+                    f"{conformal_min_samples(self.contamination)}")
+            threshold, method = float(pixels[k - 1]), "held-out"
+        self.pixel_threshold_ = threshold
+        self.pixel_calibration_ = method
+        self.pixel_map_size_ = None if output_size is None else tuple(maps.shape[1:])
+        self.pixel_sigma_ = float(sigma)
+        return self
+
+    def predict_mask(self, X):
+        """Predicted anomalous pixels: ``anomaly_map(X) > pixel_threshold_``.
+
+        The maps are computed with the size and blur of :meth:`calibrate_pixels`.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, C, H, W)
+            Feature maps shaped as in ``fit``.
+
+        Returns
+        -------
+        masks : ndarray of bool of shape (n_samples, height, width)
+            True on pixels predicted anomalous.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted or has no pixel threshold
+            (:meth:`calibrate_pixels`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import PaDiMDetector
+        >>> rng = np.random.default_rng(0)
+        >>> det = PaDiMDetector(contamination=0.05, random_state=0, device="cpu")
+        >>> det = det.fit(rng.normal(size=(40, 4, 3, 3)))
+        >>> det = det.calibrate_pixels(rng.normal(size=(30, 4, 3, 3)))  # normal images
+        >>> X = rng.normal(size=(2, 4, 3, 3))
+        >>> X[0, :, 2, 2] += 10.0
+        >>> det.predict_mask(X)[:, 2, 2]
+        array([ True, False])
+        """
+        from sklearn.exceptions import NotFittedError
+
+        check_is_fitted(self)
+        if "pixel_threshold_" not in self.__dict__:
+            raise NotFittedError(f"{type(self).__name__} has no pixel threshold: call "
+                                 "calibrate_pixels(X_val, masks) or calibrate_pixels("
+                                 "X_normal) first")
+        maps = self.anomaly_map(X, output_size=self.pixel_map_size_, sigma=self.pixel_sigma_)
+        return maps > self.pixel_threshold_
 
     def _anomaly_map(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

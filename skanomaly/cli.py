@@ -5,11 +5,13 @@ Three subcommands work around a saved model file (see the command line guide):
 * ``skanomaly fit TRAIN_DIR --model model.skanomaly``: the pipeline below, fitted on a
   folder of normal images read, transformed and absorbed by the detector's
   ``partial_fit`` one batch at a time (:func:`skanomaly.streaming.partial_fit_images`),
-  optionally calibrated on ``--calibration-dir`` (:func:`skanomaly.calibrate`), saved
-  with its metadata by :func:`save_model`;
+  optionally calibrated on ``--calibration-dir`` (:func:`skanomaly.calibrate`, conformal)
+  or on labelled ``--validation-dir`` images (F1-maximising image and pixel thresholds),
+  saved with its metadata by :func:`save_model`;
 * ``skanomaly predict MODEL IMAGE_DIR --output-dir OUT``: ``scores.csv``, heatmaps and,
   for labelled folders or with ``--mask-dir``, ``metrics.json``, from the loaded
-  pipeline's ``score_samples``, ``predict`` and its detector's ``anomaly_map``;
+  pipeline's ``score_samples``, ``predict`` and its detector's ``anomaly_map`` (and
+  ``masks/``, its ``predict_mask``, when the model has a pixel threshold);
 * ``skanomaly export MODEL OUTPUT``: ONNX or TorchScript by
   :func:`skanomaly.export.export`.
 
@@ -316,11 +318,21 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      help="model file to write (default: model.skanomaly)")
     fit.add_argument(
         "--calibration-dir", type=Path, metavar="DIR",
-        help="folder of held-out normal images: the threshold becomes the --contamination "
-        "quantile of their scores (skanomaly.calibrate); without it, the detector's own "
+        help="folder of held-out normal images: the threshold becomes the conformal "
+        "--contamination quantile of their scores (skanomaly.calibrate; predict then also "
+        "writes p-values); without it, the detector's own "
         "streamed threshold (leave-one-out scores of the last batch for padim and "
         "gaussian, score-then-update for the others)",
     )
+    fit.add_argument(
+        "--validation-dir", type=Path, metavar="DIR",
+        help="instead of --calibration-dir: labelled validation images laid out as MVTec "
+        "AD (good/ and one subfolder per defect type); the image threshold maximises F1 on "
+        "them (anomalib's adaptive threshold, optimistic on these images) and, with "
+        "--validation-mask-dir, the pixel threshold of predicted masks maximises pixel F1",
+    )
+    fit.add_argument("--validation-mask-dir", type=Path, metavar="DIR",
+                     help="MVTec-style masks of --validation-dir: <defect>/<stem>_mask.png")
     fit.add_argument("--detector", choices=DETECTORS, default="padim",
                      help="anomaly detector (default: padim)")
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE,
@@ -343,6 +355,11 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      "images (default: 16384)")
     fit.add_argument("--device", default="auto",
                      help="auto, cpu, cuda or mps (default: auto)")
+    fit.add_argument("--keep-streaming-state", action="store_true",
+                     help="also save the state that only further partial_fit needs (e.g. "
+                     "padim's moments, twice the size of the file without them), so that "
+                     "the loaded model can go on learning from more images; scores are "
+                     "the same either way")
     fit.add_argument("--random-state", type=_int_at_least(0), default=0,
                      help="seed of the backbone's initialisation and the detector")
     fit.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -708,11 +725,13 @@ def _fit_model(args, extractor, X_train, train_names):
     and the record's note says so.
     """
     from . import calibrate
-    from .base import CalibrationWarning
+    from .base import CalibrationWarning, conformal_min_samples
 
     n, fraction = len(X_train), args.calibration_fraction
     fit, held = _calibration_split(n, fraction, args.random_state)
-    held_out = held.size > 0 and fit.size > 0
+    # a conformal threshold at --contamination needs this many held-out images
+    needed = conformal_min_samples(args.contamination)
+    held_out = held.size >= needed and fit.size > 0
     if not held_out:
         fit, held = np.arange(n), held[:0]
     detector = _make_detector(args.detector, extractor.feature_shape_[0], fit.size, args)
@@ -735,16 +754,17 @@ def _fit_model(args, extractor, X_train, train_names):
         source = f"the {args.detector} detector's {method} scores of the {n} fitted images"
         if fraction > 0:
             note = (f"too few training images ({n}) to hold out --calibration-fraction "
-                    f"{fraction:g} of them for the threshold, so it comes from {source}")
+                    f"{fraction:g} of them for the threshold (a conformal threshold at "
+                    f"{share} needs {needed} held-out images), so it comes from {source}")
         if method == "in-sample":
             reason = f" ({in_sample_reason})" if in_sample_reason else ""
             note = (f"{note or f'the threshold comes from {source}'}{reason}; in-sample "
                     f"scores are optimistic, so more than {share} of new normal images may "
                     "be predicted anomalous: give more training images")
     elif held.size < 1 / args.contamination:
-        note = (f"the threshold is the {share} quantile of only {held.size} held-out images' "
-                "scores, which is coarse: give more training images or a larger "
-                "--calibration-fraction")
+        note = (f"the threshold is the conformal {share} quantile of only {held.size} "
+                "held-out images' scores, which is coarse: give more training images or a "
+                "larger --calibration-fraction")
     record = {
         "method": method,
         "n_images": int(held.size if held_out else fit.size),
@@ -817,17 +837,61 @@ def _metrics(test: _TestSet, scores, maps) -> tuple[dict, list[str]]:
 
 # --------------------------------------------------------------------- output
 def _write_scores(path: Path, test: _TestSet, scores, predictions, heatmaps,
-                  digits: int = 9) -> None:
+                  digits: int = 9, pvalues=None) -> None:
+    """scores.csv; a ``pvalue`` column after ``prediction`` when ``pvalues`` is given."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "defect_type", "anomaly_score", "prediction",
-                         "heatmap"])
+                         *(["pvalue"] if pvalues is not None else []), "heatmap"])
         for i, name in enumerate(test.names):
             label = int(test.labels[i])
             writer.writerow([
                 name, label or "", test.defect_types[i], f"{scores[i]:.{digits}g}",
-                int(predictions[i]), heatmaps[i] if heatmaps else "",
+                int(predictions[i]),
+                *([f"{pvalues[i]:.{digits}g}"] if pvalues is not None else []),
+                heatmaps[i] if heatmaps else "",
             ])
+
+
+def _resized_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """Predicted masks at ``size`` x ``size`` (nearest neighbour when the detector's pixel
+    threshold was set at another map size)."""
+    if masks.shape[1:] == (size, size):
+        return masks
+    rows = (np.arange(size) * masks.shape[1]) // size
+    cols = (np.arange(size) * masks.shape[2]) // size
+    return masks[:, rows][:, :, cols]
+
+
+def _pixel_confusion(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Pixel precision, recall and F1 of predicted masks against ground truth."""
+    tp = int(np.sum(truth & predicted))
+    n_predicted, n_true = int(predicted.sum()), int(truth.sum())
+    precision = tp / n_predicted if n_predicted else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * tp / (n_predicted + n_true) if tp else 0.0
+    return {"pixel_precision": precision, "pixel_recall": recall, "pixel_f1": f1}
+
+
+def _write_masks(folder: Path, names: list[str], masks: np.ndarray) -> None:
+    """Predicted masks as black/white PNGs, named as the heatmaps."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, mask in zip(_heatmap_names(names), masks):
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / name)
+
+
+def _pvalues(detector, anomaly_scores):
+    """The detector's conformal ``pvalues`` of images with these anomaly scores, or None.
+
+    None unless the detector was calibrated on held-out images (``calibration_scores_``).
+    ``-anomaly_scores`` are the images' ``score_samples`` exactly, so this is
+    ``detector.pvalues(features)`` without scoring the features again.
+    """
+    if "calibration_scores_" not in vars(detector):
+        return None
+    return detector._pvalues_of(-np.asarray(anomaly_scores, dtype=np.float64))
 
 
 def _heatmap_names(names: list[str]) -> list[str]:
@@ -957,7 +1021,8 @@ def _versions() -> dict:
             "python_version": platform.python_version()}
 
 
-def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) -> dict:
+def save_model(pipeline, path, *, image_size: int, extra: dict | None = None,
+               keep_streaming_state: bool = False) -> dict:
     """Save a fitted pipeline and its metadata to one model file.
 
     The file starts with the line ``skanomaly-model``, then one line of JSON
@@ -979,6 +1044,14 @@ def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) ->
     extra : dict or None, default=None
         More JSON-able metadata (e.g. the training folder); it cannot replace the keys
         below.
+    keep_streaming_state : bool, default=False
+        Whether the file keeps the state that only further ``partial_fit`` needs (PaDiM's
+        and the Gaussian detector's moments, DFM's and DFKDE's factorised moments and
+        reservoir, the score records of streamed thresholds): without it the file holds
+        what scoring needs and nothing more (PaDiM's file is about a third of the
+        size), scores are the same bits, and ``partial_fit`` on the loaded detector
+        raises a ``ValueError``; with it, the loaded pipeline goes on learning where it
+        stopped. ``pipeline`` itself is not changed either way.
 
     Returns
     -------
@@ -990,7 +1063,8 @@ def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) ->
         ``weights_source``, ``layers``, ``feature_shape`` (``None`` without a
         FeatureExtractor), ``image_size``, ``threshold`` (on the anomaly score,
         ``-offset_``), ``offset``, ``calibration`` (the detector's ``calibration_``:
-        how the threshold was set), ``contamination`` and ``n_samples_seen``.
+        how the threshold was set), ``contamination``, ``n_samples_seen`` and
+        ``streaming_state`` (``keep_streaming_state``).
 
     Raises
     ------
@@ -1022,6 +1096,7 @@ def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) ->
     >>> bool(np.array_equal(loaded.score_samples(X), model.score_samples(X)))
     True
     """
+    import copy
     import datetime
 
     import joblib
@@ -1052,9 +1127,15 @@ def save_model(pipeline, path, *, image_size: int, extra: dict | None = None) ->
         "calibration": detector.calibration_,
         "contamination": float(detector.contamination),
         "n_samples_seen": _jsonable(getattr(detector, "n_samples_seen_", None)),
+        "streaming_state": bool(keep_streaming_state),
     }
     metadata.update({k: v for k, v in _jsonable(extra or {}).items() if k not in metadata})
     header = json.dumps(metadata).encode()
+    if not keep_streaming_state:  # a shallow copy of the pipeline ending in a compact copy
+        compact = detector._without_streaming_state()
+        if compact is not detector:
+            pipeline = copy.copy(pipeline)
+            pipeline.steps = [*pipeline.steps[:-1], (pipeline.steps[-1][0], compact)]
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -1243,12 +1324,20 @@ def _check_model_file(path: Path) -> None:
 def _fit_command(args) -> dict:
     """``skanomaly fit``: stream the training folder into the pipeline, save it."""
     from . import calibrate
-    from .base import CalibrationWarning, resolve_device
+    from .base import CalibrationWarning, conformal_min_samples, resolve_device
     from .features import FeatureExtractor
     from .streaming import partial_fit_images, read_image
 
     _check_dir("TRAIN_DIR", args.train_dir)
     _check_dir("--calibration-dir", args.calibration_dir)
+    _check_dir("--validation-dir", args.validation_dir)
+    _check_dir("--validation-mask-dir", args.validation_mask_dir)
+    if args.calibration_dir is not None and args.validation_dir is not None:
+        raise CLIError("give --calibration-dir (held-out normal images: a conformal "
+                       "threshold) or --validation-dir (labelled images: an F1-maximising "
+                       "one), not both")
+    if args.validation_mask_dir is not None and args.validation_dir is None:
+        raise CLIError("--validation-mask-dir needs --validation-dir")
     _check_model_path(args.model)
     with _user_errors("--device"):
         resolve_device(args.device)
@@ -1265,6 +1354,13 @@ def _fit_command(args) -> dict:
     paths = _find_images(args.train_dir, "TRAIN_DIR")
     calibration_paths = (None if args.calibration_dir is None
                          else _find_images(args.calibration_dir, "--calibration-dir"))
+    if calibration_paths is not None and len(calibration_paths) < conformal_min_samples(
+            args.contamination):
+        raise CLIError(f"--calibration-dir {args.calibration_dir} has {len(calibration_paths)} "
+                       "images, too few for a conformal threshold at --contamination "
+                       f"{args.contamination:g}: it needs at least "
+                       f"{conformal_min_samples(args.contamination)}")
+    validation = None if args.validation_dir is None else _read_validation(args)
     detector = _make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
         detector.set_params(max_bank_size=args.max_bank_size)
@@ -1274,10 +1370,20 @@ def _fit_command(args) -> dict:
         partial_fit_images(model, paths, batch_size=args.batch_size,
                            image_size=args.image_size, verbose=not args.quiet)
         timings["fit_s"] = time.perf_counter() - start
+        spatial = args.detector in SPATIAL_DETECTORS
         if calibration_paths is not None:
             start = time.perf_counter()
             X_cal = np.stack([read_image(p, args.image_size) for p in calibration_paths])
             calibrate(model, X_cal)
+            if spatial:  # predicted masks: the conformal quantile of their pixels
+                model.calibrate_pixels(X_cal)
+            timings["calibrate_s"] = time.perf_counter() - start
+        if validation is not None:
+            start = time.perf_counter()
+            X_val, y_val, masks_val = validation
+            calibrate(model, X_val, y_val)
+            if spatial and masks_val is not None:
+                model.calibrate_pixels(X_val, masks_val)
             timings["calibrate_s"] = time.perf_counter() - start
     for w in caught:  # an in-sample fallback becomes the note; other warnings go on
         if issubclass(w.category, CalibrationWarning):  # the final threshold is in-sample
@@ -1285,13 +1391,16 @@ def _fit_command(args) -> dict:
                     "are optimistic: give more training images or --calibration-dir")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if validation is not None:
+        note = ("the threshold maximises F1 on the labelled --validation-dir images: "
+                "optimistic on them, with no false-alarm guarantee")
     if calibration_paths is not None:
         note = None
         n_cal = len(calibration_paths)
         if n_cal < 1 / args.contamination:
-            note = (f"the threshold is the {args.contamination:g} quantile of only {n_cal} "
-                    "held-out images' scores, which is coarse: give more --calibration-dir "
-                    "images")
+            note = (f"the threshold is the conformal {args.contamination:g} quantile of only "
+                    f"{n_cal} held-out images' scores, which is coarse: give more "
+                    "--calibration-dir images")
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
         "command": "skanomaly fit",
@@ -1301,17 +1410,24 @@ def _fit_command(args) -> dict:
         "n_batches": n_batches,
         "calibration_dir": None if args.calibration_dir is None else str(args.calibration_dir),
         "n_calibration": 0 if calibration_paths is None else len(calibration_paths),
+        "validation_dir": None if args.validation_dir is None else str(args.validation_dir),
+        "n_validation": 0 if validation is None else len(validation[1]),
+        "pixel_threshold": getattr(model[-1], "pixel_threshold_", None),
+        "pixel_calibration": getattr(model[-1], "pixel_calibration_", None),
         "threshold_note": note,
         "random_state": args.random_state,
         "timings": timings,
     }
     try:
-        metadata = save_model(model, args.model, image_size=args.image_size, extra=extra)
+        metadata = save_model(model, args.model, image_size=args.image_size, extra=extra,
+                              keep_streaming_state=args.keep_streaming_state)
     except OSError as exc:
         raise CLIError(f"cannot write --model {args.model}: {exc}") from exc
     if not args.quiet:
         source = (f"{metadata['n_calibration']} held-out images of --calibration-dir"
                   if calibration_paths is not None
+                  else f"F1 on {metadata['n_validation']} labelled images of --validation-dir"
+                  if validation is not None
                   else f"the {args.detector} detector's streamed {metadata['calibration']} "
                   "scores")
         lines = [
@@ -1329,6 +1445,31 @@ def _fit_command(args) -> dict:
         lines.append(f"  wrote {args.model} ({size:.1f} MiB)")
         print("\n".join(lines))
     return metadata
+
+
+def _read_validation(args):
+    """Images, +1/-1 labels and (with --validation-mask-dir) masks of --validation-dir."""
+    paths = _find_images(args.validation_dir, "--validation-dir")
+    relative = [p.relative_to(args.validation_dir) for p in paths]
+    labels = np.array([test_label(r)[0] for r in relative], dtype=np.int64)
+    if not (labels == -1).any() or (labels == 0).any():
+        raise CLIError(f"--validation-dir {args.validation_dir} must be laid out as MVTec AD, "
+                       "good/ and at least one defect subfolder, with no image directly in "
+                       "it: the F1-maximising threshold needs labelled defects")
+    size = args.image_size
+    images = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    masks = None if args.validation_mask_dir is None else np.zeros((len(paths), size, size),
+                                                                   dtype=bool)
+    for i, path in enumerate(paths):
+        images[i], original = _read_image(path, size)
+        if masks is not None:
+            mask_path = _find_mask(args.validation_mask_dir, relative[i])
+            if mask_path is not None:
+                masks[i] = _read_mask(mask_path, path, original, size)
+            elif labels[i] == -1:
+                raise CLIError(f"no mask for defective image {path} in "
+                               f"{args.validation_mask_dir}")
+    return images, labels, masks
 
 
 class _LazyImages:
@@ -1377,6 +1518,9 @@ def _predict_command(args) -> dict:
     predictions = np.empty(n, dtype=np.int64)
     maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
     masks = None if args.mask_dir is None else np.zeros((n, size, size), dtype=bool)
+    # predicted masks where the model has a pixel threshold (spatial detectors)
+    predicted = (np.empty((n, size, size), dtype=bool)
+                 if "pixel_threshold_" in vars(detector) else None)
     start = time.perf_counter()
     starts = range(0, n, args.batch_size)
     for first in _progress(starts, args.quiet, desc="scoring", unit="batch"):
@@ -1397,11 +1541,15 @@ def _predict_command(args) -> dict:
                 pipeline, images, spatial, size)
             if spatial:
                 maps[first:stop] = batch_maps
+            if predicted is not None:  # the pixel threshold's own map size and blur
+                predicted[first:stop] = _resized_masks(pipeline.predict_mask(images), size)
     timings = {"score_s": time.perf_counter() - start}
     test = _TestSet(_LazyImages(paths, size), [r.as_posix() for r in relative],
                     np.array(labels, dtype=np.int64), list(defect_types), masks)
     labelled = bool(np.any(test.labels != 0)) or masks is not None
     metrics, notes = _metrics(test, scores, maps) if labelled else ({}, [])
+    if predicted is not None and masks is not None:  # the pixel confusion at the threshold
+        metrics.update(_pixel_confusion(masks, predicted))
     if not spatial:
         notes.append(f"no heatmaps: {metadata['detector']} scores whole images")
     result = {
@@ -1427,7 +1575,10 @@ def _predict_command(args) -> dict:
             start = time.perf_counter()
             heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             timings["heatmaps_s"] = time.perf_counter() - start
-        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17)
+        if predicted is not None:
+            _write_masks(out / "masks", test.names, predicted)
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17,
+                      pvalues=_pvalues(detector, scores))
         if labelled:
             with open(out / "metrics.json", "w") as f:
                 json.dump(result, f, indent=2)
@@ -1436,10 +1587,12 @@ def _predict_command(args) -> dict:
         raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
     if not args.quiet:
         labels_ = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
-                   "pixel_auroc": "pixel AUROC", "pro": "PRO"}
+                   "pixel_auroc": "pixel AUROC", "pro": "PRO",
+                   "pixel_precision": "pixel precision", "pixel_recall": "pixel recall"}
         line = "  ".join(f"{labels_[k]} {metrics[k]:.3f}" for k in labels_ if k in metrics)
         wrote = ["scores.csv"] + (["metrics.json"] if labelled else []) + (
-            [f"heatmaps/ ({len(heatmaps)} PNGs)"] if heatmaps else [])
+            [f"heatmaps/ ({len(heatmaps)} PNGs)"] if heatmaps else []) + (
+            [f"masks/ ({n} predicted masks)"] if predicted is not None else [])
         lines = [f"skanomaly predict: {result['n_predicted_anomalous']} of {n} images "
                  f"predicted anomalous by {args.model} ({metadata['detector']}, threshold "
                  f"{metadata['threshold']:.6g} from {metadata['calibration']})"]
@@ -1526,8 +1679,10 @@ def _check_settings(args) -> None:
     _check_output_dir(args.output_dir)
 
 
-def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: bool, result):
-    """scores.csv, heatmaps/ and metrics.json in ``--output-dir``; the heatmaps' paths."""
+def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: bool, result,
+                   pvalues=None):
+    """scores.csv (with a p-value column when ``pvalues`` is given), heatmaps/ and
+    metrics.json in ``--output-dir``; the heatmaps' paths."""
     out = args.output_dir
     heatmaps = []
     try:
@@ -1536,7 +1691,8 @@ def _write_outputs(args, test: _TestSet, scores, predictions, maps, spatial: boo
             start = time.perf_counter()
             heatmaps = _write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             result["timings"]["heatmaps_s"] = time.perf_counter() - start
-        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps)
+        _write_scores(out / "scores.csv", test, scores, predictions, heatmaps,
+                      pvalues=pvalues)
         with open(out / "metrics.json", "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
@@ -1622,7 +1778,8 @@ def _run(args) -> dict:
         "notes": notes + metric_notes,
         "timings": timings,
     }
-    heatmaps = _write_outputs(args, test, scores, predictions, maps, spatial, result)
+    heatmaps = _write_outputs(args, test, scores, predictions, maps, spatial, result,
+                              pvalues=_pvalues(detector, scores))
     if not args.quiet:
         print(_summary(result, args.output_dir, len(heatmaps)))
     return result
@@ -1664,10 +1821,14 @@ def main(argv=None) -> int:
     ``--test-dir``, or ``test_NNN`` for bundled data), ``label`` (+1 good, -1 defective,
     empty if unknown), ``defect_type``, ``anomaly_score`` (higher = more anomalous: the
     detector's negated ``score_samples``), ``prediction`` (-1 where the score exceeds the
-    threshold, else +1: the fitted pipeline's ``predict``) and ``heatmap``. The
-    threshold is ``-offset_`` of the detector: the ``1 - contamination`` quantile of
-    the anomaly scores of the ``--calibration-fraction`` of training images held out
-    of fitting (:func:`skanomaly.calibrate`). With a fraction of 0, or too few
+    threshold, else +1: the fitted pipeline's ``predict``), ``pvalue`` (when the
+    threshold comes from held-out images: the conformal p-value of normality, the
+    detector's ``pvalues``) and ``heatmap``. The threshold is ``-offset_`` of the
+    detector: the conformal ``1 - contamination`` quantile of the anomaly scores of the
+    ``--calibration-fraction`` of training images held out of fitting
+    (:func:`skanomaly.calibrate`: the ``ceil((1 - contamination)(n + 1))``-th smallest of
+    their ``n`` scores, so that a new normal image is predicted anomalous with
+    probability at most ``contamination``). With a fraction of 0, or too few
     training images to hold one out, it comes from the detector's own out-of-sample
     scores of the fitted images (cross-fitting or leave-one-out; in-sample scores,
     which are optimistic, only when even those are impossible, with a note). In-sample
@@ -1694,13 +1855,14 @@ def main(argv=None) -> int:
     >>> from pathlib import Path
     >>> from skanomaly.cli import main
     >>> with tempfile.TemporaryDirectory() as out:
-    ...     status = main(["--image-size", "32", "--n-train", "8", "--n-test", "4",
-    ...                    "--device", "cpu", "--no-heatmaps", "--quiet", "--output-dir", out])
+    ...     status = main(["--image-size", "32", "--n-train", "12", "--n-test", "4",
+    ...                    "--calibration-fraction", "0.75", "--device", "cpu",
+    ...                    "--no-heatmaps", "--quiet", "--output-dir", out])
     ...     result = json.loads((Path(out) / "metrics.json").read_text())
     >>> status, sorted(result["metrics"])
     (0, ['image_auroc', 'image_average_precision', 'pixel_auroc', 'pro'])
     >>> result["calibration"]["method"], result["calibration"]["n_images"]
-    ('held-out', 2)
+    ('held-out', 9)
     """
     args = build_parser().parse_args(argv)
     try:

@@ -3,7 +3,8 @@
 ``model[-1].anomaly_map(model[:-1].transform(X), output_size=...)`` becomes
 ``model.anomaly_map(X)``: :class:`AnomalyPipeline` is a ``Pipeline`` (same parameters,
 ``clone``, ``get_params``, grid search) with the detector's :meth:`anomaly_map` and
-:meth:`calibrate` reached through the earlier steps.
+:meth:`calibrate`, :meth:`pvalues`, :meth:`calibrate_pixels` and :meth:`predict_mask`
+reached through the earlier steps.
 
 A pipeline of a :class:`~skanomaly.features.FeatureExtractor` then a skanomaly detector
 over feature maps runs FUSED: images go to the device once, batch by batch; the features
@@ -63,8 +64,8 @@ class AnomalyPipeline(Pipeline):
     Everything of scikit-learn's ``Pipeline`` (parameters, ``fit``, ``score_samples``,
     ``decision_function``, ``predict``, ``clone``, ``get_params``/``set_params``,
     :class:`~sklearn.model_selection.GridSearchCV`), plus :meth:`anomaly_map` (when the
-    last step is a spatial detector: PaDiM, PatchCore, DFM) and :meth:`calibrate`,
-    which run ``X`` through the earlier steps first.
+    last step is a spatial detector: PaDiM, PatchCore, DFM), :meth:`calibrate` and
+    :meth:`pvalues`, which run ``X`` through the earlier steps first.
 
     Parameters
     ----------
@@ -353,15 +354,16 @@ class AnomalyPipeline(Pipeline):
 
     @available_if(_final_has("calibrate"))
     def calibrate(self, X, y=None):
-        """Set the detector's threshold from held-out normal input (see
-        :func:`skanomaly.calibrate`).
+        """Set the detector's threshold from held-out normal input, or from labelled
+        validation input (see :func:`skanomaly.calibrate`).
 
         Parameters
         ----------
         X : array-like or torch.Tensor
-            Normal samples not used in ``fit``, in the input format of the first step.
-        y : Ignored
-            Not used, present for API consistency.
+            Normal samples not used in ``fit`` (or, with ``y``, labelled validation
+            samples), in the input format of the first step.
+        y : array-like of shape (n_samples,) or None, default=None
+            None: the conformal threshold. +1 / -1 labels: the F1-maximising one.
 
         Returns
         -------
@@ -378,11 +380,124 @@ class AnomalyPipeline(Pipeline):
         from .base import calibrate
 
         check_is_fitted(self)
-        fused = self._fused_steps(X)
+        fused = None if y is not None else self._fused_steps(X)
         if fused is not None:
             fused[1]._set_held_out_offset(self._fused_pass(fused, X, "scores")[0])
             return self
-        return calibrate(self, X)
+        return calibrate(self, X, y)
+
+    @available_if(_final_has("calibrate_pixels"))
+    def calibrate_pixels(self, X, masks=None, *, output_size=None, sigma=4.0):
+        """Set the detector's pixel threshold from validation input (spatial detectors).
+
+        See :meth:`~skanomaly.base.BaseSpatialDetector.calibrate_pixels`: F1-maximising
+        over the pixels of ``masks``, or without masks the conformal ``contamination``
+        quantile of the pixels of normal input.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Validation input of the first step.
+        masks : array-like of bool of shape (n_samples, height, width), optional
+            Ground truth; the maps are computed at its size.
+        output_size : int, (int, int) or None, default=None
+            Without ``masks``: the map size; ``None`` means as :meth:`anomaly_map` (the
+            input image size after a ``FeatureExtractor``).
+        sigma : float, default=4.0
+            Blur of upsampled maps.
+
+        Returns
+        -------
+        self : AnomalyPipeline
+            The pipeline, its detector's pixel threshold set.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import AnomalyPipeline, FeatureExtractor, PaDiMDetector
+        >>> X = np.random.default_rng(0).random((14, 3, 32, 32), dtype=np.float32)
+        >>> model = AnomalyPipeline([
+        ...     ("features", FeatureExtractor("resnet18", ["layer1"], random_state=0)),
+        ...     ("padim", PaDiMDetector(n_features=8, random_state=0))]).fit(X[:10])
+        >>> model.calibrate_pixels(X[10:]).predict_mask(X[:2]).shape
+        (2, 32, 32)
+        """
+        from .features import FeatureExtractor
+
+        check_is_fitted(self)
+        first = self.steps[0][1]
+        if masks is None and output_size is None and isinstance(first, FeatureExtractor):
+            output_size = _image_size(X)
+        Xt = self[:-1].transform(X) if len(self) > 1 else X
+        self._final_estimator.calibrate_pixels(Xt, masks, output_size=output_size,
+                                               sigma=sigma)
+        return self
+
+    @available_if(_final_has("predict_mask"))
+    def predict_mask(self, X):
+        """Predicted anomalous pixels of ``X``: the detector's, through the earlier steps.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+
+        Returns
+        -------
+        masks : ndarray of bool of shape (n_samples, height, width)
+            ``self[-1].predict_mask(self[:-1].transform(X))`` (after
+            :meth:`calibrate_pixels`).
+
+        Examples
+        --------
+        See :meth:`calibrate_pixels`.
+        """
+        check_is_fitted(self)
+        Xt = self[:-1].transform(X) if len(self) > 1 else X
+        return self._final_estimator.predict_mask(Xt)
+
+    @available_if(_final_has("pvalues"))
+    def pvalues(self, X):
+        """Conformal p-values of normality of ``X``: its detector's, through the earlier steps.
+
+        See :meth:`~skanomaly.base.BaseDetector.pvalues` (after :meth:`calibrate` on
+        held-out normal input): the share of calibration samples at least as anomalous,
+        with the +1 correction.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Input of the first step.
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,), float64
+            ``self[-1].pvalues(self[:-1].transform(X))``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the pipeline is not fitted or its detector not calibrated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from sklearn.preprocessing import StandardScaler
+        >>> from skanomaly import GaussianDetector, make_anomaly_pipeline
+        >>> rng = np.random.default_rng(0)
+        >>> model = make_anomaly_pipeline(StandardScaler(), GaussianDetector(device="cpu"))
+        >>> model = model.fit(rng.normal(size=(200, 2))).calibrate(rng.normal(size=(49, 2)))
+        >>> model.pvalues([[0.0, 0.0], [9.0, 9.0]])
+        array([1.  , 0.02])
+        """
+        from .base import _like_input, pvalues
+
+        check_is_fitted(self)
+        fused = self._fused_steps(X)
+        if fused is None or "calibration_scores_" not in fused[1].__dict__:
+            return pvalues(self, X)  # step by step (or the detector's NotFittedError)
+        scores = self._fused_pass(fused, X, "scores")[0]
+        return _like_input(X, torch.from_numpy(fused[1]._pvalues_of(scores.cpu().numpy())))
 
     def partial_fit(self, X, y=None):
         """Update the pipeline with one more batch of (mostly) normal input.

@@ -91,7 +91,9 @@ def bundled_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled")
     with pytest.MonkeyPatch.context() as monkeypatch:
         status, model = run_capturing_model(
-            [*TINY, "--n-train", "10", "--n-test", "6", "--output-dir", str(out)], monkeypatch
+            # 9 of 12 images held out: the fewest for a conformal threshold at 0.1
+            [*TINY, "--n-train", "12", "--calibration-fraction", "0.75", "--n-test", "6",
+             "--output-dir", str(out)], monkeypatch
         )
     return status, out, model
 
@@ -99,7 +101,7 @@ def bundled_run(tmp_path_factory):
 def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     status, out, _ = bundled_run
     assert status == 0
-    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
+    data = load_textures("brick", n_train=12, n_test=6, image_size=32, random_state=0)
     rows = read_scores(out)
     assert [row["image"] for row in rows] == [f"test_{i:03d}" for i in range(6)]
     assert [int(row["label"]) for row in rows] == data.y_test.tolist()
@@ -118,7 +120,7 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     assert not any("randomly initialised" in note for note in metrics["notes"])
     assert metrics["layers"] == ["blocks.1", "blocks.2", "blocks.3"]
     assert metrics["feature_shape"] == [144, 8, 8]
-    assert (metrics["n_fit"], metrics["n_calibration"]) == (8, 2)
+    assert (metrics["n_fit"], metrics["n_calibration"]) == (3, 9)
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert [f"heatmaps/{p.name}" for p in heatmaps] == [row["heatmap"] for row in rows]
     with Image.open(heatmaps[0]) as image:
@@ -127,8 +129,8 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
 
 def test_bundled_run_is_deterministic(bundled_run, tmp_path):
     _, out, _ = bundled_run
-    assert main([*TINY, "--n-train", "10", "--n-test", "6", "--output-dir", str(tmp_path),
-                 "--no-heatmaps"]) == 0
+    assert main([*TINY, "--n-train", "12", "--calibration-fraction", "0.75", "--n-test", "6",
+                 "--output-dir", str(tmp_path), "--no-heatmaps"]) == 0
     assert [row["anomaly_score"] for row in read_scores(tmp_path)] == [
         row["anomaly_score"] for row in read_scores(out)
     ]
@@ -140,7 +142,7 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
     """scores.csv is the pipeline's own score_samples / predict; the threshold is the
     contamination quantile of the held-out images, and the fit used the others."""
     _, out, model = bundled_run
-    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
+    data = load_textures("brick", n_train=12, n_test=6, image_size=32, random_state=0)
     rows = read_scores(out)
     np.testing.assert_array_equal(
         [int(row["prediction"]) for row in rows], model.predict(data.X_test)
@@ -151,13 +153,17 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
     )
     calibration = read_metrics(out)["calibration"]
     held = [int(name.removeprefix("train_")) for name in calibration["images"]]
-    assert len(held) == calibration["n_images"] == 2 and calibration["method"] == "held-out"
+    assert len(held) == calibration["n_images"] == 9 and calibration["method"] == "held-out"
     assert model[-1].calibration_ == "held-out"
+    # conformal rank ceil(0.9 * 10) = 9 of 9 held-out images: their largest anomaly score
     normality = model.score_samples(data.X_train[held])
-    assert model[-1].offset_ == pytest.approx(np.percentile(normality, 10), rel=1e-12)
+    assert model[-1].offset_ == normality.min()
     assert read_metrics(out)["threshold"] == pytest.approx(-model[-1].offset_, rel=1e-12)
-    assert "quantile of only 2 held-out images" in calibration["note"]
-    fit = np.setdiff1d(np.arange(10), held)
+    assert "quantile of only 9 held-out images" in calibration["note"]
+    # the p-values of the test images against the 9 held-out ones, by the definition
+    expected = [(1 + np.sum(normality <= s)) / 10 for s in model.score_samples(data.X_test)]
+    np.testing.assert_allclose([float(row["pvalue"]) for row in rows], expected, rtol=1e-8)
+    fit = np.setdiff1d(np.arange(12), held)
     reference = padim_pipeline().fit(data.X_train[fit])
     np.testing.assert_array_equal(reference.score_samples(data.X_test),
                                   model.score_samples(data.X_test))
@@ -211,6 +217,8 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
         (2, "0.2", ["too few training images (2)", "in-sample scores"]),
         # 4 % of 12 rounds to none: the fit's own out-of-sample scores
         (12, "0.04", ["too few training images (12)"]),
+        # 20 % of 12 is 2 images, fewer than the 9 a conformal threshold at 0.1 needs
+        (12, "0.2", ["too few training images (12)", "needs 9 held-out images"]),
         # no held-out share asked for: the fit's own out-of-sample scores, nothing to note
         (12, "0", []),
     ],
@@ -247,6 +255,7 @@ def test_threshold_from_the_fit_without_held_out_images(n_train, fraction, note,
         assert any(fragment in n for n in metrics["notes"])
         assert fragment in summary
     assert f"threshold from {method} scores of the fitted images" in summary
+    assert "pvalue" not in read_scores(tmp_path)[0]  # no held-out images, no p-values
 
 
 def save_png(path, array):
@@ -575,11 +584,11 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
             metadata["image_size"]) == ("resnet18", None, ["layer1", "layer2"], 32)
     assert (metadata["n_train"], metadata["n_batches"], metadata["n_calibration"]) == (12, 3, 10)
     assert metadata["format_version"] == cli.MODEL_FORMAT_VERSION
-    # the threshold: the 0.1 quantile of the held-out images' normality, by numpy
+    # the threshold: the conformal 0.1 quantile of the 10 held-out images' anomaly
+    # scores, the ceil(0.9 * 11) = 10th smallest: their largest
     _, held_out = folder_images(tree / "calibration")
     assert detector.calibration_ == metadata["calibration"] == "held-out"
-    assert detector.offset_ == pytest.approx(
-        np.percentile(model.score_samples(held_out), 10), rel=1e-12)
+    assert detector.offset_ == np.min(model.score_samples(held_out))
     assert metadata["threshold"] == -detector.offset_
     # the streamed moments are those of every training image's features (numpy), and
     # the model scores as one fitted on them in one go
@@ -617,6 +626,11 @@ def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
                                   model.predict(images))
     assert [int(row["label"]) for row in rows] == [
         1 if p.parent.name == "good" else -1 for p in paths]
+    # calibrated on 10 held-out images: conformal p-values, by the definition
+    _, held_out = folder_images(tree / "calibration")
+    held = model.score_samples(held_out)
+    expected = [(1 + np.sum(held <= s)) / 11 for s in model.score_samples(images)]
+    np.testing.assert_array_equal([float(row["pvalue"]) for row in rows], expected)
     metrics = read_metrics(out)
     check_scores_against_metrics(rows, metrics)
     assert {"image_auroc", "pixel_auroc", "pro"} <= set(metrics["metrics"])

@@ -268,6 +268,8 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
     _sample_ndim = 3
     _private_state = (*BaseDetector._private_state, "_moments", "_reservoir", "_largest_seen",
                       "_next_seed", "_offset_record")
+    _streaming_state = ("_moments", "_reservoir", "_largest_seen", "_next_seed",
+                        "_offset_record")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,

@@ -312,6 +312,7 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     _max_abs, _min_max_abs = 1e150, 1e-150
     _range_reason = "variances and squared reconstruction errors (squared features) in float64"
     _private_state = (*BaseDetector._private_state, "_moments", "_offset_record")
+    _streaming_state = ("_moments", "_offset_record")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from numbers import Real
 
+import numpy as np
 import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -101,8 +102,9 @@ class _IncrementalMixin:
             If the batch does not match the shape of earlier batches or holds NaN or
             infinity, if the first batch has fewer than 2 samples, if the updated
             covariance is singular, or if the detector's parameters do not allow
-            incremental fitting (PaDiM's ``solver="woodbury"``). The fitted state is
-            then left as it was.
+            incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
+            loaded from a model file saved without its streaming state (the moments). The
+            fitted state is then left as it was.
 
         Examples
         --------
@@ -117,6 +119,8 @@ class _IncrementalMixin:
         (100, True)
         """
         first = not hasattr(self, "n_samples_seen_")
+        if not first:
+            self._check_streaming_state()
         Xt = self._validate_input(X, reset=first)
         self._accumulate(Xt, reset=first, incremental=True)
         self._set_offset(*self._out_of_sample_scores(Xt))
@@ -184,7 +188,9 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     location_ : ndarray of shape (n_features,), float64
         Mean of the training samples.
     covariance_ : ndarray of shape (n_features, n_features), float64
-        Covariance estimate after shrinkage (without the ``reg`` ridge).
+        Covariance estimate after shrinkage (without the ``reg`` ridge); computed on
+        access (from the moments, or from ``covariance_cholesky_`` up to rounding when
+        the moments were not kept), not stored.
     covariance_cholesky_ : ndarray of shape (n_features, n_features), float64
         Lower Cholesky factor of ``covariance_ + reg * I``, used for scoring.
     shrinkage_ : float
@@ -270,7 +276,8 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
     _max_abs, _min_max_abs = 1e75, 1e-75
     _range_reason = "fourth moments of the features in float64"
     _private_state = (*BaseDetector._private_state, "_moments", "_centre", "_sum_sq2",
-                      "_sum_sq_y")
+                      "_sum_sq_y", "_covariance_reg")
+    _streaming_state = ("_moments", "_centre", "_sum_sq2", "_sum_sq_y")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
@@ -325,10 +332,35 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
         self._centre = centre.cpu().numpy()
         self._sum_sq2, self._sum_sq_y = float(sum_sq2), sum_sq_y.cpu().numpy()
         self.location_ = mean.cpu().numpy()
-        self.covariance_ = covariance.cpu().numpy()
+        # covariance_ is not kept: it is computed from the moments on access
         self.covariance_cholesky_ = factor.cpu().numpy()
+        self._covariance_reg = float(self.reg)
         self.shrinkage_ = shrinkage
         self.n_samples_seen_ = n
+
+    @property
+    def covariance_(self) -> np.ndarray:
+        """Covariance estimate after shrinkage (without the ``reg`` ridge).
+
+        Computed on access, not stored: from the moments and ``shrinkage_`` (the matrix
+        the fit factorised) while the detector keeps them, else from
+        ``covariance_cholesky_`` (``L L^T - reg * I``, equal up to rounding), for a
+        detector saved without its streaming state.
+        """
+        if "covariance_cholesky_" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute "
+                                 "'covariance_' (it exists after fit)")
+        moments = self.__dict__.get("_moments")
+        if moments is not None:
+            emp_cov = moments.covariance(ddof=0)
+            covariance = emp_cov * (1.0 - self.shrinkage_)
+            covariance.diagonal().add_(self.shrinkage_ * float(emp_cov.trace())
+                                       / emp_cov.shape[0])
+            return covariance.cpu().numpy()
+        factor = torch.from_numpy(self.covariance_cholesky_)
+        covariance = factor @ factor.mT
+        covariance.diagonal().sub_(self._covariance_reg)
+        return covariance.numpy()
 
     _loo_ddof = 0
 

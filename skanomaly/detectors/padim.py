@@ -22,6 +22,7 @@ from ..functional import (
     tril_inverse,
     woodbury_factor,
 )
+from ..functional._packing import PackedMatrices
 from ..functional._validation import all_finite
 from ..functional.covariance import _accumulation_dtype
 from .gaussian import _cholesky_or_raise, _IncrementalMixin
@@ -33,7 +34,7 @@ __all__ = ["PaDiMDetector"]
 #: centring and the products
 _BLOCK_ELEMENTS = 2**21
 
-_FULL_STATE = ("covariance_", "precision_cholesky_", "_moments")
+_FULL_STATE = ("precision_cholesky_", "_moments", "_covariance_reg")
 _WOODBURY_STATE = ("centered_features_", "woodbury_factor_", "_woodbury_reg")
 
 
@@ -84,8 +85,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         position (Woodbury identity; needs ``reg > 0``), smaller when the number of
         training samples N is below d. ``"auto"`` takes ``"woodbury"`` when
         ``n_samples < n_features`` and ``"full"`` otherwise (at N = d = 100 on 56 x 56
-        positions the full solver fitted as fast and scored 5x faster, 2-core CPU). :meth:`partial_fit` always
-        uses ``"full"`` (moments stream; Woodbury needs every sample).
+        positions the full solver fitted as fast and scored 5x faster, 2-core CPU).
+        :meth:`partial_fit` always uses ``"full"`` (moments stream; Woodbury needs every
+        sample).
     random_state : int, RandomState instance or None, default=None
         Seeds the channel subset through a local CPU :class:`torch.Generator`, so the
         subset is the same on every device; global RNGs are never touched.
@@ -105,6 +107,8 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         (``n_positions = H * W``, position ``h * W + w``).
     covariance_ : ndarray of shape (n_positions, d, d), float64
         Unbiased covariance per position, without the ridge (``solver_ == "full"`` only).
+        Computed on access (from the moments, or from ``precision_cholesky_`` up to
+        rounding when the moments were not kept), not stored.
     precision_cholesky_ : ndarray of shape (n_positions, d, d), float64
         Upper-triangular ``U`` with ``(covariance_ + reg * I)^{-1} = U U^T``, from the
         Cholesky factor by a triangular solve (scikit-learn's ``GaussianMixture``
@@ -152,10 +156,17 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     blocks of ``2**13 // d`` positions of the fixed-shape blocks of images that every
     detector scores in. Memory beyond the fitted state and the input stays bounded.
 
-    The fitted state of the full solver holds ``3 * n_positions * d**2`` float64 numbers
-    (moments, ``covariance_`` and its factor); the Woodbury solver holds
-    ``n_positions * N * (d + N)`` and scores at ``O(N * (d + N))`` instead of
-    ``O(d**2)`` per position and image.
+    The fitted state of the full solver holds ``2 * n_positions * d**2`` float64 numbers:
+    the precision factor that scoring needs and the moments (mean and scatter) that only
+    :meth:`partial_fit` needs; ``covariance_`` is computed from them on access. Pickled,
+    the triangular factor takes its triangle (``d (d + 1) / 2`` numbers per position,
+    bit for bit), and so does the symmetric scatter; a model file of
+    :func:`skanomaly.cli.save_model` leaves the moments out unless asked to keep them
+    (``keep_streaming_state=True``, ``skanomaly fit --keep-streaming-state``), so that by
+    default it holds ``n_positions * d (d + 3) / 2`` numbers, and ``partial_fit`` after
+    loading it raises. The Woodbury solver holds ``n_positions * N * (d + N)`` (its
+    triangular factor pickled packed as well) and scores at ``O(N * (d + N))`` instead
+    of ``O(d**2)`` per position and image.
 
     :meth:`partial_fit` adds batches to the moments: after any split of the data into
     batches ``mean_`` and ``covariance_`` equal those of ``fit`` on all of it up to float64
@@ -191,7 +202,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     # float64 covariances: squares of the features
     _max_abs, _min_max_abs = 1e150, 1e-150
     _range_reason = "covariances (squared features) in float64"
-    _private_state = (*BaseDetector._private_state, "_moments", "_woodbury_reg")
+    _private_state = (*BaseDetector._private_state, "_moments", "_woodbury_reg",
+                      "_covariance_reg")
+    _streaming_state = ("_moments",)
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,
@@ -338,9 +351,9 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         for start, stop in self._position_blocks(covariance.shape[0], len(idx), len(idx)):
             factor = _cholesky_or_raise(covariance[start:stop], float(self.reg), advice)
             upper[start:stop] = precision_cholesky(factor)
+        # covariance_ is not kept: it is computed from the moments on access
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
-                "covariance_": covariance.cpu().numpy(),
-                "precision_cholesky_": upper.cpu().numpy(),
+                "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": float(self.reg),
                 "n_samples_seen_": acc.n_samples_}
 
     def _woodbury_state(self, X, idx) -> dict:
@@ -400,6 +413,40 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
                              torch.full_like(q, math.inf))
             out[:, start:stop] = d2.mT.sqrt()
         return out
+
+    @property
+    def covariance_(self) -> np.ndarray:
+        """Unbiased covariance per position, without the ridge (``solver_ == "full"``).
+
+        Computed on access, not stored: from the moments (``scatter / (n - 1)``, the
+        covariance the fit factorised) while the detector keeps them, else from
+        ``precision_cholesky_`` (``U^{-T} U^{-1} - reg * I``, equal up to rounding), for
+        a detector saved without its streaming state.
+        """
+        if self.__dict__.get("solver_") != "full":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute "
+                                 "'covariance_' (it exists after a fit with solver_ == 'full')")
+        moments = self.__dict__.get("_moments")
+        if moments is not None:
+            return moments.covariance(ddof=1).cpu().numpy()
+        inverse_upper = torch.from_numpy(self.precision_cholesky_).mT  # L^{-1}
+        eye = torch.eye(inverse_upper.shape[-1], dtype=inverse_upper.dtype)
+        lower = torch.linalg.solve_triangular(inverse_upper, eye.expand_as(inverse_upper),
+                                              upper=False)
+        covariance = lower @ lower.mT
+        covariance.diagonal(dim1=-2, dim2=-1).sub_(self._covariance_reg)
+        return covariance.numpy()
+
+    def __getstate__(self):
+        # triangular factors are pickled as their triangle (exactly: half the file)
+        state = super().__getstate__()
+        for name, keep in (("precision_cholesky_", "upper"), ("woodbury_factor_", "lower")):
+            if name in state:
+                state[name] = PackedMatrices(state[name], keep, "zero")
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(PackedMatrices.unwrap(state))
 
     # -------------------------------------------------------------- scoring
     def _build_torch_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -285,6 +285,7 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     _fixed_blocks = False
     _private_state = (*BaseDetector._private_state, "_projection", "_next_seed",
                       "_offset_record")
+    _streaming_state = ("_next_seed", "_offset_record")
 
     _parameter_constraints: dict = {
         **BaseDetector._parameter_constraints,

@@ -7,6 +7,7 @@ import operator
 import numpy as np
 import torch
 
+from ._packing import PackedMatrices
 from ._validation import all_finite, as_float_tensor, check_finite, ldexp, working_dtype
 
 __all__ = ["cov", "MomentAccumulator"]
@@ -436,6 +437,17 @@ class MomentAccumulator:
         self._move(torch.device(device))
         self._follow_input = False
         return self
+
+    def __getstate__(self):
+        # the scatter is symmetric: pickled as its lower triangle (the one a Cholesky
+        # factorisation reads) plus the entries that differ from its mirror, exactly
+        state = self.__dict__.copy()
+        if self._m2.device.type == "cpu":
+            state["_m2"] = PackedMatrices(self._m2, "lower", "mirror")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(PackedMatrices.unwrap(state))
 
     def _move(self, device: torch.device) -> None:
         dt = _accumulation_dtype(device)
