@@ -342,6 +342,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     :func:`skanomaly.calibrate` through a :class:`~sklearn.pipeline.Pipeline`) replaces
     ``offset_`` with the quantile of held-out normal samples.
 
+    :meth:`fit_predict` labels the training samples from these same out-of-sample scores,
+    so about ``contamination`` of them are flagged (as scikit-learn's
+    :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` does), whereas
+    ``predict(X_train)`` after ``fit`` scores them in-sample, as any new data: it flags
+    fewer of them (none, for PatchCore's training patches kept in its memory bank).
+
     A sample's scores do not depend on the other samples scored with it, bitwise:
     scoring runs in blocks of a fixed number of samples (the last one padded), so
     every kernel call has the same shape whatever the batch.
@@ -393,7 +399,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache",)
+    _private_state: tuple = ("_device_cache", "_fit_normality")
 
     def __init__(self, *, contamination=0.1, device="auto"):
         self.contamination = contamination
@@ -407,6 +413,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
+        state.pop("_fit_normality", None)  # only fit_predict reads it, right after fit
         return state
 
     def _cached(self, key, build):
@@ -626,6 +633,48 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
+        # the scores that set offset_, one per sample of the last fit: for fit_predict
+        self._fit_normality = normality
+
+    def fit_predict(self, X, y=None):
+        """Fit on ``X`` and label its samples from their out-of-sample scores.
+
+        The labels come from the scores that set ``offset_`` (see the class Notes:
+        leave-one-out, leave-one-image-out or cross-fit), so about ``contamination``
+        of the training samples are flagged, as scikit-learn's
+        :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` labels its
+        training samples. ``fit(X).predict(X)`` differs: ``predict`` scores ``X``
+        in-sample, like any new data, and in-sample scores are optimistic, so it flags
+        fewer of the training samples.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor or dask.array.Array of shape (n_samples, n_features)
+            Training samples, as in :meth:`fit`.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+            -1 where the sample's out-of-sample score is below ``offset_``, else +1.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(200, 3))
+        >>> det = GaussianDetector(contamination=0.1, device="cpu")
+        >>> int((det.fit_predict(X) == -1).sum())  # 10 % of 200, leave-one-out scores
+        20
+        >>> det.calibration_
+        'leave-one-out'
+        >>> bool((det.predict(X) == -1).sum() <= 20)  # in-sample: fewer flagged
+        True
+        """
+        self.fit(X, y)
+        normality = self.__dict__.pop("_fit_normality")
+        return np.where(normality < self.offset_, -1, 1)
 
     def calibrate(self, X, y=None):
         """Set ``offset_`` from normal samples that were not used for fitting.
