@@ -216,6 +216,11 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
     assert metrics["weights"] == "efficientnet-lite0-imagenet"
     assert metrics["metrics"]["image_auroc"] >= 0.98
     assert metrics["metrics"]["pixel_auroc"] >= 0.98
+    # the threshold tells the truth (issue 17): at contamination 0.1, at most 6 of the
+    # 30 good test images flagged (1 when measured), and the defects still found
+    at = metrics["metrics"]["at_threshold"]
+    assert at["n_good"] == 30 and at["n_good_flagged"] <= 6
+    assert at["recall"] >= 0.9
     check_scores_against_metrics(read_scores(tmp_path), metrics)
 
 
