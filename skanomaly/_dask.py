@@ -160,7 +160,7 @@ def _fit_whole(template, block):
     from sklearn.base import clone
 
     fitted = clone(template).fit(block)
-    return fitted, fitted.__dict__.get("_fit_normality")
+    return fitted, fitted._device_cache.get("fit_normality")
 
 
 def _oos_block(model, block, start: int, method: str):
@@ -256,8 +256,8 @@ def fit_dask(detector, X):
     if len(blocks) == 1:
         ((fitted, normality),) = dask.compute(delayed(_fit_whole)(template, blocks[0]),
                                               scheduler=scheduler)
-        _adopt(detector, fitted, None, None)
-        detector._fit_normality = normality
+        _adopt(detector, fitted, None, None)  # a new cache: the scores go back in
+        detector._device_cache["fit_normality"] = normality
         return detector
 
     if getattr(detector, "solver", None) == "woodbury":

@@ -399,7 +399,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache", "_fit_normality")
+    _private_state: tuple = ("_device_cache",)
 
     def __init__(self, *, contamination=0.1, device="auto"):
         self.contamination = contamination
@@ -413,7 +413,6 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
-        state.pop("_fit_normality", None)  # only fit_predict reads it, right after fit
         return state
 
     def _cached(self, key, build):
@@ -633,8 +632,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
-        # the scores that set offset_, one per sample of the last fit: for fit_predict
-        self._fit_normality = normality
+        # the scores that set offset_, one per sample of the last fit, for fit_predict:
+        # in the per-fit cache, so that they stay out of pickles
+        self.__dict__.setdefault("_device_cache", {})["fit_normality"] = normality
 
     def fit_predict(self, X, y=None):
         """Fit on ``X`` and label its samples from their out-of-sample scores.
@@ -673,7 +673,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         True
         """
         self.fit(X, y)
-        normality = self.__dict__.pop("_fit_normality")
+        normality = self._device_cache.pop("fit_normality")
         return np.where(normality < self.offset_, -1, 1)
 
     def calibrate(self, X, y=None):
