@@ -345,8 +345,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     :meth:`fit_predict` labels the training samples from these same out-of-sample scores,
     so about ``contamination`` of them are flagged (as scikit-learn's
     :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` does), whereas
-    ``predict(X_train)`` after ``fit`` scores them in-sample, as any new data: it flags
-    fewer of them (none, for PatchCore's training patches kept in its memory bank).
+    ``predict(X_train)`` after ``fit`` scores them in-sample, as any new data: in-sample
+    scores are optimistic, so it usually flags fewer of them (none of the images whose
+    patches PatchCore keeps in its memory bank).
 
     A sample's scores do not depend on the other samples scored with it, bitwise:
     scoring runs in blocks of a fixed number of samples (the last one padded), so
@@ -644,8 +645,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         of the training samples are flagged, as scikit-learn's
         :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` labels its
         training samples. ``fit(X).predict(X)`` differs: ``predict`` scores ``X``
-        in-sample, like any new data, and in-sample scores are optimistic, so it flags
-        fewer of the training samples.
+        in-sample, like any new data, and in-sample scores are optimistic, so it
+        usually flags fewer of the training samples.
 
         Parameters
         ----------
