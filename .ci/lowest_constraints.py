@@ -13,6 +13,9 @@ Usage::
         # to support, transitive dependencies left to the resolver
     python .ci/lowest_constraints.py --python
         # the lowest Python that ``requires-python`` admits, as ``X.Y``
+    python .ci/lowest_constraints.py --admits 3.13
+        # exit 0 if ``requires-python`` admits Python 3.13, else 1 (for .ci/run's choice
+        # of the newest Python on the machine)
     python -m pip list --format=json > list.json
     python .ci/lowest_constraints.py --installed list.json [--expect-lowest]
         # each direct dependency: installed version and declared requirement; with
@@ -102,6 +105,31 @@ def lowest_python() -> str:
     return ".".join(_minimum(requires, f"requires-python {requires}").split(".")[:2])
 
 
+def admits_python(version: str) -> bool:
+    """Whether ``requires-python`` admits Python ``version`` (``X.Y`` or ``X.Y.Z``).
+
+    Each comma-separated specifier is compared on release numbers (``>=3.10``,
+    ``<3.14``, ``!=3.11.*``, ``==3.12.*``...); a wildcard compares its prefix only.
+    """
+    requires = _project().get("requires-python") or ""
+    have = tuple(int(p) for p in version.split("."))
+    for spec in filter(None, (s.strip() for s in requires.split(","))):
+        parsed = _SPEC.match(spec)
+        if parsed is None:
+            raise SystemExit(f"cannot parse requires-python specifier {spec!r}")
+        op, want = parsed["op"], parsed["version"]
+        wildcard = want.endswith(".*")
+        bound = tuple(int(p) for p in want.removesuffix(".*").split("."))
+        mine = have[:len(bound)] if wildcard or op in ("==", "!=", "~=") else have
+        ok = {">=": mine >= bound, ">": mine > bound, "<=": mine <= bound,
+              "<": mine < bound, "==": mine == bound, "===": mine == bound,
+              "!=": mine != bound,
+              "~=": have >= bound and have[:len(bound) - 1] == bound[:-1]}[op]
+        if not ok:
+            return False
+    return True
+
+
 def _release(version: str) -> tuple[int, ...] | str:
     """``"1.24"`` and ``"1.24.0"`` -> ``(1, 24)``; local labels (``+cpu``) dropped."""
     public = version.split("+")[0]
@@ -138,6 +166,8 @@ def main(argv: list[str]) -> int:
     if argv == ["--python"]:
         print(lowest_python())
         return 0
+    if len(argv) == 2 and argv[0] == "--admits":
+        return 0 if admits_python(argv[1]) else 1
     if len(argv) in (2, 3) and argv[0] == "--installed" and argv[2:] in ([], ["--expect-lowest"]):
         return report_installed(argv[1], expect_lowest=len(argv) == 3)
     raise SystemExit(__doc__)

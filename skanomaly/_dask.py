@@ -155,10 +155,12 @@ def _merged(left, right, light: bool = False):
 
 
 def _fit_whole(template, block):
-    """A single block: the detector's own ``fit``."""
+    """A single block: the detector's own ``fit``; with the out-of-sample normality
+    scores that set its ``offset_`` (for ``fit_predict``; pickles drop them)."""
     from sklearn.base import clone
 
-    return clone(template).fit(block)
+    fitted = clone(template).fit(block)
+    return fitted, fitted._device_cache.get("fit_normality")
 
 
 def _oos_block(model, block, start: int, method: str):
@@ -252,8 +254,11 @@ def fit_dask(detector, X):
     scheduler = _scheduler()
     blocks, starts = list(X.to_delayed().ravel()), _starts(X)
     if len(blocks) == 1:
-        (fitted,) = dask.compute(delayed(_fit_whole)(template, blocks[0]), scheduler=scheduler)
-        return _adopt(detector, fitted, None, None)
+        ((fitted, normality),) = dask.compute(delayed(_fit_whole)(template, blocks[0]),
+                                              scheduler=scheduler)
+        _adopt(detector, fitted, None, None)  # a new cache: the scores go back in
+        detector._device_cache["fit_normality"] = normality
+        return detector
 
     if getattr(detector, "solver", None) == "woodbury":
         raise ValueError(f"{type(detector).__name__}(solver='woodbury') keeps every training "

@@ -517,6 +517,13 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     :func:`skanomaly.calibrate` through a :class:`~sklearn.pipeline.Pipeline`) replaces
     ``offset_`` with the quantile of held-out normal samples.
 
+    :meth:`fit_predict` labels the training samples from these same out-of-sample scores,
+    so about ``contamination`` of them are flagged (as scikit-learn's
+    :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` does), whereas
+    ``predict(X_train)`` after ``fit`` scores them in-sample, as any new data: in-sample
+    scores are optimistic, so it usually flags fewer of them (none of the images whose
+    patches PatchCore keeps in its memory bank).
+
     A sample's scores do not depend on the other samples scored with it, bitwise:
     scoring runs in blocks of a fixed number of samples (the last one padded), so
     every kernel call has the same shape whatever the batch.
@@ -884,6 +891,51 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         self.calibration_ = method
         for name in _CALIBRATION_STATE:  # the model they were set with is gone
             self.__dict__.pop(name, None)
+        # the scores that set offset_, one per sample of the last fit, for fit_predict:
+        # in the per-fit cache, so that they stay out of pickles
+        self.__dict__.setdefault("_device_cache", {})["fit_normality"] = normality
+
+    def fit_predict(self, X, y=None):
+        """Fit on ``X`` and label its samples from their out-of-sample scores.
+
+        The labels come from the scores that set ``offset_`` (see the class Notes:
+        leave-one-out, leave-one-image-out or cross-fit), so about ``contamination``
+        of the training samples are flagged, as scikit-learn's
+        :class:`~sklearn.neighbors.LocalOutlierFactor` without ``novelty`` labels its
+        training samples. ``fit(X).predict(X)`` differs: ``predict`` scores ``X``
+        in-sample, like any new data, and in-sample scores are optimistic, so it
+        usually flags fewer of the training samples.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor or dask.array.Array of shape (n_samples, n_features)
+            Training samples, as in :meth:`fit`.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        labels : ndarray or torch.Tensor of shape (n_samples,), int
+            -1 where the sample's out-of-sample score is below ``offset_``, else +1 (an
+            int64 tensor on ``X``'s device for a tensor ``X``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(200, 3))
+        >>> det = GaussianDetector(contamination=0.1, device="cpu")
+        >>> int((det.fit_predict(X) == -1).sum())  # 10 % of 200, leave-one-out scores
+        20
+        >>> det.calibration_
+        'leave-one-out'
+        >>> bool((det.predict(X) == -1).sum() <= 20)  # in-sample: fewer flagged
+        True
+        """
+        self.fit(X, y)
+        normality = self._device_cache.pop("fit_normality")
+        labels = np.where(normality < self.offset_, -1, 1)
+        return torch.from_numpy(labels).to(X.device) if isinstance(X, torch.Tensor) else labels
 
     def calibrate(self, X, y=None):
         """Set ``offset_`` from normal samples that were not used for fitting (conformal).

@@ -19,7 +19,12 @@ Without a subcommand the command runs the fit-and-score job described below, in 
 two modes:
 
 * **Bundled data** (no folders given): normal training crops and test crops with
-  synthetic, pixel-annotated defects from :func:`skanomaly.datasets.load_textures`.
+  synthetic, pixel-annotated defects from :func:`skanomaly.datasets.load_textures`,
+  and ``--n-calibration`` (default 60) normal crops drawn beside the test crops that set
+  the threshold (:func:`skanomaly.calibrate`): the training crops come from the top half
+  of the texture and the test crops from the bottom half, which differs somewhat, so a
+  threshold set on the training crops would flag more than ``--contamination`` of the
+  good test images.
 * **Your folders**: ``--train-dir`` holds normal images (searched recursively);
   ``--test-dir`` is laid out as MVTec AD: images under ``good/`` are normal, images
   under any other top-level subfolder are defective with that folder's name as defect
@@ -43,13 +48,15 @@ torchvision or ``timm/`` name) without ``--weights``, or ``--weights random``, g
 randomly initialised backbone, and ``metrics.json`` records which weights were used.
 Spatial detectors (PaDiM, PatchCore, DFM) take the feature maps whole and give anomaly
 maps; the others (Gaussian, DFKDE) score their global average (one vector per image)
-and give image scores only. The pipeline is fitted on the training images outside a held-out share
-``--calibration-fraction``, and :func:`skanomaly.calibrate` sets its threshold on that
-share. With ``--calibration-fraction 0``, or too few training images to hold one out,
-it is fitted on all of them and keeps the threshold its ``fit`` sets from out-of-sample
-scores of the training images (leave-one-out or cross-fitting), and the summary and
-``metrics.json`` say so. Scores, predictions and maps are the pipeline's
-own ``score_samples``, ``predict`` and the detector's ``anomaly_map``.
+and give image scores only. With folders, the pipeline is fitted on the training images
+outside a held-out share ``--calibration-fraction``, and :func:`skanomaly.calibrate` sets
+its threshold on that share; with the bundled data, it is fitted on every training crop
+and calibrated on the calibration crops. With ``--calibration-fraction 0``, or too few
+training images to hold one out, it is fitted on all of them and keeps the threshold
+its ``fit`` sets from out-of-sample scores of the training images (leave-one-out or
+cross-fitting), and the summary and ``metrics.json`` say so. Scores, predictions and
+maps are the pipeline's own ``score_and_map`` (one pass: ``score_samples`` and the
+detector's ``anomaly_map``) and ``predict``.
 
 Outputs in ``--output-dir``: ``scores.csv`` (one row per test image), ``metrics.json``
 (metrics, settings, how the threshold was set, timings), and ``heatmaps/*.png``
@@ -84,6 +91,12 @@ __all__ = ["main", "build_parser", "default_layers", "parse_layers", "resolve_we
 #: smallest --image-size (that of the bundled textures' crops)
 MIN_IMAGE_SIZE = 16
 SPATIAL_DETECTORS = ("padim", "patchcore", "dfm")
+#: share of the training images held out for the threshold (--calibration-fraction)
+CALIBRATION_FRACTION = 0.2
+#: normal crops of the bundled data that set the threshold (--n-calibration): they are
+#: drawn beside the test crops; 60, so that the contamination quantile is not set by two
+#: or three images' scores
+N_CALIBRATION = 60
 DETECTORS = ("padim", "patchcore", "dfm", "dfkde", "gaussian")
 #: Backbone of the main job: EfficientNet-Lite0 with ImageNet weights that ship in an
 #: installed package (no download).
@@ -463,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-test", type=_int_at_least(1),
         help="bundled test images, without folders (default: 60)",
     )
+    data.add_argument(
+        "--n-calibration", type=_int_at_least(0),
+        help=f"bundled normal images drawn beside the test images, without folders, that "
+        f"set the prediction threshold (default: {N_CALIBRATION}); with 0, the threshold "
+        "comes from the detector's out-of-sample scores of the training images",
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--detector", choices=DETECTORS, default="padim",
@@ -495,12 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
         "threshold is this quantile of normal images' scores (default: 0.1)",
     )
     model.add_argument(
-        "--calibration-fraction", default=0.2,
+        "--calibration-fraction",
         type=_float_in(0, 1, low_closed=True, high_closed=False),
-        help="share of the training images held out of fitting to set the prediction "
-        "threshold, in [0, 1) (default: 0.2); with 0, or too few images to hold one out, "
-        "the threshold comes from the detector's out-of-sample scores of the fitted "
-        "images (cross-fitting or leave-one-out)",
+        help="with --train-dir: share of the training images held out of fitting to set "
+        f"the prediction threshold, in [0, 1) (default: {CALIBRATION_FRACTION}); with 0, "
+        "or too few images to hold one out, the threshold comes from the detector's "
+        "out-of-sample scores of the fitted images (cross-fitting or leave-one-out). "
+        "The bundled data hold out --n-calibration images instead",
     )
     model.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)",
@@ -631,17 +651,26 @@ def _folder_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
     return X_train, train_names, test, info
 
 
-def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
-    """Training images and their names, test set and a description, from the textures."""
+def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict, np.ndarray]:
+    """Training and calibration images and their names, test set, a description and
+    the indices of the calibration images, from the textures.
+
+    The pipeline is fitted on the ``--n-train`` training crops (top half of the
+    texture); the ``--n-calibration`` normal crops that set the threshold are drawn
+    beside the test crops (bottom half: :func:`~skanomaly.datasets.load_textures`'
+    calibration crops), so that they come from the distribution of the good test
+    images, which differs somewhat from the training crops'.
+    """
     from .datasets import load_textures
 
     texture = args.texture or "brick"
     n_train = 100 if args.n_train is None else args.n_train
     n_test = 60 if args.n_test is None else args.n_test
+    n_calibration = N_CALIBRATION if args.n_calibration is None else args.n_calibration
     with _user_errors("bundled data"):
         data = load_textures(
             texture, n_train=n_train, n_test=n_test, image_size=args.image_size,
-            random_state=args.random_state,
+            n_calibration=n_calibration, random_state=args.random_state,
         )
     test = _TestSet(
         data.X_test, [f"test_{i:03d}" for i in range(n_test)], data.y_test,
@@ -651,8 +680,13 @@ def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict]:
         "source": "bundled textures (skanomaly.datasets.load_textures)",
         "texture": texture,
         "random_state": args.random_state,
+        "layout": "training crops from the top half of the texture; test and calibration "
+                  "crops from the bottom half",
     }
-    return data.X_train, [f"train_{i:03d}" for i in range(n_train)], test, info
+    names = ([f"train_{i:03d}" for i in range(n_train)]
+             + [f"calibration_{i:03d}" for i in range(n_calibration)])
+    held = np.arange(n_train, n_train + n_calibration)
+    return np.concatenate([data.X_train, data.X_calibration]), names, test, info, held
 
 
 @contextmanager
@@ -715,11 +749,12 @@ def _calibration_split(n: int, fraction: float, random_state) -> tuple[np.ndarra
     return np.sort(order[n_calibration:]), np.sort(order[:n_calibration])
 
 
-def _fit_model(args, extractor, X_train, train_names):
+def _fit_model(args, extractor, X_train, train_names, held=None):
     """Fit the pipeline and set its threshold; returns it and a record of the threshold.
 
     The pipeline is fitted on the training images outside a held-out share
-    ``--calibration-fraction`` and calibrated on that share (:func:`skanomaly.calibrate`).
+    ``--calibration-fraction`` (random; or, for the bundled data, the calibration crops
+    ``held``) and calibrated on that share (:func:`skanomaly.calibrate`).
     With a fraction of 0, or too few images to hold any out while fitting on the others,
     it is fitted on all of them and keeps the detector's own out-of-sample threshold,
     and the record's note says so.
@@ -728,9 +763,13 @@ def _fit_model(args, extractor, X_train, train_names):
     from .base import CalibrationWarning, conformal_min_samples
 
     n, fraction = len(X_train), args.calibration_fraction
-    fit, held = _calibration_split(n, fraction, args.random_state)
     # a conformal threshold at --contamination needs this many held-out images
     needed = conformal_min_samples(args.contamination)
+    if held is None:
+        fraction = CALIBRATION_FRACTION if fraction is None else fraction
+        fit, held = _calibration_split(n, fraction, args.random_state)
+    else:
+        fit = np.setdiff1d(np.arange(n), held)
     held_out = held.size >= needed and fit.size > 0
     if not held_out:
         fit, held = np.arange(n), held[:0]
@@ -752,19 +791,23 @@ def _fit_model(args, extractor, X_train, train_names):
     note = None
     if not held_out:
         source = f"the {args.detector} detector's {method} scores of the {n} fitted images"
-        if fraction > 0:
+        if fraction:
             note = (f"too few training images ({n}) to hold out --calibration-fraction "
                     f"{fraction:g} of them for the threshold (a conformal threshold at "
                     f"{share} needs {needed} held-out images), so it comes from {source}")
+        elif held.size:
+            note = (f"--n-calibration {held.size} is too few for a conformal threshold at "
+                    f"{share} (it needs {needed}), so it comes from {source}")
         if method == "in-sample":
             reason = f" ({in_sample_reason})" if in_sample_reason else ""
             note = (f"{note or f'the threshold comes from {source}'}{reason}; in-sample "
                     f"scores are optimistic, so more than {share} of new normal images may "
                     "be predicted anomalous: give more training images")
     elif held.size < 1 / args.contamination:
+        more = ("--n-calibration" if fraction is None
+                else "more training images or a larger --calibration-fraction")
         note = (f"the threshold is the conformal {share} quantile of only {held.size} "
-                "held-out images' scores, which is coarse: give more training images or a "
-                "larger --calibration-fraction")
+                f"held-out images' scores, which is coarse: give {more}")
     record = {
         "method": method,
         "n_images": int(held.size if held_out else fit.size),
@@ -809,8 +852,31 @@ def _score_batch(model, images, spatial: bool, size: int):
 
 
 # -------------------------------------------------------------------- metrics
-def _metrics(test: _TestSet, scores, maps) -> tuple[dict, list[str]]:
-    """Image and pixel metrics where the labels and masks allow; notes on what was skipped."""
+def _confusion(labels, predictions) -> dict:
+    """Image counts and rates at the threshold, defective (-1) the positive class.
+
+    ``precision`` is None when no image is predicted anomalous, ``recall`` when no image
+    is defective, ``f1`` when either is None or both are 0.
+    """
+    good, defective, flagged = labels == 1, labels == -1, predictions == -1
+    n_flagged, n_defective = int(flagged.sum()), int(defective.sum())
+    found = int((defective & flagged).sum())
+    precision = found / n_flagged if n_flagged else None
+    recall = found / n_defective if n_defective else None
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall > 0
+          else None)
+    return {"n_good": int(good.sum()), "n_good_flagged": int((good & flagged).sum()),
+            "n_defective": n_defective, "n_defective_found": found,
+            "precision": precision, "recall": recall, "f1": f1}
+
+
+def _metrics(test: _TestSet, scores, maps, predictions) -> tuple[dict, list[str]]:
+    """Image and pixel metrics where the labels and masks allow; notes on what was skipped.
+
+    Beside the threshold-free AUROCs, ``at_threshold``: the confusion of the labelled
+    test images at the prediction threshold (:func:`_confusion`).
+    """
     from .metrics import average_precision_anomaly, image_auroc, pixel_auroc, pro_score
 
     metrics, notes = {}, []
@@ -823,6 +889,8 @@ def _metrics(test: _TestSet, scores, maps) -> tuple[dict, list[str]]:
             notes.append(f"image metrics over the {known.sum()} labelled test images")
     else:
         notes.append("no image metrics: they need both good and defective test images")
+    if known.any():
+        metrics["at_threshold"] = _confusion(labels, np.asarray(predictions)[known])
     if test.masks is None:
         notes.append("no pixel metrics: no ground-truth masks")
     elif maps is None:
@@ -935,6 +1003,18 @@ def _threshold_source(calibration: dict) -> str:
     return f"{calibration['method']} scores of the fitted images"
 
 
+def _at_threshold(metrics: dict) -> str:
+    """The confusion at the threshold in words: "3 of 30 good images flagged, ..."."""
+    c = metrics.get("at_threshold")
+    if c is None:
+        return ""
+    rates = "  ".join(f"{name} {c[name]:.3f}" for name in ("precision", "recall", "f1")
+                      if c[name] is not None)
+    return (f"at the threshold: {c['n_good_flagged']} of {c['n_good']} good images flagged, "
+            f"{c['n_defective_found']} of {c['n_defective']} defective found"
+            + (f"  {rates}" if rates else ""))
+
+
 def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
     calibration = result["calibration"]
     labels = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
@@ -950,6 +1030,8 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
     ]
     if scores:
         lines.append(f"  {scores}")
+    if _at_threshold(result["metrics"]):
+        lines.append(f"  {_at_threshold(result['metrics'])}")
     lines += [f"  note: {note}" for note in result["notes"]]
     wrote = ["scores.csv", "metrics.json"] + ([f"heatmaps/ ({n_heatmaps} PNGs)"]
                                               if n_heatmaps else [])
@@ -1547,7 +1629,7 @@ def _predict_command(args) -> dict:
     test = _TestSet(_LazyImages(paths, size), [r.as_posix() for r in relative],
                     np.array(labels, dtype=np.int64), list(defect_types), masks)
     labelled = bool(np.any(test.labels != 0)) or masks is not None
-    metrics, notes = _metrics(test, scores, maps) if labelled else ({}, [])
+    metrics, notes = _metrics(test, scores, maps, predictions) if labelled else ({}, [])
     if predicted is not None and masks is not None:  # the pixel confusion at the threshold
         metrics.update(_pixel_confusion(masks, predicted))
     if not spatial:
@@ -1597,6 +1679,7 @@ def _predict_command(args) -> dict:
                  f"predicted anomalous by {args.model} ({metadata['detector']}, threshold "
                  f"{metadata['threshold']:.6g} from {metadata['calibration']})"]
         lines += [f"  {line}"] if line else []
+        lines += [f"  {_at_threshold(metrics)}"] if _at_threshold(metrics) else []
         lines += [f"  note: {note}" for note in notes]
         lines.append(f"  wrote {', '.join(wrote)} to {out}")
         print("\n".join(lines))
@@ -1661,11 +1744,15 @@ def _check_settings(args) -> None:
     if args.train_dir is None and args.test_dir is None:
         if args.mask_dir is not None:
             raise CLIError("--mask-dir needs --train-dir and --test-dir")
+        if args.calibration_fraction is not None:
+            raise CLIError("--calibration-fraction applies to --train-dir/--test-dir; the "
+                           "bundled data hold out --n-calibration images beside the test "
+                           "images instead")
     else:
         if args.train_dir is None or args.test_dir is None:
             raise CLIError("--train-dir and --test-dir go together: give both, or neither "
                            "for the bundled data")
-        for option in ("texture", "n_train", "n_test"):
+        for option in ("texture", "n_train", "n_test", "n_calibration"):
             if getattr(args, option) is not None:
                 raise CLIError(f"--{option.replace('_', '-')} applies to the bundled data "
                                "only, not with --train-dir/--test-dir")
@@ -1732,14 +1819,15 @@ def _run(args) -> dict:
     check_s = time.perf_counter() - start
 
     start = time.perf_counter()
+    held = None
     if args.train_dir is None and args.test_dir is None:
-        X_train, train_names, test, data_info = _bundled_data(args)
+        X_train, train_names, test, data_info, held = _bundled_data(args)
     else:
         X_train, train_names, test, data_info = _folder_data(args)
     timings["read_images_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    model, fit, calibration = _fit_model(args, extractor, X_train, train_names)
+    model, fit, calibration = _fit_model(args, extractor, X_train, train_names, held)
     model.set_params(features__verbose=False)
     timings["fit_s"] = check_s + time.perf_counter() - start
 
@@ -1753,7 +1841,13 @@ def _run(args) -> dict:
         notes.append(f"no heatmaps: {args.detector} scores whole images (pooled features)")
     if calibration["note"]:
         notes.append(calibration["note"])
-    metrics, metric_notes = _metrics(test, scores, maps)
+    if held is not None and not len(held):  # bundled data without calibration crops
+        notes.append("the threshold comes from scores of the training crops, drawn from the "
+                     "top half of the texture, and the test crops from the bottom half, "
+                     f"which differs: expect more than {args.contamination:g} of the good "
+                     "test images to be flagged; --n-calibration draws normal images "
+                     "beside the test images to set it")
+    metrics, metric_notes = _metrics(test, scores, maps, predictions)
     detector, features = model[-1], model[0]
     result = {
         "metrics": metrics,
@@ -1825,7 +1919,8 @@ def main(argv=None) -> int:
     threshold comes from held-out images: the conformal p-value of normality, the
     detector's ``pvalues``) and ``heatmap``. The threshold is ``-offset_`` of the
     detector: the conformal ``1 - contamination`` quantile of the anomaly scores of the
-    ``--calibration-fraction`` of training images held out of fitting
+    ``--calibration-fraction`` of training images held out of fitting (for the bundled
+    data, of the ``--n-calibration`` normal crops drawn beside the test crops)
     (:func:`skanomaly.calibrate`: the ``ceil((1 - contamination)(n + 1))``-th smallest of
     their ``n`` scores, so that a new normal image is predicted anomalous with
     probability at most ``contamination``). With a fraction of 0, or too few
@@ -1834,7 +1929,10 @@ def main(argv=None) -> int:
     which are optimistic, only when even those are impossible, with a note). In-sample
     scores would set it too low: PaDiM and PatchCore fit their training images
     closely. ``metrics.json`` holds image AUROC and anomaly-class average precision
-    (when good and defective test images are present), pixel AUROC and PRO (with
+    (when good and defective test images are present), ``at_threshold`` (over the
+    labelled test images: ``n_good``, ``n_good_flagged``, ``n_defective``,
+    ``n_defective_found``, and the ``precision``, ``recall`` and ``f1`` of the
+    defective class at the threshold, null where undefined), pixel AUROC and PRO (with
     masks and a spatial detector), the settings, the threshold, a ``calibration``
     record (``method``: the detector's ``calibration_``, ``"held-out"`` or the fit's
     own; ``n_images`` whose scores set it; ``fraction``; the held-out ``images``;
@@ -1855,14 +1953,16 @@ def main(argv=None) -> int:
     >>> from pathlib import Path
     >>> from skanomaly.cli import main
     >>> with tempfile.TemporaryDirectory() as out:
-    ...     status = main(["--image-size", "32", "--n-train", "12", "--n-test", "4",
-    ...                    "--calibration-fraction", "0.75", "--device", "cpu",
-    ...                    "--no-heatmaps", "--quiet", "--output-dir", out])
+    ...     status = main(["--image-size", "32", "--n-train", "8", "--n-test", "4",
+    ...                    "--n-calibration", "10", "--device", "cpu", "--no-heatmaps",
+    ...                    "--quiet", "--output-dir", out])
     ...     result = json.loads((Path(out) / "metrics.json").read_text())
     >>> status, sorted(result["metrics"])
-    (0, ['image_auroc', 'image_average_precision', 'pixel_auroc', 'pro'])
+    (0, ['at_threshold', 'image_auroc', 'image_average_precision', 'pixel_auroc', 'pro'])
     >>> result["calibration"]["method"], result["calibration"]["n_images"]
-    ('held-out', 9)
+    ('held-out', 10)
+    >>> sorted(result["metrics"]["at_threshold"])
+    ['f1', 'n_defective', 'n_defective_found', 'n_good', 'n_good_flagged', 'precision', 'recall']
     """
     args = build_parser().parse_args(argv)
     try:

@@ -374,7 +374,8 @@ _TEXTURES_DESCR = """Synthetic defects on real textures ({texture})
 ---------------------------------------------
 Crops of a 512 x 512 grey texture from scikit-image (brick, grass, gravel), replicated
 to RGB. Normal training crops come from the top half of the texture, test crops from
-the bottom half (no overlap with training pixels). Defective test images carry one
+the bottom half (no overlap with training pixels); normal calibration crops, when asked
+for, are drawn beside the test crops, from the same bottom half. Defective test images carry one
 synthetic defect with an exact pixel mask: "patch" (a rectangle pasted from another
 of the three textures), "scratch" (a dark or bright straight line) or "blotch" (an
 ellipse blended with a saturated colour).
@@ -386,11 +387,13 @@ Citation: S. van der Walt et al., "scikit-image: image processing in Python", Pe
 2:e453, 2014."""
 
 
-def _check_textures_args(texture, n_train, n_test, image_size, defect_fraction):
+def _check_textures_args(texture, n_train, n_test, image_size, defect_fraction,
+                         n_calibration):
     if texture not in TEXTURES:
         raise ValueError(f"unknown texture {texture!r}; choose one of {TEXTURES}")
     check_scalar(n_train, "n_train", Integral, min_val=1)
     check_scalar(n_test, "n_test", Integral, min_val=1)
+    check_scalar(n_calibration, "n_calibration", Integral, min_val=0)
     check_scalar(image_size, "image_size", Integral, min_val=16, max_val=256)
     check_scalar(defect_fraction, "defect_fraction", Real, min_val=0, max_val=1)
 
@@ -445,7 +448,7 @@ _DEFECT_MAKERS = dict(zip(DEFECT_TYPES, (_paste_patch, _draw_scratch, _add_blotc
 
 def load_textures(
     texture="brick", *, n_train=100, n_test=60, image_size=64, defect_fraction=0.5,
-    random_state=0,
+    n_calibration=0, random_state=0,
 ):
     """Real textures with synthetic, pixel-annotated defects (MVTec-AD-like images).
 
@@ -462,6 +465,11 @@ def load_textures(
     defect_fraction : float, default=0.5
         Fraction of the test crops that receive a defect (rounded), in [0, 1]. The
         defect types are balanced (round-robin, then shuffled).
+    n_calibration : int, default=0
+        Number of normal calibration crops, >= 0, drawn from the bottom half as the
+        test crops are: held-out normals exchangeable with the good test crops, for
+        :meth:`~skanomaly.base.BaseDetector.calibrate`. They are drawn last, so the
+        other arrays do not depend on ``n_calibration``.
     random_state : int, numpy.random.Generator or None, default=0
         Seed of the local generator drawing crop positions and defects.
 
@@ -474,12 +482,14 @@ def load_textures(
             Crops from the bottom half, some with a defect.
         y_test : ndarray of int64, shape (n_test,)
             +1 good, -1 defective.
+        X_calibration : ndarray of float32, shape (n_calibration, 3, image_size, image_size)
+            Normal crops from the bottom half, without defects.
         masks_test : ndarray of bool, shape (n_test, image_size, image_size)
             True on the changed pixels; all False for good images. Outside the mask,
             a test image equals its clean crop exactly.
         defect_type_test : ndarray of str, shape (n_test,)
             "good", "patch", "scratch" or "blotch".
-        origin_train, origin_test : ndarray of int64, shape (n, 2)
+        origin_train, origin_test, origin_calibration : ndarray of int64, shape (n, 2)
             (row, column) of each crop's top-left corner in the texture.
         texture : str
             The ``texture`` argument.
@@ -496,7 +506,11 @@ def load_textures(
     Notes
     -----
     Training crops lie entirely in rows 0-255 of the texture and test crops in rows
-    256-511, so no test pixel was seen in training. "patch" defects paste a rectangle
+    256-511, so no test pixel was seen in training. The two halves differ somewhat (a
+    covariate shift): a threshold set on scores of training crops, even out-of-sample
+    ones, flags more than ``contamination`` of the good test crops; one set by
+    ``calibrate`` on the calibration crops, drawn from the bottom half like the test
+    crops, flags about ``contamination`` of them. "patch" defects paste a rectangle
     (1/6 to 1/3 of the side) from one of the two other textures; "scratch" defects are
     a Bresenham line (``skimage.draw.line``) of length 0.3 to 0.7 of the side (before
     clipping to the image), dilated ``image_size // 128`` times (a 4-connected dilation)
@@ -523,7 +537,8 @@ def load_textures(
     >>> print(np.unique(data.defect_type_test))
     ['blotch' 'good' 'patch' 'scratch']
     """
-    _check_textures_args(texture, n_train, n_test, image_size, defect_fraction)
+    _check_textures_args(texture, n_train, n_test, image_size, defect_fraction,
+                         n_calibration)
     rng = np.random.default_rng(random_state)
     grey = {name: getattr(skimage.data, name)().astype(np.float32) / 255 for name in TEXTURES}
     source = grey[texture]
@@ -549,16 +564,20 @@ def load_textures(
     masks = np.zeros((n_test, image_size, image_size), bool)
     for i in defective:
         masks[i] = _DEFECT_MAKERS[defect_type[i]](X_test[i], rng, donors)
+    origin_calibration = crop_origins(n_calibration, half)  # last: the rest stays as is
+    X_calibration = crops(origin_calibration)
     return Bunch(
         X_train=np.ascontiguousarray(X_train.transpose(0, 3, 1, 2)),
         X_test=np.ascontiguousarray(X_test.transpose(0, 3, 1, 2)),
         y_test=np.where(defect_type == "good", 1, -1).astype(np.int64),
+        X_calibration=np.ascontiguousarray(X_calibration.transpose(0, 3, 1, 2)),
         masks_test=masks,
         defect_type_test=defect_type,
         origin_train=origin_train,
         origin_test=origin_test,
+        origin_calibration=origin_calibration,
         texture=texture,
         DESCR=_TEXTURES_DESCR.format(texture=texture)
         + f"\n\n{n_train} training crops, {n_test} test crops of {image_size} x {image_size} "
-        f"pixels, {n_defective} defective.",
+        f"pixels, {n_defective} defective; {n_calibration} normal calibration crops.",
     )

@@ -44,26 +44,71 @@ _SUFFIXES = {".onnx": "onnx", ".pt": "torchscript"}
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+def _input_ranks(features, scaler, detector) -> tuple[int, ...]:
+    """Ranks of the input the estimator takes: images (n, C, H, W) for a pipeline with a
+    feature extractor, (n, D) for a Gaussian or after a StandardScaler, (n, C, H, W) for
+    a bare spatial detector (or DFKDE) and also (n, C) where its maps are 1 x 1."""
+    if features is not None:
+        return (4,)
+    if scaler is not None or detector._sample_ndim == 1:
+        return (2,)
+    return (2, 4) if tuple(detector.input_shape_[1:]) == (1, 1) else (4,)
+
+
+def _describe_input(ranks, sample_shape, images: bool) -> str:
+    """The input a module takes, in words: "2-D (n, 5) or 4-D (n, 5, 1, 1) features"."""
+    if images:
+        return "4-D images (n, channels, height, width)"
+    shapes = {2: (sample_shape[0],), 4: tuple(sample_shape)}
+    return " or ".join(f"{r}-D {('n', *shapes[r])}".replace("'", "") for r in ranks) + \
+        " features"
+
+
 class _Exported(torch.nn.Module):
     """features (optional) -> detector module -> map post-processing (optional).
 
     ``forward(x)`` returns float32 ``scores`` (n,) — and ``maps`` (n, H, W) for spatial
     detectors — whatever the detector module's dtype; maps are post-processed (upsampled
-    to the input image size and blurred) in float32 when ``post`` is given.
+    to the input image size and blurred) in float32 when ``post`` is given. ``x`` must
+    have one of the ``ranks`` (the estimator's: see :func:`_input_ranks`); 2-D input of
+    a detector on 1 x 1 maps is read as (n, D, 1, 1), as the estimator reads it. Out of
+    a trace, features of another per-sample shape than ``sample_shape`` are rejected too.
     """
 
-    def __init__(self, features, detector, post, *, spatial: bool, metadata: dict):
+    def __init__(self, features, detector, post, *, spatial: bool, metadata: dict,
+                 ranks: tuple[int, ...], sample_shape: tuple[int, ...]):
         super().__init__()
         self.features = features
         self.detector = detector
         self.post = post
         self.spatial = spatial
         self.metadata = metadata
+        self.ranks = tuple(ranks)
+        #: per-sample shape of the detector's input (features only; None for images)
+        self.sample_shape = None if features is not None else tuple(sample_shape)
         #: (H, W) of the maps, set by export() from its example: under a trace, sizes read
         #: from ``x`` are traced values (and the graph's image size is fixed anyway)
         self.image_size = None
 
+    def expects(self) -> str:
+        """The input this module takes, in words (for error messages)."""
+        return _describe_input(self.ranks, self.sample_shape or (), self.sample_shape is None)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in self.ranks:
+            raise ValueError(f"expected {self.expects()}, got a {x.dim()}-D input of shape "
+                             f"{tuple(x.shape)}")
+        if self.sample_shape is None or torch.jit.is_tracing():
+            return  # images: the backbone takes any size; a trace keeps sizes symbolic
+        want = self.sample_shape if x.dim() == len(self.sample_shape) + 1 \
+            else self.sample_shape[:1]
+        if tuple(x.shape[1:]) != tuple(want):
+            raise ValueError(f"expected {self.expects()}, got shape {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        if x.dim() == 2 and 4 in self.ranks:  # (n, D): 1 x 1 maps, as the estimator reads it
+            x = x[:, :, None, None]
         z = x if self.features is None else self.features(x)
         out = self.detector(z)
         if not self.spatial:
@@ -228,11 +273,14 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     -------
     module : torch.nn.Module
         In eval mode, without gradients, owning copies of its tensors (changing it does
-        not change the estimator). ``module(x)`` takes float32 ``x``: images (n, 3, H, W)
-        in [0, 1] for a pipeline (grayscale (n, 1, H, W) too when the extractor
-        normalises), feature maps (n, C, h, w) for a bare spatial detector (or DFKDE),
-        (n, D) for :class:`~skanomaly.GaussianDetector` and after a ``StandardScaler``,
-        shaped as in ``fit``. It returns
+        not change the estimator). ``module(x)`` takes float32 ``x`` of the ranks the
+        estimator takes: images (n, 3, H, W) in [0, 1] for a pipeline (grayscale
+        (n, 1, H, W) too when the extractor normalises), feature maps (n, C, h, w) for a
+        bare spatial detector (or DFKDE) and also (n, C) where the maps are 1 x 1 (as
+        when fitted on 2-D data, read as (n, C, 1, 1)), (n, D) for
+        :class:`~skanomaly.GaussianDetector` and after a ``StandardScaler``, shaped as
+        in ``fit``; input of another rank (or, for features, another per-sample shape)
+        raises ``ValueError`` naming the shapes. It returns
         ``scores``, float32 (n,), the anomaly scores ``-score_samples(x)`` (higher = more
         anomalous), and for PaDiM, PatchCore and DFM (``score_type="fre"``; ``"nll"``
         has no maps) the tuple ``(scores, maps)``,
@@ -274,6 +322,20 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     True
     >>> module.metadata["threshold"] == -det.offset_
     True
+
+    Tabular data: a detector fitted on (n, D) takes (n, D), as its ``score_samples``
+    does, and (n, D, 1, 1):
+
+    >>> from skanomaly import DFKDEDetector
+    >>> X2 = np.random.default_rng(0).normal(size=(100, 4))
+    >>> kde = DFKDEDetector(random_state=0, device="cpu").fit(X2)
+    >>> scores = to_torch(kde)(torch.as_tensor(X2[:3]))
+    >>> np.allclose(scores.numpy(), -kde.score_samples(X2[:3]), rtol=1e-5)
+    True
+    >>> to_torch(kde)(torch.zeros(3, 4, 1))
+    Traceback (most recent call last):
+    ...
+    ValueError: expected 2-D (n, 4) or 4-D (n, 4, 1, 1) features, got a 3-D input of shape (3, 4, 1)
     """
     features, scaler, detector = _split(estimator)
     check_is_fitted(detector)
@@ -297,8 +359,12 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         first = _Standardize(scaler, int(scaler.n_features_in_),
                              isinstance(detector, BaseSpatialDetector) or
                              detector._sample_ndim > 1, dev)
+    ranks = _input_ranks(features, scaler, detector)
+    sample_shape = ((int(scaler.n_features_in_),) if scaler is not None
+                    else tuple(int(d) for d in detector.input_shape_))
     module = _Exported(first, scoring, post, spatial=spatial,
-                       metadata=_metadata(features, scaler, detector, dtype, sigma, spatial))
+                       metadata=_metadata(features, scaler, detector, dtype, sigma, spatial),
+                       ranks=ranks, sample_shape=sample_shape)
     # own copies: the estimator's cached modules share tensors with its attributes
     module = copy.deepcopy(module).to(dev).eval()
     module.requires_grad_(False)
@@ -327,14 +393,18 @@ def _example(example_input, module) -> torch.Tensor:
         raise TypeError(f"example_input must hold floats, got {x.dtype}")
     x = x.to(torch.float32)
     want = meta["input_shape"]
-    if want is not None and meta["input"] == "features" and len(want) == 3 and x.ndim == 2:
-        x = x[:, :, None, None]  # (n, D) for a spatial detector: (n, D, 1, 1)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"example_input must hold at least one sample, got shape "
                          f"{tuple(x.shape)}")
-    if want is not None and meta["input"] == "features" and list(x.shape[1:]) != list(want):
-        raise ValueError(f"example_input has per-sample shape {tuple(x.shape[1:])}, but the "
-                         f"detector was fitted on {tuple(want)}")
+    if meta["input"] == "features" and want is not None:
+        if x.ndim not in module.ranks:
+            raise ValueError(f"example_input must be {module.expects()}, got shape "
+                             f"{tuple(x.shape)}")
+        # (n, D) of a detector on 1 x 1 maps: compared as (n, D, 1, 1)
+        shape = list(x.shape[1:]) + [1] * (len(want) - x.ndim + 1)
+        if shape != list(want):
+            raise ValueError(f"example_input has per-sample shape {tuple(x.shape[1:])}, but "
+                             f"the detector was fitted on {tuple(want)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("example_input holds NaN or infinity")
     return x
@@ -366,8 +436,13 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
         Output file; its suffix picks the format. Parent folders must exist.
     example_input : array-like or torch.Tensor, optional
         A batch shaped as the module's input (see :func:`to_torch`); only its shape
-        matters. Default: two random samples of the shape seen in ``fit``. The graph
-        is specialised to its per-sample shape (the image size) and batch-size free.
+        matters. Default: two random samples of the shape seen in ``fit`` ((n, C, 1, 1)
+        for a spatial detector or DFKDE fitted on 2-D data). The graph is specialised to
+        its per-sample shape (the image size) and batch-size free. An ONNX graph has one
+        input rank, the example's: pass 2-D (n, D) samples for a graph on (n, D) where
+        the estimator takes both (n, D) and (n, D, 1, 1); onnxruntime rejects input of
+        another rank ("Invalid rank for input"). A TorchScript file takes every rank
+        the estimator takes, and rejects others with a ``ValueError`` naming the shapes.
     dtype : torch.float64, torch.float32 or "float16" (or their names), default=torch.float64
         The detector module's dtype (see :func:`to_torch`). onnxruntime's CPU kernels
         run the detectors' matrix products, reductions and top-k in float64; the
@@ -463,12 +538,44 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
         meta["opset"] = int(opset)
         _export_onnx(module, x, path, opset, meta, onnx)
     else:
+        both = x.ndim == 2 and 4 in module.ranks  # traced on maps, (n, D) read as maps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings; torch >= 2.9 deprecates jit
-            traced = torch.jit.trace(module, (x,), check_trace=False)
-            torch.jit.save(traced, os.fspath(path),
+            traced = torch.jit.trace(module, (x[:, :, None, None] if both else x,),
+                                     check_trace=False)
+            checked = torch.jit.script(_ScriptedInput(traced, module))
+            torch.jit.save(checked, os.fspath(path),
                            _extra_files={_EXTRA_FILE: json.dumps(meta)})
     return meta
+
+
+class _ScriptedInput(torch.nn.Module):
+    """A traced :class:`_Exported` behind a scripted check of its input's rank (and, for
+    features, per-sample shape), so that a TorchScript file takes what the estimator
+    takes: a trace is specialised to one rank, and (n, D) input of a detector on 1 x 1
+    maps is reshaped here to the (n, D, 1, 1) the trace was made on."""
+
+    def __init__(self, traced, module: _Exported):
+        super().__init__()
+        self.traced = traced
+        self.ranks = list(module.ranks)
+        # images: no per-sample check (a placeholder keeps the list typed for TorchScript)
+        self.check_shape = module.sample_shape is not None
+        self.sample_shape = list(module.sample_shape or (0,))
+        self.expects = module.expects()
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() not in self.ranks:
+            raise ValueError("expected " + self.expects + ", got a " + str(x.dim())
+                             + "-D input of shape " + str(x.shape))
+        if self.check_shape:
+            want = self.sample_shape if x.dim() == len(self.sample_shape) + 1 \
+                else self.sample_shape[:1]
+            if x.shape[1:] != want:
+                raise ValueError("expected " + self.expects + ", got shape " + str(x.shape))
+        if x.dim() == 2 and 4 in self.ranks:
+            x = x[:, :, None, None]
+        return self.traced(x)
 
 
 def _export_onnx(module, x, path: Path, opset: int, meta: dict, onnx) -> None:

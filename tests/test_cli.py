@@ -12,7 +12,13 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 from sklearn.pipeline import make_pipeline
 
 import skanomaly.cli as cli
@@ -23,6 +29,9 @@ from skanomaly.datasets import load_textures
 from skanomaly.features import FeatureExtractor
 
 TINY = ["--image-size", "32", "--device", "cpu", "--quiet"]
+#: a tiny run on the bundled data: 10 training crops, 9 calibration crops (the fewest for
+#: a conformal threshold at contamination 0.1), 6 test crops
+BUNDLED = [*TINY, "--n-train", "10", "--n-test", "6", "--n-calibration", "9"]
 
 
 def padim_pipeline():
@@ -82,26 +91,32 @@ def check_scores_against_metrics(rows, metrics):
     clear = ~np.isclose(all_scores, metrics["threshold"], rtol=1e-7)
     expected = np.where(all_scores > metrics["threshold"], -1, 1)
     np.testing.assert_array_equal(predictions[clear], expected[clear])
-    for value in metrics["metrics"].values():
-        assert 0.0 <= value <= 1.0
+    # the confusion at the threshold, by scikit-learn on the CSV's labels and predictions
+    at = metrics["metrics"]["at_threshold"]
+    predicted = np.array([int(row["prediction"]) for row in labelled])
+    assert (at["n_good"], at["n_defective"]) == ((y == 1).sum(), (y == -1).sum())
+    assert at["n_good_flagged"] == ((y == 1) & (predicted == -1)).sum()
+    assert at["n_defective_found"] == ((y == -1) & (predicted == -1)).sum()
+    for name, score in (("precision", precision_score), ("recall", recall_score),
+                        ("f1", f1_score)):
+        expected = score(y, predicted, pos_label=-1, zero_division=np.nan)
+        assert (at[name] is None) if np.isnan(expected) else at[name] == pytest.approx(expected)
+    for name, value in metrics["metrics"].items():
+        assert name == "at_threshold" or 0.0 <= value <= 1.0
 
 
 @pytest.fixture(scope="module")
 def bundled_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        status, model = run_capturing_model(
-            # 9 of 12 images held out: the fewest for a conformal threshold at 0.1
-            [*TINY, "--n-train", "12", "--calibration-fraction", "0.75", "--n-test", "6",
-             "--output-dir", str(out)], monkeypatch
-        )
+        status, model = run_capturing_model([*BUNDLED, "--output-dir", str(out)], monkeypatch)
     return status, out, model
 
 
 def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     status, out, _ = bundled_run
     assert status == 0
-    data = load_textures("brick", n_train=12, n_test=6, image_size=32, random_state=0)
+    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
     rows = read_scores(out)
     assert [row["image"] for row in rows] == [f"test_{i:03d}" for i in range(6)]
     assert [int(row["label"]) for row in rows] == data.y_test.tolist()
@@ -109,7 +124,7 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     metrics = read_metrics(out)
     check_scores_against_metrics(rows, metrics)
     assert set(metrics["metrics"]) == {
-        "image_auroc", "image_average_precision", "pixel_auroc", "pro"
+        "image_auroc", "image_average_precision", "pixel_auroc", "pro", "at_threshold"
     }
     assert metrics["backbone"] == "timm/tf_efficientnet_lite0"
     assert metrics["weights"] == "efficientnet-lite0-imagenet"
@@ -120,7 +135,7 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
     assert not any("randomly initialised" in note for note in metrics["notes"])
     assert metrics["layers"] == ["blocks.1", "blocks.2", "blocks.3"]
     assert metrics["feature_shape"] == [144, 8, 8]
-    assert (metrics["n_fit"], metrics["n_calibration"]) == (3, 9)
+    assert (metrics["n_fit"], metrics["n_calibration"]) == (10, 9)
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert [f"heatmaps/{p.name}" for p in heatmaps] == [row["heatmap"] for row in rows]
     with Image.open(heatmaps[0]) as image:
@@ -129,8 +144,7 @@ def test_bundled_run_writes_scores_heatmaps_and_metrics(bundled_run):
 
 def test_bundled_run_is_deterministic(bundled_run, tmp_path):
     _, out, _ = bundled_run
-    assert main([*TINY, "--n-train", "12", "--calibration-fraction", "0.75", "--n-test", "6",
-                 "--output-dir", str(tmp_path), "--no-heatmaps"]) == 0
+    assert main([*BUNDLED, "--output-dir", str(tmp_path), "--no-heatmaps"]) == 0
     assert [row["anomaly_score"] for row in read_scores(tmp_path)] == [
         row["anomaly_score"] for row in read_scores(out)
     ]
@@ -140,9 +154,10 @@ def test_bundled_run_is_deterministic(bundled_run, tmp_path):
 
 def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
     """scores.csv is the pipeline's own score_samples / predict; the threshold is the
-    contamination quantile of the held-out images, and the fit used the others."""
+    contamination quantile of the calibration crops, drawn beside the test crops, and
+    the fit used every training crop."""
     _, out, model = bundled_run
-    data = load_textures("brick", n_train=12, n_test=6, image_size=32, random_state=0)
+    data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
     rows = read_scores(out)
     np.testing.assert_array_equal(
         [int(row["prediction"]) for row in rows], model.predict(data.X_test)
@@ -152,19 +167,21 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
         rtol=1e-8,
     )
     calibration = read_metrics(out)["calibration"]
-    held = [int(name.removeprefix("train_")) for name in calibration["images"]]
-    assert len(held) == calibration["n_images"] == 9 and calibration["method"] == "held-out"
+    assert calibration["images"] == [f"calibration_{i:03d}" for i in range(9)]
+    assert calibration["n_images"] == 9 and calibration["method"] == "held-out"
     assert model[-1].calibration_ == "held-out"
-    # conformal rank ceil(0.9 * 10) = 9 of 9 held-out images: their largest anomaly score
-    normality = model.score_samples(data.X_train[held])
+    calibration_crops = load_textures("brick", n_train=10, n_test=6, image_size=32,
+                                      n_calibration=9, random_state=0).X_calibration
+    normality = model.score_samples(calibration_crops)
+    # conformal rank ceil(0.9 * 10) = 9 of 9 held-out crops: their largest anomaly score
     assert model[-1].offset_ == normality.min()
     assert read_metrics(out)["threshold"] == pytest.approx(-model[-1].offset_, rel=1e-12)
     assert "quantile of only 9 held-out images" in calibration["note"]
+    assert "--n-calibration" in calibration["note"]
     # the p-values of the test images against the 9 held-out ones, by the definition
     expected = [(1 + np.sum(normality <= s)) / 10 for s in model.score_samples(data.X_test)]
     np.testing.assert_allclose([float(row["pvalue"]) for row in rows], expected, rtol=1e-8)
-    fit = np.setdiff1d(np.arange(12), held)
-    reference = padim_pipeline().fit(data.X_train[fit])
+    reference = padim_pipeline().fit(data.X_train)
     np.testing.assert_array_equal(reference.score_samples(data.X_test),
                                   model.score_samples(data.X_test))
 
@@ -174,16 +191,14 @@ def test_bundled_run_predicts_with_the_fitted_pipeline(bundled_run):
 def test_random_resnet_remains_an_option(options, tmp_path):
     """Without packaged weights for the backbone, or with --weights random: the random
     resnet18 pipeline, and metrics.json says so."""
-    argv = [*TINY, "--n-train", "10", "--n-test", "6", "--no-heatmaps", "--output-dir",
-            str(tmp_path), *options]
+    argv = [*BUNDLED, "--no-heatmaps", "--output-dir", str(tmp_path), *options]
     assert main(argv) == 0
     metrics = read_metrics(tmp_path)
     assert (metrics["weights"], metrics["weights_source"]) == (None, None)
     assert metrics["layers"] == ["layer1", "layer2", "layer3"]
     assert any("randomly initialised backbone" in note for note in metrics["notes"])
     data = load_textures("brick", n_train=10, n_test=6, image_size=32, random_state=0)
-    held = [int(name.removeprefix("train_")) for name in metrics["calibration"]["images"]]
-    reference = random_resnet_pipeline().fit(data.X_train[np.setdiff1d(np.arange(10), held)])
+    reference = random_resnet_pipeline().fit(data.X_train)
     np.testing.assert_allclose([float(r["anomaly_score"]) for r in read_scores(tmp_path)],
                                -reference.score_samples(data.X_test), rtol=1e-8)
 
@@ -206,27 +221,27 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
     assert metrics["weights"] == "efficientnet-lite0-imagenet"
     assert metrics["metrics"]["image_auroc"] >= 0.98
     assert metrics["metrics"]["pixel_auroc"] >= 0.98
+    # the threshold tells the truth (issue 17): at contamination 0.1, at most 6 of the
+    # 30 good test images flagged (1 when measured), and the defects still found
+    at = metrics["metrics"]["at_threshold"]
+    assert at["n_good"] == 30 and at["n_good_flagged"] <= 6
+    assert at["recall"] >= 0.9
     check_scores_against_metrics(read_scores(tmp_path), metrics)
 
 
 @pytest.mark.parametrize(
-    "n_train, fraction, note",
+    "n_train, note",
     [
-        # 20 % of 2 images rounds to none: the fit's own scores, in-sample (leaving one
-        # out leaves one image, and PaDiM needs two), and the note says both
-        (2, "0.2", ["too few training images (2)", "in-sample scores"]),
-        # 4 % of 12 rounds to none: the fit's own out-of-sample scores
-        (12, "0.04", ["too few training images (12)"]),
-        # 20 % of 12 is 2 images, fewer than the 9 a conformal threshold at 0.1 needs
-        (12, "0.2", ["too few training images (12)", "needs 9 held-out images"]),
-        # no held-out share asked for: the fit's own out-of-sample scores, nothing to note
-        (12, "0", []),
+        # two images: the fit's own scores, in-sample (leaving one out leaves one image,
+        # and PaDiM needs two), and the note says so
+        (2, ["in-sample scores"]),
+        # the fit's own out-of-sample scores: only the layout of the texture to note
+        (12, []),
     ],
 )
-def test_threshold_from_the_fit_without_held_out_images(n_train, fraction, note, tmp_path,
-                                                        capsys):
+def test_threshold_from_the_fit_without_held_out_images(n_train, note, tmp_path, capsys):
     argv = ["--image-size", "32", "--device", "cpu", "--no-heatmaps", "--n-train",
-            str(n_train), "--n-test", "4", "--calibration-fraction", fraction,
+            str(n_train), "--n-test", "4", "--n-calibration", "0",
             "--output-dir", str(tmp_path)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -246,10 +261,13 @@ def test_threshold_from_the_fit_without_held_out_images(n_train, fraction, note,
     calibration = metrics["calibration"]
     assert calibration["method"] == method
     assert (calibration["n_images"], calibration["images"]) == (n_train, [])
-    assert calibration["fraction"] == float(fraction)
+    assert calibration["fraction"] is None
+    # the training crops come from the other half of the texture: the notes say so
+    assert any("top half of the texture" in n for n in metrics["notes"])
+    assert "top half of the texture" in summary
     if not note:
         assert calibration["note"] is None
-        assert "note: too few" not in summary and "in-sample" not in summary
+        assert "in-sample" not in summary
     for fragment in note:
         assert fragment in calibration["note"]
         assert any(fragment in n for n in metrics["notes"])
@@ -310,6 +328,23 @@ def test_folder_run_labels_and_pixel_metrics(folders):
     check_scores_against_metrics(rows, metrics)
     assert {"pixel_auroc", "pro"} <= set(metrics["metrics"])
     assert len(list((out / "heatmaps").glob("*.png"))) == len(rows)
+
+
+def test_folder_run_with_too_few_images_to_hold_out(folders, capsys):
+    # 4 % of 11 training images rounds to none: the fit's own out-of-sample scores
+    root, _ = folders
+    out = root / "out"
+    assert main(["--image-size", "32", "--device", "cpu", "--no-heatmaps",
+                 "--calibration-fraction", "0.04", "--train-dir", str(root / "train"),
+                 "--test-dir", str(root / "test"), "--output-dir", str(out)]) == 0
+    metrics = read_metrics(out)
+    calibration = metrics["calibration"]
+    assert calibration["method"] == "leave-one-out" and calibration["fraction"] == 0.04
+    assert (metrics["n_fit"], metrics["n_calibration"]) == (10, 0)
+    assert "too few training images (10)" in calibration["note"]
+    assert "too few training images (10)" in capsys.readouterr().out
+    assert not any("top half" in note for note in metrics["notes"])  # bundled data only
+    check_scores_against_metrics(read_scores(out), metrics)
 
 
 def test_folder_run_without_labels_or_masks(folders):
@@ -452,6 +487,12 @@ def usage_error(argv, capsys):
         (["--calibration-fraction", "1.0"], "--calibration-fraction: must be in [0, 1), got 1.0"),
         (["--calibration-fraction", "-0.1"], "must be in [0, 1), got -0.1"),
         (["--n-train", "0"], "argument --n-train: must be at least 1, got 0"),
+        (["--n-calibration", "-1"], "argument --n-calibration: must be at least 0, got -1"),
+        (["--calibration-fraction", "0.3"],
+         "--calibration-fraction applies to --train-dir/--test-dir; the bundled data hold "
+         "out --n-calibration images"),
+        (["--train-dir", "{tmp}", "--test-dir", "{tmp}", "--n-calibration", "5"],
+         "--n-calibration applies to the bundled data only"),
         (["--random-state", "-1"], "argument --random-state: must be at least 0, got -1"),
         (["--detector", "svm"], "argument --detector: invalid choice: 'svm'"),
         (["--device", "tpu"], "--device: unknown device 'tpu'"),

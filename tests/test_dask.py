@@ -183,6 +183,18 @@ def test_fit_on_cluster_equals_numpy_fit(client, make, attributes):
         assert 0.0 < flagged < 0.3
 
 
+def test_fit_predict_on_cluster(client):
+    # one block (the worker's own fit, pickled back) and several (leave-one-out scores
+    # per block): the labels of the numpy fit_predict
+    X = _vectors(3, 200, 200)
+    expected = GaussianDetector(device="cpu").fit_predict(X.compute())
+    assert (expected == -1).sum() == 20
+    for chunk in (200, 60):
+        labels = GaussianDetector(device="cpu").fit_predict(X.rechunk(chunk))
+        assert isinstance(labels, np.ndarray)
+        np.testing.assert_array_equal(labels, expected)
+
+
 def test_scoring_a_dask_array_equals_numpy_scoring(client):
     X = _maps(2, 90, 30)
     X_np = X.compute()

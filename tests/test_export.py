@@ -303,6 +303,98 @@ def test_threshold_follows_calibration(pipelines, textures):
                                   model.predict(textures.X_test) == -1)
 
 
+# ------------------------------------------------ tabular data: the estimator's ranks
+# every detector fitted on (n, D): it scores (n, D) and, but for the Gaussian,
+# (n, D, 1, 1) maps; the exports must take the same ranks and reject the others
+TABULAR = {
+    "gaussian": lambda: GaussianDetector(device="cpu"),
+    "padim": lambda: PaDiMDetector(random_state=0, device="cpu"),
+    "patchcore": lambda: PatchCoreDetector(random_state=0, device="cpu"),
+    "dfm": lambda: DFMDetector(n_components=3, device="cpu"),
+    "dfkde": lambda: DFKDEDetector(random_state=0, device="cpu"),
+}
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    """A fitted detector per name on correlated (160, 5) data, and 7 float32 queries."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 5)) @ rng.normal(size=(5, 5)) + 2.0
+    queries = np.vstack([X[:6], X[:1] + 4.0]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {name: make().fit(X) for name, make in TABULAR.items()}, queries
+
+
+def tabular_reference(det, Z):
+    """(-score_samples, anomaly_map or None) of the estimator on Z."""
+    maps = det.anomaly_map(Z) if hasattr(det, "anomaly_map") else None
+    return -det.score_samples(Z), maps
+
+
+def tabular_ranks(name, Z):
+    """The inputs the estimator takes for Z (n, D): (n, D), and (n, D, 1, 1) but for
+    the Gaussian; and one it rejects."""
+    valid = [Z] if name == "gaussian" else [Z, Z[:, :, None, None]]
+    return valid, (Z[:, :, None, None] if name == "gaussian" else Z[:, :, None])
+
+
+@pytest.mark.parametrize("name", TABULAR)
+def test_to_torch_takes_the_ranks_the_estimator_takes(name, tabular):
+    fitted, Z = tabular
+    det = fitted[name]
+    expected = tabular_reference(det, Z)
+    module = to_torch(det)
+    valid, invalid = tabular_ranks(name, Z)
+    for x in valid:
+        np.testing.assert_array_equal(-det.score_samples(x), expected[0])  # the estimator
+        with torch.no_grad():
+            check_parity(module(torch.from_numpy(x)), expected, 1e-5)
+    with pytest.raises(ValueError, match=r"expected 2-D \(n, 5\).*got a \d-D input"):
+        module(torch.from_numpy(invalid))
+    with pytest.raises(ValueError):
+        det.score_samples(invalid)  # the estimator rejects it too
+    with pytest.raises(ValueError, match=r"expected 2-D \(n, 5\).*shape \(7, 4\)"):
+        module(torch.from_numpy(np.ascontiguousarray(Z[:, :4])))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "dfkde"])
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_exported_tabular_file_matches_the_estimator(name, suffix, tabular, tmp_path):
+    fitted, Z = tabular
+    det = fitted[name]
+    expected = tabular_reference(det, Z)
+    path = tmp_path / f"{name}{suffix}"
+    meta = export(det, path, example_input=Z[:2])  # a 2-D example: a graph on (n, D)
+    assert meta["input_shape"] == [5]
+    run = run_onnx if suffix == ".onnx" else run_torchscript
+    check_parity(run(path, Z), expected, 1e-4)
+    valid, invalid = tabular_ranks(name, Z)
+    if suffix == ".pt":  # every rank the estimator takes; others rejected by name
+        for x in valid[1:]:
+            check_parity(run(path, x), expected, 1e-4)
+        with pytest.raises(Exception, match=r"expected 2-D \(n, 5\)"):
+            run(path, invalid)
+    else:  # one rank per graph: onnxruntime checks it
+        with pytest.raises(Exception, match="rank"):
+            run(path, invalid)
+
+
+def test_onnx_graph_of_either_rank(tabular, tmp_path):
+    # where the estimator takes (n, D) and (n, D, 1, 1), the example picks the graph's
+    det, Z = tabular[0]["dfkde"], tabular[1]
+    expected = tabular_reference(det, Z)
+    meta = export(det, tmp_path / "maps.onnx")  # default: the fitted (D, 1, 1) maps
+    assert meta["input_shape"] == [5, 1, 1]
+    check_parity(run_onnx(tmp_path / "maps.onnx", Z[:, :, None, None]), expected, 1e-4)
+    with pytest.raises(Exception, match="rank"):
+        run_onnx(tmp_path / "maps.onnx", Z)
+    with pytest.raises(ValueError, match="example_input must be 2-D"):
+        export(tabular[0]["gaussian"], tmp_path / "g.onnx", Z[:, :, None, None])
+    with pytest.raises(ValueError, match="per-sample shape"):
+        export(det, tmp_path / "bad.onnx", Z[:, :4])
+
+
 # ------------------------------------------------------------------------ errors
 def test_errors(pipelines, textures, tmp_path):
     X = textures.X_test[:2]
