@@ -202,6 +202,7 @@ def test_mahalanobis(data, d, p, n, how, reg, squared):
         check(F.mahalanobis, x, mean, cholesky=factor, squared=squared)
         check(F.GaussianScorer.from_cholesky, positions(mean), positions(factor))
         return
+    check(F.tril_inverse, factor)
     upper = check(F.precision_cholesky, factor)
     if upper is not None:
         check(F.mahalanobis, x, mean, precision_cholesky=upper, squared=squared)
@@ -357,8 +358,10 @@ def test_feature_extractor_transform(tiny_extractor, data, n, h, w, as_numpy):
     if as_numpy and x.dtype != torch.bfloat16:
         x = x.numpy()
     out = check(tiny_extractor.transform, x)
-    if out is not None:
-        assert out.shape[0] == n and out.dtype == np.float32
+    if out is not None:  # tensor in, tensor out (on its device); else numpy
+        expected = torch.float32 if isinstance(x, torch.Tensor) else np.float32
+        assert out.shape[0] == n and out.dtype == expected
+        assert isinstance(out, torch.Tensor) == isinstance(x, torch.Tensor)
 
 
 @FUZZ
@@ -401,6 +404,7 @@ def test_leave_one_out_mahalanobis(x, data, ddof, shrinkage, reg, squared):
 def test_every_public_kernel_is_fuzzed():
     # any new public kernel must be fuzzed in this file and named here
     fuzzed = {"cov", "MomentAccumulator", "regularized_cholesky", "precision_cholesky",
+              "tril_inverse",
               "mahalanobis", "woodbury_factor", "mahalanobis_woodbury", "PCAFit", "PCAProjection",
               "pca_fit", "pca_transform", "pca_inverse_transform", "KNNIndex",
               "knn_distances", "pairwise_sq_distances", "k_center_greedy",

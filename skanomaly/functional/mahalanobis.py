@@ -329,7 +329,8 @@ def tril_inverse(lower: torch.Tensor) -> torch.Tensor:
     TypeError
         If ``lower`` is not a floating tensor.
     ValueError
-        If it is not a batch of square matrices.
+        If it is not a batch of square matrices, holds NaN or infinity, or is singular
+        to its precision (a zero diagonal entry, or an inverse that overflows).
 
     References
     ----------
@@ -345,13 +346,15 @@ def tril_inverse(lower: torch.Tensor) -> torch.Tensor:
     >>> torch.allclose(tril_inverse(L) @ L, torch.eye(3, dtype=torch.float64))
     True
     """
-    lower = _check_square(as_float_tensor(lower, "lower"), "lower")
-    if not lower.is_floating_point():
-        raise TypeError(f"lower must be a floating tensor, got {lower.dtype}")
+    lower = check_finite(_check_square(as_float_tensor(lower, "lower"), "lower"), "lower")
     batch, d = lower.shape[:-2], lower.shape[-1]
     flat = lower.reshape(-1, d, d)
     out = torch.zeros_like(flat)
-    _tril_inverse_into(flat, out)
+    if d and flat.shape[0]:
+        _tril_inverse_into(flat, out)
+    if not all_finite(out):
+        raise ValueError("lower is singular to its precision: a zero diagonal entry, or an "
+                         f"inverse beyond the {out.dtype} range")
     return out.reshape(*batch, d, d)
 
 
