@@ -362,14 +362,13 @@ def _tril_inverse_into(lower: torch.Tensor, out: torch.Tensor) -> None:
     """Write the inverse of lower-triangular (B, d, d) ``lower`` into the zeroed ``out``."""
     d = lower.shape[-1]
     if d == 1:
-        torch.reciprocal(lower, out=out)
+        out.copy_(lower.reciprocal())
         return
     h = d // 2
     top, bottom = out[:, :h, :h], out[:, h:, h:]
     _tril_inverse_into(lower[:, :h, :h], top)
     _tril_inverse_into(lower[:, h:, h:], bottom)
-    torch.matmul(bottom, lower[:, h:, :h] @ top, out=out[:, h:, :h])
-    out[:, h:, :h].neg_()
+    out[:, h:, :h] = -(bottom @ (lower[:, h:, :h] @ top))
 
 
 def precision_cholesky(cholesky):
