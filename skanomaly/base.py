@@ -397,20 +397,26 @@ def calibrate(estimator, X, y=None):
     >>> bool(abs(flagged - 0.1) < 0.03)
     True
     """
+    detector, Xt = _detector_and_input(estimator, X, "calibrate")
+    detector.calibrate(Xt, y)
+    return estimator
+
+
+def _detector_and_input(estimator, X, what: str):
+    """The fitted skanomaly detector of ``estimator`` (itself, or a Pipeline's last step)
+    and ``X`` through the pipeline's earlier steps; ``TypeError`` naming ``what``."""
     from sklearn.pipeline import Pipeline
 
     detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
     if not isinstance(detector, BaseDetector):
         raise TypeError(
-            f"calibrate needs a skanomaly detector or a Pipeline ending in one, got "
+            f"{what} needs a skanomaly detector or a Pipeline ending in one, got "
             f"{type(detector).__name__}"
         )
     check_is_fitted(detector)
-    Xt = X
     if isinstance(estimator, Pipeline) and len(estimator) > 1:
-        Xt = estimator[:-1].transform(X)
-    detector.calibrate(Xt, y)
-    return estimator
+        X = estimator[:-1].transform(X)
+    return detector, X
 
 
 def pvalues(estimator, X):
@@ -450,18 +456,7 @@ def pvalues(estimator, X):
     >>> pvalues(model, [[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
     array([1.  , 0.01])
     """
-    from sklearn.pipeline import Pipeline
-
-    detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
-    if not isinstance(detector, BaseDetector):
-        raise TypeError(
-            f"pvalues needs a skanomaly detector or a Pipeline ending in one, got "
-            f"{type(detector).__name__}"
-        )
-    check_is_fitted(detector)
-    Xt = X
-    if isinstance(estimator, Pipeline) and len(estimator) > 1:
-        Xt = estimator[:-1].transform(X)
+    detector, Xt = _detector_and_input(estimator, X, "pvalues")
     return detector.pvalues(Xt)
 
 
