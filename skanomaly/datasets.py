@@ -121,10 +121,21 @@ _SPLIT_RAISES = """ValueError
 
 
 def _fill_doc(func):
-    func.__doc__ = func.__doc__.format(
-        split=_SPLIT_DOC.format(contamination=func.__kwdefaults__["contamination"]),
-        tabular_returns=_TABULAR_RETURNS,
-        split_raises=_SPLIT_RAISES,
+    doc = func.__doc__
+    # Python 3.13 strips the docstring's common indentation at compile time (earlier
+    # versions keep it): the fragments, written for a 4-space docstring, follow suit
+    dedented = "\n    Parameters\n" not in doc
+
+    def fit(fragment: str) -> str:
+        if not dedented:
+            return fragment
+        return "\n".join(line[4:] if line.startswith("    ") else line
+                         for line in fragment.split("\n"))
+
+    func.__doc__ = doc.format(
+        split=fit(_SPLIT_DOC.format(contamination=func.__kwdefaults__["contamination"])),
+        tabular_returns=fit(_TABULAR_RETURNS),
+        split_raises=fit(_SPLIT_RAISES),
     )
     return func
 
