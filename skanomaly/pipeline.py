@@ -23,6 +23,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._dask import is_dask_array
+from .base import _like_input, _predict_labels
 
 __all__ = ["AnomalyPipeline", "make_anomaly_pipeline"]
 
@@ -207,8 +208,6 @@ class AnomalyPipeline(Pipeline):
         fused = None if params else self._fused_steps(X)
         if fused is None:
             return super().score_samples(X, **params)
-        from .base import _like_input
-
         return _like_input(X, self._fused_pass(fused, X, "scores")[0])
 
     @available_if(_final_has("decision_function"))
@@ -251,8 +250,6 @@ class AnomalyPipeline(Pipeline):
         fused = None if params else self._fused_steps(X)
         if fused is None:
             return super().predict(X, **params)
-        from .base import _predict_labels
-
         return _predict_labels(self.decision_function(X))
 
     @available_if(_final_has("anomaly_map"))
@@ -290,8 +287,6 @@ class AnomalyPipeline(Pipeline):
         output_size = self._default_size(X, output_size)
         fused = self._fused_steps(X)
         if fused is not None:
-            from .base import _like_input
-
             return _like_input(X, self._fused_pass(fused, X, "maps", output_size, sigma)[1])
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.anomaly_map(Xt, output_size=output_size, sigma=sigma)
@@ -345,8 +340,6 @@ class AnomalyPipeline(Pipeline):
         output_size = self._default_size(X, output_size)
         fused = self._fused_steps(X)
         if fused is not None:
-            from .base import _like_input
-
             scores, maps = self._fused_pass(fused, X, "both", output_size, sigma)
             return _like_input(X, scores), _like_input(X, maps)
         Xt = self[:-1].transform(X) if len(self) > 1 else X
@@ -490,7 +483,7 @@ class AnomalyPipeline(Pipeline):
         >>> model.pvalues([[0.0, 0.0], [9.0, 9.0]])
         array([1.  , 0.02])
         """
-        from .base import _like_input, pvalues
+        from .base import pvalues
 
         check_is_fitted(self)
         fused = self._fused_steps(X)
@@ -530,9 +523,11 @@ class AnomalyPipeline(Pipeline):
             raise TypeError("AnomalyPipeline.partial_fit needs two steps: a "
                             "FeatureExtractor, then a skanomaly detector over feature maps")
         extractor, detector = fused
-        if not hasattr(extractor, "model_"):
-            extractor.fit(X)
-        Xv = extractor._validate_input(X, reset=False)
+        if hasattr(extractor, "model_"):
+            Xv = extractor._validate_input(X, reset=False)
+        else:  # the first batch fits the extractor, which validates it once
+            extractor._validate_params()
+            Xv = extractor._fit(X)
         batches = extractor._feature_batches(Xv, device=detector._device())
         detector.partial_fit(torch.cat([features for _, features in batches]))
         return self
