@@ -880,7 +880,18 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             reason=why), stacklevel=_user_stacklevel())
         return self._score(X), "in-sample"
 
+    def _per_image(self, anomaly_scores: torch.Tensor) -> torch.Tensor:
+        """Anomaly scores of whole images from those of their tiles: the largest of each
+        image's ``_tiles_per_image`` consecutive scores while a tiled
+        :class:`~skanomaly.AnomalyPipeline` fits this detector on tiles (its threshold
+        is then per image, not per tile); unchanged otherwise."""
+        tiles = self.__dict__.get("_tiles_per_image")
+        if tiles is None or tiles == 1:
+            return anomaly_scores
+        return anomaly_scores.reshape(-1, tiles).amax(dim=1)
+
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
+        anomaly_scores = self._per_image(anomaly_scores)
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
@@ -1013,7 +1024,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _calibrate_labelled(self, X, y):
-        normality = self.score_samples(X)
+        return self._set_labelled_offset(self.score_samples(X), y)
+
+    def _set_labelled_offset(self, normality, y):
+        """F1-maximising ``offset_`` from normality scores and +1/-1 labels ``y``."""
         if isinstance(normality, torch.Tensor):  # the scores alone come to the host
             normality = _to_numpy(normality)
         anomalous = _check_labels(y, normality.shape[0])
@@ -1229,7 +1243,7 @@ class _ScoreThenUpdateMixin:
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
         super()._set_offset(anomaly_scores, method)
-        record = _score_record(anomaly_scores, self.n_samples_seen_)
+        record = _score_record(self._per_image(anomaly_scores), self.n_samples_seen_)
         # in-sample scores are optimistic: a stream does not build on them
         self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
 
@@ -1240,8 +1254,8 @@ class _ScoreThenUpdateMixin:
         that had seen fewer than half as many are dropped (they are too pessimistic).
         """
         old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2],
-                                 _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
+        record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
+            self._per_image(anomaly_scores), n_model)])[-_OFFSET_RECORD:]
         self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
         self.calibration_ = "score-then-update"
         for name in _CALIBRATION_STATE:  # the model they were set with is gone
