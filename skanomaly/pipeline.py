@@ -257,6 +257,8 @@ class AnomalyPipeline(Pipeline):
         tiles = _Tiles(Xv, tiling[0], tiling[1])
         if reset:
             extractor._fit(tiles[:1])
+            #: (C, H, W) of the images fitted on (the export's default example)
+            self.tiled_input_shape_ = tuple(int(s) for s in Xv.shape[1:])
         return tiles
 
     # ------------------------------------------------------------ fused path

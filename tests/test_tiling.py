@@ -249,3 +249,25 @@ def test_tiling_parameters_clone_and_grid_search():
     assert (params["tile_size"], params["tile_stride"], params["tile_merge"]) == \
         (24, (12, 16), "max")
     assert clone(model).set_params(tile_size=32).tile_size == 32
+
+
+# ------------------------------------------------------------------ export
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_exported_tiled_pipeline_tiles_and_stitches(detector, images, tmp_path):
+    from skanomaly.export import export, to_torch
+
+    model = make_anomaly_pipeline(_extractor(), clone(detector), tile_size=24,
+                                  tile_stride=16).fit(images)
+    X = images[:3]
+    scores, maps = model.score_and_map(X)
+    got_scores, got_maps = to_torch(model)(torch.as_tensor(X))
+    np.testing.assert_allclose(got_scores.numpy(), -scores, rtol=1e-5)
+    np.testing.assert_allclose(got_maps.numpy(), maps, rtol=1e-5, atol=1e-6)
+    ort = pytest.importorskip("onnxruntime")
+    meta = export(model, tmp_path / "tiled.onnx")  # default example: the fitted size
+    assert meta["tile_size"] == [24, 24] and meta["input_shape"] == [3, 40, 60]
+    session = ort.InferenceSession(str(tmp_path / "tiled.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    onnx_scores, onnx_maps = session.run(None, {"input": X})  # batch 3, example's 2
+    np.testing.assert_allclose(onnx_scores, -scores, rtol=1e-4)
+    np.testing.assert_allclose(onnx_maps, maps, rtol=1e-4, atol=1e-5)

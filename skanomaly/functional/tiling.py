@@ -190,10 +190,10 @@ def tile(images: torch.Tensor, tile_size, stride=None) -> torch.Tensor:
     if images.dim() != 4:
         raise ValueError(f"images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
     th, tw = as_pair(tile_size, "tile_size")
-    grid = tile_grid(tuple(images.shape[-2:]), (th, tw), stride)
-    n, c = images.shape[:2]
+    grid = tile_grid(tuple(int(s) for s in images.shape[-2:]), (th, tw), stride)
     parts = [images[:, :, r:r + th, k:k + tw] for r, k in grid]
-    return torch.stack(parts, dim=1).reshape(n * len(grid), c, th, tw)
+    # flatten, not reshape to sizes read from the input: a trace keeps N (and C) free
+    return torch.stack(parts, dim=1).flatten(0, 1)
 
 
 def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") -> torch.Tensor:
