@@ -271,3 +271,45 @@ def test_exported_tiled_pipeline_tiles_and_stitches(detector, images, tmp_path):
     onnx_scores, onnx_maps = session.run(None, {"input": X})  # batch 3, example's 2
     np.testing.assert_allclose(onnx_scores, -scores, rtol=1e-4)
     np.testing.assert_allclose(onnx_maps, maps, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ images of any shape
+def _write_images(folder, sizes):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+
+
+def test_a_folder_of_mixed_sizes_is_read_one_size_per_batch(tmp_path):
+    from skanomaly.streaming import iter_image_batches, read_image, target_size
+
+    sizes = [(60, 40)] * 3 + [(50, 40)] * 2 + [(60, 40)]  # (width, height)
+    _write_images(tmp_path, sizes)
+    native = [b.shape for b in iter_image_batches(tmp_path, batch_size=2, image_size=None)]
+    assert native == [(2, 3, 40, 60), (1, 3, 40, 60), (2, 3, 40, 50), (1, 3, 40, 60)]
+    aspect = [b.shape for b in iter_image_batches(tmp_path, 8, 20, keep_aspect=True)]
+    assert aspect == [(3, 3, 20, 30), (2, 3, 20, 25), (1, 3, 20, 30)]
+    square = [b.shape for b in iter_image_batches(tmp_path, 8, 20)]
+    assert square == [(6, 3, 20, 20)]  # an int without keep_aspect: squares, as before
+    assert read_image(tmp_path / "00.png", (10, 30)).shape == (3, 10, 30)
+    assert target_size((30, 90), 20, keep_aspect=True) == (60, 20)
+    with pytest.raises(ValueError, match="keep_aspect=True takes an int"):
+        read_image(tmp_path / "00.png", (10, 30), keep_aspect=True)
+
+
+def test_a_tiled_pipeline_streams_a_folder_of_mixed_sizes(tmp_path):
+    from skanomaly.streaming import iter_image_batches, partial_fit_images
+
+    _write_images(tmp_path, [(60, 40)] * 4 + [(48, 56)] * 3)
+    model = make_anomaly_pipeline(_extractor(), clone(DETECTORS[1]), tile_size=24,
+                                  tile_stride=16)
+    partial_fit_images(model, tmp_path, batch_size=4, image_size=None)
+    batches = list(iter_image_batches(tmp_path, 4, image_size=None))
+    # 8 tiles of a 40 x 60 image, 3 x 3 of a 56 x 48 one
+    assert model[-1].n_samples_seen_ == 4 * 8 + 3 * 9
+    for batch in batches:  # each image's map at its own size
+        scores, maps = model.score_and_map(batch)
+        assert scores.shape == (len(batch),) and maps.shape[1:] == batch.shape[2:]
