@@ -189,6 +189,8 @@ class Row:
     score_s: float | None = None
     fit_mib: float | None = None
     score_mib: float | None = None
+    #: pixel AUROC over the good images and those of one defect type
+    pixel_auroc_by_type: dict | None = None
     error: str | None = None
 
 
@@ -214,7 +216,7 @@ def make_model(detector: str, args, tiled: bool, merge: str = "mean"):
     return make_anomaly_pipeline(extractor, det, **tiling)
 
 
-def evaluate(row: Row, model, X_train, X_test, y, masks, size: int) -> Row:
+def evaluate(row: Row, model, X_train, X_test, y, masks, kinds, size: int) -> Row:
     from skanomaly.metrics import image_auroc, pixel_auroc, pro_score
 
     try:
@@ -230,6 +232,10 @@ def evaluate(row: Row, model, X_train, X_test, y, masks, size: int) -> Row:
         row.pixel_auroc = pixel_auroc(masks, maps)
         row.image_auroc = image_auroc(y, -scores)
         row.pro = pro_score(masks, maps)
+        row.pixel_auroc_by_type = {
+            kind: pixel_auroc(masks[(kinds == kind) | (kinds == "good")],
+                              maps[(kinds == kind) | (kinds == "good")])
+            for kind in DEFECTS if (kinds == kind).any()}
     except Exception as exc:  # one failure must not lose the other results
         row.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
     return row
@@ -261,18 +267,19 @@ def markdown(rows, info, settings) -> str:
         " PRO integrated to FPR 0.3. Memory: peak host RSS above the level before the "
         "call (MiB).",
         "",
-        "| texture | detector | way | pixel AUROC | image AUROC | PRO | fit s | score s "
-        "| fit MiB | score MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| texture | detector | way | pixel AUROC | image AUROC | PRO | pixel AUROC "
+        "scratch / blotch / patch | fit s | score s | fit MiB | score MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
             lines.append(f"| {r.texture} | {r.detector} | {r.way} | failed: {r.error} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
+        by_type = " / ".join(_fmt((r.pixel_auroc_by_type or {}).get(k)) for k in DEFECTS)
         lines.append(
             f"| {r.texture} | {r.detector} | {r.way} | {_fmt(r.pixel_auroc)} | "
-            f"{_fmt(r.image_auroc)} | {_fmt(r.pro)} | {_fmt(r.fit_s, 1)} | "
+            f"{_fmt(r.image_auroc)} | {_fmt(r.pro)} | {by_type} | {_fmt(r.fit_s, 1)} | "
             f"{_fmt(r.score_s, 1)} | {_fmt(r.fit_mib, 0)} | {_fmt(r.score_mib, 0)} |")
     return "\n".join(lines) + "\n"
 
@@ -315,18 +322,18 @@ def main(argv=None) -> list[Row]:
     info["load_start"] = os.getloadavg()
     rows = []
     for texture in args.textures:
-        X_train, X_test, y, masks, _ = make_data(texture, args.n_train, args.n_test,
-                                                 args.image_size)
+        X_train, X_test, y, masks, kinds = make_data(texture, args.n_train, args.n_test,
+                                                     args.image_size)
         for detector in args.detectors:
             for merge in args.merges:
                 row = evaluate(Row(texture, detector, f"tiled ({merge})"),
                                make_model(detector, args, True, merge), X_train, X_test, y,
-                               masks, args.image_size)
+                               masks, kinds, args.image_size)
                 rows.append(row)
                 print(row, flush=True)
             row = evaluate(Row(texture, detector, f"resized {args.resize}"),
                            make_model(detector, args, False), resize(X_train, args.resize),
-                           resize(X_test, args.resize), y, masks, args.image_size)
+                           resize(X_test, args.resize), y, masks, kinds, args.image_size)
             rows.append(row)
             print(row, flush=True)
     info["load_end"] = os.getloadavg()
