@@ -1491,9 +1491,15 @@ class BaseSpatialDetector(BaseDetector):
             size = tuple(truth.shape[1:])  # masks at the feature resolution: the raw map
             output_size = None if size == tuple(self.input_shape_[1:]) else size
         maps = self.anomaly_map(X, output_size=output_size, sigma=sigma)
+        return self._set_pixel_threshold(maps, truth if masks is not None else None,
+                                         output_size, sigma)
+
+    def _set_pixel_threshold(self, maps, truth, output_size, sigma):
+        """:meth:`calibrate_pixels` on computed ``maps`` (numpy or tensor) and masks
+        ``truth`` (bool numpy, or None for normal images)."""
         if isinstance(maps, torch.Tensor):  # the maps come to the host for the threshold
             maps = _to_numpy(maps)
-        if masks is not None:
+        if truth is not None:
             if truth.shape != maps.shape:
                 raise ValueError(f"masks have shape {truth.shape}, but X gives "
                                  f"{maps.shape[0]} maps of {maps.shape[1:]}")

@@ -172,8 +172,9 @@ class AnomalyPipeline(Pipeline):
     map at feature resolution), so that ``offset_`` is set per image from the
     out-of-sample scores of the training tiles (the threshold is per image, not per
     tile; with overlapping tiles, a tile's neighbours saw part of it, so call
-    :meth:`calibrate` with held-out images for a threshold that holds). Every method
-    returns one result per image. Images scored may have any size of at least the tile
+    :meth:`calibrate` with held-out images for a threshold that holds);
+    :meth:`calibrate_pixels` and :meth:`predict_mask` threshold the stitched maps.
+    Every method returns one result per image. Images scored may have any size of at least the tile
     (each image's map comes back at its own size); the images of one call share a size.
     ``tile_size`` equal to the image size is the untiled pipeline.
 
@@ -232,11 +233,6 @@ class AnomalyPipeline(Pipeline):
         if self.tile_merge not in _MERGES:
             raise ValueError(f"tile_merge must be one of {_MERGES}, got {self.tile_merge!r}")
         return size, stride, self.tile_merge
-
-    def _no_tiling(self, what: str) -> None:
-        if self._tiling() is not None:
-            raise ValueError(f"{what} does not support tiled pipelines yet (tile_size="
-                             f"{self.tile_size!r}): threshold the maps of anomaly_map(X)")
 
     def _check_tiled(self, fused, X, what: str):
         """The tiling of this pipeline, checked to be runnable on ``X`` (fused)."""
@@ -645,7 +641,19 @@ class AnomalyPipeline(Pipeline):
         from .features import FeatureExtractor
 
         check_is_fitted(self)
-        self._no_tiling("calibrate_pixels")
+        if self._tiling() is not None:  # the stitched maps of whole images
+            fused = self._fused_steps(X)
+            self._check_tiled(fused, X, "calibrate_pixels")
+            truth = None
+            if masks is not None:
+                truth = np.asarray(masks).astype(bool)
+                if truth.ndim != 3:
+                    raise ValueError(f"masks must be (n_samples, height, width), got shape "
+                                     f"{truth.shape}")
+                output_size = tuple(truth.shape[1:])
+            maps = self._fused_pass(fused, X, "maps", output_size, sigma)[1]
+            fused[1]._set_pixel_threshold(maps, truth, output_size, sigma)
+            return self
         first = self.steps[0][1]
         if masks is None and output_size is None and isinstance(first, FeatureExtractor):
             output_size = _image_size(X)
@@ -674,7 +682,19 @@ class AnomalyPipeline(Pipeline):
         See :meth:`calibrate_pixels`.
         """
         check_is_fitted(self)
-        self._no_tiling("predict_mask")
+        if self._tiling() is not None:
+            from sklearn.exceptions import NotFittedError
+
+            fused = self._fused_steps(X)
+            self._check_tiled(fused, X, "predict_mask")
+            detector = fused[1]
+            if "pixel_threshold_" not in detector.__dict__:
+                raise NotFittedError("the pipeline has no pixel threshold: call "
+                                     "calibrate_pixels(X_val, masks) or calibrate_pixels("
+                                     "X_normal) first")
+            maps = self._fused_pass(fused, X, "maps", detector.pixel_map_size_,
+                                    detector.pixel_sigma_)[1]
+            return _like_input(X, maps) > detector.pixel_threshold_
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.predict_mask(Xt)
 

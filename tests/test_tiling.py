@@ -238,8 +238,28 @@ def test_tiling_parameters_are_checked(images):
     fitted = pipe(tile_size=24).fit(images)
     with pytest.raises(ValueError, match="image height 20: tile size 24 is larger"):
         fitted.score_samples(images[:, :, :20])
-    with pytest.raises(ValueError, match="does not support tiled pipelines"):
+    from sklearn.exceptions import NotFittedError
+    with pytest.raises(NotFittedError, match="no pixel threshold"):
         fitted.predict_mask(images[:1])
+
+
+def test_tiled_pixel_threshold_is_set_on_stitched_maps(images):
+    from skanomaly.base import _conformal_rank
+
+    model = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                                  tile_stride=16).fit(images)
+    held_out = np.random.default_rng(7).random((4, 3, 40, 60), dtype=np.float32)
+    model.calibrate_pixels(held_out)
+    pixels = np.sort(model.anomaly_map(held_out).ravel())
+    threshold = pixels[_conformal_rank(pixels.size, 0.1) - 1]
+    assert model[-1].pixel_threshold_ == threshold
+    np.testing.assert_array_equal(model.predict_mask(held_out[:2]),
+                                  model.anomaly_map(held_out[:2]) > threshold)
+    masks = np.zeros((4, 40, 60), bool)
+    masks[:2, 10:14, 20:24] = True
+    model.calibrate_pixels(held_out, masks)
+    assert model[-1].pixel_calibration_ == "labelled-f1"
+    assert model.predict_mask(held_out).shape == (4, 40, 60)
 
 
 def test_tiling_parameters_clone_and_grid_search():

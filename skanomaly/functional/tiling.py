@@ -214,7 +214,7 @@ def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") ->
     Returns
     -------
     maps : torch.Tensor of shape (N, H, W) or (N, C, H, W)
-        Same dtype and device as ``tiles``.
+        Same dtype and device as ``tiles`` (the mean is summed in float64).
 
     Raises
     ------
@@ -247,6 +247,8 @@ def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") ->
         raise ValueError(f"{tiles.shape[0]} tiles are not a whole number of images of "
                          f"{len(grid)} tiles each")
     per_image = tiles.reshape(-1, len(grid), *tiles.shape[1:])
+    if merge == "mean":  # summed in float64: a sum of large float32 values stays finite
+        per_image = per_image.to(torch.float64)
     fill = 0.0 if merge == "mean" else -torch.inf
     out = None
     for i, (r, k) in enumerate(grid):
@@ -259,8 +261,8 @@ def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") ->
         else:
             out = torch.maximum(out, placed)
     if merge == "mean":
-        count = torch.zeros((height, width), dtype=tiles.dtype)
+        count = torch.zeros((height, width), dtype=torch.float64)
         for r, k in grid:
             count[r:r + th, k:k + tw] += 1
-        out = out / count.to(tiles.device)
+        out = (out / count.to(tiles.device)).to(tiles.dtype)
     return out
