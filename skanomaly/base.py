@@ -397,9 +397,16 @@ def calibrate(estimator, X, y=None):
     >>> bool(abs(flagged - 0.1) < 0.03)
     True
     """
+    if _is_tiled(estimator):  # tiles are not the pipeline's samples: its own method
+        return estimator.calibrate(X, y)
     detector, Xt = _detector_and_input(estimator, X, "calibrate")
     detector.calibrate(Xt, y)
     return estimator
+
+
+def _is_tiled(estimator) -> bool:
+    """Whether ``estimator`` is an AnomalyPipeline that tiles its images."""
+    return getattr(estimator, "_tiling", lambda: None)() is not None
 
 
 def _detector_and_input(estimator, X, what: str):
@@ -456,6 +463,8 @@ def pvalues(estimator, X):
     >>> pvalues(model, [[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
     array([1.  , 0.01])
     """
+    if _is_tiled(estimator):
+        return estimator.pvalues(X)
     detector, Xt = _detector_and_input(estimator, X, "pvalues")
     return detector.pvalues(Xt)
 

@@ -182,6 +182,11 @@ def test_tiled_calibrate_fit_predict_and_pvalues_are_per_image(images):
     y = np.array([1] * 7 + [-1] * 2)
     model.calibrate(held_out, y)
     assert model[-1].calibration_ == "labelled-f1"
+    from skanomaly import calibrate, pvalues  # the functions reach the pipeline's methods
+    calibrate(model, held_out)
+    assert model[-1].calibration_ == "held-out"
+    assert model[-1].calibration_scores_.shape == (9,)
+    np.testing.assert_array_equal(pvalues(model, held_out[:2]), model.pvalues(held_out[:2]))
 
 
 def test_tiled_partial_fit_streams_tiles_and_thresholds_images(images):
