@@ -613,7 +613,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} was saved without its streaming state (the "
                 f"{', '.join(dropped)} that partial_fit updates), so partial_fit cannot "
-                "continue it: save it with skanomaly.cli.save_model(..., "
+                "continue it: save it with skanomaly.persistence.save_model(..., "
                 "keep_streaming_state=True) (`skanomaly fit --keep-streaming-state`), or "
                 "fit it again")
 

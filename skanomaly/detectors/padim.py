@@ -161,7 +161,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     :meth:`partial_fit` needs; ``covariance_`` is computed from them on access. Pickled,
     the triangular factor takes its triangle (``d (d + 1) / 2`` numbers per position,
     bit for bit), and so does the symmetric scatter; a model file of
-    :func:`skanomaly.cli.save_model` leaves the moments out unless asked to keep them
+    :func:`skanomaly.persistence.save_model` leaves the moments out unless asked to keep them
     (``keep_streaming_state=True``, ``skanomaly fit --keep-streaming-state``), so that by
     default it holds ``n_positions * d (d + 3) / 2`` numbers, and ``partial_fit`` after
     loading it raises. The Woodbury solver holds ``n_positions * N * (d + N)`` (its
