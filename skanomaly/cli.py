@@ -90,7 +90,7 @@ from .persistence import (
     save_model,
     weights_source,
 )
-from .streaming import IMAGE_SUFFIXES
+from .streaming import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 
 __all__ = ["main", "build_parser", "default_layers", "parse_layers", "resolve_weights",
            "test_label"]
@@ -559,29 +559,17 @@ def _progress(iterable, quiet: bool, **kwargs):
 
 
 def _find_images(directory: Path, what: str) -> list[Path]:
-    """Image files under ``directory`` (recursive, sorted); CLIError when there are none."""
-    from .streaming import _image_paths
-
-    if not directory.is_dir():
-        raise CLIError(f"{what} {directory} is not a directory")
-    paths = _image_paths(directory)
-    if not paths:
+    """:func:`skanomaly.streaming.find_images`, with its errors as CLIError naming the
+    option (``what``) that gave the folder."""
+    try:
+        return find_images(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CLIError(f"{what} {directory} is not a directory") from None
+    except ValueError:
         raise CLIError(
             f"no images found in {what} {directory} (looked recursively for "
             f"{', '.join(IMAGE_SUFFIXES)} files)"
-        )
-    return paths
-
-
-def _read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image at ``path`` as float32 (3, size, size) in [0, 1], and its original (w, h)."""
-    from .streaming import ImageReadError
-    from .streaming import _read_image as read
-
-    try:
-        return read(path, size)
-    except ImageReadError as exc:
-        raise CLIError(str(exc)) from exc
+        ) from None
 
 
 def _read_images(paths, size: int, quiet: bool, desc: str):
@@ -589,7 +577,7 @@ def _read_images(paths, size: int, quiet: bool, desc: str):
     images = np.empty((len(paths), 3, size, size), dtype=np.float32)
     originals = []
     for i, path in enumerate(_progress(paths, quiet, desc=desc, unit="image")):
-        images[i], original = _read_image(path, size)
+        images[i], original = read_image(path, size, return_size=True)
         originals.append(original)
     return images, originals
 
@@ -699,8 +687,6 @@ def _bundled_data(args) -> tuple[np.ndarray, list[str], _TestSet, dict, np.ndarr
 @contextmanager
 def _user_errors(step: str):
     """Turn errors that report bad user input during ``step`` into :class:`CLIError`."""
-    from .streaming import ImageReadError
-
     try:
         yield
     except ImageReadError as exc:  # names the file already
@@ -1087,7 +1073,7 @@ def _fit_command(args) -> dict:
     from . import calibrate
     from .base import CalibrationWarning, conformal_min_samples, resolve_device
     from .features import FeatureExtractor
-    from .streaming import partial_fit_images, read_image
+    from .streaming import partial_fit_images
 
     _check_dir("TRAIN_DIR", args.train_dir)
     _check_dir("--calibration-dir", args.calibration_dir)
@@ -1222,7 +1208,7 @@ def _read_validation(args):
     masks = None if args.validation_mask_dir is None else np.zeros((len(paths), size, size),
                                                                    dtype=bool)
     for i, path in enumerate(paths):
-        images[i], original = _read_image(path, size)
+        images[i], original = read_image(path, size, return_size=True)
         if masks is not None:
             mask_path = _find_mask(args.validation_mask_dir, relative[i])
             if mask_path is not None:
@@ -1243,7 +1229,7 @@ class _LazyImages:
         return len(self.paths)
 
     def __getitem__(self, i):
-        return _read_image(self.paths[i], self.size)[0]
+        return read_image(self.paths[i], self.size)
 
 
 def _set_device(pipeline, device: str) -> None:
@@ -1288,7 +1274,7 @@ def _predict_command(args) -> dict:
         stop = min(first + args.batch_size, n)
         images = np.empty((stop - first, 3, size, size), dtype=np.float32)
         for i in range(first, stop):
-            images[i - first], original = _read_image(paths[i], size)
+            images[i - first], original = read_image(paths[i], size, return_size=True)
             if masks is not None:
                 mask_path = _find_mask(args.mask_dir, relative[i])
                 if mask_path is not None:
@@ -1637,7 +1623,7 @@ def main(argv=None) -> int:
             return 0
         _check_settings(args)
         _run(args)
-    except CLIError as exc:
+    except (CLIError, ImageReadError) as exc:  # an unreadable image's error names the file
         print(f"skanomaly: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -136,7 +136,7 @@ def _read_image(path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return np.ascontiguousarray(np.clip(array, 0, 1)), original
 
 
-def read_image(path, image_size: int) -> np.ndarray:
+def read_image(path, image_size: int, *, return_size: bool = False):
     """One image file as a float32 RGB array in [0, 1], resized to a square.
 
     Parameters
@@ -146,12 +146,18 @@ def read_image(path, image_size: int) -> np.ndarray:
     image_size : int >= 1
         Side of the output in pixels: the image is resized to ``image_size`` x
         ``image_size`` with bilinear interpolation, ignoring its aspect ratio.
+    return_size : bool, default=False
+        Whether to return the size of the file's image too (e.g. to check that a
+        mask has the size of its image).
 
     Returns
     -------
     image : ndarray of shape (3, image_size, image_size), float32
         Channels first, values in [0, 1]: 8-bit values divided by 255, 16-bit grey by
         65535, grey and palette images converted to RGB (grey replicated).
+    size : tuple of (int, int)
+        Only with ``return_size=True``: the image's (width, height) in the file, in
+        pixels, before resizing.
 
     Raises
     ------
@@ -172,8 +178,14 @@ def read_image(path, image_size: int) -> np.ndarray:
     ...     image = read_image(Path(tmp) / "white.png", 16)
     >>> image.shape, image.dtype, float(image.min())
     ((3, 16, 16), dtype('float32'), 1.0)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     Image.new("RGB", (40, 30)).save(Path(tmp) / "black.png")
+    ...     image, size = read_image(Path(tmp) / "black.png", 16, return_size=True)
+    >>> image.shape, size
+    ((3, 16, 16), (40, 30))
     """
-    return _read_image(path, _check_int(image_size, "image_size", 1))[0]
+    image, size = _read_image(path, _check_int(image_size, "image_size", 1))
+    return (image, size) if return_size else image
 
 
 def _image_source(source) -> list[Path] | None:

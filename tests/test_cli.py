@@ -24,6 +24,7 @@ from sklearn.pipeline import make_pipeline
 import skanomaly.cli as cli
 import skanomaly.datasets
 import skanomaly.persistence
+import skanomaly.streaming
 from skanomaly import PaDiMDetector
 from skanomaly.cli import main, parse_layers, test_label
 from skanomaly.datasets import load_textures
@@ -432,7 +433,7 @@ def forbid(monkeypatch, *targets):
         monkeypatch.setattr(owner, name, forbidden)
 
 
-IMAGE_READERS = ((cli, "_read_image"), (skanomaly.datasets, "load_textures"))
+IMAGE_READERS = ((skanomaly.streaming, "_read_image"), (skanomaly.datasets, "load_textures"))
 
 
 @pytest.mark.parametrize(
