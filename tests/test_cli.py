@@ -63,8 +63,8 @@ def run_capturing_model(argv, monkeypatch):
         fitted.append(original(*args, **kwargs))
         return fitted[-1]
 
-    original = cli._fit_model
-    monkeypatch.setattr(cli, "_fit_model", fit_model)
+    original = cli.run._fit_model
+    monkeypatch.setattr(cli.run, "_fit_model", fit_model)
     status = main(argv)
     return status, fitted[0][0]
 
