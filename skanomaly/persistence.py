@@ -85,7 +85,7 @@ def _versions() -> dict:
     import sklearn
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"skanomaly_version": __version__, "torch_version": torch.__version__,
             "sklearn_version": sklearn.__version__, "numpy_version": np.__version__,
@@ -223,7 +223,7 @@ def save_model(pipeline, path, *, image_size: int, extra: dict | None = None,
 
 def _read_header(f, path) -> dict:
     """The metadata of the open model file ``f``; ModelFileError unless readable."""
-    from . import __version__
+    from ._version import __version__
 
     not_model = (f"{path} is not a skanomaly model file (model files start with the "
                  "line 'skanomaly-model'; `skanomaly fit` and skanomaly.persistence.save_model "
@@ -326,7 +326,7 @@ def load_model(path):
     """
     import joblib
 
-    from . import __version__
+    from ._version import __version__
 
     path = Path(path)
     with open(path, "rb") as f:

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     >>> args.command, str(args.train_dir), args.batch_size, str(args.model)
     ('fit', 'train', 8, 'model.skanomaly')
     """
-    from .. import __version__
+    from .._version import __version__
 
     parser = _Parser(
         prog="skanomaly",
