@@ -782,18 +782,30 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             return self._in_sample_scores(X, f"{n} samples are too few for {k}-fold "
                                              "cross-fitting")
         folds = torch.arange(n, device=X.device) % k
+        held_out = [folds == fold for fold in range(k)]
+        models = self._fold_models(X, held_out)
         scores = torch.empty(n, dtype=torch.float64, device=X.device)
-        for fold in range(k):
-            held = folds == fold
-            model = clone(self)
-            model.__dict__.update(input_shape_=self.input_shape_,
-                                  n_features_in_=self.n_features_in_)
+        for held in held_out:
             try:
-                model._fit(X[~held])
+                model = next(models)
             except ValueError as exc:
                 return self._in_sample_scores(X, f"a {k}-fold cross-fit failed ({exc})")
             scores[held] = model._score(X[held]).to(torch.float64)
         return scores, "cross-fit"
+
+    def _fold_models(self, X: torch.Tensor, held_out):
+        """Models fitted without each fold (boolean masks ``held_out``), one at a time."""
+        for held in held_out:
+            model = self._unfitted_copy()
+            model._fit(X[~held])
+            yield model
+
+    def _unfitted_copy(self):
+        """An unfitted clone that knows this fit's input shape (for models of folds)."""
+        model = clone(self)
+        model.__dict__.update(input_shape_=self.input_shape_,
+                              n_features_in_=self.n_features_in_)
+        return model
 
     def _in_sample_scores(self, X: torch.Tensor, why: str):
         warnings.warn(CalibrationWarning(
