@@ -108,3 +108,52 @@ def test_the_package_has_no_import_cycle():
     (DESIGN.md's layers: what two modules need lives below both)."""
     cycle = find_cycle(import_graph())
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def private_imports(name: str, path: Path, source: str | None = None) -> list[str]:
+    """``module.name`` of each private name (or name from a private module) that the
+    module ``name`` (the file ``path``, or ``source``) imports from the package."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    source = path.read_text() if source is None else source
+    found = []
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            if source != "skanomaly" and not source.startswith("skanomaly."):
+                continue  # another package's private names (sklearn's _fit_context...)
+            for alias in node.names:
+                full = f"{source}.{alias.name}"
+                if any(part.startswith("_") for part in full.split(".")):
+                    found.append(full)
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("skanomaly.")
+                      and any(part.startswith("_") for part in alias.name.split("."))]
+    return found
+
+
+def test_private_imports_are_found():
+    source = ("from .gaussian import GaussianDetector, _helper\n"
+              "from ..functional._packing import PackedMatrices\n"
+              "from sklearn.base import _fit_context\n"
+              "def f():\n    from ..base import _to_numpy, BaseDetector\n")
+    path = PACKAGE / "detectors" / "padim.py"
+    assert private_imports("skanomaly.detectors.padim", path, source) == [
+        "skanomaly.detectors.gaussian._helper",
+        "skanomaly.functional._packing.PackedMatrices",
+        "skanomaly.base._to_numpy",
+    ]
+
+
+def test_detectors_import_no_private_name_of_another_module():
+    """A helper that two detectors need lives in base.py or functional/ under a name
+    public to the package; no detector takes a sibling's (or a private module's) private
+    name (DESIGN.md's layers)."""
+    found = {name: private_imports(name, path) for name, path in _modules().items()
+             if name.startswith("skanomaly.detectors")}
+    assert {name: names for name, names in found.items() if names} == {}
