@@ -223,9 +223,10 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     exact leave-one-out shortcut exists for a PCA refitted without each sample.
     ``fit`` therefore sets ``offset_`` by the base class's 5-fold cross-fitting:
     each fifth of the training images is scored by a DFM fitted on the other four
-    fifths, which costs five extra PCA fits (SVDs of four fifths of the pooled
-    training matrix, ``O(n_samples * n_pooled_features * min(n_samples,
-    n_pooled_features))`` each) and one scoring pass over the training set. With
+    fifths. The five fold PCAs come from one Gram matrix of the pooled training
+    vectors (``O(n_samples**2 * n_pooled_features)``), each by an eigendecomposition
+    of its four fifths' block (``O(n_samples**3)``) instead of an SVD of their rows,
+    plus one scoring pass over the training set. With
     fewer training images than pooled features, a fold's subspace (fitted to four
     fifths of them) reconstructs a little worse than the full one, so the offset is
     conservative and ``predict`` flags somewhat fewer than ``contamination`` of new
