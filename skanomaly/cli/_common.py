@@ -211,9 +211,10 @@ def make_detector(name: str, n_channels: int, n_train: int, args):
     return GaussianDetector(**common)
 
 
-def make_model(extractor, detector, name: str):
+def make_model(extractor, detector, name: str, args=None):
     """The pipeline (an :class:`~skanomaly.AnomalyPipeline`, so a saved one has
-    ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector."""
+    ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector;
+    tiled by ``args.tile_size`` and ``args.tile_stride`` when given."""
     from sklearn.preprocessing import FunctionTransformer
 
     from ..pipeline import AnomalyPipeline as Pipeline
@@ -222,7 +223,31 @@ def make_model(extractor, detector, name: str):
     if name == "gaussian":  # DFKDE pools its input maps itself; the Gaussian takes vectors
         steps.append(("pool", FunctionTransformer(np.mean, kw_args={"axis": (2, 3)})))
     steps.append(("detector", detector))
-    return Pipeline(steps)
+    tile_size = getattr(args, "tile_size", None)
+    return Pipeline(steps, tile_size=tile_size,
+                    tile_stride=None if tile_size is None else args.tile_stride)
+
+
+def tiles_text(tile_size, tile_stride) -> str:
+    """' in tiles of 64 px at stride 48' for the summaries, or '' without tiling."""
+    return "" if tile_size is None else f" in tiles of {tile_size} px at stride {tile_stride}"
+
+
+def check_tiling(args) -> None:
+    """CLIError for tiling options that cannot work, before any image is read."""
+    if args.tile_size is None:
+        if args.tile_stride is not None:
+            raise CLIError("--tile-stride needs --tile-size")
+        return
+    if args.tile_size > args.image_size:
+        raise CLIError(f"--tile-size {args.tile_size} is larger than the images "
+                       f"(--image-size {args.image_size})")
+    if args.tile_stride is not None and args.tile_stride > args.tile_size:
+        raise CLIError(f"--tile-stride {args.tile_stride} is larger than --tile-size "
+                       f"{args.tile_size}: the tiles would leave pixels uncovered")
+    if args.detector == "gaussian":
+        raise CLIError("--tile-size needs a detector over feature maps (padim, patchcore, "
+                       "dfm or dfkde), not gaussian")
 
 
 def score_batch(model, images, spatial: bool, size: int):

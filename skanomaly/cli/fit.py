@@ -16,10 +16,12 @@ from ._common import (
     CLIError,
     check_dir,
     check_model_path,
+    check_tiling,
     default_layers,
     make_detector,
     make_model,
     resolve_weights,
+    tiles_text,
     user_errors,
 )
 from ._images import find_images_in, find_mask, read_mask, test_label
@@ -42,6 +44,7 @@ def fit_command(args) -> dict:
                        "one), not both")
     if args.validation_mask_dir is not None and args.validation_dir is None:
         raise CLIError("--validation-mask-dir needs --validation-dir")
+    check_tiling(args)
     check_model_path(args.model)
     with user_errors("--device"):
         resolve_device(args.device)
@@ -68,7 +71,7 @@ def fit_command(args) -> dict:
     detector = make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
         detector.set_params(max_bank_size=args.max_bank_size)
-    model = make_model(extractor, detector, args.detector)
+    model = make_model(extractor, detector, args.detector, args)
     note = None
     with user_errors(f"{args.detector} detector"), warnings.catch_warnings(record=True) as caught:
         partial_fit_images(model, paths, batch_size=args.batch_size,
@@ -108,6 +111,8 @@ def fit_command(args) -> dict:
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
         "command": "skanomaly fit",
+        "tile_size": args.tile_size,
+        "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "train_dir": str(args.train_dir),
         "n_train": len(paths),
         "batch_size": args.batch_size,
@@ -136,7 +141,8 @@ def fit_command(args) -> dict:
                   "scores")
         lines = [
             f"skanomaly fit: {args.detector} on {args.backbone} features "
-            f"({weights or 'random weights'}) at {args.image_size} px: streamed "
+            f"({weights or 'random weights'}) at {args.image_size} px"
+            f"{tiles_text(args.tile_size, args.tile_stride or args.tile_size)}: streamed "
             f"{len(paths)} images in {n_batches} batches of at most {args.batch_size} "
             f"in {timings['fit_s']:.1f} s; threshold {metadata['threshold']:.6g} from "
             f"{source}",

@@ -88,6 +88,24 @@ def _float_in(low: float, high: float, *, low_closed: bool, high_closed: bool):
     return parse
 
 
+TILE_SIZE_HELP = (
+    "cut each image, after resizing to --image-size, into tiles of this many pixels "
+    "square, each a sample for the backbone and the detector; maps are stitched back at "
+    "the image size (overlaps averaged) and an image's score is its worst tile's. Set "
+    "--image-size to the images' own side to work at native resolution (small defects "
+    "on large images); default: no tiling")
+TILE_STRIDE_HELP = ("pixels between tiles, at most --tile-size (default: --tile-size, no "
+                    "overlap); the last row and column of tiles end at the image border")
+
+
+def _add_tiling(group) -> None:
+    """``--tile-size`` and ``--tile-stride`` on a parser or argument group."""
+    group.add_argument("--tile-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
+                       metavar="PIXELS", help=TILE_SIZE_HELP)
+    group.add_argument("--tile-stride", type=_int_at_least(1, " pixels"), metavar="PIXELS",
+                       help=TILE_STRIDE_HELP)
+
+
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     """``fit``, ``predict`` and ``export``: the model-file workflow."""
     sub = parser.add_subparsers(
@@ -136,6 +154,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
                      default=128, help="images are resized to this many pixels square "
                      "(default: 128); predict and export use the same")
+    _add_tiling(fit)
     fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
                      help="images read and absorbed per batch (default: 32)")
     fit.add_argument("--contamination", default=0.1,
@@ -229,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Folders: --train-dir holds normal images (searched recursively). --test-dir is "
             "laid out as MVTec AD: good/ holds normal images, every other subfolder one "
             "defect type. --mask-dir holds <defect>/<stem>_mask.png. Images are converted "
-            "to RGB and resized to --image-size pixels square (bilinear), so sizes may mix. "
+            "to RGB and resized to --image-size pixels square (bilinear), so sizes may mix: this "
+            "is the one rule for folders of mixed sizes (with --tile-size, the resized "
+            "images are then tiled; the Python API also reads images at native resolution "
+            "or with their aspect ratio, see skanomaly.streaming). "
             "Scores are anomaly scores: higher = more anomalous."
         ),
     )
@@ -242,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images are resized to this many pixels square, at least {MIN_IMAGE_SIZE} "
         "(default: 128)",
     )
+    _add_tiling(data)
     data.add_argument(
         "--texture", choices=("brick", "grass", "gravel"),
         help="bundled texture, without folders (default: brick)",

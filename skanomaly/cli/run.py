@@ -22,12 +22,14 @@ from ._common import (
     SPATIAL_DETECTORS,
     CLIError,
     check_output_dir,
+    check_tiling,
     default_layers,
     make_detector,
     make_model,
     progress,
     resolve_weights,
     score_batch,
+    tiles_text,
     user_errors,
 )
 from ._images import ImageSet, find_images_in, find_mask, read_images, read_mask, test_label
@@ -131,6 +133,7 @@ def check_settings(args) -> None:
             if folder is not None and not folder.is_dir():
                 problem = "is not a directory" if folder.exists() else "does not exist"
                 raise CLIError(f"{option} {folder} {problem}")
+    check_tiling(args)
     with user_errors("--device"):
         resolve_device(args.device)
     check_output_dir(args.output_dir)
@@ -168,7 +171,7 @@ def _fit_model(args, extractor, X_train, train_names, held=None):
     if not held_out:
         fit, held = np.arange(n), held[:0]
     detector = make_detector(args.detector, extractor.feature_shape_[0], fit.size, args)
-    model = make_model(extractor, detector, args.detector)
+    model = make_model(extractor, detector, args.detector, args)
     with user_errors(f"{args.detector} detector"):
         with warnings.catch_warnings(record=True) as caught:
             model.fit(X_train[fit])
@@ -247,7 +250,8 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
                        if k in result["metrics"])
     lines = [
         f"skanomaly: {result['detector']} on {result['backbone']} features "
-        f"({result['weights'] or 'random weights'}) at {result['image_size']} px: fitted on "
+        f"({result['weights'] or 'random weights'}) at {result['image_size']} px"
+        f"{tiles_text(result.get('tile_size'), result.get('tile_stride'))}: fitted on "
         f"{result['n_fit']} normal images, threshold from {_threshold_source(calibration)}; "
         f"{result['n_predicted_anomalous']} of {result['n_test']} test images predicted "
         "anomalous",
@@ -321,6 +325,8 @@ def run_command(args) -> dict:
         "weights_source": weights_source(weights),
         "feature_shape": list(features.feature_shape_),
         "image_size": args.image_size,
+        "tile_size": args.tile_size,
+        "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "device": str(device),
         "data": data_info,
         "n_train": int(len(X_train)),
