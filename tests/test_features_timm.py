@@ -12,7 +12,7 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 from skanomaly.features import FeatureExtractor
-from skanomaly.features.extractor import split_backbone
+from skanomaly.features.backbones import split_backbone
 
 timm = pytest.importorskip("timm")
 
