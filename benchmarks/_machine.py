@@ -1,18 +1,22 @@
-"""Machine description, peak throughput and timing helpers for ``benchmarks/speed.py``.
+"""Machine description, peak throughput, timing and report helpers of the benchmark runners.
 
 Nothing here knows about skanomaly: it describes the machine (CPU model, cores,
 memory, library versions, GPU), measures what the machine can do at best in the
 same run as the benchmarks (GEMM GFLOP/s in float32 and float64, read bandwidth
-in GB/s) and times callables (best of several runs after a warm-up).
+in GB/s), times callables (best or median of several runs after a warm-up) and writes
+a run's report (a Markdown table and a JSON file of the same stem).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import statistics
 import time
 from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,6 +130,28 @@ def best_time(fn: Callable[[], object], repeat: int, device: torch.device,
     result : object
         What the last run returned.
     """
+    times, result = _timed_runs(fn, repeat, device, once_above)
+    return (times[0] if len(times) == 1 else min(times[1:])), result
+
+
+def median_time(fn: Callable[[], object], repeat: int, device: torch.device,
+                once_above: float = 20.0) -> tuple[float, object, list[float]]:
+    """Median wall time of ``fn()`` over ``repeat`` runs after one warm-up run.
+
+    As :func:`best_time` (a warm-up longer than ``once_above`` seconds is the
+    measurement: one-time costs are negligible there), with the median of the timed
+    runs instead of the fastest. Returns (median seconds, last result, all timed runs).
+    """
+    times, result = _timed_runs(fn, repeat, device, once_above)
+    if len(times) == 1:
+        return times[0], result, times
+    return statistics.median(times[1:]), result, times[1:]
+
+
+def _timed_runs(fn: Callable[[], object], repeat: int, device: torch.device,
+                once_above: float) -> tuple[list[float], object]:
+    """Wall times of a warm-up run of ``fn()`` and ``repeat`` more (the warm-up alone if
+    ``repeat`` is 0 or it took longer than ``once_above`` seconds), and the last result."""
     times = []
     for i in range(repeat + 1):
         result = None  # the previous run's output is freed before the next run
@@ -135,8 +161,8 @@ def best_time(fn: Callable[[], object], repeat: int, device: torch.device,
         synchronize(device)
         times.append(time.perf_counter() - t0)
         if i == 0 and (repeat == 0 or times[0] > once_above):
-            return times[0], result
-    return min(times[1:]), result
+            return times, result
+    return times, result
 
 
 def measure_peaks(device: torch.device, gemm_size: int, bandwidth_bytes: int,
@@ -165,10 +191,30 @@ def measure_peaks(device: torch.device, gemm_size: int, bandwidth_bytes: int,
         a = torch.randn(gemm_size, gemm_size, generator=gen, dtype=dtype, device=device)
         b = torch.randn(gemm_size, gemm_size, generator=gen, dtype=dtype, device=device)
         c = torch.empty_like(a)
-        seconds, _ = best_time(lambda: torch.mm(a, b, out=c), repeat, device)
+        seconds, _ = best_time(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeat, device)
         out[key] = 2 * gemm_size**3 / seconds / 1e9
         del a, b, c
     x = torch.ones(bandwidth_bytes // 4, dtype=torch.float32, device=device)
     seconds, _ = best_time(lambda: x.sum(), repeat, device)
     out["read_gbps"] = x.numel() * 4 / seconds / 1e9
     return out
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``"12.3 ms"`` below a second, ``"4.56 s"`` above, ``"-"`` for None (tables)."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def errors_section(errors: dict) -> str:
+    """The Markdown list of the cases that failed, to append to a report's table."""
+    return "\nErrors:\n\n" + "".join(f"- {k}: {v}\n" for k, v in errors.items())
+
+
+def write_report(folder: Path, stem: str, table: str, payload: dict, indent: int = 1) -> None:
+    """Write a run's report: ``folder/stem.md`` (the table) and ``folder/stem.json``
+    (``payload``, JSON with ``indent``); ``folder`` is created if needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(table)
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=indent) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 from quality import RESULTS_DIR, SEED, load_data, make_detector  # noqa: E402
 
 from skanomaly.base import resolve_device  # noqa: E402
@@ -120,11 +119,8 @@ def main(argv=None):
                       f"{row['normals_flagged_in_sample_offset']:.3f})", flush=True)
     stem = f"calibration-{info['date']}-{host_kind(info)}-{device.type}" + (
         "-quick" if args.quick else "")
-    args.output.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, info)
-    (args.output / f"{stem}.md").write_text(table)
-    (args.output / f"{stem}.json").write_text(
-        json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    write_report(args.output, stem, table, {"machine": info, "rows": rows})
     print("\n" + table + f"\nwritten: {args.output / stem}.md and .json")
     return rows
 

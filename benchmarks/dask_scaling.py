@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -192,9 +192,7 @@ def main(argv=None):
         order = [c[0] for c in CASES]
         rows = sorted(kept + rows, key=lambda r: order.index(r["detector"]))
     table = markdown(rows, info)
-    (args.output / f"{stem}.md").write_text(table)
-    (args.output / f"{stem}.json").write_text(
-        json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    write_report(args.output, stem, table, {"machine": info, "rows": rows})
     print("\n" + table + f"\nwritten: {args.output / stem}.md and .json")
     return rows
 

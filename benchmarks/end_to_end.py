@@ -40,7 +40,6 @@ import contextlib
 import cProfile
 import datetime
 import io
-import json
 import os
 
 if __name__ == "__main__":  # tqdm reads this when first imported: anomalib's progress bars
@@ -60,7 +59,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info, measure_peaks, synchronize  # noqa: E402
+from _machine import (  # noqa: E402
+    errors_section,
+    format_seconds,
+    host_kind,
+    machine_info,
+    measure_peaks,
+    median_time,
+    synchronize,
+    write_report,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,26 +132,6 @@ def _import_anomalib():
 
 
 # --------------------------------------------------------------------------- timing
-
-def median_time(fn: Callable[[], object], repeat: int, device: torch.device,
-                once_above: float = 20.0) -> tuple[float, object, list[float]]:
-    """Median wall time of ``fn()`` over ``repeat`` runs after one warm-up run.
-
-    A warm-up longer than ``once_above`` seconds is the measurement (one-time costs are
-    negligible there). Returns (median seconds, last result, all timed runs).
-    """
-    times, result = [], None
-    for i in range(repeat + 1):
-        result = None  # the previous run's output is freed before the next run
-        synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if i == 0 and times[0] > once_above:
-            return times[0], result, times
-    return statistics.median(times[1:]), result, times[1:]
-
 
 def profile_top(fn: Callable[[], object], top: int = 12) -> dict:
     """Top entries of one run of ``fn`` under torch.profiler and under cProfile.
@@ -687,12 +675,6 @@ CASES = {"padim": case_padim, "patchcore": case_patchcore, "dfm": case_dfm,
 
 # --------------------------------------------------------------------------- report
 
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
 def _fmt_memory(memory: dict) -> str:
     """'host RSS sk / peer MiB' (and CUDA allocated) of a row's peak_memory entries."""
     if not memory:
@@ -751,14 +733,15 @@ def markdown(rows: list[Row], info: dict, peaks: dict, preset: str, profiles: di
         if r.fraction_of_peak is not None:
             checks["fp64_gemm_peak_fraction"] = r.fraction_of_peak
         text = "; ".join(f"{k}={_fmt(v)}" for k, v in checks.items())
-        lines.append(f"| {r.case} | {r.size} | {_fmt_s(r.skanomaly_s)} | {r.peer} | "
-                     f"{_fmt_s(r.peer_s)} | {ratio} | {r.target} | {met} | {ips} | {pips} | "
-                     f"{_fmt_s(r.floor_s)} | {over} | {_fmt_memory(r.memory)} | {text} |")
+        lines.append(f"| {r.case} | {r.size} | {format_seconds(r.skanomaly_s)} | {r.peer} | "
+                     f"{format_seconds(r.peer_s)} | {ratio} | {r.target} | {met} | {ips} | "
+                     f"{pips} | {format_seconds(r.floor_s)} | {over} | "
+                     f"{_fmt_memory(r.memory)} | {text} |")
     for case, stages in breakdowns.items():
         base = next(iter(stages.values()))
         lines += ["", f"## {case}: the gap stage by stage (medians, timed in turns)", "",
                   "| variant | seconds | / raw forward |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt_s(v)} | {v / base:.2f}x |" for k, v in stages.items()]
+        lines += [f"| {k} | {format_seconds(v)} | {v / base:.2f}x |" for k, v in stages.items()]
     if profiles:
         lines += ["", "## Profiles of the missed targets (skanomaly side, one run each)", ""]
         for case, prof in profiles.items():
@@ -851,8 +834,9 @@ def _run(args: argparse.Namespace, device: torch.device, peers: dict) -> int:
         rows.extend(new)
         for r in new:
             ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-            print(f"{r.case:28s} sk {_fmt_s(r.skanomaly_s):>9s}  peer {_fmt_s(r.peer_s):>9s}"
-                  f"  {ratio}  floor {_fmt_s(r.floor_s)}", flush=True)
+            print(f"{r.case:28s} sk {format_seconds(r.skanomaly_s):>9s}  "
+                  f"peer {format_seconds(r.peer_s):>9s}"
+                  f"  {ratio}  floor {format_seconds(r.floor_s)}", flush=True)
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     info["load_average_end"] = os.getloadavg()
     end = measure_peaks(device, sizes.gemm, sizes.bandwidth_bytes)
@@ -867,16 +851,14 @@ def _run(args: argparse.Namespace, device: torch.device, peers: dict) -> int:
         stem += f"-{args.sizes}"
     if args.only:
         stem += "-" + "-".join(args.only)
-    args.output.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, info, peaks, args.sizes, ctx.profiles, ctx.breakdowns)
     if errors:
-        table += "\nErrors:\n\n" + "".join(f"- {k}: {v}\n" for k, v in errors.items())
-    (args.output / f"{stem}.md").write_text(table)
+        table += errors_section(errors)
     payload = {"machine": info, "peaks": peaks, "sizes": asdict(sizes), "preset": args.sizes,
                "repeat": args.repeat, "errors": errors, "profiles": ctx.profiles,
                "breakdowns": ctx.breakdowns,
                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}
-    (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_report(args.output, stem, table, payload)
     print("\n" + table)
     print(f"written: {args.output / stem}.md and .json")
     return 1 if errors else 0

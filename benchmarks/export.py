@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DETECTORS = ("gaussian", "padim", "patchcore", "dfm", "dfkde")
@@ -344,12 +344,9 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
         bank_rows = bank_scaling(Path(tmp), sizes) if sizes else []
     stem = f"export-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
-    args.output.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, info, settings, bank_rows)
-    (args.output / f"{stem}.md").write_text(table)
-    (args.output / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "settings": settings, "rows": rows, "bank_scaling": bank_rows},
-        indent=1) + "\n")
+    write_report(args.output, stem, table, {"machine": info, "settings": settings,
+                                            "rows": rows, "bank_scaling": bank_rows})
     print("\n" + table + f"\nwritten: {args.output / stem}.md and .json")
     return rows
 

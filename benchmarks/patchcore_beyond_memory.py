@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import resource
@@ -45,7 +44,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 from skanomaly import PatchCoreDetector  # noqa: E402
 from skanomaly.datasets import load_textures  # noqa: E402
@@ -264,9 +263,8 @@ def main(argv=None) -> int:
 
     def report(result):
         info["load_average_after"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-        (args.output_dir / f"{stem}.json").write_text(json.dumps(
-            {"machine": info, "settings": settings, "result": result}, indent=2) + "\n")
-        (args.output_dir / f"{stem}.md").write_text(markdown(result, info, settings))
+        write_report(args.output_dir, stem, markdown(result, info, settings),
+                     {"machine": info, "settings": settings, "result": result}, indent=2)
 
     report(run(args, info, report))
     print(f"wrote {args.output_dir / stem}.md and .json")

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -71,7 +70,7 @@ from skanomaly.base import resolve_device
 from skanomaly.metrics import average_precision_anomaly, image_auroc, pixel_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -523,11 +522,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     table = markdown(rows, data_info, info, settings)
     stem = f"quality-{info['date']}-{host_kind(info)}-{device.type}" + (
         "-quick" if args.quick else "")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / f"{stem}.md").write_text(table)
     payload = {"machine": info, "settings": settings, "datasets": data_info,
                "rows": [asdict(r) for r in rows]}
-    (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_report(args.output, stem, table, payload)
     print("\n" + table)
     print(f"written: {args.output / stem}.md and .json")
     return rows

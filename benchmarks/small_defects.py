@@ -42,7 +42,6 @@ import argparse
 import colorsys
 import datetime
 import gc
-import json
 import os
 import sys
 import threading
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEXTURES = ("brick", "grass", "gravel")
@@ -354,11 +353,8 @@ def main(argv=None) -> list[Row]:
         else "EfficientNet-Lite0, packaged ImageNet weights, the CLI's layers per detector"))
     table = markdown(rows, info, settings)
     stem = f"small_defects-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / f"{stem}.md").write_text(table)
-    (args.output / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]},
-        indent=1) + "\n")
+    write_report(args.output, stem, table,
+                 {"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]})
     print("\n" + table)
     print(f"written: {args.output / stem}.md and .json")
     return rows

@@ -43,7 +43,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import best_time, host_kind, machine_info, measure_peaks  # noqa: E402
+from _machine import (  # noqa: E402
+    best_time,
+    errors_section,
+    format_seconds,
+    host_kind,
+    machine_info,
+    measure_peaks,
+    write_report,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -629,12 +637,6 @@ CASES = {"covariance": case_covariance, "padim": case_padim, "kcenter": case_kce
 
 # --------------------------------------------------------------------------- report
 
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
 def _fmt_check(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -663,13 +665,13 @@ def markdown(rows: list[Row], info: dict, peaks: dict, preset: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        peer_time = _fmt_s(r.peer_s) if r.peer_status == "ok" else r.peer_status
+        peer_time = format_seconds(r.peer_s) if r.peer_status == "ok" else r.peer_status
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         met = {True: "yes", False: "**no**", None: "-"}[r.met]
         frac = (f"{100 * r.fraction_of_peak:.0f} % {r.peak}"
                 if r.fraction_of_peak is not None else "-")
         checks = "; ".join(f"{k}={_fmt_check(v)}" for k, v in (r.checks or {}).items())
-        lines.append(f"| {r.case} | {r.size} | {_fmt_s(r.skanomaly_s)} | {r.peer} | "
+        lines.append(f"| {r.case} | {r.size} | {format_seconds(r.skanomaly_s)} | {r.peer} | "
                      f"{peer_time} | {ratio} | {r.target} | {met} | {frac} | {checks} |")
     return "\n".join(lines) + "\n"
 
@@ -741,8 +743,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         rows.extend(new)
         for r in new:
             ratio = f"{r.ratio:.2f}x" if r.ratio is not None else r.peer_status
-            print(f"{r.case:26s} {r.size:48s} sk {_fmt_s(r.skanomaly_s):>9s}  "
-                  f"peer {_fmt_s(r.peer_s):>9s}  {ratio}", flush=True)
+            print(f"{r.case:26s} {r.size:48s} sk {format_seconds(r.skanomaly_s):>9s}  "
+                  f"peer {format_seconds(r.peer_s):>9s}  {ratio}", flush=True)
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     info["load_average_end"] = os.getloadavg()
     # Load from other processes lowers the peaks: keep the better of start and end.
@@ -756,15 +758,13 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         stem += f"-{args.sizes}"
     if args.only:
         stem += "-" + "-".join(args.only)
-    args.output.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, info, peaks, args.sizes)
     if errors:
-        table += "\nErrors:\n\n" + "".join(f"- {k}: {v}\n" for k, v in errors.items())
-    (args.output / f"{stem}.md").write_text(table)
+        table += errors_section(errors)
     payload = {"machine": info, "peaks": peaks, "sizes": asdict(sizes), "preset": args.sizes,
                "repeat": args.repeat, "errors": errors,
                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}
-    (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_report(args.output, stem, table, payload)
     print("\n" + table)
     print(f"written: {args.output / stem}.md and .json")
     return 1 if errors else 0

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import host_kind, machine_info  # noqa: E402
+from _machine import host_kind, machine_info, write_report  # noqa: E402
 
 from skanomaly.base import resolve_device  # noqa: E402
 from skanomaly.datasets import load_textures  # noqa: E402
@@ -191,9 +191,8 @@ def main(argv=None) -> int:
 
     def report(rows):
         info["load_average_after"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-        (args.output_dir / f"{stem}.json").write_text(
-            json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=2) + "\n")
-        (args.output_dir / f"{stem}.md").write_text(markdown(rows, info, settings))
+        write_report(args.output_dir, stem, markdown(rows, info, settings),
+                     {"machine": info, "settings": settings, "rows": rows}, indent=2)
 
     with tempfile.TemporaryDirectory() as tmp:
         run(args.sizes, args.image_size, args.batch_size, args.max_bank_size,

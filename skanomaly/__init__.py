@@ -19,9 +19,8 @@ from .detectors import (
     PatchCoreDetector,
 )
 from .export import to_torch
+from ._version import __version__
 from .pipeline import AnomalyPipeline, make_anomaly_pipeline
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "GaussianDetector",

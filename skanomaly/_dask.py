@@ -102,7 +102,7 @@ def _check_array(detector, X) -> None:
 
 def _seeded(template) -> None:
     """One int seed for every block (PaDiM's channels must agree), drawn if need be."""
-    from .base import make_generator
+    from ._utils import make_generator
 
     params = template.get_params(deep=False)
     if "random_state" in params and not isinstance(params["random_state"], Integral):
@@ -291,14 +291,14 @@ def fit_dask(detector, X):
     scores = dask.compute(*[delayed(_score_block)(final, b, True) for b in blocks],
                           scheduler=scheduler)
     _adopt(detector, fitted, None, None)
-    from .base import CalibrationWarning, _user_stacklevel
+    from ._utils import CalibrationWarning, user_stacklevel
 
     why = f"a {k}-fold cross-fit over the blocks of the dask array failed"
     warnings.warn(CalibrationWarning(
         f"{type(detector).__name__}: {why}; offset_ is set from in-sample scores, which "
         "are optimistic: predict may flag more than `contamination` of new normal "
         "samples. Call calibrate(X_heldout) with normal samples not used in fit.",
-        reason=why), stacklevel=_user_stacklevel())
+        reason=why), stacklevel=user_stacklevel())
     detector._set_offset(torch.from_numpy(np.concatenate(scores)), "in-sample")
     return detector
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from .functional._validation import working_dtype
 from .functional.spatial import (
-    _bilinear_matrix,
     _blur_matrix,
     _check_maps,
     _check_sigma,
     _convex,
+    bilinear_matrix,
     gaussian_kernel1d,
 )
 
@@ -142,7 +142,7 @@ class AnomalyMapPostprocess(nn.Module):
         Bilinear resize and blur are both separable linear maps, so their composition
         is ``left @ map @ right`` with ``left = B_h^T A_h`` (height, h) and ``right =
         A_w^T B_w`` (w, width), ``A`` the resize (:func:`~skanomaly.functional.spatial.
-        _bilinear_matrix`) and ``B`` the blur with the mirrored border folded in
+        bilinear_matrix`) and ``B`` the blur with the mirrored border folded in
         (:func:`~skanomaly.functional.spatial._blur_matrix`); composed in float64, then
         cast to the module's dtype.
         """
@@ -151,8 +151,8 @@ class AnomalyMapPostprocess(nn.Module):
         key = (h, w, height, width, dtype, device)
         if key not in self._matrices:
             def build():
-                left = _bilinear_matrix(h, height)
-                right = _bilinear_matrix(w, width).T
+                left = bilinear_matrix(h, height)
+                right = bilinear_matrix(w, width).T
                 if self.sigma > 0:
                     kernel = gaussian_kernel1d(self.sigma, self.truncate,
                                                dtype=torch.float64)

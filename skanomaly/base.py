@@ -17,12 +17,13 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context, clone
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from sklearn_compat.utils.validation import validate_data
 from ._dask import is_dask_array
-from .functional._validation import all_finite
+from ._utils import CalibrationWarning, make_generator
+from ._utils import user_stacklevel as _user_stacklevel
+from .functional import all_finite
 
 __all__ = [
     "CalibrationWarning",
@@ -97,85 +98,7 @@ def resolve_device(device="auto") -> torch.device:
     return dev
 
 
-def make_generator(random_state, device="cpu") -> torch.Generator:
-    """Build a local :class:`torch.Generator` from a scikit-learn ``random_state``.
-
-    Parameters
-    ----------
-    random_state : int, numpy.random.RandomState or None
-        ``None`` seeds from fresh OS entropy (results vary between calls); an
-        int gives reproducible draws; a ``RandomState`` instance supplies the
-        seed by one draw of its own. The global RNGs of Python, numpy and torch
-        are never read nor advanced.
-    device : str or torch.device, default="cpu"
-        Device of the generator (it must match the tensors it draws).
-
-    Returns
-    -------
-    torch.Generator
-        A seeded generator.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from skanomaly.base import make_generator
-    >>> a = torch.rand(3, generator=make_generator(0))
-    >>> b = torch.rand(3, generator=make_generator(0))
-    >>> bool(torch.equal(a, b))
-    True
-    """
-    gen = torch.Generator(device=device)
-    if random_state is None:
-        gen.seed()
-    elif isinstance(random_state, Integral):
-        gen.manual_seed(int(random_state))
-    else:
-        rs = check_random_state(random_state)
-        gen.manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
-    return gen
-
-
-class CalibrationWarning(UserWarning):
-    """``fit`` could not take out-of-sample scores: ``offset_`` comes from in-sample ones.
-
-    In-sample scores are optimistic, so ``predict`` may then flag more than
-    ``contamination`` of new normal samples; :meth:`BaseDetector.calibrate` with held-out
-    normal samples fixes the threshold. ``reason`` says why the fallback happened.
-
-    Examples
-    --------
-    >>> import warnings
-    >>> import numpy as np
-    >>> from skanomaly import DFMDetector
-    >>> from skanomaly.base import CalibrationWarning
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     det = DFMDetector(device="cpu").fit(np.random.default_rng(0).normal(size=(4, 3)))
-    >>> [issubclass(w.category, CalibrationWarning) for w in caught], det.calibration_
-    ([True], 'in-sample')
-    """
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _user_stacklevel() -> int:
-    """Stack level of the first frame outside skanomaly and scikit-learn (for warnings)."""
-    import os
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = os.path.abspath(frame.f_code.co_filename)
-        if not (name.startswith(here) or f"{os.sep}sklearn{os.sep}" in name):
-            return level
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
@@ -190,7 +113,7 @@ def _like_input(X, t: torch.Tensor):
         t = t.to(torch.float64)
     if isinstance(X, torch.Tensor):
         return t.to(X.device)
-    return _to_numpy(t)
+    return to_numpy(t)
 
 
 def _predict_labels(decision):
@@ -210,16 +133,16 @@ _OFFSET_RECORD = 2048
 
 def _score_record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
     """Rows ``(anomaly score, samples seen by the model that scored it)``, float64."""
-    scores = _to_numpy(anomaly_scores).astype(np.float64)
+    scores = to_numpy(anomaly_scores).astype(np.float64)
     return np.stack([scores, np.full_like(scores, n_model)], axis=1)
 
 
-def _draw_seed(generator: torch.Generator) -> int:
+def draw_seed(generator: torch.Generator) -> int:
     """A seed for the next call's generator, drawn from this one (reproducible streams)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
-def _in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
+def in_fixed_blocks(fn, x: torch.Tensor, block: int) -> torch.Tensor:
     """``fn`` applied to ``x`` in blocks of exactly ``block`` rows, results concatenated.
 
     The last block is padded by repeating its last row and the padding's results are
@@ -622,7 +545,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} was saved without its streaming state (the "
                 f"{', '.join(dropped)} that partial_fit updates), so partial_fit cannot "
-                "continue it: save it with skanomaly.cli.save_model(..., "
+                "continue it: save it with skanomaly.persistence.save_model(..., "
                 "keep_streaming_state=True) (`skanomaly fit --keep-streaming-state`), or "
                 "fit it again")
 
@@ -659,7 +582,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """``fn(X)`` with a result per sample that does not depend on the batch."""
         if not self._fixed_blocks:
             return fn(X)
-        return _in_fixed_blocks(fn, X, self._block_size())
+        return in_fixed_blocks(fn, X, self._block_size())
 
     def _device(self) -> torch.device:
         return resolve_device(self.device)
@@ -913,7 +836,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
         anomaly_scores = self._per_image(anomaly_scores)
-        normality = -_to_numpy(anomaly_scores).astype(np.float64)
+        normality = -to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
         for name in _CALIBRATION_STATE:  # the model they were set with is gone
@@ -1030,7 +953,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """Conformal ``offset_`` from normality scores (numpy or tensor) of held-out
         normal samples (see :meth:`calibrate`)."""
         if isinstance(normality, torch.Tensor):  # the scores alone come to the host
-            normality = _to_numpy(normality)
+            normality = to_numpy(normality)
         offset, scores = _conformal_offset(normality, self.contamination)
         if offset == -math.inf:
             raise ValueError(
@@ -1050,7 +973,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def _set_labelled_offset(self, normality, y):
         """F1-maximising ``offset_`` from normality scores and +1/-1 labels ``y``."""
         if isinstance(normality, torch.Tensor):  # the scores alone come to the host
-            normality = _to_numpy(normality)
+            normality = to_numpy(normality)
         anomalous = _check_labels(y, normality.shape[0])
         best = _f1_max_threshold(-_finite_normality(normality), anomalous)
         # flagged where the anomaly score is >= best: normality <= -best < offset_
@@ -1117,7 +1040,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         if is_dask_array(scores):
             return scores.map_blocks(self._pvalues_of, dtype=np.float64)
         if isinstance(scores, torch.Tensor):  # a tensor out, on X's device
-            return torch.from_numpy(self._pvalues_of(_to_numpy(scores))).to(scores.device)
+            return torch.from_numpy(self._pvalues_of(to_numpy(scores))).to(scores.device)
         return self._pvalues_of(scores)
 
     def _pvalues_of(self, normality: np.ndarray) -> np.ndarray:
@@ -1227,7 +1150,86 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         raise NotImplementedError
 
 
-class _ScoreThenUpdateMixin:
+class IncrementalMixin:
+    """``fit`` and ``partial_fit`` over one ``_accumulate(X, reset, incremental)`` step.
+
+    The streaming machinery of the moment-based detectors (the Gaussian detector and
+    PaDiM), public to the package so that both take it from here.
+
+    ``_accumulate`` folds a validated batch into the fitted state (starting afresh when
+    ``reset``; ``incremental`` when called by ``partial_fit``, so the state must stay
+    updatable), refreshes the model and leaves the state unchanged if it raises.
+    """
+
+    def _fit(self, X: torch.Tensor) -> None:
+        self._accumulate(X, reset=True, incremental=False)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Update the detector with one more batch of (mostly) normal samples.
+
+        On an unfitted detector the batch starts the model; later calls (after ``fit``
+        too) add it to the moments accumulated so far. ``fit(X)`` equals
+        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
+        ``offset_`` is set from the leave-one-out scores of the batch passed last
+        under the updated model (see the class Notes).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, ...)
+            A batch shaped like the training data (the first batch fixes the shape).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : object
+            The updated detector.
+
+        Raises
+        ------
+        ValueError
+            If the batch does not match the shape of earlier batches or holds NaN or
+            infinity, if the first batch has fewer than 2 samples, if the updated
+            covariance is singular, or if the detector's parameters do not allow
+            incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
+            loaded from a model file saved without its streaming state (the moments). The
+            fitted state is then left as it was.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(100, 3))
+        >>> det = GaussianDetector(device="cpu")
+        >>> for batch in np.array_split(X, 4):
+        ...     det = det.partial_fit(batch)
+        >>> whole = GaussianDetector(device="cpu").fit(X)
+        >>> det.n_samples_seen_, bool(np.allclose(det.covariance_, whole.covariance_))
+        (100, True)
+        """
+        first = not hasattr(self, "n_samples_seen_")
+        if not first:
+            self._check_streaming_state()
+        Xt = self._validate_input(X, reset=first)
+        self._accumulate(Xt, reset=first, incremental=True)
+        self._set_offset(*self._out_of_sample_scores(Xt))
+        return self
+
+    def _out_of_sample_scores(self, X: torch.Tensor):
+        """Exact leave-one-out scores of training samples ``X`` from the moments."""
+        if self.n_samples_seen_ < self._loo_ddof + 2:
+            return self._in_sample_scores(
+                X, f"{self.n_samples_seen_} samples are too few for leave-one-out scores")
+        try:
+            return self._leave_one_out(X), "leave-one-out"
+        except ValueError as exc:
+            if X.shape[0] == self.n_samples_seen_:  # X is the whole training set
+                return self._cross_fitted_scores(X)
+            return self._in_sample_scores(X, f"no leave-one-out scores ({exc})")
+
+
+class ScoreThenUpdateMixin:
     """``partial_fit`` for detectors without cheap leave-one-out scores (PatchCore, DFM,
     DFKDE): the first call fits; each later batch is scored by the model that has not
     seen it, then absorbed (``_absorb``), and ``offset_`` is the ``contamination``
@@ -1507,7 +1509,7 @@ class BaseSpatialDetector(BaseDetector):
         """:meth:`calibrate_pixels` on computed ``maps`` (numpy or tensor) and masks
         ``truth`` (bool numpy, or None for normal images)."""
         if isinstance(maps, torch.Tensor):  # the maps come to the host for the threshold
-            maps = _to_numpy(maps)
+            maps = to_numpy(maps)
         if truth is not None:
             if truth.shape != maps.shape:
                 raise ValueError(f"masks have shape {truth.shape}, but X gives "

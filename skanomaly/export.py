@@ -222,11 +222,11 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def _metadata(features, scaler, detector, dtype: torch.dtype, sigma, spatial: bool) -> dict:
-    import skanomaly
+    from ._version import __version__
 
     meta = {
         "format_version": 1,
-        "skanomaly_version": skanomaly.__version__,
+        "skanomaly_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "detector": type(detector).__name__,
         "detector_params": _json_safe(detector.get_params(deep=False)),

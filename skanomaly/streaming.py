@@ -203,7 +203,7 @@ def _read_image(path, image_size, keep_aspect: bool = False
     return np.ascontiguousarray(np.clip(array, 0, 1)), original
 
 
-def read_image(path, image_size, *, keep_aspect: bool = False) -> np.ndarray:
+def read_image(path, image_size, *, keep_aspect: bool = False, return_size: bool = False):
     """One image file as a float32 RGB array in [0, 1], resized (or not).
 
     Parameters
@@ -217,12 +217,18 @@ def read_image(path, image_size, *, keep_aspect: bool = False) -> np.ndarray:
         its native resolution (see :func:`target_size`).
     keep_aspect : bool, default=False
         Keep the aspect ratio: ``image_size`` is the short side.
+    return_size : bool, default=False
+        Whether to return the size of the file's image too (e.g. to check that a
+        mask has the size of its image).
 
     Returns
     -------
     image : ndarray of shape (3, height, width), float32
         Channels first, values in [0, 1]: 8-bit values divided by 255, 16-bit grey by
         65535, grey and palette images converted to RGB (grey replicated).
+    size : tuple of (int, int)
+        Only with ``return_size=True``: the image's (width, height) in the file, in
+        pixels, before resizing.
 
     Raises
     ------
@@ -247,8 +253,14 @@ def read_image(path, image_size, *, keep_aspect: bool = False) -> np.ndarray:
     ((3, 16, 16), dtype('float32'), 1.0)
     >>> wide.shape, native.shape  # a 40 x 30 image: short side 16; native
     ((3, 16, 21), (3, 30, 40))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     Image.new("RGB", (40, 30)).save(Path(tmp) / "black.png")
+    ...     image, size = read_image(Path(tmp) / "black.png", 16, return_size=True)
+    >>> image.shape, size
+    ((3, 16, 16), (40, 30))
     """
-    return _read_image(path, _check_image_size(image_size, keep_aspect), keep_aspect)[0]
+    image, size = _read_image(path, _check_image_size(image_size, keep_aspect), keep_aspect)
+    return (image, size) if return_size else image
 
 
 def _image_source(source) -> list[Path] | None:

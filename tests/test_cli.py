@@ -23,6 +23,8 @@ from sklearn.pipeline import make_pipeline
 
 import skanomaly.cli as cli
 import skanomaly.datasets
+import skanomaly.persistence
+import skanomaly.streaming
 from skanomaly import PaDiMDetector
 from skanomaly.cli import main, parse_layers, test_label
 from skanomaly.datasets import load_textures
@@ -61,8 +63,8 @@ def run_capturing_model(argv, monkeypatch):
         fitted.append(original(*args, **kwargs))
         return fitted[-1]
 
-    original = cli._fit_model
-    monkeypatch.setattr(cli, "_fit_model", fit_model)
+    original = cli.run._fit_model
+    monkeypatch.setattr(cli.run, "_fit_model", fit_model)
     status = main(argv)
     return status, fitted[0][0]
 
@@ -431,7 +433,7 @@ def forbid(monkeypatch, *targets):
         monkeypatch.setattr(owner, name, forbidden)
 
 
-IMAGE_READERS = ((cli, "_read_image"), (skanomaly.datasets, "load_textures"))
+IMAGE_READERS = ((skanomaly.streaming, "_read_image"), (skanomaly.datasets, "load_textures"))
 
 
 @pytest.mark.parametrize(
@@ -619,7 +621,7 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
     import torch
 
     from skanomaly import __version__
-    from skanomaly.cli import load_model, read_model_metadata
+    from skanomaly.persistence import load_model, read_model_metadata
 
     model, metadata = load_model(fitted)
     assert read_model_metadata(fitted) == metadata
@@ -630,7 +632,7 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
     assert (metadata["backbone"], metadata["weights"], metadata["layers"],
             metadata["image_size"]) == ("resnet18", None, ["layer1", "layer2"], 32)
     assert (metadata["n_train"], metadata["n_batches"], metadata["n_calibration"]) == (12, 3, 10)
-    assert metadata["format_version"] == cli.MODEL_FORMAT_VERSION
+    assert metadata["format_version"] == skanomaly.persistence.MODEL_FORMAT_VERSION
     # the threshold: the conformal 0.1 quantile of the 10 held-out images' anomaly
     # scores, the ceil(0.9 * 11) = 10th smallest: their largest
     _, held_out = folder_images(tree / "calibration")
@@ -656,7 +658,7 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
 def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
     """scores.csv (written to 17 digits) equals pipeline.score_samples bit for bit;
     predictions are its predict; metrics are scikit-learn's on the CSV."""
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     out = tmp_path / "out"
     assert main(["predict", str(fitted), str(tree / "test"), "--mask-dir",
@@ -689,7 +691,7 @@ def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
 def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):
     """Images directly in the folder have no label: no metrics.json; batches of 3 score
     as one batch (up to the backbone's float32 rounding)."""
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -712,7 +714,7 @@ def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):
     pytest.param("gaussian", marks=pytest.mark.slow), pytest.param("dfkde", marks=pytest.mark.slow),
 ])
 def test_fit_and_predict_other_detectors(detector, tree, tmp_path):
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     model_path = tmp_path / "m.skanomaly"
     assert main(["fit", str(tree / "train"), "--model", str(model_path), *RESNET,
@@ -742,7 +744,7 @@ def rewrite_metadata(source, target, **changes):
 
 def test_model_of_another_skanomaly_version_loads_with_a_warning(tree, fitted, tmp_path,
                                                                  capsys):
-    from skanomaly.cli import ModelVersionWarning, load_model
+    from skanomaly.persistence import ModelVersionWarning, load_model
 
     other = tmp_path / "other.skanomaly"
     rewrite_metadata(fitted, other, skanomaly_version="0.0.1")
@@ -829,7 +831,7 @@ def test_installed_script_fits_from_a_fresh_process(tree, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert cli.read_model_metadata(model)["n_train"] == 12
+    assert skanomaly.persistence.read_model_metadata(model)["n_train"] == 12
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt"])
@@ -839,7 +841,7 @@ def test_export_runs_as_the_pipeline(suffix, tree, fitted, tmp_path):
     export = pytest.importorskip("skanomaly.export")
     import torch
 
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     out = tmp_path / f"model{suffix}"
     assert main(["export", str(fitted), str(out), "--quiet"]) == 0
@@ -868,7 +870,7 @@ def test_export_of_a_pooled_gaussian(tree, tmp_path, capsys):
     pytest.importorskip("skanomaly.export")
     import onnxruntime
 
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     model = tmp_path / "g.skanomaly"
     assert main(["fit", str(tree / "train"), "--model", str(model), *RESNET,
@@ -890,7 +892,7 @@ def test_export_of_a_pooled_gaussian(tree, tmp_path, capsys):
 def test_tiled_fit_and_predict_score_as_the_tiled_pipeline(tree, tmp_path):
     """--tile-size: the saved pipeline tiles (16-px tiles at stride 12 of the 32-px
     images), predict's scores are its scores, and the main job runs tiled too."""
-    from skanomaly.cli import load_model
+    from skanomaly.persistence import load_model
 
     model_path = tmp_path / "tiled.skanomaly"
     assert main(["fit", str(tree / "train"), "--model", str(model_path), *RESNET,

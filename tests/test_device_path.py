@@ -155,16 +155,19 @@ def test_fused_pipeline_equals_the_steps_one_by_one(textures, name):
 
 def test_fused_padim_computes_only_the_kept_channels(textures, monkeypatch):
     from skanomaly.features import extractor as extractor_module
+    from skanomaly.features import layers as layers_module
 
     widths = []
-    original = extractor_module._embed
+    original = layers_module.embed
 
     def spy(outputs, layers, selection=None):
         out = original(outputs, layers, selection)
         widths.append(out.shape[1])
         return out
 
-    monkeypatch.setattr(extractor_module, "_embed", spy)
+    # the feature module embeds batches, the extractor's fit its probe
+    monkeypatch.setattr(layers_module, "embed", spy)
+    monkeypatch.setattr(extractor_module, "embed", spy)
     model = make_anomaly_pipeline(_extractor(), PIPELINE_DETECTORS["padim"]())
     model.fit(textures.X_train)
     # fit's probes of one image see all 448 channels; the 3 batches of 4 images only 40

@@ -197,7 +197,8 @@ def test_cli_fits_thresholds_on_labelled_validation_images_and_writes_masks(tmp_
 
     from PIL import Image
 
-    from skanomaly.cli import load_model, main
+    from skanomaly.cli import main
+    from skanomaly.persistence import load_model
     from skanomaly.datasets import load_textures
     from skanomaly.streaming import find_images, read_image
 

@@ -20,7 +20,7 @@ from skanomaly import (
     PaDiMDetector,
     PatchCoreDetector,
 )
-from skanomaly.cli import load_model, save_model
+from skanomaly.persistence import load_model, save_model
 from skanomaly.functional._packing import PackedMatrices
 
 warnings.filterwarnings("ignore", message=".*too few.*")

@@ -14,15 +14,21 @@ from sklearn.base import _fit_context
 
 from ..base import (
     BaseDetector,
-    _draw_seed,
-    _ScoreThenUpdateMixin,
-    _to_numpy,
+    ScoreThenUpdateMixin,
+    draw_seed,
     make_generator,
+    to_numpy,
 )
-from ..functional import PCAProjection, pca_fit
-from ..functional._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent
-from ..functional.covariance import _accumulation_dtype
-from ..functional.decomposition import _merge_moments
+from ..functional import (
+    PCAProjection,
+    all_finite,
+    frexp_exponent,
+    ldexp,
+    max_abs_exponent,
+    pca_fit,
+)
+from ..functional.covariance import accumulation_dtype
+from ..functional.decomposition import merge_moments
 from ..functional.kde import GaussianKDE
 
 __all__ = ["DFKDEDetector"]
@@ -82,7 +88,7 @@ class _DFKDEModule(torch.nn.Module):
         return -(self.kde(z) + self.log_unit)
 
 
-class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
+class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
     """Deep Feature Kernel Density Estimation (DFKDE) anomaly detector.
 
     Feature vectors are reduced by PCA, scaled, and modelled by a Gaussian
@@ -310,7 +316,7 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         exact power-of-two scaling, so every finite row has a finite mean; the choice
         depends on the row alone.
         """
-        dtype = _accumulation_dtype(X.device)
+        dtype = accumulation_dtype(X.device)
         vectors = X.mean(dim=(2, 3), dtype=dtype)
         if not all_finite(vectors):
             rows = ~torch.isfinite(vectors).all(1)
@@ -338,7 +344,7 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
 
     def _kde(self) -> GaussianKDE:
         def build():
-            dataset = self._device_tensor("dataset_", _accumulation_dtype(self._device()))
+            dataset = self._device_tensor("dataset_", accumulation_dtype(self._device()))
             if self.feature_scaling is None:
                 dataset = ldexp(dataset, -self._exponent())
             return GaussianKDE(dataset, self.bandwidth)
@@ -386,17 +392,17 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         if rows is not None:  # the moments of every sample, for a later partial_fit
             rest = torch.ones(n_samples, dtype=torch.bool, device=vectors.device)
             rest[rows] = False
-            moments = _merge_moments(_root(*moments),
-                                     _batch_moments(ldexp(vectors[rest], -exponent)))
+            moments = merge_moments(_root(*moments),
+                                    _batch_moments(ldexp(vectors[rest], -exponent)))
         self._build(kept, exponent, fit.mean, fit.singular_values, fit.components,
                     n_pca=kept.shape[0], max_abs=float(kept.abs().max()))
-        self._moments = (moments[0], *map(_to_numpy, moments[1:]), exponent)
-        self._reservoir = _to_numpy(kept)
+        self._moments = (moments[0], *map(to_numpy, moments[1:]), exponent)
+        self._reservoir = to_numpy(kept)
         self.kde_indices_ = (np.arange(n_samples, dtype=np.int64) if rows is None
-                             else _to_numpy(rows).astype(np.int64))
+                             else to_numpy(rows).astype(np.int64))
         self.n_samples_seen_ = int(n_samples)
         self._largest_seen = float(vectors.abs().max())
-        self._next_seed = _draw_seed(generator)
+        self._next_seed = draw_seed(generator)
 
     def _build(self, kde_vectors: torch.Tensor, exponent: int, pca_mean, singular_values,
                components, *, n_pca: int, max_abs: float) -> None:
@@ -467,7 +473,7 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
                 n_before + 1)
             draws = torch.rand(n_batch - take, generator=generator, device=device,
                                dtype=torch.float64)
-            slots = _to_numpy(torch.floor(draws * count).to(torch.int64))
+            slots = to_numpy(torch.floor(draws * count).to(torch.int64))
             items = np.arange(take, n_batch)
             hit = slots < reservoir.shape[0]
             slots, items = slots[hit][::-1], items[hit][::-1]
@@ -482,13 +488,13 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         e = max(e_m, max_abs_exponent(vectors) - 1)
         to_device = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
         mean_m, s_m = ldexp(to_device(mean_m), e_m - e), ldexp(to_device(s_m), e_m - e)
-        n, mean, s, vt = _merge_moments(_root(n_m, mean_m, s_m, to_device(vt_m)),
-                                        _batch_moments(ldexp(vectors, -e)))
+        n, mean, s, vt = merge_moments(_root(n_m, mean_m, s_m, to_device(vt_m)),
+                                       _batch_moments(ldexp(vectors, -e)))
         max_abs = max(self._largest_seen, float(vectors.abs().max()))
 
         self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
         self.n_samples_seen_ = n_before + n_batch
-        self._next_seed = _draw_seed(generator)
+        self._next_seed = draw_seed(generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -580,8 +586,8 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         self._reset_device_cache()
         self._build(reservoir, exponent, ldexp(mean, e - exponent), ldexp(s, e - exponent),
                     vt, n_pca=n, max_abs=max_abs)
-        self._moments = (n, _to_numpy(mean), _to_numpy(s), _to_numpy(vt), e)
-        self._reservoir = _to_numpy(reservoir)
+        self._moments = (n, to_numpy(mean), to_numpy(s), to_numpy(vt), e)
+        self._reservoir = to_numpy(reservoir)
         self.kde_indices_ = indices
         self._largest_seen = max_abs
 
@@ -589,7 +595,7 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
         """Fold the fit of ``other`` (on other samples) into this one, in place.
 
         For the tree reduction of per-block fits in :mod:`skanomaly._dask`. The PCA
-        moments merge as in ``partial_fit`` (:func:`_merge_moments` at a common power of
+        moments merge as in ``partial_fit`` (:func:`merge_moments` at a common power of
         two). The reservoirs, uniform samples of ``n_a`` and ``n_b`` samples, merge into
         a uniform sample of ``m = min(max_training_points, n_a + n_b)`` of the union:
         ``k ~ Hypergeometric(n_a, n_b, m)`` rows from the first, ``m - k`` from the
@@ -604,9 +610,9 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
             mean, s, vt = (torch.as_tensor(v, **f64) for v in (mean, s, vt))
             return _root(n, ldexp(mean, e_m - e), ldexp(s, e_m - e), vt)
 
-        n, mean, s, vt = _merge_moments(root(self._moments), root(other._moments))
+        n, mean, s, vt = merge_moments(root(self._moments), root(other._moments))
         generator = torch.Generator().manual_seed(self._next_seed)
-        rng = np.random.default_rng(_draw_seed(generator))
+        rng = np.random.default_rng(draw_seed(generator))
         n_a, n_b = self.n_samples_seen_, other.n_samples_seen_
         m = min(self.max_training_points, n_a + n_b)
         k = n_a if m == n_a + n_b else int(rng.hypergeometric(n_a, n_b, m))
@@ -619,4 +625,4 @@ class DFKDEDetector(_ScoreThenUpdateMixin, BaseDetector):
                                   other.kde_indices_[pick_b]]).astype(np.int64)
         self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
         self.n_samples_seen_ = n_a + n_b
-        self._next_seed = _draw_seed(generator)
+        self._next_seed = draw_seed(generator)

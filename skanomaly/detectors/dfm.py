@@ -11,22 +11,24 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from torch import nn
 
-from ..base import BaseDetector, BaseSpatialDetector, _ScoreThenUpdateMixin, _to_numpy
+from ..base import BaseDetector, BaseSpatialDetector, ScoreThenUpdateMixin, to_numpy
 from ..functional import (
     GaussianScorer,
     PCAFit,
     PCAProjection,
+    all_finite,
+    ldexp,
     mahalanobis,
+    max_abs_exponent,
     pca_fit,
     pca_inverse_transform,
     pca_transform,
     regularized_cholesky,
     upsample_bilinear,
 )
-from ..functional._validation import all_finite, ldexp, max_abs_exponent
-from ..functional.covariance import _accumulation_dtype
-from ..functional.decomposition import _merge_moments, _resolve_n_components, _subset_moments
-from ..functional.spatial import _bilinear_matrix
+from ..functional.covariance import accumulation_dtype
+from ..functional.decomposition import merge_moments, resolve_n_components, subset_moments
+from ..functional.spatial import bilinear_matrix
 
 __all__ = ["DFMDetector"]
 
@@ -45,7 +47,7 @@ def _pca_from_moments(n: int, mean, s, vt, n_components) -> PCAFit:
     variance = ldexp(s, -exponent).square() / (n - 1)
     total = variance.sum()
     ratio = variance / total if bool(total > 0) else torch.zeros_like(variance)
-    k = _resolve_n_components(n_components, ratio, s.shape[0])
+    k = resolve_n_components(n_components, ratio, s.shape[0])
     noise = variance[k:].mean() if k < variance.shape[0] else variance.new_zeros(())
     variance, noise = ldexp(variance, 2 * exponent), ldexp(noise, 2 * exponent)
     if not (all_finite(variance) and all_finite(noise)):
@@ -121,8 +123,8 @@ class _DFMModule(nn.Module):
         if self.upsample:  # bilinear from the pooled grid, as matrices (float64 in ONNX)
             like = dict(dtype=projection.components.dtype,
                         device=projection.components.device)
-            self.register_buffer("rows", _bilinear_matrix(pooled[0], self.grid[0], **like))
-            self.register_buffer("cols", _bilinear_matrix(pooled[1], self.grid[1], **like).T)
+            self.register_buffer("rows", bilinear_matrix(pooled[0], self.grid[0], **like))
+            self.register_buffer("cols", bilinear_matrix(pooled[1], self.grid[1], **like).T)
 
     def forward(self, x: torch.Tensor):
         x = x.to(self.projection.components.dtype)
@@ -137,7 +139,7 @@ class _DFMModule(nn.Module):
         return squared.flatten(1).sum(1), maps
 
 
-class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
+class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     """Deep Feature Modeling (DFM) anomaly detector (Ahuja et al., 2019).
 
     Feature maps are average-pooled, flattened to one vector per image and
@@ -221,9 +223,10 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
     exact leave-one-out shortcut exists for a PCA refitted without each sample.
     ``fit`` therefore sets ``offset_`` by the base class's 5-fold cross-fitting:
     each fifth of the training images is scored by a DFM fitted on the other four
-    fifths, which costs five extra PCA fits (SVDs of four fifths of the pooled
-    training matrix, ``O(n_samples * n_pooled_features * min(n_samples,
-    n_pooled_features))`` each) and one scoring pass over the training set. With
+    fifths. The five fold PCAs come from one Gram matrix of the pooled training
+    vectors (``O(n_samples**2 * n_pooled_features)``), each by an eigendecomposition
+    of its four fifths' block (``O(n_samples**3)``) instead of an SVD of their rows,
+    plus one scoring pass over the training set. With
     fewer training images than pooled features, a fold's subspace (fitted to four
     fifths of them) reconstructs a little worse than the full one, so the offset is
     conservative and ``predict`` flags somewhat fewer than ``contamination`` of new
@@ -349,7 +352,7 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         float32's maximum do not overflow), as the fitted module pools.
         """
         kernel = self._kernel(X.shape[2:])
-        dtype = _accumulation_dtype(X.device)
+        dtype = accumulation_dtype(X.device)
         if kernel == (1, 1):
             return X.to(dtype)
         step = max(1, _POOL_BLOCK // max(1, math.prod(X.shape[1:])))
@@ -388,27 +391,27 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
             if not all_finite(variance):
                 raise ValueError("the covariance of the PCA coordinates exceeds the range "
                                  f"of {variance.dtype}; rescale the features")
-            gaussian = {"gaussian_mean_": _to_numpy(torch.zeros_like(sk)),
-                        "gaussian_covariance_": _to_numpy(torch.diag(variance))}
+            gaussian = {"gaussian_mean_": to_numpy(torch.zeros_like(sk)),
+                        "gaussian_covariance_": to_numpy(torch.diag(variance))}
         for name in ("gaussian_mean_", "gaussian_covariance_"):  # from an earlier "nll" fit
             self.__dict__.pop(name, None)
         self.__dict__.update(gaussian)
-        self.components_ = _to_numpy(fit.components)
-        self.mean_ = _to_numpy(fit.mean)
-        self.explained_variance_ = _to_numpy(fit.explained_variance)
-        self.explained_variance_ratio_ = _to_numpy(fit.explained_variance_ratio)
-        self.singular_values_ = _to_numpy(fit.singular_values)
+        self.components_ = to_numpy(fit.components)
+        self.mean_ = to_numpy(fit.mean)
+        self.explained_variance_ = to_numpy(fit.explained_variance)
+        self.explained_variance_ratio_ = to_numpy(fit.explained_variance_ratio)
+        self.singular_values_ = to_numpy(fit.singular_values)
         self.noise_variance_ = float(fit.noise_variance)
         self.n_components_ = fit.n_components
         self.n_samples_seen_ = int(n)
-        self._moments = (int(n), _to_numpy(mean), _to_numpy(s), _to_numpy(vt))
+        self._moments = (int(n), to_numpy(mean), to_numpy(s), to_numpy(vt))
 
     def _fold_models(self, X: torch.Tensor, held_out):
         """The cross-fit's models: each fold's PCA from one Gram matrix of the pooled
-        training vectors (:func:`~skanomaly.functional.decomposition._subset_moments`),
+        training vectors (:func:`~skanomaly.functional.decomposition.subset_moments`),
         not an SVD per fold."""
         vectors = self._pooled(X).flatten(1)
-        for moments in _subset_moments(vectors, [~held for held in held_out]):
+        for moments in subset_moments(vectors, [~held for held in held_out]):
             model = self._unfitted_copy()
             model.pooled_shape_ = self.pooled_shape_
             model._set_model(*moments)
@@ -430,8 +433,8 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         n, mean, s, vt = (torch.as_tensor(v, dtype=vectors.dtype, device=vectors.device)
                           if isinstance(v, np.ndarray) else v for v in self._moments)
         batch_mean = vectors.mean(0)
-        merged = _merge_moments((n, mean, s[:, None] * vt),
-                                (vectors.shape[0], batch_mean, vectors - batch_mean))
+        merged = merge_moments((n, mean, s[:, None] * vt),
+                               (vectors.shape[0], batch_mean, vectors - batch_mean))
         self._reset_device_cache()
         self._set_model(*merged)
 
@@ -512,7 +515,7 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
                           self.input_shape_[1:], gaussian, log_det)
 
     def _module(self, X: torch.Tensor) -> nn.Module:
-        return self._scoring_module(X.device, _accumulation_dtype(X.device))
+        return self._scoring_module(X.device, accumulation_dtype(X.device))
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:
         module = self._module(X)
@@ -554,7 +557,7 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         """Fold the fit of ``other`` (on other samples) into this one, in place.
 
         For the tree reduction of per-block fits in :mod:`skanomaly._dask`: both
-        factorised moments merge by ``partial_fit``'s :func:`_merge_moments` and the PCA
+        factorised moments merge by ``partial_fit``'s :func:`merge_moments` and the PCA
         is refitted from them by the same ``_set_model``. ``offset_`` is not set.
         """
         def root(moments):
@@ -562,6 +565,6 @@ class DFMDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
             mean, s, vt = (torch.as_tensor(v, dtype=torch.float64) for v in (mean, s, vt))
             return n, mean, s[:, None] * vt
 
-        merged = _merge_moments(root(self._moments), root(other._moments))
+        merged = merge_moments(root(self._moments), root(other._moments))
         self._reset_device_cache()
         self._set_model(*merged)

@@ -6,42 +6,21 @@ from numbers import Real
 
 import numpy as np
 import torch
-from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ..base import BaseDetector
+from ..base import BaseDetector, IncrementalMixin
 from ..functional import (
     GaussianScorer,
     MomentAccumulator,
+    all_finite,
     leave_one_out_mahalanobis,
     mahalanobis,
-    regularized_cholesky,
 )
-from ..functional._validation import all_finite
-from ..functional.covariance import _accumulation_dtype
+from ..functional.covariance import accumulation_dtype
+from ..functional.mahalanobis import cholesky_or_raise
 
 __all__ = ["GaussianDetector"]
-
-
-def _cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``covariance + reg * I``; ``ValueError`` if numerically singular.
-
-    Besides an outright failure of the factorisation, a pivot ``L_ii**2`` below
-    ``d * eps`` times the largest variance means a condition number beyond ``1 / (d * eps)``:
-    the matrix is singular to working precision (e.g. exactly collinear features, whose
-    factorisation may "succeed" with a rounding-error pivot and give meaningless distances).
-    """
-    d = covariance.shape[-1]
-    try:
-        factor = regularized_cholesky(covariance, reg)
-    except ValueError as exc:
-        raise ValueError(advice) from exc
-    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(-1)
-    scale = covariance.diagonal(dim1=-2, dim2=-1).amax(-1) + reg
-    if bool((pivots <= d * torch.finfo(factor.dtype).eps * scale).any()):
-        raise ValueError(advice)
-    return factor
 
 
 def _ledoit_wolf_shrinkage(covariance: torch.Tensor, n_samples: int,
@@ -63,82 +42,6 @@ def _ledoit_wolf_shrinkage(covariance: torch.Tensor, n_samples: int,
     return (beta.clamp(min=0.0) / delta).clamp(max=1.0)
 
 
-class _IncrementalMixin:
-    """``fit`` and ``partial_fit`` over one ``_accumulate(X, reset, incremental)`` step.
-
-    ``_accumulate`` folds a validated batch into the fitted state (starting afresh when
-    ``reset``; ``incremental`` when called by ``partial_fit``, so the state must stay
-    updatable), refreshes the model and leaves the state unchanged if it raises.
-    """
-
-    def _fit(self, X: torch.Tensor) -> None:
-        self._accumulate(X, reset=True, incremental=False)
-
-    @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y=None):
-        """Update the detector with one more batch of (mostly) normal samples.
-
-        On an unfitted detector the batch starts the model; later calls (after ``fit``
-        too) add it to the moments accumulated so far. ``fit(X)`` equals
-        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
-        ``offset_`` is set from the leave-one-out scores of the batch passed last
-        under the updated model (see the class Notes).
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, ...)
-            A batch shaped like the training data (the first batch fixes the shape).
-        y : Ignored
-            Not used, present for API consistency.
-
-        Returns
-        -------
-        self : object
-            The updated detector.
-
-        Raises
-        ------
-        ValueError
-            If the batch does not match the shape of earlier batches or holds NaN or
-            infinity, if the first batch has fewer than 2 samples, if the updated
-            covariance is singular, or if the detector's parameters do not allow
-            incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
-            loaded from a model file saved without its streaming state (the moments). The
-            fitted state is then left as it was.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from skanomaly import GaussianDetector
-        >>> X = np.random.default_rng(0).normal(size=(100, 3))
-        >>> det = GaussianDetector(device="cpu")
-        >>> for batch in np.array_split(X, 4):
-        ...     det = det.partial_fit(batch)
-        >>> whole = GaussianDetector(device="cpu").fit(X)
-        >>> det.n_samples_seen_, bool(np.allclose(det.covariance_, whole.covariance_))
-        (100, True)
-        """
-        first = not hasattr(self, "n_samples_seen_")
-        if not first:
-            self._check_streaming_state()
-        Xt = self._validate_input(X, reset=first)
-        self._accumulate(Xt, reset=first, incremental=True)
-        self._set_offset(*self._out_of_sample_scores(Xt))
-        return self
-
-    def _out_of_sample_scores(self, X: torch.Tensor):
-        """Exact leave-one-out scores of training samples ``X`` from the moments."""
-        if self.n_samples_seen_ < self._loo_ddof + 2:
-            return self._in_sample_scores(
-                X, f"{self.n_samples_seen_} samples are too few for leave-one-out scores")
-        try:
-            return self._leave_one_out(X), "leave-one-out"
-        except ValueError as exc:
-            if X.shape[0] == self.n_samples_seen_:  # X is the whole training set
-                return self._cross_fitted_scores(X)
-            return self._in_sample_scores(X, f"no leave-one-out scores ({exc})")
-
-
 class _GaussianModule(nn.Module):
     """A fitted GaussianDetector's scoring: (N, D) samples -> squared distances (N,).
 
@@ -155,7 +58,7 @@ class _GaussianModule(nn.Module):
         return self.scorer(x[:, None])[:, 0]
 
 
-class GaussianDetector(_IncrementalMixin, BaseDetector):
+class GaussianDetector(IncrementalMixin, BaseDetector):
     """Anomaly detection with one multivariate Gaussian and the Mahalanobis distance.
 
     Fits the mean and covariance of (deep) features of normal samples and scores a
@@ -321,7 +224,7 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
             shrinkage = float(self.shrinkage or 0.0)
         covariance = emp_cov * (1.0 - shrinkage)
         covariance.diagonal().add_(shrinkage * float(emp_cov.trace()) / emp_cov.shape[0])
-        factor = _cholesky_or_raise(
+        factor = cholesky_or_raise(
             covariance, float(self.reg),
             f"{type(self).__name__}: the covariance of the {n} training samples is singular "
             "(constant or collinear features, or n_samples <= n_features); use "
@@ -380,7 +283,7 @@ class GaussianDetector(_IncrementalMixin, BaseDetector):
         return _GaussianModule(scorer)
 
     def _score(self, X: torch.Tensor) -> torch.Tensor:
-        module = self._scoring_module(X.device, _accumulation_dtype(X.device))
+        module = self._scoring_module(X.device, accumulation_dtype(X.device))
         d2 = module(X)
         if not all_finite(d2):  # unscaled products overflowed: the checked route rescales
             scorer = module.scorer

@@ -10,11 +10,13 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
-from ..base import BaseDetector, BaseSpatialDetector, make_generator
+from ..base import BaseDetector, BaseSpatialDetector, IncrementalMixin, make_generator
 from ..functional import (
     GaussianScorer,
     MomentAccumulator,
+    PackedMatrices,
     WoodburyGaussianScorer,
+    all_finite,
     leave_one_out_mahalanobis,
     mahalanobis,
     mahalanobis_woodbury,
@@ -22,10 +24,8 @@ from ..functional import (
     tril_inverse,
     woodbury_factor,
 )
-from ..functional._packing import PackedMatrices
-from ..functional._validation import all_finite
-from ..functional.covariance import _accumulation_dtype
-from .gaussian import _cholesky_or_raise, _IncrementalMixin
+from ..functional.covariance import accumulation_dtype
+from ..functional.mahalanobis import cholesky_or_raise
 
 __all__ = ["PaDiMDetector"]
 
@@ -62,7 +62,7 @@ class _PaDiMModule(nn.Module):
         return maps.flatten(1).amax(1), maps
 
 
-class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
+class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
     """PaDiM anomaly detection and localisation: a Gaussian per feature-map position.
 
     Each spatial position of the training feature maps gets its own multivariate
@@ -161,7 +161,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
     :meth:`partial_fit` needs; ``covariance_`` is computed from them on access. Pickled,
     the triangular factor takes its triangle (``d (d + 1) / 2`` numbers per position,
     bit for bit), and so does the symmetric scatter; a model file of
-    :func:`skanomaly.cli.save_model` leaves the moments out unless asked to keep them
+    :func:`skanomaly.persistence.save_model` leaves the moments out unless asked to keep them
     (``keep_streaming_state=True``, ``skanomaly fit --keep-streaming-state``), so that by
     default it holds ``n_positions * d (d + 3) / 2`` numbers, and ``partial_fit`` after
     loading it raises. The Woodbury solver holds ``n_positions * N * (d + N)`` (its
@@ -349,7 +349,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         upper = torch.empty_like(covariance)
         # factor block by block: the temporaries stay in cache, none is P * d^2 large
         for start, stop in self._position_blocks(covariance.shape[0], len(idx), len(idx)):
-            factor = _cholesky_or_raise(covariance[start:stop], float(self.reg), advice)
+            factor = cholesky_or_raise(covariance[start:stop], float(self.reg), advice)
             upper[start:stop] = precision_cholesky(factor)
         # covariance_ is not kept: it is computed from the moments on access
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
@@ -471,7 +471,7 @@ class PaDiMDetector(_IncrementalMixin, BaseSpatialDetector):
         """(image scores, maps) of ``X``: its ``input_shape_[0]`` channels, or only the
         kept ones (``feature_indices_``, as :meth:`_input_channels` asks a pipeline's
         feature extractor for them)."""
-        dtype = _accumulation_dtype(X.device)
+        dtype = accumulation_dtype(X.device)
         if X.shape[1] == self.input_shape_[0]:
             module = self._scoring_module(X.device, dtype)
         else:  # the kept channels only: the same scorer, without the channel selection

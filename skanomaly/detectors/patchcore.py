@@ -14,11 +14,11 @@ from sklearn.utils._param_validation import Interval
 from ..base import (
     BaseDetector,
     BaseSpatialDetector,
-    _draw_seed,
-    _in_fixed_blocks,
-    _ScoreThenUpdateMixin,
-    _to_numpy,
+    ScoreThenUpdateMixin,
+    draw_seed,
+    in_fixed_blocks,
     make_generator,
+    to_numpy,
 )
 from ..functional import (
     KNNIndex,
@@ -74,7 +74,7 @@ class _PatchCoreModule(torch.nn.Module):
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score, maps
 
 
-class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
+class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     """PatchCore anomaly detector over feature maps (Roth et al., 2022).
 
     Every position of every training feature map, after a ``p x p``
@@ -344,7 +344,7 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
             return torch.arange(n_points, device=points.device)
         if not hasattr(self, "_projection"):
             dim = johnson_lindenstrauss_min_dim(n_points, eps=self.projection_eps)
-            self._projection = None if dim >= n_channels else _to_numpy(
+            self._projection = None if dim >= n_channels else to_numpy(
                 sparse_random_projection_matrix(dim, n_channels, generator=generator,
                                                 dtype=points.dtype, device=points.device))
         projection = None if self._projection is None else torch.as_tensor(
@@ -357,11 +357,11 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         patches = self._patches(X)
         generator = make_generator(self.random_state, patches.device)
         indices = self._coreset(patches, self._budget(patches.shape[0]), generator)
-        self.coreset_indices_ = _to_numpy(indices).astype(np.int64)
+        self.coreset_indices_ = to_numpy(indices).astype(np.int64)
         self.bank_images_ = self.coreset_indices_ // math.prod(X.shape[2:])
-        self.memory_bank_ = _to_numpy(patches[indices])
+        self.memory_bank_ = to_numpy(patches[indices])
         self.n_samples_seen_ = int(X.shape[0])
-        self._next_seed = _draw_seed(generator)
+        self._next_seed = draw_seed(generator)
 
     def _absorb(self, X: torch.Tensor) -> None:
         """Merge a validated batch into the bank and reduce the union to the budget."""
@@ -375,7 +375,7 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         bank = torch.cat([torch.as_tensor(self.memory_bank_, device=patches.device),
                           patches[local]])
         rows = np.concatenate([self.coreset_indices_,
-                               self.n_samples_seen_ * per_image + _to_numpy(local)])
+                               self.n_samples_seen_ * per_image + to_numpy(local)])
         self._reduce_union(bank, rows, budget, per_image, n_seen, generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -466,7 +466,7 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         # same whatever the batch
         stacked = torch.cat([patches[rows, worst][:, None], bank[support]], dim=1).to(
             torch.float64)
-        gaps = _in_fixed_blocks(
+        gaps = in_fixed_blocks(
             lambda t: torch.linalg.vector_norm(t[:, 1:] - t[:, :1], dim=-1), stacked, 8)
         return (1.0 - torch.softmax(gaps, dim=1)[:, 0]) * score
 
@@ -508,13 +508,13 @@ class PatchCoreDetector(_ScoreThenUpdateMixin, BaseSpatialDetector):
         """
         if bank.shape[0] > budget:
             keep = self._coreset(bank, budget, generator)
-            bank, rows = bank[keep], rows[_to_numpy(keep)]
+            bank, rows = bank[keep], rows[to_numpy(keep)]
         self._reset_device_cache()
-        self.memory_bank_ = _to_numpy(bank)
+        self.memory_bank_ = to_numpy(bank)
         self.coreset_indices_ = rows.astype(np.int64)
         self.bank_images_ = self.coreset_indices_ // per_image
         self.n_samples_seen_ = n_seen
-        self._next_seed = _draw_seed(generator)
+        self._next_seed = draw_seed(generator)
 
     def _merge_partial(self, other: PatchCoreDetector) -> None:
         """Fold the bank of ``other`` (fitted on other images) into this one, in place.

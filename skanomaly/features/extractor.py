@@ -1,8 +1,10 @@
 """Backbone feature maps (torchvision or timm models, or any ``nn.Module``) as an sklearn
-transformer.
+transformer: :class:`FeatureExtractor`, its parameters' validation and its input.
 
-torchvision and timm are imported only when a backbone is built by name, so importing
-this module needs torch alone.
+Backbones are built by name in :mod:`skanomaly.features.backbones` (with packaged
+weights from :mod:`skanomaly.features.pretrained`); the hooked layers become one feature
+map in :mod:`skanomaly.features.layers`. torchvision and timm are imported only when a
+backbone is built by name, so importing this module needs torch alone.
 """
 
 from __future__ import annotations
@@ -10,15 +12,10 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import pickle
-import threading
-from collections.abc import Mapping
 from numbers import Integral
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
@@ -26,218 +23,23 @@ from sklearn_compat.utils.validation import check_array, validate_data
 
 from .._dask import is_dask_array, transform_dask
 from ..base import make_generator, resolve_device
-from .pretrained import PACKAGED_WEIGHTS, load_packaged_weights
+from .backbones import build_backbone, check_packaged, load_weights_file, split_backbone
+from .layers import (
+    FeatureModule,
+    embed,
+    first_conv_in_channels,
+    fold_batch_norms,
+    layer_selection,
+    truncated,
+)
+from .pretrained import load_packaged_weights
 
 __all__ = ["FeatureExtractor"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 #: ``layers=None`` for backbones given by name, beyond ResNet-style ones (chosen by
 #: measurement on the bundled textures: see the class's Notes).
 _DEFAULT_LAYERS = {"timm/tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.3")}
-_LIBRARIES = ("torchvision", "timm")
-_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _is_weight_file(weights) -> bool:
-    if isinstance(weights, os.PathLike):
-        return True
-    return (
-        "/" in weights
-        or os.sep in weights
-        or weights.endswith(_WEIGHT_FILE_SUFFIXES)
-        or Path(weights).exists()
-    )
-
-
-def _load_state_dict(path) -> Mapping:
-    """``torch.load(path, weights_only=True)`` onto the CPU, with clear errors."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {os.fspath(path)!r} does not exist")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(
-            f"could not read {os.fspath(path)!r} with torch.load(weights_only=True); save "
-            f"the weights with torch.save(model.state_dict(), path): {exc}"
-        ) from exc
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(
-            f"{os.fspath(path)!r} holds a {type(state_dict).__name__}, not a state_dict; "
-            "save it with torch.save(model.state_dict(), path)"
-        )
-    return state_dict
-
-
-def _load_into(model: torch.nn.Module, path) -> None:
-    try:
-        model.load_state_dict(_load_state_dict(path), strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"the state_dict in {os.fspath(path)!r} does not match the backbone: {exc}"
-        ) from exc
-
-
-def _weight_enum(models, name: str, weights: str):
-    """torchvision weights enum member for ``weights`` ("IMAGENET1K_V1", "DEFAULT" or
-    "ResNet18_Weights.IMAGENET1K_V1") of model ``name``."""
-    enum_cls = models.get_model_weights(name)
-    prefix, _, member = weights.rpartition(".")
-    if prefix not in ("", enum_cls.__name__) or member not in enum_cls.__members__:
-        valid = ", ".join(enum_cls.__members__)
-        raise ValueError(
-            f"unknown weights {weights!r} for backbone {name!r}; torchvision offers "
-            f"{enum_cls.__name__}.{{{valid}}} (downloaded on first use), or pass a path "
-            f"to a state_dict file; packaged weights (no download): {_named_weights_hint()}"
-        )
-    return enum_cls[member]
-
-
-def split_backbone(name: str) -> tuple[str, str]:
-    """Library and model name of a backbone given by name.
-
-    Parameters
-    ----------
-    name : str
-        ``"timm/<model>"`` for a timm model, ``"torchvision/<model>"`` or a bare
-        ``"<model>"`` for a torchvision classification model.
-
-    Returns
-    -------
-    library : {"torchvision", "timm"}
-        The library that builds the model.
-    model : str
-        The model's name in that library.
-
-    Raises
-    ------
-    ValueError
-        If the prefix before ``/`` names no known library, or the model name is empty.
-
-    Examples
-    --------
-    >>> from skanomaly.features.extractor import split_backbone
-    >>> split_backbone("timm/tf_efficientnet_lite0"), split_backbone("resnet18")
-    (('timm', 'tf_efficientnet_lite0'), ('torchvision', 'resnet18'))
-    """
-    library, sep, model = name.partition("/")
-    if not sep:
-        library, model = "torchvision", name
-    elif library not in _LIBRARIES:
-        close = difflib.get_close_matches(library, _LIBRARIES, n=1)
-        hint = f"; did you mean '{close[0]}/{model}'?" if close else ""
-        raise ValueError(
-            f"unknown library {library!r} in backbone {name!r}{hint} Name a backbone as "
-            "'timm/<model>' (timm) or '<model>' / 'torchvision/<model>' (torchvision)"
-        )
-    if not model:
-        raise ValueError(f"backbone {name!r} names no model after the library prefix")
-    return library, model
-
-
-def _check_packaged(name: str, weights) -> bool:
-    """True if ``weights`` names packaged weights; ValueError if they are for another
-    backbone than ``name`` (None for a module backbone: any module may take them)."""
-    if not isinstance(weights, str) or weights not in PACKAGED_WEIGHTS:
-        return False
-    expected = PACKAGED_WEIGHTS[weights].backbone
-    if name is not None and split_backbone(name) != split_backbone(expected):
-        raise ValueError(
-            f"weights {weights!r} are for backbone {expected!r}, not {name!r}; pass "
-            f"backbone={expected!r}"
-        )
-    return True
-
-
-def _named_weights_hint() -> str:
-    return ", ".join(f"{name!r} (backbone {w.backbone!r})"
-                     for name, w in PACKAGED_WEIGHTS.items())
-
-
-def _build_timm(name: str, weights, seed: int) -> torch.nn.Module:
-    """Build timm model ``name`` (without its own pretrained weights, which download);
-    random init seeded by ``seed`` under :func:`torch.random.fork_rng`."""
-    full = f"timm/{name}"
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError(
-            f"building backbone {full!r} needs timm; install it (pip install timm) or "
-            "pass an nn.Module as backbone"
-        ) from exc
-    if not timm.is_model(name):
-        names = timm.list_models()
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join('timm/' + c for c in close)}?" if close else ""
-        raise ValueError(
-            f"unknown backbone {full!r}{hint} timm has {len(names)} architectures (see "
-            "timm.list_models()); name one as 'timm/<architecture>'"
-        )
-    packaged = _check_packaged(full, weights)
-    from_file = weights is not None and not packaged and _is_weight_file(weights)
-    if weights is not None and not packaged and not from_file:
-        raise ValueError(
-            f"unknown weights {weights!r} for backbone {full!r}; a timm backbone takes "
-            f"weights=None (random initialisation), the path of a state_dict file, or "
-            f"packaged weights: {_named_weights_hint()} (timm's own pretrained weights "
-            "download from the Hugging Face Hub: save them with torch.save(model."
-            "state_dict(), path) where there is network access and pass the path)"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False)
-    if packaged:
-        load_packaged_weights(model, weights)
-    elif from_file:
-        _load_into(model, weights)
-    return model
-
-
-def _build(name: str, weights, seed: int) -> torch.nn.Module:
-    library, model = split_backbone(name)
-    if library == "timm":
-        return _build_timm(model, weights, seed)
-    _check_packaged(name, weights)
-    return _build_torchvision(model, weights, seed)
-
-
-def _build_torchvision(name: str, weights, seed: int) -> torch.nn.Module:
-    """Build torchvision classification model ``name``; random init is seeded by ``seed``
-    inside :func:`torch.random.fork_rng`, so the global RNG comes out unchanged."""
-    try:
-        import torchvision.models as models
-    except ImportError as exc:
-        raise ImportError(
-            f"building backbone {name!r} by name needs torchvision; install it or pass "
-            "an nn.Module as backbone"
-        ) from exc
-    names = models.list_models(module=models)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown backbone {name!r}{hint} torchvision classification models include "
-            f"{', '.join(names[:8])}, ... ({len(names)} in all, see "
-            "torchvision.models.list_models()); or pass an nn.Module"
-        )
-    from_file = weights is not None and _is_weight_file(weights)
-    enum = None if weights is None or from_file else _weight_enum(models, name, weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        try:
-            model = models.get_model(name, weights=enum)
-        except (OSError, RuntimeError) as exc:
-            if enum is None:
-                raise
-            raise ValueError(
-                f"could not load torchvision weights {enum} (downloaded on first use, then "
-                "cached under torch.hub.get_dir()); without network access, pass the path of "
-                f"a local state_dict file as weights instead: {exc}"
-            ) from exc
-    if from_file:
-        _load_into(model, weights)
-    return model
 
 
 def _stage_hint(model) -> str:
@@ -285,222 +87,6 @@ def _check_layers(model: torch.nn.Module, layers, default=None) -> tuple[str, ..
                 f"{top}{_stage_hint(model)}"
             )
     return layers
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to end a forward pass once every layer is captured."""
-
-
-def _forward_layers(model, layers, x, stop_after=None) -> tuple[dict, int]:
-    """Run ``model(x)`` with forward hooks on ``layers``.
-
-    Returns the output of each hooked layer (its last call) and the number of hook
-    calls; the forward stops after ``stop_after`` calls when given. Hooks are removed
-    on exit and ignore forwards run by other threads on the same model.
-    """
-    outputs: dict[str, torch.Tensor] = {}
-    calls = 0
-    thread = threading.get_ident()
-
-    def make_hook(name):
-        def hook(module, args, output):
-            nonlocal calls
-            if threading.get_ident() != thread:
-                return
-            outputs[name] = output
-            calls += 1
-            if calls == stop_after:
-                raise _StopForward
-
-        return hook
-
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs, calls
-
-
-def _embed(outputs: dict, layers, selection=None) -> torch.Tensor:
-    """Resize every layer's map to the first layer's grid (nearest) and concatenate.
-
-    ``selection``: per layer, the indices of its channels to keep (None: all), applied
-    BEFORE the resize (nearest interpolation is per channel, so the result equals
-    selecting from the full concatenation, bitwise, at a fraction of the work).
-    """
-    size = outputs[layers[0]].shape[-2:]
-    maps = []
-    for i, name in enumerate(layers):
-        out = outputs[name]
-        if selection is not None and selection[i] is not None:
-            out = out.index_select(1, selection[i])
-        # no shape test to skip the first layer's resize: under a trace it would turn
-        # traced sizes into Python constants (the resize to its own size is a copy)
-        maps.append(F.interpolate(out, size=size, mode="nearest"))
-    # one (NCHW) layout out, whatever layout the backbone computed in
-    return torch.cat(maps, dim=1).contiguous()
-
-
-def _layer_selection(channels, widths, device) -> list:
-    """``channels`` (sorted indices into the concatenation of layers ``widths`` wide) as
-    per-layer index tensors on ``device`` (None for a layer kept whole)."""
-    channels = np.asarray(channels, dtype=np.int64)
-    selection, start = [], 0
-    for width in widths:
-        mine = channels[(channels >= start) & (channels < start + width)] - start
-        selection.append(None if len(mine) == width else torch.as_tensor(mine, device=device))
-        start += width
-    return selection
-
-
-class _FeatureModule(torch.nn.Module):
-    """Images -> features, exactly as :meth:`FeatureExtractor.transform` computes them.
-
-    ``forward(x)`` takes float32 images (n, C, H, W) already scaled to [0, 1] (uint8
-    scaling and validation stay in ``transform``), standardises them with the ImageNet
-    statistics when ``normalize`` (a 1-channel image broadcasts to 3 channels there:
-    grayscale is replicated), runs the backbone with forward hooks on ``layers`` up to
-    the ``stop_after``-th hook call and returns the layers' maps on the first layer's
-    grid, concatenated (float32, (n, C_out, H_out, W_out)). Traceable by
-    ``torch.jit.trace`` and the TorchScript-based ONNX exporter: the early stop is a
-    Python exception, the hooks live only during the call.
-    """
-
-    def __init__(self, backbone, layers, *, normalize: bool, stop_after=None, device="cpu"):
-        super().__init__()
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.normalize = bool(normalize)
-        self.stop_after = stop_after
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
-
-    def layer_outputs(self, x: torch.Tensor) -> tuple[dict, int]:
-        """The hooked layers' outputs and the number of hook calls (see _forward_layers).
-
-        On the CPU the backbone runs on channels-last (NHWC) images whatever the
-        caller's layout: oneDNN's NHWC convolutions ran resnet18 to layer3 1.36x faster
-        than NCHW (32 images of 224 px, 2 threads, 2-core EPYC), and one layout for all
-        input keeps the features independent of the caller's strides.
-        """
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        if x.device.type == "cpu" and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return _forward_layers(self.backbone, self.layers, x, self.stop_after)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _embed(self.layer_outputs(x)[0], self.layers)
-
-    def features(self, x: torch.Tensor, selection=None) -> torch.Tensor:
-        """:meth:`forward` keeping only the channels of ``selection`` (see ``_embed``)."""
-        return _embed(self.layer_outputs(x)[0], self.layers, selection)
-
-
-def _truncated(model: torch.nn.Module, layers, stop_after: int, probe: torch.Tensor,
-               normalize: bool) -> torch.nn.Module:
-    """``model`` without the modules its forward never reaches before the last hook.
-
-    A copy of the module tree sharing every parameter and buffer with ``model``, in
-    which each maximal subtree not called while ``probe`` runs up to the
-    ``stop_after``-th hook call (a ResNet's ``layer4``, ``avgpool`` and ``fc`` for
-    layers up to ``layer3``) is an ``nn.Identity``: exported graphs and files then hold
-    only the weights the features need. If the truncated copy does not reproduce the
-    features of ``probe`` exactly (a module that reads a skipped module's weights, say),
-    ``model`` itself is returned.
-    """
-    called: set[int] = set()
-    handles = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod)))
-               for m in model.modules()]
-    try:
-        with torch.inference_mode():
-            reference = _FeatureModule(model, layers, normalize=normalize,
-                                       stop_after=stop_after, device=probe.device)(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    originals = dict(model.named_modules())
-    skipped = [(parent_name, name) for parent_name, parent in originals.items()
-               if id(parent) in called
-               for name, child in parent.named_children() if id(child) not in called]
-    if not skipped:
-        return model
-    # share the tensors, copy the tree: the memo maps every parameter and buffer to itself
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    trimmed = copy.deepcopy(model, memo)
-    copies = dict(trimmed.named_modules())
-    for parent_name, name in skipped:
-        copies[parent_name]._modules[name] = torch.nn.Identity()
-    try:
-        with torch.inference_mode():
-            same = torch.equal(_FeatureModule(trimmed, layers, normalize=normalize,
-                                              stop_after=stop_after, device=probe.device)(probe),
-                               reference)
-    except Exception:  # noqa: BLE001 - any failure of the trimmed copy: keep the model
-        same = False
-    return trimmed if same else model
-
-
-def _fold_batch_norms(model: torch.nn.Module, layers, stop_after: int, normalize: bool,
-                      probe: torch.Tensor) -> torch.nn.Module:
-    """A copy of eval-mode ``model`` with each BatchNorm2d folded into the Conv2d before it.
-
-    ``y = gamma (conv(x) - mu) / sqrt(var + eps) + beta`` is one convolution with scaled
-    weights and a bias (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), so inference
-    skips a pass over every activation map: resnet18 to layer3 ran 1.25x faster on the
-    CPU (channels-last, 32 images of 224 px, 2 threads). Pairs are found by structure: a
-    ``convN``/``bnN`` (or ``conv``/``bn``) pair of attributes of one module (torchvision's
-    ResNet blocks) and a Conv2d directly followed by a BatchNorm2d in an
-    ``nn.Sequential`` (downsampling branches, ``Conv2dNormActivation``); only exact
-    ``BatchNorm2d`` (a subclass such as timm's ``BatchNormAct2d`` also applies an
-    activation). The copy is kept only if its features of ``probe`` agree with the
-    original's to float32 rounding (1e-4 of their largest magnitude): a forward that
-    does not apply a pair in that order returns ``model`` itself.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = copy.deepcopy(model)
-    count = 0
-    for module in folded.modules():
-        children = dict(module.named_children())
-        for name, child in children.items():
-            partner = name.replace("conv", "bn")
-            bn = children.get(partner)
-            if (partner != name and type(child) is torch.nn.Conv2d
-                    and type(bn) is torch.nn.BatchNorm2d):
-                setattr(module, name, fuse_conv_bn_eval(child, bn))
-                setattr(module, partner, torch.nn.Identity())
-                count += 1
-        if isinstance(module, torch.nn.Sequential):
-            items = list(module._modules.items())
-            for (first, conv), (second, bn) in zip(items, items[1:]):
-                if type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
-                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[second] = torch.nn.Identity()
-                    count += 1
-    if not count:
-        return model
-    folded.eval().requires_grad_(False)
-    try:
-        with torch.inference_mode():
-            args = dict(normalize=normalize, stop_after=stop_after, device=probe.device)
-            reference = _FeatureModule(model, layers, **args)(probe)
-            got = _FeatureModule(folded, layers, **args)(probe)
-        scale = float(reference.abs().amax())
-        same = bool(((got - reference).abs() <= 1e-4 * scale).all())
-    except Exception:  # noqa: BLE001 - any failure of the folded copy: keep the model
-        same = False
-    return folded if same else model
-
-
-def _first_conv_in_channels(model) -> int | None:
-    convs = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    return next((conv.in_channels for conv in convs), None)
 
 
 def _check_float32_range(arr) -> None:
@@ -799,27 +385,27 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             )
         if isinstance(self.backbone, torch.nn.Module):
             model = copy.deepcopy(self.backbone)
-            if _check_packaged(None, self.weights):
+            if check_packaged(None, self.weights):
                 load_packaged_weights(model, self.weights)
             elif self.weights is not None:
-                _load_into(model, self.weights)
+                load_weights_file(model, self.weights)
             default = None
         else:
             seed = make_generator(self.random_state).initial_seed()
-            model = _build(self.backbone, self.weights, seed)
+            model = build_backbone(self.backbone, self.weights, seed)
             default = _DEFAULT_LAYERS.get("/".join(split_backbone(self.backbone)))
         model.to("cpu", torch.float32).eval().requires_grad_(False)
         layers = _check_layers(model, self.layers, default)
         self.model_, self.layers_ = model, layers
         self.__dict__.pop("_device_cache", None)
-        probe = _FeatureModule(self._model_on(device), layers, normalize=self.normalize,
-                               device=device)
+        probe = FeatureModule(self._model_on(device), layers, normalize=self.normalize,
+                              device=device)
         with torch.inference_mode():
             try:
                 batch = self._to_batch(X[:1], device)
                 outputs, self._n_hook_calls = probe.layer_outputs(batch)
             except RuntimeError as exc:
-                expected = _first_conv_in_channels(model)
+                expected = first_conv_in_channels(model)
                 problem = f"the backbone failed on X[:1] of shape {(1, *shape[1:])}"
                 if expected is not None and expected != shape[1]:
                     problem = (
@@ -838,7 +424,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                     f"layer {name!r} must output a 4-D feature map (N, C, H, W) but {got} "
                     "in the forward pass; pick convolutional stages"
                 )
-        self.feature_shape_ = tuple(_embed(outputs, layers).shape[1:])
+        self.feature_shape_ = tuple(embed(outputs, layers).shape[1:])
         self._layer_widths = tuple(int(outputs[name].shape[1]) for name in layers)
         self.input_shape_ = tuple(batch.shape[1:])
         # an (empty) cache exists from fit on, so that transform does not add attributes
@@ -912,7 +498,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             widths = getattr(self, "_layer_widths", None)
             if widths is None:  # fitted before the widths were kept: measure them
                 widths = self._measure_layer_widths(module, dev)
-            selection = _layer_selection(channels, widths, dev)
+            selection = layer_selection(channels, widths, dev)
         starts = range(0, X.shape[0], self.batch_size)
         if self.verbose:
             from tqdm.auto import tqdm
@@ -1003,7 +589,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _to_batch(self, batch, device: torch.device) -> torch.Tensor:
         """A float32 (n, C, H, W) copy of ``batch`` on ``device``, uint8 scaled by 1/255
-        (ImageNet normalisation is the job of :class:`_FeatureModule`)."""
+        (ImageNet normalisation is the job of :class:`FeatureModule`)."""
         is_array = isinstance(batch, np.ndarray)
         # torch.tensor copies, so read-only and memory-mapped arrays work; a tensor
         # is copied too, so that nothing downstream can write into the caller's data
@@ -1029,8 +615,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         maps resized to the first layer's grid and concatenated. No validation inside;
         traceable by ``torch.jit.trace`` and the TorchScript-based ONNX exporter. The
         backbone is :attr:`model_` (on ``device``) with the modules never reached
-        before the last hook replaced by ``nn.Identity`` (see ``_truncated``) and each
-        BatchNorm2d folded into the convolution before it (``_fold_batch_norms``); it
+        before the last hook replaced by ``nn.Identity`` (see ``truncated``) and each
+        BatchNorm2d folded into the convolution before it (``fold_batch_norms``); it
         may share tensors with :attr:`model_`, so deep-copy the module before changing
         it (:func:`skanomaly.export.to_torch` does).
         """
@@ -1043,13 +629,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             shape = getattr(self, "input_shape_", None)  # None: pickled before it existed
             if shape is not None:
                 probe = torch.zeros((1, *shape), dtype=torch.float32, device=device)
-                model = _truncated(model, self.layers_, self._n_hook_calls, probe,
-                                   self.normalize)
+                model = truncated(model, self.layers_, self._n_hook_calls, probe,
+                                  self.normalize)
                 noise = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
-                model = _fold_batch_norms(model, self.layers_, self._n_hook_calls,
-                                          self.normalize, noise.to(device))
-            cache[key] = _FeatureModule(model, self.layers_, normalize=self.normalize,
-                                        stop_after=self._n_hook_calls, device=device).eval()
+                model = fold_batch_norms(model, self.layers_, self._n_hook_calls,
+                                         self.normalize, noise.to(device))
+            cache[key] = FeatureModule(model, self.layers_, normalize=self.normalize,
+                                       stop_after=self._n_hook_calls, device=device).eval()
         return cache[key]
 
     def _model_on(self, device: torch.device) -> torch.nn.Module:

@@ -34,6 +34,12 @@ from .sampling import (johnson_lindenstrauss_min_dim, k_center_greedy,
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
 from .tiling import tile, tile_grid, untile
 
+# helpers the estimators share, public to the package (not in __all__, not the documented
+# API): the finiteness check that reports one flag per call, exact power-of-two scaling,
+# and packed triangular matrices
+from ._packing import PackedMatrices  # noqa: F401
+from ._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent  # noqa: F401
+
 __all__ = [
     "cov",
     "MomentAccumulator",

@@ -13,7 +13,7 @@ from ._validation import all_finite, as_float_tensor, check_finite, ldexp, worki
 __all__ = ["cov", "MomentAccumulator"]
 
 
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
+def accumulation_dtype(device: torch.device) -> torch.dtype:
     """float64, except on Apple MPS, which has no float64 (float32 there)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -250,7 +250,7 @@ def cov(m, y=None, rowvar=True, bias=False, ddof=None, fweights=None, aweights=N
         if yo.shape[0] != x.shape[0]:
             raise ValueError(f"m has {x.shape[0]} observation(s) but y has {yo.shape[0]}")
         x = torch.cat((x, yo), dim=1)
-    n, acc = x.shape[0], _accumulation_dtype(x.device)
+    n, acc = x.shape[0], accumulation_dtype(x.device)
 
     w = None
     if fweights is not None:
@@ -385,7 +385,7 @@ class MomentAccumulator:
             raise ValueError(f"batch_shape sizes must be positive, got {self.batch_shape}")
         self._follow_input = device is None
         dev = torch.device("cpu" if device is None else device)
-        dt = _accumulation_dtype(dev)
+        dt = accumulation_dtype(dev)
         self._n = 0
         self._mean = torch.zeros(*self.batch_shape, self.n_features, dtype=dt, device=dev)
         self._m2 = torch.zeros(*self.batch_shape, self.n_features, self.n_features,
@@ -450,7 +450,7 @@ class MomentAccumulator:
         self.__dict__.update(PackedMatrices.unwrap(state))
 
     def _move(self, device: torch.device) -> None:
-        dt = _accumulation_dtype(device)
+        dt = accumulation_dtype(device)
         self._mean, self._m2 = self._mean.to(device, dt), self._m2.to(device, dt)
 
     def covariance(self, ddof: int = 1) -> torch.Tensor:

@@ -78,7 +78,7 @@ class PCAFit(NamedTuple):
     noise_variance: torch.Tensor
 
 
-def _resolve_n_components(n_components, ratio: torch.Tensor, max_components: int) -> int:
+def resolve_n_components(n_components, ratio: torch.Tensor, max_components: int) -> int:
     """Number of components for ``n_components`` (None, int or fraction), as scikit-learn."""
     if n_components is None:
         return max_components
@@ -120,7 +120,7 @@ def _thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, vt
 
 
-def _merge_moments(a, b):
+def merge_moments(a, b):
     """Count, mean and factorised centred scatter of two sets of samples together.
 
     ``a`` and ``b`` are ``(n, mean, root)``: a count, a mean (d,) and a root ``R`` of the
@@ -151,7 +151,7 @@ def _merge_moments(a, b):
     return n, mean_a + delta * (n_b / n), s, vt
 
 
-def _subset_moments(x: torch.Tensor, subsets):
+def subset_moments(x: torch.Tensor, subsets):
     """Factorised moments ``(n, mean, s, vt)`` of subsets of the rows of ``x``, from one
     Gram matrix.
 
@@ -279,7 +279,7 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     total = variance.sum()
     # constant data have no variance to explain: every ratio is then 0, not 0 / 0
     ratio = variance / total if bool(total > 0) else torch.zeros_like(variance)
-    k = _resolve_n_components(n_components, ratio, min(n_samples, n_features))
+    k = resolve_n_components(n_components, ratio, min(n_samples, n_features))
     noise = variance[k:].mean() if k < variance.shape[0] else variance.new_zeros(())
     if exponent:
         mean, s = ldexp(mean, exponent), ldexp(s, exponent)

@@ -165,6 +165,59 @@ def regularized_cholesky(covariance, reg=0.0):
     return factor
 
 
+def cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``covariance + reg * I``; ``ValueError`` if numerically singular.
+
+    Besides an outright failure of the factorisation, a pivot ``L_ii**2`` below
+    ``d * eps`` times the largest variance means a condition number beyond ``1 / (d * eps)``:
+    the matrix is singular to working precision (e.g. exactly collinear features, whose
+    factorisation may "succeed" with a rounding-error pivot and give meaningless distances).
+    The detectors' fit uses it with advice for their users.
+
+    Parameters
+    ----------
+    covariance : torch.Tensor of shape (..., d, d)
+        Symmetric positive semi-definite matrices, floating point.
+    reg : float >= 0
+        Added to the diagonal before factorising (see :func:`regularized_cholesky`).
+    advice : str
+        The message of the ``ValueError``: what the user can do about it.
+
+    Returns
+    -------
+    factor : torch.Tensor of shape (..., d, d)
+        Lower-triangular, dtype and device of ``covariance``.
+
+    Raises
+    ------
+    ValueError
+        With ``advice`` as its message, if the factorisation fails or a pivot is below
+        ``d * eps`` times the largest variance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skanomaly.functional.mahalanobis import cholesky_or_raise
+    >>> cholesky_or_raise(torch.eye(2, dtype=torch.float64) * 4, 0.0, "singular")
+    tensor([[2., 0.],
+            [0., 2.]], dtype=torch.float64)
+    >>> cholesky_or_raise(torch.ones(2, 2, dtype=torch.float64), 0.0, "raise reg")
+    Traceback (most recent call last):
+    ...
+    ValueError: raise reg
+    """
+    d = covariance.shape[-1]
+    try:
+        factor = regularized_cholesky(covariance, reg)
+    except ValueError as exc:
+        raise ValueError(advice) from exc
+    pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+    scale = covariance.diagonal(dim1=-2, dim2=-1).amax(-1) + reg
+    if bool((pivots <= d * torch.finfo(factor.dtype).eps * scale).any()):
+        raise ValueError(advice)
+    return factor
+
+
 def _cholesky_scaled(a: torch.Tensor, ridge) -> tuple[torch.Tensor, torch.Tensor]:
     """``cholesky_ex(a + ridge I)`` computed on ``a / 4**h`` and scaled back by ``2**h``.
 

@@ -231,7 +231,7 @@ def _interpolate(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def _bilinear_matrix(n_in: int, n_out: int, dtype=torch.float64, device=None) -> torch.Tensor:
+def bilinear_matrix(n_in: int, n_out: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """``(n_out, n_in)`` matrix ``A``: ``A @ line`` is the bilinear resize of ``line``
     (``align_corners=False``, torch's source index ``(i + 0.5) n_in / n_out - 0.5``,
     clamped at 0), so ``A_h @ maps @ A_w.T`` is :func:`_interpolate` as matrix products
