@@ -18,7 +18,10 @@ ImageNet weights and its default layers per detector) runs two ways:
   by ``--merge``: mean or max of the overlaps);
 - ``resized``: the whole image resized (bilinear, antialiased) to ``--resize`` pixels,
   as a pipeline that takes one fixed input size does, the maps upsampled back to the
-  native size (``anomaly_map(output_size=...)``).
+  native size (``anomaly_map(output_size=...)``);
+- ``whole``: the whole image at its native size, untiled (what tiling approximates
+  when the image is small enough to go through the backbone at once; ``--no-whole``
+  leaves it out).
 
 Reported per texture and way: pixel AUROC, image AUROC and PRO (FPR <= 0.3) at the
 native resolution (:mod:`skanomaly.metrics`), fit and score time (one run each: timings
@@ -261,7 +264,8 @@ def markdown(rows, info, settings) -> str:
         "scikit-image texture (train: top half, test: bottom half). Backbone: "
         f"{settings['backbone']}. Tiled: tiles of {settings['tile_size']} px at stride "
         f"{settings['tile_stride']}, at native resolution. Resized: the whole image to "
-        f"{settings['resize']} px, maps upsampled back. PaDiM n_features=100; PatchCore "
+        f"{settings['resize']} px, maps upsampled back. Whole: the image at its native size, "
+        "untiled. PaDiM n_features=100; PatchCore "
         f"coreset_sampling_ratio={settings['coreset_ratio']}. Metrics at native resolution;"
         " PRO integrated to FPR 0.3. Memory: peak host RSS above the level before the "
         "call (MiB).",
@@ -296,6 +300,8 @@ def _parser():
     p.add_argument("--tile-stride", type=int, default=64)
     p.add_argument("--resize", type=int, default=64)
     p.add_argument("--coreset-ratio", type=float, default=0.02)
+    p.add_argument("--no-whole", action="store_true",
+                   help="leave out the untiled run on whole images at native size")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                    help="pretrained: EfficientNet-Lite0 (packaged ImageNet weights); "
                         "random: a random resnet18 (no weights package needed)")
@@ -335,6 +341,12 @@ def main(argv=None) -> list[Row]:
                            resize(X_test, args.resize), y, masks, kinds, args.image_size)
             rows.append(row)
             print(row, flush=True)
+            if not args.no_whole:
+                row = evaluate(Row(texture, detector, f"whole {args.image_size}, untiled"),
+                               make_model(detector, args, False), X_train, X_test, y, masks,
+                               kinds, args.image_size)
+                rows.append(row)
+                print(row, flush=True)
     info["load_end"] = os.getloadavg()
     settings = dict(vars(args), output=str(args.output), backbone=(
         "resnet18 (random)" if args.weights == "random"
