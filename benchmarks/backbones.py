@@ -80,13 +80,15 @@ def _cli_args(detector: str):
                            detector=detector)
 
 
-def run_one(backbone: str, detector: str, size: int, data) -> dict:
-    """Fit the CLI's pipeline for (backbone, detector) at ``size`` on ``data``; metrics."""
+def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
+    """Fit the CLI's pipeline for (backbone, detector) at ``size`` on ``data``; metrics.
+
+    ``layers`` (a tuple of names) replaces :func:`skanomaly.cli.default_layers`."""
     from skanomaly import cli
     from skanomaly.features import FeatureExtractor
 
     name, weights = BACKBONES[backbone]
-    layers = cli.default_layers(name, detector)
+    layers = cli.default_layers(name, detector) if layers is None else tuple(layers)
     native = data.X_train.shape[-1]
     X_train, X_test = resize(data.X_train, size), resize(data.X_test, size)
     load_before = os.getloadavg()[0]
@@ -137,17 +139,18 @@ def markdown(rows: list[dict], info: dict, settings: dict) -> str:
         "included) + `score_and_map` of the test crops, per texture. Model: size of the "
         "saved model file.",
         "",
-        "| backbone | detector | size | " + " | ".join(
+        "| backbone | detector | layers | size | " + " | ".join(
             f"{t} pixel / image / PRO" for t in textures)
         + " | min pixel AUROC | wall s (mean) | CPU s (mean) | model MB |",
-        "| --- | --- | ---: | " + " | ".join("---" for _ in textures)
+        "| --- | --- | --- | ---: | " + " | ".join("---" for _ in textures)
         + " | ---: | ---: | ---: | ---: |",
     ]
-    keys = sorted({(r["backbone"], r["detector"], r["size"]) for r in rows},
-                  key=lambda k: (k[1], k[0], k[2]))
-    for key in keys:
-        cells = {r["texture"]: r for r in rows
-                 if (r["backbone"], r["detector"], r["size"]) == key}
+
+    def key(r):
+        return r["backbone"], r["detector"], "+".join(r["layers"]), r["size"]
+
+    for k in sorted({key(r) for r in rows}, key=lambda k: (k[1], k[2], k[0], k[3])):
+        cells = {r["texture"]: r for r in rows if key(r) == k}
         values = []
         for t in textures:
             r = cells.get(t)
@@ -155,8 +158,9 @@ def markdown(rows: list[dict], info: dict, settings: dict) -> str:
                           f"{r['pixel_auroc']:.3f} / {r['image_auroc']:.3f} / {r['pro']:.3f}")
         present = list(cells.values())
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(values)
-            + f" | {min(r['pixel_auroc'] for r in present):.3f}"
+            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(values)
+            + (f" | {min(r['pixel_auroc'] for r in present):.3f}"
+               if len(present) == len(textures) else " | n/a")
             + f" | {np.mean([r['wall_s'] for r in present]):.1f}"
             + f" | {np.mean([r['cpu_s'] for r in present]):.1f}"
             + f" | {np.mean([r['model_mb'] for r in present]):.1f} |"
@@ -173,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--textures", nargs="+", choices=TEXTURES, default=list(TEXTURES))
+    parser.add_argument("--layers", type=lambda text: tuple(text.split(",")), default=None,
+                        help="comma-separated layers for every detector instead of the "
+                        "CLI's defaults")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     return parser
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         image_size=settings["native"], random_state=SEED)
                 for backbone in args.backbones:
                     row = {"texture": texture,
-                           **run_one(backbone, detector, size, cache[texture])}
+                           **run_one(backbone, detector, size, cache[texture], args.layers)}
                     rows.append(row)
                     with partial.open("a") as f:
                         f.write(json.dumps(row) + "\n")

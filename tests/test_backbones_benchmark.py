@@ -43,7 +43,7 @@ def test_quick_run_writes_table_and_matches_a_hand_made_pipeline(backbones, tmp_
     assert row["layers"] == ["blocks.2", "blocks.3"] and row["model_mb"] > 1
     (md,) = tmp_path.glob("backbones-*-quick.md")
     (js,) = tmp_path.glob("backbones-*-quick.json")
-    assert "| lite0 | patchcore | 32 |" in md.read_text()
+    assert "| lite0 | patchcore | blocks.2+blocks.3 | 32 |" in md.read_text()
     assert json.loads(js.read_text())["rows"][0]["pixel_auroc"] == row["pixel_auroc"]
     assert not list(tmp_path.glob("*partial*"))
 
