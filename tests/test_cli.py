@@ -28,7 +28,9 @@ from skanomaly.cli import main, parse_layers, test_label
 from skanomaly.datasets import load_textures
 from skanomaly.features import FeatureExtractor
 
-TINY = ["--image-size", "32", "--device", "cpu", "--quiet"]
+# the tests of the main job's machinery compare with a PaDiM pipeline built by hand
+# (padim_pipeline); test_defaults checks the defaults themselves
+TINY = ["--image-size", "32", "--device", "cpu", "--quiet", "--detector", "padim"]
 #: a tiny run on the bundled data: 10 training crops, 9 calibration crops (the fewest for
 #: a conformal threshold at contamination 0.1), 6 test crops
 BUNDLED = [*TINY, "--n-train", "10", "--n-test", "6", "--n-calibration", "9"]
@@ -203,6 +205,30 @@ def test_random_resnet_remains_an_option(options, tmp_path):
                                -reference.score_samples(data.X_test), rtol=1e-8)
 
 
+def test_defaults():
+    """The main job's and fit's defaults, chosen by measurement (benchmarks/backbones.py):
+    PatchCore on EfficientNet-Lite0's blocks.2 and blocks.3 at 192 px."""
+    from skanomaly.cli import build_parser, default_layers
+
+    main_job = build_parser().parse_args([])
+    fit = build_parser().parse_args(["fit", "train"])
+    for args in (main_job, fit):
+        assert (args.detector, args.backbone, args.layers, args.image_size) == (
+            "patchcore", "timm/tf_efficientnet_lite0", None, 192)
+    assert default_layers(main_job.backbone, main_job.detector) == ("blocks.2", "blocks.3")
+
+
+def test_main_job_with_its_default_detector(tmp_path):
+    assert main(["--image-size", "32", "--device", "cpu", "--quiet", "--n-train", "8",
+                 "--n-test", "4", "--n-calibration", "10", "--no-heatmaps",
+                 "--output-dir", str(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    assert (metrics["detector"], metrics["layers"]) == ("patchcore", ["blocks.2", "blocks.3"])
+    assert metrics["weights"] == "efficientnet-lite0-imagenet"
+    assert metrics["feature_shape"] == [120, 4, 4]  # 40 + 80 channels at stride 8
+    assert len(read_scores(tmp_path)) == 4 and 0 <= metrics["metrics"]["pixel_auroc"] <= 1
+
+
 def test_random_weights_of_the_default_backbone(tmp_path):
     assert main([*TINY, "--n-train", "6", "--n-test", "4", "--no-heatmaps", "--weights",
                  "random", "--output-dir", str(tmp_path)]) == 0
@@ -241,7 +267,7 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
 )
 def test_threshold_from_the_fit_without_held_out_images(n_train, note, tmp_path, capsys):
     argv = ["--image-size", "32", "--device", "cpu", "--no-heatmaps", "--n-train",
-            str(n_train), "--n-test", "4", "--n-calibration", "0",
+            str(n_train), "--n-test", "4", "--n-calibration", "0", "--detector", "padim",
             "--output-dir", str(tmp_path)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -570,7 +596,7 @@ def test_python_dash_m_help():
 
 # ------------------------------------------------------- fit / predict / export
 RESNET = ["--backbone", "resnet18", "--layers", "layer1,layer2", "--image-size", "32",
-          "--device", "cpu", "--quiet"]
+          "--device", "cpu", "--quiet", "--detector", "padim"]
 
 
 @pytest.fixture(scope="module")
