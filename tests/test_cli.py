@@ -651,6 +651,20 @@ def folder_images(folder, size=32):
     return paths, np.stack([read_image(p, size) for p in paths])
 
 
+def test_fit_defaults_to_patchcore(tree, tmp_path):
+    """``skanomaly fit`` without --detector streams a PatchCore memory bank."""
+    from skanomaly import PatchCoreDetector
+    from skanomaly.cli import load_model
+
+    path = tmp_path / "default.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(path), "--backbone", "resnet18",
+                 "--layers", "layer2,layer3", "--image-size", "32", "--device", "cpu",
+                 "--quiet"]) == 0
+    model, metadata = load_model(path)
+    assert type(model[-1]) is PatchCoreDetector and metadata["detector"] == "PatchCoreDetector"
+    assert metadata["image_size"] == 32
+
+
 def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
     import sklearn
     import torch
