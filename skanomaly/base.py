@@ -397,9 +397,16 @@ def calibrate(estimator, X, y=None):
     >>> bool(abs(flagged - 0.1) < 0.03)
     True
     """
+    if _is_tiled(estimator):  # tiles are not the pipeline's samples: its own method
+        return estimator.calibrate(X, y)
     detector, Xt = _detector_and_input(estimator, X, "calibrate")
     detector.calibrate(Xt, y)
     return estimator
+
+
+def _is_tiled(estimator) -> bool:
+    """Whether ``estimator`` is an AnomalyPipeline that tiles its images."""
+    return getattr(estimator, "_tiling", lambda: None)() is not None
 
 
 def _detector_and_input(estimator, X, what: str):
@@ -456,6 +463,8 @@ def pvalues(estimator, X):
     >>> pvalues(model, [[0.0, 0.0, 0.0], [6.0, 6.0, 6.0]])
     array([1.  , 0.01])
     """
+    if _is_tiled(estimator):
+        return estimator.pvalues(X)
     detector, Xt = _detector_and_input(estimator, X, "pvalues")
     return detector.pvalues(Xt)
 
@@ -859,18 +868,30 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             return self._in_sample_scores(X, f"{n} samples are too few for {k}-fold "
                                              "cross-fitting")
         folds = torch.arange(n, device=X.device) % k
+        held_out = [folds == fold for fold in range(k)]
+        models = self._fold_models(X, held_out)
         scores = torch.empty(n, dtype=torch.float64, device=X.device)
-        for fold in range(k):
-            held = folds == fold
-            model = clone(self)
-            model.__dict__.update(input_shape_=self.input_shape_,
-                                  n_features_in_=self.n_features_in_)
+        for held in held_out:
             try:
-                model._fit(X[~held])
+                model = next(models)
             except ValueError as exc:
                 return self._in_sample_scores(X, f"a {k}-fold cross-fit failed ({exc})")
             scores[held] = model._score(X[held]).to(torch.float64)
         return scores, "cross-fit"
+
+    def _fold_models(self, X: torch.Tensor, held_out):
+        """Models fitted without each fold (boolean masks ``held_out``), one at a time."""
+        for held in held_out:
+            model = self._unfitted_copy()
+            model._fit(X[~held])
+            yield model
+
+    def _unfitted_copy(self):
+        """An unfitted clone that knows this fit's input shape (for models of folds)."""
+        model = clone(self)
+        model.__dict__.update(input_shape_=self.input_shape_,
+                              n_features_in_=self.n_features_in_)
+        return model
 
     def _in_sample_scores(self, X: torch.Tensor, why: str):
         warnings.warn(CalibrationWarning(
@@ -880,7 +901,18 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             reason=why), stacklevel=_user_stacklevel())
         return self._score(X), "in-sample"
 
+    def _per_image(self, anomaly_scores: torch.Tensor) -> torch.Tensor:
+        """Anomaly scores of whole images from those of their tiles: the largest of each
+        image's ``_tiles_per_image`` consecutive scores while a tiled
+        :class:`~skanomaly.AnomalyPipeline` fits this detector on tiles (its threshold
+        is then per image, not per tile); unchanged otherwise."""
+        tiles = self.__dict__.get("_tiles_per_image")
+        if tiles is None or tiles == 1:
+            return anomaly_scores
+        return anomaly_scores.reshape(-1, tiles).amax(dim=1)
+
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
+        anomaly_scores = self._per_image(anomaly_scores)
         normality = -_to_numpy(anomaly_scores).astype(np.float64)
         self.offset_ = _quantile_offset(normality, self.contamination)
         self.calibration_ = method
@@ -1013,7 +1045,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _calibrate_labelled(self, X, y):
-        normality = self.score_samples(X)
+        return self._set_labelled_offset(self.score_samples(X), y)
+
+    def _set_labelled_offset(self, normality, y):
+        """F1-maximising ``offset_`` from normality scores and +1/-1 labels ``y``."""
         if isinstance(normality, torch.Tensor):  # the scores alone come to the host
             normality = _to_numpy(normality)
         anomalous = _check_labels(y, normality.shape[0])
@@ -1229,7 +1264,7 @@ class _ScoreThenUpdateMixin:
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
         super()._set_offset(anomaly_scores, method)
-        record = _score_record(anomaly_scores, self.n_samples_seen_)
+        record = _score_record(self._per_image(anomaly_scores), self.n_samples_seen_)
         # in-sample scores are optimistic: a stream does not build on them
         self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
 
@@ -1240,8 +1275,8 @@ class _ScoreThenUpdateMixin:
         that had seen fewer than half as many are dropped (they are too pessimistic).
         """
         old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2],
-                                 _score_record(anomaly_scores, n_model)])[-_OFFSET_RECORD:]
+        record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
+            self._per_image(anomaly_scores), n_model)])[-_OFFSET_RECORD:]
         self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
         self.calibration_ = "score-then-update"
         for name in _CALIBRATION_STATE:  # the model they were set with is gone
@@ -1465,9 +1500,15 @@ class BaseSpatialDetector(BaseDetector):
             size = tuple(truth.shape[1:])  # masks at the feature resolution: the raw map
             output_size = None if size == tuple(self.input_shape_[1:]) else size
         maps = self.anomaly_map(X, output_size=output_size, sigma=sigma)
+        return self._set_pixel_threshold(maps, truth if masks is not None else None,
+                                         output_size, sigma)
+
+    def _set_pixel_threshold(self, maps, truth, output_size, sigma):
+        """:meth:`calibrate_pixels` on computed ``maps`` (numpy or tensor) and masks
+        ``truth`` (bool numpy, or None for normal images)."""
         if isinstance(maps, torch.Tensor):  # the maps come to the host for the threshold
             maps = _to_numpy(maps)
-        if masks is not None:
+        if truth is not None:
             if truth.shape != maps.shape:
                 raise ValueError(f"masks have shape {truth.shape}, but X gives "
                                  f"{maps.shape[0]} maps of {maps.shape[1:]}")

@@ -321,6 +321,46 @@ def _float_in(low: float, high: float, *, low_closed: bool, high_closed: bool):
     return parse
 
 
+TILE_SIZE_HELP = (
+    "cut each image, after resizing to --image-size, into tiles of this many pixels "
+    "square, each a sample for the backbone and the detector; maps are stitched back at "
+    "the image size (overlaps averaged) and an image's score is its worst tile's. Set "
+    "--image-size to the images' own side to work at native resolution (small defects "
+    "on large images); default: no tiling")
+TILE_STRIDE_HELP = ("pixels between tiles, at most --tile-size (default: --tile-size, no "
+                    "overlap); the last row and column of tiles end at the image border")
+
+
+def _add_tiling(group) -> None:
+    """``--tile-size`` and ``--tile-stride`` on a parser or argument group."""
+    group.add_argument("--tile-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
+                       metavar="PIXELS", help=TILE_SIZE_HELP)
+    group.add_argument("--tile-stride", type=_int_at_least(1, " pixels"), metavar="PIXELS",
+                       help=TILE_STRIDE_HELP)
+
+
+def _tiles_text(tile_size, tile_stride) -> str:
+    """' in tiles of 64 px at stride 48' for the summaries, or '' without tiling."""
+    return "" if tile_size is None else f" in tiles of {tile_size} px at stride {tile_stride}"
+
+
+def _check_tiling(args) -> None:
+    """CLIError for tiling options that cannot work, before any image is read."""
+    if args.tile_size is None:
+        if args.tile_stride is not None:
+            raise CLIError("--tile-stride needs --tile-size")
+        return
+    if args.tile_size > args.image_size:
+        raise CLIError(f"--tile-size {args.tile_size} is larger than the images "
+                       f"(--image-size {args.image_size})")
+    if args.tile_stride is not None and args.tile_stride > args.tile_size:
+        raise CLIError(f"--tile-stride {args.tile_stride} is larger than --tile-size "
+                       f"{args.tile_size}: the tiles would leave pixels uncovered")
+    if args.detector == "gaussian":
+        raise CLIError("--tile-size needs a detector over feature maps (padim, patchcore, "
+                       "dfm or dfkde), not gaussian")
+
+
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     """``fit``, ``predict`` and ``export``: the model-file workflow."""
     sub = parser.add_subparsers(
@@ -370,6 +410,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      default=DEFAULT_IMAGE_SIZE, help="images are resized to this many "
                      f"pixels square (default: {DEFAULT_IMAGE_SIZE}); predict and export use "
                      "the same")
+    _add_tiling(fit)
     fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
                      help="images read and absorbed per batch (default: 32)")
     fit.add_argument("--contamination", default=0.1,
@@ -463,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Folders: --train-dir holds normal images (searched recursively). --test-dir is "
             "laid out as MVTec AD: good/ holds normal images, every other subfolder one "
             "defect type. --mask-dir holds <defect>/<stem>_mask.png. Images are converted "
-            "to RGB and resized to --image-size pixels square (bilinear), so sizes may mix. "
+            "to RGB and resized to --image-size pixels square (bilinear), so sizes may mix: this "
+            "is the one rule for folders of mixed sizes (with --tile-size, the resized "
+            "images are then tiled; the Python API also reads images at native resolution "
+            "or with their aspect ratio, see skanomaly.streaming). "
             "Scores are anomaly scores: higher = more anomalous."
         ),
     )
@@ -477,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images are resized to this many pixels square, at least {MIN_IMAGE_SIZE} "
         f"(default: {DEFAULT_IMAGE_SIZE}); the bundled crops are cut at this size",
     )
+    _add_tiling(data)
     data.add_argument(
         "--texture", choices=("brick", "grass", "gravel"),
         help="bundled texture, without folders (default: brick)",
@@ -745,9 +790,10 @@ def _make_detector(name: str, n_channels: int, n_train: int, args):
     return GaussianDetector(**common)
 
 
-def _make_model(extractor, detector, name: str):
+def _make_model(extractor, detector, name: str, args=None):
     """The pipeline (an :class:`~skanomaly.AnomalyPipeline`, so a saved one has
-    ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector."""
+    ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector;
+    tiled by ``args.tile_size`` and ``args.tile_stride`` when given."""
     from sklearn.preprocessing import FunctionTransformer
 
     from .pipeline import AnomalyPipeline as Pipeline
@@ -756,7 +802,9 @@ def _make_model(extractor, detector, name: str):
     if name == "gaussian":  # DFKDE pools its input maps itself; the Gaussian takes vectors
         steps.append(("pool", FunctionTransformer(np.mean, kw_args={"axis": (2, 3)})))
     steps.append(("detector", detector))
-    return Pipeline(steps)
+    tile_size = getattr(args, "tile_size", None)
+    return Pipeline(steps, tile_size=tile_size,
+                    tile_stride=None if tile_size is None else args.tile_stride)
 
 
 def _calibration_split(n: int, fraction: float, random_state) -> tuple[np.ndarray, np.ndarray]:
@@ -791,7 +839,7 @@ def _fit_model(args, extractor, X_train, train_names, held=None):
     if not held_out:
         fit, held = np.arange(n), held[:0]
     detector = _make_detector(args.detector, extractor.feature_shape_[0], fit.size, args)
-    model = _make_model(extractor, detector, args.detector)
+    model = _make_model(extractor, detector, args.detector, args)
     with _user_errors(f"{args.detector} detector"):
         with warnings.catch_warnings(record=True) as caught:
             model.fit(X_train[fit])
@@ -1040,7 +1088,8 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
                        if k in result["metrics"])
     lines = [
         f"skanomaly: {result['detector']} on {result['backbone']} features "
-        f"({result['weights'] or 'random weights'}) at {result['image_size']} px: fitted on "
+        f"({result['weights'] or 'random weights'}) at {result['image_size']} px"
+        f"{_tiles_text(result.get('tile_size'), result.get('tile_stride'))}: fitted on "
         f"{result['n_fit']} normal images, threshold from {_threshold_source(calibration)}; "
         f"{result['n_predicted_anomalous']} of {result['n_test']} test images predicted "
         "anomalous",
@@ -1437,6 +1486,7 @@ def _fit_command(args) -> dict:
                        "one), not both")
     if args.validation_mask_dir is not None and args.validation_dir is None:
         raise CLIError("--validation-mask-dir needs --validation-dir")
+    _check_tiling(args)
     _check_model_path(args.model)
     with _user_errors("--device"):
         resolve_device(args.device)
@@ -1463,7 +1513,7 @@ def _fit_command(args) -> dict:
     detector = _make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
         detector.set_params(max_bank_size=args.max_bank_size)
-    model = _make_model(extractor, detector, args.detector)
+    model = _make_model(extractor, detector, args.detector, args)
     note = None
     with _user_errors(f"{args.detector} detector"), warnings.catch_warnings(record=True) as caught:
         partial_fit_images(model, paths, batch_size=args.batch_size,
@@ -1503,6 +1553,8 @@ def _fit_command(args) -> dict:
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
         "command": "skanomaly fit",
+        "tile_size": args.tile_size,
+        "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "train_dir": str(args.train_dir),
         "n_train": len(paths),
         "batch_size": args.batch_size,
@@ -1531,7 +1583,8 @@ def _fit_command(args) -> dict:
                   "scores")
         lines = [
             f"skanomaly fit: {args.detector} on {args.backbone} features "
-            f"({weights or 'random weights'}) at {args.image_size} px: streamed "
+            f"({weights or 'random weights'}) at {args.image_size} px"
+            f"{_tiles_text(args.tile_size, args.tile_stride or args.tile_size)}: streamed "
             f"{len(paths)} images in {n_batches} batches of at most {args.batch_size} "
             f"in {timings['fit_s']:.1f} s; threshold {metadata['threshold']:.6g} from "
             f"{source}",
@@ -1778,6 +1831,7 @@ def _check_settings(args) -> None:
             if folder is not None and not folder.is_dir():
                 problem = "is not a directory" if folder.exists() else "does not exist"
                 raise CLIError(f"{option} {folder} {problem}")
+    _check_tiling(args)
     with _user_errors("--device"):
         resolve_device(args.device)
     _check_output_dir(args.output_dir)
@@ -1876,6 +1930,8 @@ def _run(args) -> dict:
         "weights_source": _weights_source(weights),
         "feature_shape": list(features.feature_shape_),
         "image_size": args.image_size,
+        "tile_size": args.tile_size,
+        "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "device": str(device),
         "data": data_info,
         "n_train": int(len(X_train)),

@@ -29,6 +29,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from .base import BaseDetector, BaseSpatialDetector, resolve_device
+from .functional.tiling import tile, tile_grid, untile
 
 __all__ = ["to_torch", "export", "read_metadata", "METADATA_KEY", "DEFAULT_OPSET"]
 
@@ -76,8 +77,10 @@ class _Exported(torch.nn.Module):
     """
 
     def __init__(self, features, detector, post, *, spatial: bool, metadata: dict,
-                 ranks: tuple[int, ...], sample_shape: tuple[int, ...]):
+                 ranks: tuple[int, ...], sample_shape: tuple[int, ...], tiling=None):
         super().__init__()
+        #: (tile_size, stride, merge) of a tiled pipeline, else None
+        self.tiling = tiling
         self.features = features
         self.detector = detector
         self.post = post
@@ -105,8 +108,24 @@ class _Exported(torch.nn.Module):
         if tuple(x.shape[1:]) != tuple(want):
             raise ValueError(f"expected {self.expects()}, got shape {tuple(x.shape)}")
 
+    def _tiled(self, x: torch.Tensor):
+        """Images -> tiles -> features -> detector -> scores and stitched maps, as
+        :class:`~skanomaly.AnomalyPipeline` with ``tile_size`` computes them."""
+        size, stride, merge = self.tiling
+        image = self.image_size or (int(x.shape[-2]), int(x.shape[-1]))
+        n_tiles = len(tile_grid(image, size, stride))
+        out = self.detector(self.features(tile(x, size, stride)))
+        scores, maps = out if self.spatial else (out, None)
+        scores = scores.to(torch.float32).reshape(-1, n_tiles).amax(dim=1)
+        if maps is None:
+            return scores
+        maps = untile(self.post(maps.to(torch.float32), size), image, stride, merge)
+        return scores, maps
+
     def forward(self, x: torch.Tensor):
         self._check_input(x)
+        if self.tiling is not None:
+            return self._tiled(x)
         if x.dim() == 2 and 4 in self.ranks:  # (n, D): 1 x 1 maps, as the estimator reads it
             x = x[:, :, None, None]
         z = x if self.features is None else self.features(x)
@@ -286,7 +305,11 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         has no maps) the tuple ``(scores, maps)``,
         ``maps`` float32 (n, H, W): ``anomaly_map(x, output_size=(H, W), sigma=sigma)``
         at the input image size for a pipeline, ``anomaly_map(x)`` at feature resolution
-        for a bare detector. ``module.metadata`` is a JSON-ready dict: ``threshold``
+        for a bare detector. For an :class:`~skanomaly.AnomalyPipeline` with
+        ``tile_size``, the graph tiles the images, scores the tiles and stitches their
+        maps at the image size (scores: the largest of each image's tiles), as the
+        pipeline does; its metadata adds ``tile_size``, ``tile_stride``, ``tile_merge``.
+        ``module.metadata`` is a JSON-ready dict: ``threshold``
         (a sample is an outlier where ``scores > threshold``: ``-offset_``),
         ``contamination``, ``calibration``, the detector's class and parameters,
         skanomaly and torch versions and, for a pipeline, ``backbone``, ``weights``,
@@ -362,9 +385,16 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     ranks = _input_ranks(features, scaler, detector)
     sample_shape = ((int(scaler.n_features_in_),) if scaler is not None
                     else tuple(int(d) for d in detector.input_shape_))
-    module = _Exported(first, scoring, post, spatial=spatial,
-                       metadata=_metadata(features, scaler, detector, dtype, sigma, spatial),
-                       ranks=ranks, sample_shape=sample_shape)
+    tiling = estimator._tiling() if hasattr(estimator, "_tiling") else None
+    metadata = _metadata(features, scaler, detector, dtype, sigma, spatial)
+    if tiling is not None:
+        size, stride, merge = tiling
+        shape = getattr(estimator, "tiled_input_shape_", None)
+        metadata.update(tile_size=list(size), tile_stride=list(stride), tile_merge=merge,
+                        input_shape=_json_safe(shape),
+                        image_size=None if shape is None else _json_safe(shape[1:]))
+    module = _Exported(first, scoring, post, spatial=spatial, metadata=metadata,
+                       ranks=ranks, sample_shape=sample_shape, tiling=tiling)
     # own copies: the estimator's cached modules share tensors with its attributes
     module = copy.deepcopy(module).to(dev).eval()
     module.requires_grad_(False)
@@ -518,7 +548,8 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
     if meta["input"] == "images":  # the detector's grid is fixed: so is the image size
         with torch.no_grad():
             try:
-                shape = list(module.features(x).shape[1:])
+                shape = list(module.features(x if module.tiling is None else tile(
+                    x[:1], *module.tiling[:2])[:1]).shape[1:])
             except RuntimeError as exc:
                 raise ValueError(f"the backbone failed on example_input of shape "
                                  f"{tuple(x.shape)}: {exc}") from exc

@@ -16,14 +16,18 @@ the step-by-step pipeline, bitwise.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._dask import is_dask_array
 from .base import _like_input, _predict_labels
+from .functional.tiling import _MERGES, as_pair, tile_grid, untile
 
 __all__ = ["AnomalyPipeline", "make_anomaly_pipeline"]
 
@@ -59,6 +63,51 @@ def _in_blocks(batches, block: int):
         yield torch.cat(pending)
 
 
+class _Tiles:
+    """The tiles of validated images ``X`` (numpy or tensor) as a lazy sequence of
+    images: ``len``, ``shape`` and slices ``[a:b]`` (an array of the type of ``X``), so
+    that the extractor cuts the tiles of one batch at a time (memory bounded by a batch
+    of tiles, not by all of them). Order and grid as :func:`~skanomaly.functional.tile`.
+    """
+
+    def __init__(self, X, tile_size, stride):
+        if len(X.shape) != 4:
+            raise ValueError(f"tiling needs 4-D images (n_samples, channels, height, width), "
+                             f"got shape {tuple(X.shape)}")
+        self.images = X
+        self.image_size = tuple(int(s) for s in X.shape[-2:])
+        self.tile_size = tile_size
+        self.grid = tile_grid(self.image_size, tile_size, stride)
+        self.n_tiles = len(self.grid)
+        self.shape = (int(X.shape[0]) * self.n_tiles, int(X.shape[1]), *tile_size)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        start, stop, _ = key.indices(len(self))
+        th, tw = self.tile_size
+        parts = []
+        for i in range(start, max(start, stop)):
+            image, (r, c) = i // self.n_tiles, self.grid[i % self.n_tiles]
+            parts.append(self.images[image:image + 1, :, r:r + th, c:c + tw])
+        if not parts:
+            return self.images[:0, :, :th, :tw]
+        return torch.cat(parts) if isinstance(self.images, torch.Tensor) else \
+            np.concatenate(parts)
+
+
+@contextmanager
+def _per_image_threshold(detector, n_tiles: int):
+    """While the detector is fitted on tiles: its ``offset_`` from image scores (the
+    largest of each image's ``n_tiles`` tile scores), not tile scores."""
+    detector._tiles_per_image = n_tiles
+    try:
+        yield
+    finally:
+        detector.__dict__.pop("_tiles_per_image", None)
+
+
 class AnomalyPipeline(Pipeline):
     """A :class:`~sklearn.pipeline.Pipeline` ending in a skanomaly detector, with maps.
 
@@ -73,8 +122,24 @@ class AnomalyPipeline(Pipeline):
     steps : list of (str, estimator) tuples
         As in :class:`~sklearn.pipeline.Pipeline`; typically a
         :class:`~skanomaly.features.FeatureExtractor` then a detector.
-    memory, verbose, **kwargs
-        As in :class:`~sklearn.pipeline.Pipeline` (whose constructor this class keeps).
+    transform_input, memory, verbose
+        As in :class:`~sklearn.pipeline.Pipeline`.
+    tile_size : int, (int, int) or None, default=None
+        Tile ``(height, width)`` in pixels; None: no tiling (each image is one sample).
+        Given, each image is cut into tiles at its native resolution and every tile is
+        a sample for the extractor and the detector (all tile positions share one
+        Gaussian per feature position in PaDiM, one memory bank in PatchCore); the
+        tiles' maps are stitched back at the image size and an image's score is the
+        largest of its tiles' scores (see Notes). Needs the fused pipeline (a
+        ``FeatureExtractor`` then a detector over feature maps) and images with both
+        sides at least the tile's.
+    tile_stride : int, (int, int) or None, default=None
+        Step between tiles; None: ``tile_size`` (no overlap). At most ``tile_size``.
+        Where it does not divide ``side - tile_size``, the last row (column) of tiles
+        ends at the image border (no padding).
+    tile_merge : {"mean", "max"}, default="mean"
+        How the maps of overlapping tiles combine: their mean (anomalib's ``Tiler``) or
+        their maximum.
 
     See Also
     --------
@@ -97,6 +162,22 @@ class AnomalyPipeline(Pipeline):
     ``memory``, dask input, routed ``**params``) run step by step as
     :class:`~sklearn.pipeline.Pipeline` does.
 
+    **Tiling** (``tile_size``; as anomalib's ``Tiler``, without its padding): the tiles
+    of :func:`~skanomaly.functional.tile` go through the extractor batch by batch (they
+    are cut per batch, never all at once) and the detector is fitted on them. Each
+    tile's map is upsampled and blurred at the tile size, then the maps are stitched at
+    the image size (:func:`~skanomaly.functional.untile`); ``output_size`` other than
+    the image size resizes the stitched map bilinearly. An image's anomaly score is the
+    largest score of its tiles (for PaDiM and PatchCore: the maximum of the stitched
+    map at feature resolution), so that ``offset_`` is set per image from the
+    out-of-sample scores of the training tiles (the threshold is per image, not per
+    tile; with overlapping tiles, a tile's neighbours saw part of it, so call
+    :meth:`calibrate` with held-out images for a threshold that holds);
+    :meth:`calibrate_pixels` and :meth:`predict_mask` threshold the stitched maps.
+    Every method returns one result per image. Images scored may have any size of at least the tile
+    (each image's map comes back at its own size); the images of one call share a size.
+    ``tile_size`` equal to the image size is the untiled pipeline.
+
     Examples
     --------
     >>> import numpy as np
@@ -109,7 +190,72 @@ class AnomalyPipeline(Pipeline):
     (2, 32, 32)
     >>> model.anomaly_map(X[:2], output_size=16).shape
     (2, 16, 16)
+
+    Tiles of 32 pixels at stride 24 of 64 x 80 images, each image a 3 x 3 grid of
+    tiles; maps at each image's own size, one score per image:
+
+    >>> X = np.random.default_rng(0).random((4, 3, 64, 80), dtype=np.float32)
+    >>> tiled = AnomalyPipeline([
+    ...     ("features", FeatureExtractor("resnet18", ["layer1"], random_state=0)),
+    ...     ("padim", PaDiMDetector(n_features=8, random_state=0))],
+    ...     tile_size=32, tile_stride=24).fit(X)
+    >>> tiled.score_samples(X).shape, tiled.anomaly_map(X[:1]).shape
+    ((4,), (1, 64, 80))
+    >>> tiled[-1].input_shape_  # the detector sees tiles: layer1's maps of a 32-px tile
+    (64, 8, 8)
+
     """
+
+    def __init__(self, steps, *, transform_input=None, memory=None, verbose=False,
+                 tile_size=None, tile_stride=None, tile_merge="mean"):
+        super().__init__(steps, transform_input=transform_input, memory=memory,
+                         verbose=verbose)
+        self.tile_size = tile_size
+        self.tile_stride = tile_stride
+        self.tile_merge = tile_merge
+
+    # ------------------------------------------------------------ tiling
+    def _tiling(self):
+        """(tile_size, stride, merge) as pairs of ints, or None without tiling;
+        ValueError/TypeError naming a bad parameter."""
+        size = getattr(self, "tile_size", None)  # None: pickled before tiling existed
+        if size is None:
+            if getattr(self, "tile_stride", None) is not None:
+                raise ValueError("tile_stride is set but tile_size is None: set tile_size "
+                                 "to tile the images")
+            return None
+        size = as_pair(size, "tile_size")
+        stride = size if self.tile_stride is None else as_pair(self.tile_stride,
+                                                               "tile_stride")
+        if stride[0] > size[0] or stride[1] > size[1]:
+            raise ValueError(f"tile_stride {self.tile_stride!r} is larger than tile_size "
+                             f"{self.tile_size!r}: the tiles would leave pixels uncovered")
+        if self.tile_merge not in _MERGES:
+            raise ValueError(f"tile_merge must be one of {_MERGES}, got {self.tile_merge!r}")
+        return size, stride, self.tile_merge
+
+    def _check_tiled(self, fused, X, what: str):
+        """The tiling of this pipeline, checked to be runnable on ``X`` (fused)."""
+        tiling = self._tiling()
+        if tiling is not None and fused is None:
+            raise ValueError(
+                f"{what} with tile_size needs the fused pipeline: exactly a "
+                "FeatureExtractor then a skanomaly detector over feature maps, no memory, "
+                "no routed parameters and no dask input")
+        return tiling
+
+    def _tiles(self, extractor, X, tiling, *, reset: bool) -> _Tiles:
+        """Validated images ``X`` as a lazy sequence of their tiles; with ``reset``, the
+        extractor is fitted on the first tile (its backbone and shapes)."""
+        if reset:
+            extractor._validate_params()
+        Xv = extractor._validate_input(X, reset=reset)
+        tiles = _Tiles(Xv, tiling[0], tiling[1])
+        if reset:
+            extractor._fit(tiles[:1])
+            #: (C, H, W) of the images fitted on (the export's default example)
+            self.tiled_input_shape_ = tuple(int(s) for s in Xv.shape[1:])
+        return tiles
 
     # ------------------------------------------------------------ fused path
     def _fused_steps(self, X=None):
@@ -144,26 +290,68 @@ class AnomalyPipeline(Pipeline):
             The fitted pipeline.
         """
         fused = None if params else self._fused_steps(X)
+        tiling = self._check_tiled(fused, X, "fit")
         if fused is None:
             return super().fit(X, y, **params)
         extractor, detector = fused
         self._validate_steps()
-        extractor._validate_params()
-        detector._validate_params()
-        Xv = extractor._fit(X)
+        if tiling is None:
+            extractor._validate_params()
+            detector._validate_params()
+            Xv, n_tiles = extractor._fit(X), 1
+        else:
+            detector._validate_params()
+            Xv = self._tiles(extractor, X, tiling, reset=True)
+            n_tiles = Xv.n_tiles
         shape = extractor.feature_shape_
         channels = detector._fit_channels(shape[0])
         device = detector._device()
         features = torch.cat([f for _, f in extractor._feature_batches(Xv, channels, device)])
-        detector._fit_features(features, shape)
+        with _per_image_threshold(detector, n_tiles):
+            detector._fit_features(features, shape)
         return self
+
+    def fit_predict(self, X, y=None, **params):
+        """Fit on ``X`` and label its samples (+1 / -1) as the detector's ``fit_predict``
+        does: from the out-of-sample scores that set ``offset_``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            Training input of the first step.
+        y : Ignored
+            Not used, present for API consistency.
+        **params : dict
+            Routed as by :meth:`sklearn.pipeline.Pipeline.fit_predict`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+            One per image (also when tiled).
+        """
+        if self._tiling() is None:
+            return super().fit_predict(X, y, **params)
+        self._check_tiled(None if params else self._fused_steps(X), X, "fit_predict")
+        self.fit(X)
+        detector = self._final_estimator
+        normality = detector.__dict__["_device_cache"]["fit_normality"]
+        return _predict_labels(normality - detector.offset_)
 
     def _fused_pass(self, fused, X, what, output_size=None, sigma=4.0):
         """Anomaly scores and/or maps of ``X`` through the fused steps (tensors on the
         detector's device): ``what`` is "scores", "maps" or "both"."""
         extractor, detector = fused
         check_is_fitted(detector)
-        Xv = extractor._validate_input(X, reset=False)
+        tiling = self._tiling()
+        if tiling is not None:
+            return self._tiled_pass(fused, X, what, tiling, output_size, sigma)
+        return self._validated_pass(fused, extractor._validate_input(X, reset=False), what,
+                                    output_size, sigma)
+
+    @staticmethod
+    def _validated_pass(fused, Xv, what, output_size, sigma):
+        """:meth:`_fused_pass` of validated input ``Xv`` (images, or a :class:`_Tiles`)."""
+        extractor, detector = fused
         post = detector._map_postprocess(output_size, sigma) if what != "scores" else None
         scores, maps = [], []
         batches = (features for _, features in extractor._feature_batches(
@@ -181,6 +369,27 @@ class AnomalyPipeline(Pipeline):
                 scores.append(s)
                 maps.append(m)
         return (torch.cat(scores) if scores else None), (torch.cat(maps) if maps else None)
+
+    def _tiled_pass(self, fused, X, what, tiling, output_size, sigma):
+        """:meth:`_fused_pass` of a tiled pipeline: the tiles' scores and maps, then one
+        score (the largest of its tiles') and one stitched map per image."""
+        extractor, detector = fused
+        tiles = self._tiles(extractor, X, tiling, reset=False)
+        tile_scores, tile_maps = self._validated_pass(
+            fused, tiles, what, None if what == "scores" else tiling[0], sigma)
+        n_images = len(tiles) // tiles.n_tiles
+        scores = maps = None
+        if tile_scores is not None:  # normality: the least normal tile's
+            scores = tile_scores.reshape(n_images, tiles.n_tiles).amin(dim=1)
+        if tile_maps is not None:
+            maps = untile(tile_maps.to(torch.float64), tiles.image_size, tiling[1],
+                          tiling[2])
+            size = tiles.image_size if output_size is None else as_pair(output_size,
+                                                                        "output_size")
+            if size != tiles.image_size:
+                maps = F.interpolate(maps[:, None], size=size, mode="bilinear",
+                                     align_corners=False)[:, 0]
+        return scores, maps
 
     def _default_size(self, X, output_size):
         from .features import FeatureExtractor
@@ -206,6 +415,7 @@ class AnomalyPipeline(Pipeline):
             A tensor on ``X``'s device for a tensor ``X``, else numpy.
         """
         fused = None if params else self._fused_steps(X)
+        self._check_tiled(fused, X, "score_samples")
         if fused is None:
             return super().score_samples(X, **params)
         return _like_input(X, self._fused_pass(fused, X, "scores")[0])
@@ -227,6 +437,7 @@ class AnomalyPipeline(Pipeline):
             Negative for outliers; a tensor on ``X``'s device for a tensor ``X``.
         """
         fused = None if params else self._fused_steps(X)
+        self._check_tiled(fused, X, "decision_function")
         if fused is None:
             return super().decision_function(X, **params)
         return self.score_samples(X) - fused[1].offset_
@@ -248,6 +459,7 @@ class AnomalyPipeline(Pipeline):
             A tensor on ``X``'s device for a tensor ``X``, else numpy.
         """
         fused = None if params else self._fused_steps(X)
+        self._check_tiled(fused, X, "predict")
         if fused is None:
             return super().predict(X, **params)
         return _predict_labels(self.decision_function(X))
@@ -286,6 +498,7 @@ class AnomalyPipeline(Pipeline):
         check_is_fitted(self)
         output_size = self._default_size(X, output_size)
         fused = self._fused_steps(X)
+        self._check_tiled(fused, X, "anomaly_map")
         if fused is not None:
             return _like_input(X, self._fused_pass(fused, X, "maps", output_size, sigma)[1])
         Xt = self[:-1].transform(X) if len(self) > 1 else X
@@ -339,6 +552,7 @@ class AnomalyPipeline(Pipeline):
         check_is_fitted(self)
         output_size = self._default_size(X, output_size)
         fused = self._fused_steps(X)
+        self._check_tiled(fused, X, "score_and_map")
         if fused is not None:
             scores, maps = self._fused_pass(fused, X, "both", output_size, sigma)
             return _like_input(X, scores), _like_input(X, maps)
@@ -373,6 +587,15 @@ class AnomalyPipeline(Pipeline):
         from .base import calibrate
 
         check_is_fitted(self)
+        if self._tiling() is not None:  # the scores of whole images, labelled or not
+            fused = self._fused_steps(X)
+            self._check_tiled(fused, X, "calibrate")
+            scores = self._fused_pass(fused, X, "scores")[0]
+            if y is None:
+                fused[1]._set_held_out_offset(scores)
+            else:
+                fused[1]._set_labelled_offset(scores, y)
+            return self
         fused = None if y is not None else self._fused_steps(X)
         if fused is not None:
             fused[1]._set_held_out_offset(self._fused_pass(fused, X, "scores")[0])
@@ -418,6 +641,19 @@ class AnomalyPipeline(Pipeline):
         from .features import FeatureExtractor
 
         check_is_fitted(self)
+        if self._tiling() is not None:  # the stitched maps of whole images
+            fused = self._fused_steps(X)
+            self._check_tiled(fused, X, "calibrate_pixels")
+            truth = None
+            if masks is not None:
+                truth = np.asarray(masks).astype(bool)
+                if truth.ndim != 3:
+                    raise ValueError(f"masks must be (n_samples, height, width), got shape "
+                                     f"{truth.shape}")
+                output_size = tuple(truth.shape[1:])
+            maps = self._fused_pass(fused, X, "maps", output_size, sigma)[1]
+            fused[1]._set_pixel_threshold(maps, truth, output_size, sigma)
+            return self
         first = self.steps[0][1]
         if masks is None and output_size is None and isinstance(first, FeatureExtractor):
             output_size = _image_size(X)
@@ -446,6 +682,19 @@ class AnomalyPipeline(Pipeline):
         See :meth:`calibrate_pixels`.
         """
         check_is_fitted(self)
+        if self._tiling() is not None:
+            from sklearn.exceptions import NotFittedError
+
+            fused = self._fused_steps(X)
+            self._check_tiled(fused, X, "predict_mask")
+            detector = fused[1]
+            if "pixel_threshold_" not in detector.__dict__:
+                raise NotFittedError("the pipeline has no pixel threshold: call "
+                                     "calibrate_pixels(X_val, masks) or calibrate_pixels("
+                                     "X_normal) first")
+            maps = self._fused_pass(fused, X, "maps", detector.pixel_map_size_,
+                                    detector.pixel_sigma_)[1]
+            return _like_input(X, maps) > detector.pixel_threshold_
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.predict_mask(Xt)
 
@@ -487,6 +736,8 @@ class AnomalyPipeline(Pipeline):
 
         check_is_fitted(self)
         fused = self._fused_steps(X)
+        if self._check_tiled(fused, X, "pvalues") is not None:
+            check_is_fitted(fused[1], "calibration_scores_")
         if fused is None or "calibration_scores_" not in fused[1].__dict__:
             return pvalues(self, X)  # step by step (or the detector's NotFittedError)
         scores = self._fused_pass(fused, X, "scores")[0]
@@ -523,17 +774,24 @@ class AnomalyPipeline(Pipeline):
             raise TypeError("AnomalyPipeline.partial_fit needs two steps: a "
                             "FeatureExtractor, then a skanomaly detector over feature maps")
         extractor, detector = fused
-        if hasattr(extractor, "model_"):
+        tiling = self._tiling()
+        fitted = hasattr(extractor, "model_")
+        if tiling is not None:  # the tiles of this batch, cut batch by batch
+            Xv = self._tiles(extractor, X, tiling, reset=not fitted)
+        elif fitted:
             Xv = extractor._validate_input(X, reset=False)
         else:  # the first batch fits the extractor, which validates it once
             extractor._validate_params()
             Xv = extractor._fit(X)
         batches = extractor._feature_batches(Xv, device=detector._device())
-        detector.partial_fit(torch.cat([features for _, features in batches]))
+        features = torch.cat([features for _, features in batches])
+        with _per_image_threshold(detector, 1 if tiling is None else Xv.n_tiles):
+            detector.partial_fit(features)
         return self
 
 
-def make_anomaly_pipeline(*steps, memory=None, verbose=False):
+def make_anomaly_pipeline(*steps, memory=None, verbose=False, tile_size=None,
+                          tile_stride=None, tile_merge="mean"):
     """An :class:`AnomalyPipeline` from estimators, named as
     :func:`~sklearn.pipeline.make_pipeline` names them (lowercased class names).
 
@@ -545,6 +803,8 @@ def make_anomaly_pipeline(*steps, memory=None, verbose=False):
         As in :func:`~sklearn.pipeline.make_pipeline`.
     verbose : bool, default=False
         As in :func:`~sklearn.pipeline.make_pipeline`.
+    tile_size, tile_stride, tile_merge
+        Tiling at native resolution: see :class:`AnomalyPipeline`.
 
     Returns
     -------
@@ -564,4 +824,5 @@ def make_anomaly_pipeline(*steps, memory=None, verbose=False):
     (1, 32, 32)
     """
     plain = make_pipeline(*steps, memory=memory, verbose=verbose)
-    return AnomalyPipeline(plain.steps, memory=memory, verbose=verbose)
+    return AnomalyPipeline(plain.steps, memory=memory, verbose=verbose, tile_size=tile_size,
+                           tile_stride=tile_stride, tile_merge=tile_merge)

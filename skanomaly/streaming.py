@@ -10,8 +10,13 @@ most ``max_bank_size`` entries for PatchCore). :func:`iter_image_batches` is the
 built on them.
 
 Images are read with Pillow (PNG, JPEG, BMP, TIFF, WebP), converted to RGB (16-bit grey
-scaled by 1/65535) and resized to ``image_size`` x ``image_size`` pixels with bilinear
-interpolation, ignoring the aspect ratio, as anomalib does.
+scaled by 1/65535) and, by ``image_size``, resized with bilinear interpolation to
+``image_size`` x ``image_size`` pixels (an int: the aspect ratio is ignored, as anomalib
+does), to ``(height, width)`` (a pair), or to a short side of ``image_size`` pixels with
+the aspect ratio kept (``keep_aspect=True``), or read at their native resolution
+(``None``; for a tiled :class:`~skanomaly.AnomalyPipeline`). Where sizes may differ, a
+folder is read by one rule: a batch holds consecutive images (in file order) of one
+size, and a change of size starts a new batch.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "ImageReadError",
     "find_images",
     "read_image",
+    "target_size",
     "iter_image_batches",
     "partial_fit_images",
 ]
@@ -113,22 +119,83 @@ def find_images(folder) -> list[Path]:
     return paths
 
 
-def _read_image(path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """The image as float32 (3, s, s) in [0, 1] and its original (width, height)."""
+def _check_image_size(image_size, keep_aspect: bool = False):
+    """``image_size`` checked: an int >= 1, a (height, width) pair of them, or None."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (tuple, list)):
+        if keep_aspect:
+            raise ValueError("keep_aspect=True takes an int image_size (the short side), "
+                             f"got {image_size!r}")
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be an int, a (height, width) pair or None, "
+                             f"got {image_size!r}")
+        return tuple(_check_int(v, "image_size", 1) for v in image_size)
+    return _check_int(image_size, "image_size", 1)
+
+
+def target_size(original, image_size, keep_aspect: bool = False) -> tuple[int, int]:
+    """The (height, width) an image of ``original`` (width, height) is read at.
+
+    Parameters
+    ----------
+    original : (int, int)
+        The image's (width, height), as Pillow's ``Image.size``.
+    image_size : int, (int, int) or None
+        An int: a square of that side (or, with ``keep_aspect``, the short side); a
+        (height, width) pair: that size; None: the original size.
+    keep_aspect : bool, default=False
+        Resize the short side to ``image_size`` and the long side in proportion
+        (rounded, at least 1).
+
+    Returns
+    -------
+    size : (int, int)
+        (height, width) in pixels.
+
+    Examples
+    --------
+    >>> from skanomaly.streaming import target_size
+    >>> target_size((640, 480), 128), target_size((640, 480), 128, keep_aspect=True)
+    ((128, 128), (128, 171))
+    >>> target_size((640, 480), None), target_size((640, 480), (60, 80))
+    ((480, 640), (60, 80))
+    """
+    width, height = (int(v) for v in original)
+    if image_size is None:
+        return height, width
+    if isinstance(image_size, tuple):
+        return image_size
+    if not keep_aspect:
+        return image_size, image_size
+    if height <= width:
+        return image_size, max(1, round(width * image_size / height))
+    return max(1, round(height * image_size / width)), image_size
+
+
+def _read_image(path, image_size, keep_aspect: bool = False
+                ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image as float32 (3, h, w) in [0, 1] (:func:`target_size`) and its original
+    (width, height)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
             original = img.size
+            height, width = target_size(original, image_size, keep_aspect)
+            resize = (width, height) != tuple(original)
             if img.mode in ("I", "F") or img.mode.startswith("I;16"):
                 scale = 1.0 if img.mode == "F" else 1 / 65535
                 grey = np.clip(np.asarray(img, dtype=np.float32) * scale, 0, 1)
-                grey = Image.fromarray(grey, mode="F").resize((image_size, image_size),
-                                                              Image.BILINEAR)
+                grey = Image.fromarray(grey, mode="F")
+                if resize:
+                    grey = grey.resize((width, height), Image.BILINEAR)
                 array = np.repeat(np.asarray(grey, dtype=np.float32)[None], 3, axis=0)
             else:
-                rgb = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                rgb = img.convert("RGB")
+                if resize:
+                    rgb = rgb.resize((width, height), Image.BILINEAR)
                 array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
@@ -136,20 +203,24 @@ def _read_image(path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return np.ascontiguousarray(np.clip(array, 0, 1)), original
 
 
-def read_image(path, image_size: int) -> np.ndarray:
-    """One image file as a float32 RGB array in [0, 1], resized to a square.
+def read_image(path, image_size, *, keep_aspect: bool = False) -> np.ndarray:
+    """One image file as a float32 RGB array in [0, 1], resized (or not).
 
     Parameters
     ----------
     path : str or os.PathLike
         An image file Pillow reads (PNG, JPEG, BMP, TIFF, WebP, ...).
-    image_size : int >= 1
-        Side of the output in pixels: the image is resized to ``image_size`` x
-        ``image_size`` with bilinear interpolation, ignoring its aspect ratio.
+    image_size : int >= 1, (int, int) or None
+        An int: the image is resized to ``image_size`` x ``image_size`` with bilinear
+        interpolation, ignoring its aspect ratio (or, with ``keep_aspect``, its short
+        side to ``image_size``); a (height, width) pair: to that size; None: read at
+        its native resolution (see :func:`target_size`).
+    keep_aspect : bool, default=False
+        Keep the aspect ratio: ``image_size`` is the short side.
 
     Returns
     -------
-    image : ndarray of shape (3, image_size, image_size), float32
+    image : ndarray of shape (3, height, width), float32
         Channels first, values in [0, 1]: 8-bit values divided by 255, 16-bit grey by
         65535, grey and palette images converted to RGB (grey replicated).
 
@@ -170,10 +241,14 @@ def read_image(path, image_size: int) -> np.ndarray:
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     Image.new("L", (40, 30), color=255).save(Path(tmp) / "white.png")
     ...     image = read_image(Path(tmp) / "white.png", 16)
+    ...     wide = read_image(Path(tmp) / "white.png", 16, keep_aspect=True)
+    ...     native = read_image(Path(tmp) / "white.png", None)
     >>> image.shape, image.dtype, float(image.min())
     ((3, 16, 16), dtype('float32'), 1.0)
+    >>> wide.shape, native.shape  # a 40 x 30 image: short side 16; native
+    ((3, 16, 21), (3, 30, 40))
     """
-    return _read_image(path, _check_int(image_size, "image_size", 1))[0]
+    return _read_image(path, _check_image_size(image_size, keep_aspect), keep_aspect)[0]
 
 
 def _image_source(source) -> list[Path] | None:
@@ -186,8 +261,8 @@ def _image_source(source) -> list[Path] | None:
     return None
 
 
-def iter_image_batches(source, batch_size: int = 32, image_size: int = 128
-                       ) -> Iterator[np.ndarray]:
+def iter_image_batches(source, batch_size: int = 32, image_size=128, *,
+                       keep_aspect: bool = False) -> Iterator[np.ndarray]:
     """Read images in batches: a generator of float32 arrays (n, 3, s, s).
 
     The images are split into ``ceil(n_images / batch_size)`` batches of sizes that
@@ -201,14 +276,18 @@ def iter_image_batches(source, batch_size: int = 32, image_size: int = 128
         A folder (searched recursively by :func:`find_images`) or image file paths.
     batch_size : int >= 1, default=32
         Most images per batch.
-    image_size : int >= 1, default=128
-        Side of the square images in pixels (see :func:`read_image`).
+    image_size : int >= 1, (int, int) or None, default=128
+        Side of the square images in pixels, or as :func:`read_image` takes it.
+    keep_aspect : bool, default=False
+        Resize the short side to ``image_size`` (see :func:`read_image`).
 
     Yields
     ------
-    images : ndarray of shape (n, 3, image_size, image_size), float32
+    images : ndarray of shape (n, 3, height, width), float32
         The next batch, in [0, 1], in the order of :func:`find_images` (or of the
-        paths given).
+        paths given). Where the images' sizes may differ (``image_size=None`` or
+        ``keep_aspect``), a batch holds consecutive images of one size (at most
+        ``batch_size``): a change of size starts a new batch.
 
     Raises
     ------
@@ -232,21 +311,39 @@ def iter_image_batches(source, batch_size: int = 32, image_size: int = 128
     [(4, 3, 8, 8), (3, 3, 8, 8), (3, 3, 8, 8)]
     """
     batch_size = _check_int(batch_size, "batch_size", 1)
-    image_size = _check_int(image_size, "image_size", 1)
+    image_size = _check_image_size(image_size, keep_aspect)
     paths = _image_source(source)
     if paths is None:
         raise TypeError("source must be a folder or a non-empty sequence of image paths, "
                         f"got {type(source).__name__}")
-    return _batches(paths, batch_size, image_size)
+    return _batches(paths, batch_size, image_size, keep_aspect)
 
 
-def _batches(paths: list[Path], batch_size: int, image_size: int) -> Iterator[np.ndarray]:
+def _batches(paths: list[Path], batch_size: int, image_size, keep_aspect: bool = False
+             ) -> Iterator[np.ndarray]:
+    if image_size is None or keep_aspect:  # sizes may differ: one size per batch
+        yield from _batches_by_size(paths, batch_size, image_size, keep_aspect)
+        return
+    if isinstance(image_size, Integral):
+        image_size = (image_size, image_size)
     n_batches = math.ceil(len(paths) / batch_size)
     for chunk in np.array_split(np.arange(len(paths)), n_batches):
-        images = np.empty((len(chunk), 3, image_size, image_size), dtype=np.float32)
+        images = np.empty((len(chunk), 3, *image_size), dtype=np.float32)
         for row, i in enumerate(chunk):
             images[row] = _read_image(paths[i], image_size)[0]
         yield images
+
+
+def _batches_by_size(paths, batch_size: int, image_size, keep_aspect: bool):
+    pending = []
+    for path in paths:
+        image = _read_image(path, image_size, keep_aspect)[0]
+        if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
+            yield np.stack(pending)
+            pending = []
+        pending.append(image)
+    if pending:
+        yield np.stack(pending)
 
 
 def _array_batches(X, batch_size: int) -> Iterator[np.ndarray]:
@@ -266,8 +363,8 @@ def _is_fitted(estimator) -> bool:
     return True
 
 
-def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size: int = 128,
-                       verbose: bool = False):
+def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size=128,
+                       keep_aspect: bool = False, verbose: bool = False):
     """Fit a pipeline ending in a skanomaly detector on images, one batch at a time.
 
     For each batch of images: the pipeline's transformers (e.g. a
@@ -304,9 +401,12 @@ def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size: in
         Most images per batch, for folders, paths and arrays. The first batch must
         hold at least the detector's minimum number of samples (2 for PaDiM, DFM,
         DFKDE and the Gaussian).
-    image_size : int >= 1, default=128
-        Side in pixels to which files are resized (see :func:`read_image`); unused for
-        arrays.
+    image_size : int >= 1, (int, int) or None, default=128
+        Side in pixels to which files are resized, or as :func:`read_image` takes it
+        (None: native resolution, for a tiled :class:`~skanomaly.AnomalyPipeline`,
+        whose batches may then differ in size); unused for arrays.
+    keep_aspect : bool, default=False
+        Resize the short side of files to ``image_size`` (see :func:`read_image`).
     verbose : bool, default=False
         Show a tqdm progress bar over the batches on stderr.
 
@@ -391,11 +491,11 @@ def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size: in
         raise TypeError("the last step of pipeline must be a skanomaly detector with "
                         f"partial_fit, got {type(detector).__name__}")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    image_size = _check_int(image_size, "image_size", 1)
+    image_size = _check_image_size(image_size, keep_aspect)
     paths = _image_source(source)
     if paths is not None:
-        batches, n_batches = _batches(paths, batch_size, image_size), math.ceil(
-            len(paths) / batch_size)
+        batches, n_batches = _batches(paths, batch_size, image_size, keep_aspect), (
+            math.ceil(len(paths) / batch_size))
     elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
         raise TypeError("source must be a folder, image paths, an array of images or an "
                         f"iterable of batches, got {type(source).__name__}")

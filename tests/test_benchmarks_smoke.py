@@ -245,3 +245,42 @@ def test_end_to_end_quick_run(end_to_end_run):
     assert rows["FeatureExtractor.transform"]["checks"]["naive_equals_transform"]
     for case in modules:  # the exported module computes what the estimator does
         assert rows[case]["checks"]["map_max_rel_diff_vs_estimator"] < 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_defects():
+    spec = importlib.util.spec_from_file_location("skanomaly_bench_small_defects",
+                                                  BENCH / "small_defects.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_small_defects_are_small_and_masked_exactly(small_defects):
+    X_train, X_test, y, masks, kinds = small_defects.make_data("gravel", 3, 12, 96)
+    assert X_train.shape == (3, 3, 96, 96) and X_test.shape == (12, 3, 96, 96)
+    assert (y == -1).sum() == 6 and set(kinds[y == -1]) == {"scratch", "blotch", "patch"}
+    for mask, kind in zip(masks[y == -1], kinds[y == -1]):
+        rows, cols = np.nonzero(mask)
+        extent = max(np.ptp(rows), np.ptp(cols)) + 1
+        assert 2 <= extent <= 13, (kind, extent)
+    assert not masks[y == 1].any()
+
+
+def test_small_defects_quick_run(small_defects, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rows = small_defects.main(["--quick", "--merges", "mean", "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r.detector, r.way) for r in rows] == [
+        ("padim", "tiled (mean)"), ("padim", "resized 32"),
+        ("patchcore", "tiled (mean)"), ("patchcore", "resized 32")]
+    for r in rows:
+        assert r.error is None
+        assert 0 <= r.pixel_auroc <= 1 and 0 <= r.image_auroc <= 1 and 0 <= r.pro <= 1
+        assert r.fit_s > 0 and r.score_s > 0
+    (md,) = tmp_path.glob("small_defects-*-quick.md")
+    assert "| brick | padim | tiled (mean) |" in md.read_text()

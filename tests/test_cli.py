@@ -547,6 +547,12 @@ def usage_error(argv, capsys):
         (["--mask-dir", "{tmp}"], "--mask-dir needs --train-dir and --test-dir"),
         (["--train-dir", "{tmp}", "--test-dir", "{tmp}", "--texture", "grass"],
          "--texture applies to the bundled data only"),
+        (["--tile-stride", "8"], "--tile-stride needs --tile-size"),
+        (["--tile-size", "64"], "--tile-size 64 is larger than the images (--image-size 32)"),
+        (["--tile-size", "16", "--tile-stride", "24"],
+         "--tile-stride 24 is larger than --tile-size 16"),
+        (["--tile-size", "16", "--detector", "gaussian"],
+         "--tile-size needs a detector over feature maps"),
         (["--output-dir", "{tmp}/file.txt"],
          "--output-dir {tmp}/file.txt exists and is not a directory"),
         (["--output-dir", "{tmp}/file.txt/sub/out"],
@@ -848,6 +854,8 @@ def test_unreadable_models_are_clear_errors(fitted, tmp_path, capsys):
         (["fit", "{tmp}", "--image-size", "8"], "argument --image-size: must be at least 16"),
         (["fit", "{tmp}", "--detector", "svm"], "argument --detector: invalid choice"),
         (["fit", "{tmp}", "--device", "tpu"], "--device: unknown device 'tpu'"),
+        (["fit", "{tmp}", "--tile-size", "64", "--image-size", "32"],
+         "--tile-size 64 is larger than the images"),
         (["predict", "{tmp}/m.skanomaly", "{tmp}"], "model file {tmp}/m.skanomaly does not exist"),
         (["export", "{tmp}/file.txt", "{tmp}/out.txt"], "must end in .onnx (ONNX) or .pt"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -934,3 +942,29 @@ def test_export_of_a_pooled_gaussian(tree, tmp_path, capsys):
     else:
         assert status == 2 and "\n" not in err
         assert err.startswith("skanomaly: error: export:") and "FunctionTransformer" in err
+
+
+def test_tiled_fit_and_predict_score_as_the_tiled_pipeline(tree, tmp_path):
+    """--tile-size: the saved pipeline tiles (16-px tiles at stride 12 of the 32-px
+    images), predict's scores are its scores, and the main job runs tiled too."""
+    from skanomaly.cli import load_model
+
+    model_path = tmp_path / "tiled.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(model_path), *RESNET,
+                 "--tile-size", "16", "--tile-stride", "12", "--batch-size", "6",
+                 "--calibration-dir", str(tree / "calibration")]) == 0
+    model, metadata = load_model(model_path)
+    assert (model.tile_size, model.tile_stride) == (16, 12)
+    assert model[-1].n_samples_seen_ == 12 * 9  # 3 x 3 tiles per image
+    assert (metadata["tile_size"], metadata["tile_stride"]) == (16, 12)
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(tree / "test"), "--mask-dir",
+                 str(tree / "masks"), "--output-dir", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    _, images = folder_images(tree / "test")
+    np.testing.assert_array_equal([float(r["anomaly_score"]) for r in read_scores(out)],
+                                  -model.score_samples(images))
+    main_out = tmp_path / "main"
+    assert main([*BUNDLED, "--backbone", "resnet18", "--weights", "random",
+                 "--tile-size", "16", "--output-dir", str(main_out)]) == 0
+    assert read_metrics(main_out)["tile_size"] == 16

@@ -255,3 +255,31 @@ def test_empty_axes_raise_naming_the_axis(shape, axis, container):
     X = torch.from_numpy(X) if container == "torch" else X
     with pytest.raises(ValueError, match=f"(empty {axis}|0 feature)"):
         DFMDetector(device="cpu").fit(X)
+
+
+@pytest.mark.parametrize("n_train, channels", [(40, 30), (60, 4)])  # pooled d 120, 16
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_cross_fit_scores_match_pca_refitted_per_fold(n_train, channels, score_type):
+    # the folds' PCAs come from one Gram matrix, not an SVD each: the out-of-sample
+    # scores that set offset_ match a PCA fitted to each fold's complement (scikit-learn
+    # for FRE, a DFM fitted on the fold for the likelihood), with fewer training images
+    # than pooled features and with more
+    rng = np.random.default_rng(3)
+    basis = rng.normal(size=(5, channels * 4))
+    X = (rng.normal(size=(n_train, 5)) @ basis + 0.2 * rng.normal(size=(n_train, channels * 4)))
+    X = np.repeat(np.repeat(X.reshape(n_train, channels, 2, 2), 4, 2), 4, 3)
+    X = X + 0.05 * rng.normal(size=X.shape)
+    det = DFMDetector(n_components=0.9, score_type=score_type, device="cpu").fit(X)
+    assert det.calibration_ == "cross-fit"
+    folds = np.arange(n_train) % 5
+    expected = np.empty(n_train)
+    for k in range(5):
+        train, held = X[folds != k], X[folds == k]
+        if score_type == "fre":
+            expected[folds == k] = _fre_reference(train, held, n_components=0.9)
+        else:
+            model = DFMDetector(n_components=0.9, score_type="nll", device="cpu").fit(train)
+            expected[folds == k] = -model.score_samples(held)
+    got = -det._device_cache["fit_normality"]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert det.offset_ == pytest.approx(np.percentile(-expected, 10), rel=1e-9)

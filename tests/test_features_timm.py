@@ -126,3 +126,38 @@ def test_without_timm_installed(monkeypatch, images):
         FeatureExtractor("timm/tf_efficientnet_lite0").fit(images)
     # torchvision backbones and modules need no timm
     FeatureExtractor("resnet18", ["layer1"], random_state=0).fit(images)
+
+
+def test_batch_norm_act_is_folded_into_the_convolution(images):
+    # timm's BatchNormAct2d (batch norm, then its activation) after a Conv2d or
+    # Conv2dSame folds into the convolution; the activation stays as a module. Running
+    # statistics are drawn at random so that the fold is not the identity.
+    det = FeatureExtractor("timm/tf_efficientnet_lite0", ["blocks.1", "blocks.3"],
+                           random_state=0, device="cpu").fit(images)
+    gen = torch.Generator().manual_seed(0)
+    for module in det.model_.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    backbone = det._torch_module("cpu").backbone
+    left = [type(m).__name__ for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert left == []
+    stem, bn = backbone.conv_stem, det.model_.bn1
+    assert type(stem).__name__ == "Conv2dSame" and isinstance(backbone.bn1, torch.nn.Sequential)
+    assert isinstance(backbone.bn1[1], type(bn.act))
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert_allclose(stem.weight.detach().numpy(),
+                    (det.model_.conv_stem.weight * scale[:, None, None, None]).detach().numpy(),
+                    rtol=1e-6, atol=1e-7)
+    assert_allclose(stem.bias.detach().numpy(),
+                    (bn.bias - bn.running_mean * scale).detach().numpy(), rtol=1e-6, atol=1e-7)
+    m = det.model_
+    with torch.no_grad():  # the unfolded model, stage by stage
+        h = m.bn1(m.conv_stem(torch.from_numpy((images - MEAN) / STD)))
+        b1 = m.blocks[1](m.blocks[0](h))
+        b3 = m.blocks[3](m.blocks[2](b1))
+    expected = np.concatenate([b1.numpy(), nearest(b3.numpy(), b1.shape[-1])], axis=1)
+    assert_allclose(det.transform(images), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

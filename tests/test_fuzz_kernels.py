@@ -311,6 +311,18 @@ def test_spatial(x, sigma, truncate, size):
     check(postprocess_anomaly_map, x, size, sigma=sigma)
 
 
+@FUZZ
+@given(x=tensors(ndim=4, max_side=6), tile=st.tuples(st.integers(0, 7), st.integers(0, 7)),
+       stride=st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(0, 7))),
+       merge=st.sampled_from(["mean", "max", "median"]))
+def test_tiling(x, tile, stride, merge):
+    check(F.tile_grid, tuple(x.shape[-2:]), tile, stride)
+    tiles = check(F.tile, x, tile, stride)
+    if tiles is not None and tiles.is_floating_point() and tiles.shape[1] > 0:
+        check(F.untile, tiles[:, 0], tuple(x.shape[-2:]), stride, merge)
+        check(F.untile, tiles, tuple(x.shape[-2:]), stride, merge)
+
+
 # --------------------------------------------------------------------------- metrics
 
 @FUZZ
@@ -411,5 +423,6 @@ def test_every_public_kernel_is_fuzzed():
               "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix",
               "gaussian_kernel1d", "gaussian_blur2d", "upsample_bilinear",
               "gaussian_kde_logpdf", "kde_covariance", "GaussianKDE",
-              "leave_one_out_mahalanobis", "GaussianScorer", "WoodburyGaussianScorer"}
+              "leave_one_out_mahalanobis", "GaussianScorer", "WoodburyGaussianScorer",
+              "tile", "tile_grid", "untile"}
     assert set(F.__all__) <= fuzzed, set(F.__all__) - fuzzed

@@ -448,49 +448,107 @@ def _truncated(model: torch.nn.Module, layers, stop_after: int, probe: torch.Ten
     return trimmed if same else model
 
 
+def _foldable_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a batch norm that folds into the convolution before it.
+
+    Exact ``BatchNorm2d``, or timm's ``BatchNormAct2d`` (a ``BatchNorm2d`` that then
+    applies its ``drop`` and ``act`` modules, which stay). Both need running statistics.
+    """
+    if type(module) is torch.nn.BatchNorm2d:
+        pass
+    elif not (isinstance(module, torch.nn.BatchNorm2d)
+              and type(module).__name__ == "BatchNormAct2d"
+              and type(module).__module__.startswith("timm.")
+              and hasattr(module, "act") and hasattr(module, "drop")):
+        return False
+    return module.running_mean is not None and module.running_var is not None
+
+
+def _foldable_conv(module: torch.nn.Module) -> bool:
+    """Exact ``Conv2d``, or timm's ``Conv2dSame`` (TensorFlow "same" padding, then the
+    same convolution of ``weight`` and ``bias``): a norm after it folds into them."""
+    return type(module) is torch.nn.Conv2d or (
+        isinstance(module, torch.nn.Conv2d) and type(module).__name__ == "Conv2dSame"
+        and type(module).__module__.startswith("timm."))
+
+
+def _conv_norm_pairs(model: torch.nn.Module, run) -> list[tuple[str, str]]:
+    """(convolution, batch norm) module names where the norm reads the conv's output.
+
+    Found by data flow, not by names: ``run()`` (a forward of a probe) is watched by
+    hooks, and a pair is kept when the tensor a foldable norm receives is the very
+    tensor a foldable convolution (:func:`_foldable_conv`) returned, each module
+    called once.
+    """
+    produced, kept, calls, pairs = {}, [], {}, []
+    handles = []
+
+    def count(name):
+        calls[name] = calls.get(name, 0) + 1
+
+    for name, module in model.named_modules():
+        if _foldable_conv(module):
+            def after(mod, args, out, name=name):
+                count(name)
+                produced[id(out)] = name
+                kept.append(out)  # alive until the end: no id is reused
+            handles.append(module.register_forward_hook(after))
+        elif _foldable_norm(module):
+            def before(mod, args, name=name):
+                count(name)
+                conv = produced.get(id(args[0])) if args else None
+                if conv is not None:
+                    pairs.append((conv, name))
+            handles.append(module.register_forward_pre_hook(before))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(conv, norm) for conv, norm in pairs if calls[conv] == calls[norm] == 1]
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    model.get_submodule(parent)._modules[child] = new
+
+
 def _fold_batch_norms(model: torch.nn.Module, layers, stop_after: int, normalize: bool,
                       probe: torch.Tensor) -> torch.nn.Module:
-    """A copy of eval-mode ``model`` with each BatchNorm2d folded into the Conv2d before it.
+    """A copy of eval-mode ``model`` with each batch norm folded into the Conv2d before it.
 
     ``y = gamma (conv(x) - mu) / sqrt(var + eps) + beta`` is one convolution with scaled
     weights and a bias (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), so inference
     skips a pass over every activation map: resnet18 to layer3 ran 1.25x faster on the
-    CPU (channels-last, 32 images of 224 px, 2 threads). Pairs are found by structure: a
-    ``convN``/``bnN`` (or ``conv``/``bn``) pair of attributes of one module (torchvision's
-    ResNet blocks) and a Conv2d directly followed by a BatchNorm2d in an
-    ``nn.Sequential`` (downsampling branches, ``Conv2dNormActivation``); only exact
-    ``BatchNorm2d`` (a subclass such as timm's ``BatchNormAct2d`` also applies an
-    activation). The copy is kept only if its features of ``probe`` agree with the
-    original's to float32 rounding (1e-4 of their largest magnitude): a forward that
-    does not apply a pair in that order returns ``model`` itself.
+    CPU (channels-last, 32 images of 224 px, 2 threads). Pairs are found by data flow on
+    ``probe`` (:func:`_conv_norm_pairs`): torchvision's ``BatchNorm2d`` after a
+    ``Conv2d`` (ResNet blocks, downsampling branches, ``Conv2dNormActivation``) and
+    timm's ``BatchNormAct2d`` (EfficientNet, whose activation is kept as a module of its
+    own). The copy is kept only if its features of ``probe`` agree with the original's
+    to float32 rounding (1e-4 of their largest magnitude): otherwise ``model`` itself
+    is returned.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    folded = copy.deepcopy(model)
-    count = 0
-    for module in folded.modules():
-        children = dict(module.named_children())
-        for name, child in children.items():
-            partner = name.replace("conv", "bn")
-            bn = children.get(partner)
-            if (partner != name and type(child) is torch.nn.Conv2d
-                    and type(bn) is torch.nn.BatchNorm2d):
-                setattr(module, name, fuse_conv_bn_eval(child, bn))
-                setattr(module, partner, torch.nn.Identity())
-                count += 1
-        if isinstance(module, torch.nn.Sequential):
-            items = list(module._modules.items())
-            for (first, conv), (second, bn) in zip(items, items[1:]):
-                if type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
-                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[second] = torch.nn.Identity()
-                    count += 1
-    if not count:
+    args = dict(normalize=normalize, stop_after=stop_after, device=probe.device)
+    try:
+        with torch.inference_mode():
+            pairs = _conv_norm_pairs(
+                model, lambda: _FeatureModule(model, layers, **args)(probe))
+    except Exception:  # noqa: BLE001 - a model the hooks cannot watch: keep it
         return model
+    if not pairs:
+        return model
+    folded = copy.deepcopy(model)
+    for conv_name, norm_name in pairs:
+        norm = folded.get_submodule(norm_name)
+        _replace(folded, conv_name, fuse_conv_bn_eval(folded.get_submodule(conv_name), norm))
+        rest = (torch.nn.Identity() if type(norm) is torch.nn.BatchNorm2d
+                else torch.nn.Sequential(norm.drop, norm.act))
+        _replace(folded, norm_name, rest)
     folded.eval().requires_grad_(False)
     try:
         with torch.inference_mode():
-            args = dict(normalize=normalize, stop_after=stop_after, device=probe.device)
             reference = _FeatureModule(model, layers, **args)(probe)
             got = _FeatureModule(folded, layers, **args)(probe)
         scale = float(reference.abs().amax())

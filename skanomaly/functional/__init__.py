@@ -32,6 +32,7 @@ from .neighbors import KNNIndex, knn_distances, pairwise_sq_distances
 from .sampling import (johnson_lindenstrauss_min_dim, k_center_greedy,
                        sparse_random_projection_matrix)
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
+from .tiling import tile, tile_grid, untile
 
 __all__ = [
     "cov",
@@ -62,4 +63,7 @@ __all__ = [
     "gaussian_kernel1d",
     "gaussian_blur2d",
     "upsample_bilinear",
+    "tile",
+    "tile_grid",
+    "untile",
 ]

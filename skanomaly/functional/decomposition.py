@@ -105,6 +105,21 @@ def _resolve_n_components(n_components, ratio: torch.Tensor, max_components: int
     return min(k, max_components)
 
 
+def _thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and right singular vectors ``(s, vt)`` of ``a``, thin.
+
+    A wide matrix (fewer rows than columns) is decomposed through its transpose:
+    ``a.T = V S U^T`` gives the same ``s`` and ``vt = V^T``. LAPACK's divide and
+    conquer on the tall transpose ran 2x to 8x faster than on the wide matrix
+    (1,000 x 4,096 float64, torch 2.14 on the CPU), with the same backward error.
+    """
+    if a.shape[0] < a.shape[1]:
+        v, s, _ = torch.linalg.svd(a.mT, full_matrices=False)
+        return s, v.mT
+    _, s, vt = torch.linalg.svd(a, full_matrices=False)
+    return s, vt
+
+
 def _merge_moments(a, b):
     """Count, mean and factorised centred scatter of two sets of samples together.
 
@@ -124,7 +139,7 @@ def _merge_moments(a, b):
     stacked = torch.cat([root_a, root_b, (delta * math.sqrt(n_a * n_b / n))[None]])
     exponent = max_abs_exponent(stacked)
     try:
-        _, s, vt = torch.linalg.svd(ldexp(stacked, -exponent), full_matrices=False)
+        s, vt = _thin_svd(ldexp(stacked, -exponent))
     except torch.linalg.LinAlgError as exc:  # pragma: no cover - LAPACK non-convergence
         raise ValueError(f"the SVD of the merged moments did not converge ({exc})") from exc
     r = min(n, stacked.shape[1])
@@ -134,6 +149,50 @@ def _merge_moments(a, b):
     # kernels, and with them the bits of the scores (batch invariance)
     vt = (vt * torch.sign(vt[rows, vt.abs().argmax(1)])[:, None]).contiguous()
     return n, mean_a + delta * (n_b / n), s, vt
+
+
+def _subset_moments(x: torch.Tensor, subsets):
+    """Factorised moments ``(n, mean, s, vt)`` of subsets of the rows of ``x``, from one
+    Gram matrix.
+
+    For cross-fitting (a PCA fitted to each fold's complement). ``x`` (n, d) is centred
+    once and scaled by an exact power of two, and its Gram matrix ``G = x x^T`` formed;
+    a subset's centred Gram matrix is the double-centred block of ``G``, whose
+    eigendecomposition ``U diag(s**2) U^T`` gives the subset's singular values and
+    ``vt = diag(1 / s) U^T x_subset`` its right singular vectors (the dual of
+    :class:`sklearn.decomposition.PCA`'s ``svd_solver="covariance_eigh"``): one GEMM of
+    ``x`` and one ``m x m`` symmetric eigendecomposition per subset of ``m`` rows instead
+    of an SVD of its ``m x d`` rows (1,000 x 4,096 float64: about 8x faster per fold on
+    2 CPU threads). Squared singular values have an absolute error of about ``eps *
+    s_max**2``: components whose ``s`` is below ``sqrt(eps) * s_max`` are not
+    resolved, and those whose ``s**2`` is within :func:`numpy.linalg.matrix_rank`'s
+    tolerance of the Gram matrix (``s_max**2 * max(m, d) * eps``) have ``s = 0`` and
+    zero rows in ``vt`` (so a rank check sees them as the zero variances they are).
+    ``subsets`` are boolean masks or index tensors of rows; ``vt`` has ``min(m, d)``
+    rows, by decreasing ``s``. A generator: one subset's moments at a time.
+    """
+    n_rows, d = x.shape
+    exponent = max_abs_exponent(x)
+    x = ldexp(x, -exponent)
+    centre = x.mean(0)
+    x = x - centre
+    gram = x @ x.mT
+    for rows in subsets:
+        part = x[rows]
+        m = part.shape[0]
+        g = gram[rows][:, rows]
+        g = g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+        eigenvalues, u = torch.linalg.eigh(g)
+        r = min(m, d)
+        eigenvalues, u = eigenvalues.flip(0)[:r], u.flip(1)[:, :r]
+        # eigenvalues within rounding of 0 (matrix_rank's tolerance on the Gram matrix,
+        # whose error is about eps * its largest eigenvalue) are 0: rank checks see them
+        tol = eigenvalues[0] * max(m, d) * torch.finfo(eigenvalues.dtype).eps
+        s = torch.where(eigenvalues > tol, eigenvalues, 0.0).sqrt()
+        shift = part.mean(0)
+        inverse = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+        vt = (u * inverse).mT @ (part - shift)
+        yield m, ldexp(centre + shift, exponent), ldexp(s, exponent), vt
 
 
 def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
@@ -212,7 +271,7 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     else:  # x = 2**e x_s exactly: singular values scale by 2**e, variances by 4**e
         x = ldexp(x, -exponent)
     mean = x.mean(0)
-    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    s, vt = _thin_svd(x - mean)
     rows = torch.arange(vt.shape[0], device=vt.device)
     signs = torch.sign(vt[rows, vt.abs().argmax(1)])
     vt = vt * signs[:, None]
