@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -27,9 +26,7 @@ from .report import (
     pixel_confusion,
     pvalues_of,
     resized_masks,
-    write_heatmaps,
-    write_masks,
-    write_scores,
+    write_outputs,
 )
 
 
@@ -108,24 +105,9 @@ def predict_command(args) -> dict:
         "notes": notes,
         "timings": timings,
     }
-    out = args.output_dir
-    heatmaps = []
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if spatial and not args.no_heatmaps:
-            start = time.perf_counter()
-            heatmaps = write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
-            timings["heatmaps_s"] = time.perf_counter() - start
-        if predicted is not None:
-            write_masks(out / "masks", test.names, predicted)
-        write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=17,
-                     pvalues=pvalues_of(detector, scores))
-        if labelled:
-            with open(out / "metrics.json", "w") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
-    except OSError as exc:
-        raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
+    heatmaps = write_outputs(args, test, scores, predictions, maps, spatial, result,
+                             pvalues_of(detector, scores), masks=predicted, digits=17,
+                             metrics_json=labelled)
     if not args.quiet:
         labels_ = {"image_auroc": "image AUROC", "image_average_precision": "image AP",
                    "pixel_auroc": "pixel AUROC", "pro": "PRO",
@@ -140,6 +122,6 @@ def predict_command(args) -> dict:
         lines += [f"  {line}"] if line else []
         lines += [f"  {at_threshold(metrics)}"] if at_threshold(metrics) else []
         lines += [f"  note: {note}" for note in notes]
-        lines.append(f"  wrote {', '.join(wrote)} to {out}")
+        lines.append(f"  wrote {', '.join(wrote)} to {args.output_dir}")
         print("\n".join(lines))
     return result

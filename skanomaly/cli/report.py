@@ -172,9 +172,10 @@ def write_masks(folder: Path, names: list[str], masks: np.ndarray) -> None:
 
 
 def write_outputs(args, test: ImageSet, scores, predictions, maps, spatial: bool, result,
-                  pvalues=None):
-    """scores.csv (with a p-value column when ``pvalues`` is given), heatmaps/ and
-    metrics.json in ``--output-dir``; the heatmaps' paths."""
+                  pvalues=None, *, masks=None, digits: int = 9, metrics_json: bool = True):
+    """scores.csv (with a p-value column when ``pvalues`` is given, scores to ``digits``
+    significant digits), heatmaps/, masks/ (predicted ``masks``, when given) and, with
+    ``metrics_json``, metrics.json in ``--output-dir``; the heatmaps' paths."""
     out = args.output_dir
     heatmaps = []
     try:
@@ -183,11 +184,14 @@ def write_outputs(args, test: ImageSet, scores, predictions, maps, spatial: bool
             start = time.perf_counter()
             heatmaps = write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             result["timings"]["heatmaps_s"] = time.perf_counter() - start
-        write_scores(out / "scores.csv", test, scores, predictions, heatmaps,
+        if masks is not None:
+            write_masks(out / "masks", test.names, masks)
+        write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=digits,
                      pvalues=pvalues)
-        with open(out / "metrics.json", "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        if metrics_json:
+            with open(out / "metrics.json", "w") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
     except OSError as exc:
         raise CLIError(f"cannot write to --output-dir {out}: {exc}") from exc
     return heatmaps
