@@ -21,7 +21,7 @@ Protocol:
   up to a false-positive rate of 0.3 (:func:`skanomaly.metrics.pro_score`); the wall
   seconds of ``fit`` (features included) plus ``score_and_map`` of the test crops,
   the CPU seconds of the process over the same span (less sensitive to other load
-  than wall time), and the size of the model file :func:`skanomaly.cli.save_model`
+  than wall time), and the size of the model file :func:`skanomaly.persistence.save_model`
   writes.
 
 Usage::
@@ -85,7 +85,9 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
 
     ``layers`` (a tuple of names) replaces :func:`skanomaly.cli.default_layers`."""
     from skanomaly import cli
+    from skanomaly.cli._common import make_detector, make_model
     from skanomaly.features import FeatureExtractor
+    from skanomaly.persistence import save_model
 
     name, weights = BACKBONES[backbone]
     layers = cli.default_layers(name, detector) if layers is None else tuple(layers)
@@ -96,8 +98,8 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
     extractor = FeatureExtractor(name, layers, weights=weights, device="cpu",
                                  random_state=SEED)
     n_channels = extractor.fit(X_train[:1]).transform(X_train[:1]).shape[1]
-    model = cli._make_model(extractor, cli._make_detector(detector, n_channels, len(X_train),
-                                                          _cli_args(detector)), detector)
+    model = make_model(extractor, make_detector(detector, n_channels, len(X_train),
+                                                _cli_args(detector)), detector)
     model.fit(X_train)
     fit_s = time.perf_counter() - wall0
     normality, maps = model.score_and_map(X_test, output_size=native)
@@ -108,7 +110,7 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
     maps = np.asarray(maps, dtype=np.float64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.skanomaly"
-        cli.save_model(model, path, image_size=size)
+        save_model(model, path, image_size=size)
         model_mb = path.stat().st_size / 1e6
     return {
         "backbone": backbone, "detector": detector, "size": size,
