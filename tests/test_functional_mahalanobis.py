@@ -436,3 +436,48 @@ def test_tril_inverse_rejects_non_square():
 
     with pytest.raises(ValueError):
         tril_inverse(torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_tril_inverse_and_precision_cholesky_write_into_out_views():
+    from skanomaly.functional import precision_cholesky, tril_inverse
+
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(5, 40, 30))
+    lower = torch.as_tensor(np.linalg.cholesky(a.swapaxes(-1, -2) @ a / 40 + 0.1 * np.eye(30)))
+    plain = tril_inverse(lower)
+    block = torch.full((8, 30, 30), 7.0, dtype=torch.float64)  # stale entries are cleared
+    got = tril_inverse(lower, out=block[2:7].mT)
+    # the products read the transposed blocks they wrote: equal up to rounding
+    assert got.data_ptr() == block[2].data_ptr() and torch.equal(got, block[2:7].mT)
+    np.testing.assert_allclose(got.numpy(), plain.numpy(), rtol=0,
+                               atol=1e-13 * float(plain.abs().max()))
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
+    assert torch.equal(block[:2], torch.full((2, 30, 30), 7.0, dtype=torch.float64))
+    upper = torch.empty(5, 30, 30, dtype=torch.float64)
+    assert precision_cholesky(lower, out=upper) is upper
+    assert torch.equal(upper, precision_cholesky(lower))
+    np.testing.assert_allclose((upper @ upper.mT).numpy(),
+                               np.linalg.inv((lower @ lower.mT).numpy()), rtol=1e-9)
+    with pytest.raises(ValueError, match="out must be"):
+        tril_inverse(lower, out=torch.empty(5, 30, 29, dtype=torch.float64))
+
+
+def test_cholesky_ex_split_over_threads_is_bitwise_one_call():
+    from skanomaly.functional.mahalanobis import cholesky_ex
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 80, 48))
+    a = torch.as_tensor(x.swapaxes(-1, -2) @ x / 80)
+    a[450] = -torch.eye(48, dtype=torch.float64)  # not positive-definite, in a later chunk
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        factor, info = cholesky_ex(a.view(3, 200, 48, 48))
+    finally:
+        torch.set_num_threads(threads)
+    ref_factor, ref_info = torch.linalg.cholesky_ex(a)
+    assert factor.shape == (3, 200, 48, 48) and info.shape == (3, 200)
+    assert torch.equal(factor.reshape(600, 48, 48)[:450], ref_factor[:450])
+    assert torch.equal(info.reshape(600), ref_info) and int(info.reshape(600)[450]) == 1
+    np.testing.assert_allclose(ref_factor[:450].numpy(), np.linalg.cholesky(
+        (x.swapaxes(-1, -2) @ x / 80)[:450]), rtol=1e-10, atol=1e-12)

@@ -411,6 +411,9 @@ def test_leave_one_out_mahalanobis(x, data, ddof, shrinkage, reg, squared):
         return  # the moments themselves overflow: cov and MomentAccumulator report that
     check(F.leave_one_out_mahalanobis, x, mean, scatter, n, ddof=ddof, shrinkage=shrinkage,
           target=target, reg=reg, squared=squared)
+    # the fit's unvalidated variant, on the same (finite) moments of one problem
+    check(F.leave_one_out_from_residuals, r[None], scatter[None], n, ddof=ddof, reg=reg,
+          squared=squared)
 
 
 def test_every_public_kernel_is_fuzzed():
@@ -423,6 +426,6 @@ def test_every_public_kernel_is_fuzzed():
               "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix",
               "gaussian_kernel1d", "gaussian_blur2d", "upsample_bilinear",
               "gaussian_kde_logpdf", "kde_covariance", "GaussianKDE",
-              "leave_one_out_mahalanobis", "GaussianScorer", "WoodburyGaussianScorer",
+              "leave_one_out_mahalanobis", "leave_one_out_from_residuals", "GaussianScorer", "WoodburyGaussianScorer",
               "tile", "tile_grid", "untile"}
     assert set(F.__all__) <= fuzzed, set(F.__all__) - fuzzed

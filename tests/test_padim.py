@@ -220,3 +220,29 @@ def test_invalid_configurations_raise():
         det.score_samples(_maps(2, h=4, w=3))
     with pytest.raises(ValueError, match="10 features"):
         det.partial_fit(_maps(3, c=9))
+
+
+def test_leave_one_out_from_residuals_matches_refits_with_reused_buffers():
+    from skanomaly.functional import leave_one_out_from_residuals
+
+    rng = np.random.default_rng(5)
+    buffers = (torch.empty(6, 3, 3, dtype=torch.float64),
+               torch.empty(6, 3, 3, dtype=torch.float64),
+               torch.empty(6, 9, 3, dtype=torch.float64))
+    for p in (6, 4):  # a smaller second block reuses the front of the buffers
+        x = rng.normal(size=(p, 9, 3))
+        mean = x.mean(1, keepdims=True)
+        r = torch.as_tensor(x - mean)
+        before = r.clone()
+        got = leave_one_out_from_residuals(r, r.mT @ r, 9, ddof=1, reg=0.3, squared=False,
+                                           buffers=buffers)
+        assert torch.equal(r, before) and got.shape == (p, 9)
+        for j in range(p):
+            for i in range(9):
+                rest = np.delete(x[j], i, axis=0)
+                cov = np.cov(rest, rowvar=False) + 0.3 * np.eye(3)
+                v = x[j, i] - rest.mean(0)
+                assert float(got[j, i]) == pytest.approx(
+                    np.sqrt(v @ np.linalg.solve(cov, v)), rel=1e-10)
+    with pytest.raises(ValueError, match="n_samples >= ddof"):
+        leave_one_out_from_residuals(r[:, :2], r.mT @ r, 2, ddof=1)

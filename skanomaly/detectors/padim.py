@@ -17,6 +17,7 @@ from ..functional import (
     PackedMatrices,
     WoodburyGaussianScorer,
     all_finite,
+    leave_one_out_from_residuals,
     leave_one_out_mahalanobis,
     mahalanobis,
     mahalanobis_woodbury,
@@ -336,6 +337,8 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         return MomentAccumulator._from_moments(n, mean, scatter)
 
     def _full_state(self, X, idx, previous) -> dict:
+        if previous is None:
+            return self._fresh_state(X, idx)
         batch = self._batch_moments(X, idx)
         if previous is None:
             acc = batch
@@ -343,18 +346,75 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
             acc.merge(previous).merge(batch)
         covariance = acc.covariance(ddof=1)
-        advice = (f"{type(self).__name__}: the covariance of some positions is singular "
-                  f"with reg={self.reg:g} ({acc.n_samples_} samples, {len(idx)} features); "
-                  "increase reg (PaDiM uses 0.01)")
+        advice = self._singular_advice(acc.n_samples_, len(idx))
         upper = torch.empty_like(covariance)
         # factor block by block: the temporaries stay in cache, none is P * d^2 large
         for start, stop in self._position_blocks(covariance.shape[0], len(idx), len(idx)):
-            factor = cholesky_or_raise(covariance[start:stop], float(self.reg), advice)
-            upper[start:stop] = precision_cholesky(factor)
+            factor = cholesky_or_raise(covariance[start:stop], float(self.reg), advice,
+                                       validate_args=False)
+            upper[start:stop] = precision_cholesky(factor, validate_args=False)
         # covariance_ is not kept: it is computed from the moments on access
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
                 "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": float(self.reg),
                 "n_samples_seen_": acc.n_samples_}
+
+    def _singular_advice(self, n_samples: int, d: int) -> str:
+        return (f"{type(self).__name__}: the covariance of some positions is singular "
+                f"with reg={self.reg:g} ({n_samples} samples, {d} features); "
+                "increase reg (PaDiM uses 0.01)")
+
+    def _fresh_state(self, X, idx) -> dict:
+        """:meth:`_full_state` of a first batch, with its leave-one-out image scores.
+
+        One pass over the positions, block by block: each block of maps is gathered
+        once and, while it is in cache, gives its moments, its factors and the
+        leave-one-out distances of the training images (what :meth:`_leave_one_out`
+        computes from the moments in a second pass when it must). The scores are left
+        in ``_fit_loo`` for :meth:`_out_of_sample_scores` of the same ``X``; None when
+        leave-one-out does not apply there (its checks raised).
+        """
+        n, d, n_positions = X.shape[0], len(idx), math.prod(X.shape[2:])
+        f64 = dict(dtype=torch.float64, device=X.device)
+        mean = torch.empty(n_positions, d, **f64)
+        scatter = torch.empty(n_positions, d, d, **f64)
+        upper = torch.empty(n_positions, d, d, **f64)
+        loo = torch.empty(n, n_positions, **f64)
+        blocks = self._position_blocks(n_positions, n, d)
+        buffers = self._gather_buffers(X, blocks[0][1], d)
+        k = blocks[0][1]
+        product = torch.empty(k, d, d, **f64)
+        # scratch of the leave-one-out step, reused block after block: fresh temporaries
+        # of a few MB per block cost page faults that took 30 % of the fit's time
+        scratch = (torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64),
+                   torch.empty(k, n, d, **f64))
+        advice, reg, loo_ok = self._singular_advice(n, d), float(self.reg), True
+        for start, stop in blocks:
+            x = self._gather(X, idx, start, stop, buffers)  # (k, n, d)
+            block_mean = torch.mean(x, 1, out=mean[start:stop])
+            x.sub_(block_mean.unsqueeze(1))
+            block = torch.bmm(x.mT, x, out=product[: stop - start])
+            # symmetric by definition; bmm may leave last-bit asymmetries
+            block_scatter = torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
+            factor = cholesky_or_raise(block_scatter / (n - 1), reg, advice,
+                                       validate_args=False)
+            precision_cholesky(factor, validate_args=False, out=upper[start:stop])
+            if loo_ok:
+                try:
+                    loo[:, start:stop] = leave_one_out_from_residuals(
+                        x, block_scatter, n, ddof=1, reg=reg, squared=False,
+                        buffers=scratch).mT
+                except ValueError:  # _out_of_sample_scores decides what to do instead
+                    loo_ok = False
+        acc = MomentAccumulator._from_moments(n, mean, scatter)
+        return {"_moments": acc.to("cpu"), "mean_": mean.cpu().numpy(),
+                "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": reg,
+                "n_samples_seen_": n, "_fit_loo": (X, loo.amax(1) if loo_ok else None)}
+
+    def _out_of_sample_scores(self, X: torch.Tensor):
+        stash = self.__dict__.pop("_fit_loo", None)
+        if stash is not None and stash[0] is X and stash[1] is not None:
+            return stash[1], "leave-one-out"
+        return super()._out_of_sample_scores(X)
 
     def _woodbury_state(self, X, idx) -> dict:
         x = self._positions(X, idx).transpose(0, 1)  # (P, N, d)
@@ -383,7 +443,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             x = self._gather(X, idx, start, stop, buffers).transpose(0, 1)  # (N, k, d)
             out[:, start:stop] = leave_one_out_mahalanobis(
                 x, moments.mean[start:stop], moments.scatter[start:stop], n, ddof=1,
-                reg=float(self.reg), squared=False)
+                reg=float(self.reg), squared=False, validate_args=False)
         return out.amax(1)
 
     def _woodbury_leave_one_out(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from .decomposition import (
     pca_transform,
 )
 from .kde import GaussianKDE, gaussian_kde_logpdf, kde_covariance
-from .leave_one_out import leave_one_out_mahalanobis
+from .leave_one_out import leave_one_out_from_residuals, leave_one_out_mahalanobis
 from .mahalanobis import (
     GaussianScorer,
     WoodburyGaussianScorer,
@@ -52,6 +52,7 @@ __all__ = [
     "GaussianScorer",
     "WoodburyGaussianScorer",
     "leave_one_out_mahalanobis",
+    "leave_one_out_from_residuals",
     "PCAFit",
     "PCAProjection",
     "pca_fit",

@@ -144,6 +144,21 @@ def ldexp(x: torch.Tensor, exponent) -> torch.Tensor:
     return x
 
 
+def ldexp_(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`ldexp`: ``x *= 2**exponent`` exactly, returning ``x``.
+
+    ``exponent`` is an int64 tensor broadcastable to ``x``. Where every exponent is 0
+    (data at unit scale: the common case) ``x`` is left untouched, without a pass over it.
+    """
+    exponent = exponent.to(device=x.device, dtype=torch.int64)
+    limit = {torch.float64: 1000, torch.float32: 120}.get(x.dtype, 14)
+    while bool((exponent != 0).any()):
+        step = exponent.clamp(-limit, limit)
+        x.mul_(_pow2(step, x.dtype))
+        exponent = exponent - step
+    return x
+
+
 def frexp_exponent(peak: torch.Tensor) -> torch.Tensor:
     """frexp exponent ``e`` of ``peak`` (``peak = f * 2**e``, ``0.5 <= f < 1``; 0 for 0), int64.
 

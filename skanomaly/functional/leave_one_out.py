@@ -13,13 +13,13 @@ import math
 import torch
 
 from ._validation import as_float_tensor, check_finite
-from .mahalanobis import tril_inverse
+from .mahalanobis import cholesky_ex, tril_inverse
 
 __all__ = ["leave_one_out_mahalanobis"]
 
 
 def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=0.0,
-                              target=0.0, reg=0.0, squared=True):
+                              target=0.0, reg=0.0, squared=True, validate_args=True):
     """Distance of each training sample to the Gaussian fitted without that sample.
 
     The Gaussian fitted on ``n`` samples has mean ``mu`` and covariance
@@ -58,6 +58,10 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
         Ridge added to the diagonal.
     squared : bool, default=True
         Return squared distances.
+    validate_args : bool, default=True
+        Check the tensors' types, shapes and finiteness first. ``False`` is for hot
+        loops whose caller computed the moments from ``x`` itself (a fit): the
+        distances are the same, without the passes over the data.
 
     Returns
     -------
@@ -108,19 +112,21 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     >>> bool(np.isclose(float(loo[0]), ref))
     True
     """
-    x, mean = as_float_tensor(x, "x"), as_float_tensor(mean, "mean")
-    scatter = as_float_tensor(scatter, "scatter")
-    if mean.ndim < 1 or mean.shape[-1] == 0:
-        raise ValueError(f"mean must be a non-empty (..., d) tensor, got {tuple(mean.shape)}")
+    if validate_args:
+        x, mean = as_float_tensor(x, "x"), as_float_tensor(mean, "mean")
+        scatter = as_float_tensor(scatter, "scatter")
+        if mean.ndim < 1 or mean.shape[-1] == 0:
+            raise ValueError("mean must be a non-empty (..., d) tensor, got "
+                             f"{tuple(mean.shape)}")
+        if tuple(scatter.shape) != (*mean.shape, mean.shape[-1]):
+            raise ValueError(f"scatter must have shape {(*mean.shape, mean.shape[-1])} to "
+                             f"match mean, got {tuple(scatter.shape)}")
+        if x.ndim != mean.ndim + 1 or tuple(x.shape[1:]) != tuple(mean.shape):
+            raise ValueError(f"x must have shape (m, {', '.join(map(str, mean.shape))}), "
+                             f"got {tuple(x.shape)}")
+        for t, name in ((x, "x"), (mean, "mean"), (scatter, "scatter")):
+            check_finite(t, name)
     d = mean.shape[-1]
-    if tuple(scatter.shape) != (*mean.shape, d):
-        raise ValueError(f"scatter must have shape {(*mean.shape, d)} to match mean, got "
-                         f"{tuple(scatter.shape)}")
-    if x.ndim != mean.ndim + 1 or tuple(x.shape[1:]) != tuple(mean.shape):
-        raise ValueError(f"x must have shape (m, {', '.join(map(str, mean.shape))}), got "
-                         f"{tuple(x.shape)}")
-    for t, name in ((x, "x"), (mean, "mean"), (scatter, "scatter")):
-        check_finite(t, name)
     n = int(n_samples)
     if n < ddof + 2:
         raise ValueError(f"leave-one-out needs n_samples >= ddof + 2 = {ddof + 2}, got {n}")
@@ -133,31 +139,109 @@ def leave_one_out_mahalanobis(x, mean, scatter, n_samples, *, ddof=0, shrinkage=
     x, mean, scatter = x.to(work), mean.to(work), scatter.to(work)
     c = n / (n - 1)
     ridge = torch.as_tensor(target, dtype=work, device=x.device) * s + reg  # (B...) or ()
-    r = x - mean  # (m, B..., d)
+    batch = mean.shape[:-1]
+    p = math.prod(batch)
+    # residuals problem-major, (P, m, d) contiguous: each problem's samples are rows of
+    # one matrix for the products below
+    r = torch.empty(p, x.shape[0], d, dtype=work, device=x.device)
+    torch.sub(x.reshape(x.shape[0], p, d).transpose(0, 1), mean.reshape(p, 1, d), out=r)
     if s == 1.0:  # Sigma_i = (t + reg) I: no scatter left to downdate
         if not bool((ridge > 0).all()):
             raise ValueError("shrinkage=1 towards a zero target without reg: the "
                              "leave-one-out covariance is zero")
-        return _finish(c * c * r.square().sum(-1) / ridge, squared)
+        q = r.square().sum(-1).mT.reshape(x.shape[:-1])  # (m, B...)
+        return _finish(c * c * q / ridge, squared)
     a_loo = (1.0 - s) / (n - 1 - ddof)
-    a = scatter.clone()
-    a.diagonal(dim1=-2, dim2=-1).add_((ridge / a_loo)[..., None] if ridge.ndim else
+    a = scatter.reshape(p, d, d).clone()
+    a.diagonal(dim1=-2, dim2=-1).add_((ridge / a_loo).reshape(p, 1) if ridge.ndim else
                                       float(ridge) / a_loo)
-    factor, info = torch.linalg.cholesky_ex(a)
+    d2 = _downdated(r, a, c, a_loo, validate_args, None)  # (P, m)
+    return _finish(d2.mT.reshape(x.shape[:-1]), squared)
+
+
+def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squared=True,
+                                 buffers=None):
+    """:func:`leave_one_out_mahalanobis` of a fit that holds its centred samples.
+
+    The same distances (no shrinkage) from the residuals ``r_i = x_i - mu``, laid out
+    problem-major as a fit computes them, without validation and, given ``buffers``,
+    without allocating: for a fit's loop over blocks of problems (PaDiM's positions),
+    whose inputs it computed itself.
+
+    Parameters
+    ----------
+    r : Tensor of shape (P, m, d)
+        Residuals of ``m`` of the ``n`` training samples of each of ``P`` problems,
+        float64 (float32 on MPS), finite. Not modified.
+    scatter : Tensor of shape (P, d, d)
+        Scatter ``W`` of the ``n`` samples of each problem, symmetric, same dtype.
+    n_samples : int
+        Number ``n`` of training samples behind ``scatter``; at least ``ddof + 2``.
+    ddof : int, default=1
+        Divisor ``n - ddof`` of the covariance.
+    reg : float >= 0, default=0.0
+        Ridge added to the diagonal of the covariance.
+    squared : bool, default=True
+        Return squared distances.
+    buffers : tuple of 3 Tensors, optional
+        Scratch space ``(P', d, d), (P', d, d), (P', m, d)`` with ``P' >= P``, in the dtype
+        and on the device of ``r``, reused across calls.
+
+    Returns
+    -------
+    Tensor of shape (P, m)
+        Leave-one-out (squared) distances of each problem's samples.
+
+    Raises
+    ------
+    ValueError
+        If ``n_samples < ddof + 2``, if a leave-one-out covariance is singular (a
+        rank-deficient scatter without ridge, or a sample that alone spans a direction
+        of the data), or if a distance overflows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skanomaly.functional import (leave_one_out_from_residuals,
+    ...                                    leave_one_out_mahalanobis)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(30, 4, 3, generator=g, dtype=torch.float64)  # (n, P, d)
+    >>> mu = x.mean(0)
+    >>> r = (x - mu).transpose(0, 1).contiguous()  # (P, n, d)
+    >>> w = r.mT @ r
+    >>> d = leave_one_out_from_residuals(r, w, 30, ddof=1, reg=0.1)
+    >>> ref = leave_one_out_mahalanobis(x, mu, w, 30, ddof=1, reg=0.1)
+    >>> bool(torch.allclose(d.mT, ref))
+    True
+    """
+    n = int(n_samples)
+    if n < ddof + 2:
+        raise ValueError(f"leave-one-out needs n_samples >= ddof + 2 = {ddof + 2}, got {n}")
+    p = scatter.shape[0]
+    a_loo = 1.0 / (n - 1 - ddof)
+    a = torch.empty_like(scatter) if buffers is None else buffers[0][:p]
+    a.copy_(scatter).diagonal(dim1=-2, dim2=-1).add_(float(reg) / a_loo)
+    return _finish(_downdated(r, a, n / (n - 1), a_loo, False, buffers), squared)
+
+
+def _downdated(r, a, c, a_loo, validate_args, buffers):
+    """(P, m) leave-one-out squared distances ``(c^2 / a') q / (1 - c q)`` of residuals
+    ``r`` (P, m, d), ``q = r^T A^{-1} r`` by the Cholesky factor of ``a = A`` (P, d, d)."""
+    factor, info = cholesky_ex(a)
     if bool((info != 0).any()):
         raise ValueError("the leave-one-out covariance is singular (a rank-deficient scatter "
                          "without shrinkage or ridge)")
-    # q = |L^{-1} r|^2, the samples as right-hand sides of each problem's factor
-    batch = mean.shape[:-1]
-    p = math.prod(batch)
-    rhs = r.reshape(r.shape[0], p, d).permute(1, 2, 0)  # (P, d, m)
-    z = tril_inverse(factor.reshape(p, d, d)) @ rhs
-    q = z.square().sum(1).mT.reshape(r.shape[:-1])  # (m, B...)
+    p = a.shape[0]
+    # q = |L^{-1} r|^2: each problem's samples (m, d) times its L^{-T}, rows summed
+    inverse = tril_inverse(factor, validate_args=validate_args,
+                           out=None if buffers is None else buffers[1][:p])
+    z = torch.bmm(r, inverse.mT, out=None if buffers is None else buffers[2][:p])
+    q = z.square_().sum(-1)  # (P, m)
     denom = 1.0 - c * q
-    if not bool((denom > 8 * torch.finfo(work).eps).all()):
+    if not bool((denom > 8 * torch.finfo(q.dtype).eps).all()):
         raise ValueError("the model without some sample is singular: that sample alone spans "
                          "a direction of the data (add shrinkage or reg)")
-    return _finish((c * c / a_loo) * q / denom, squared)
+    return (c * c / a_loo) * q / denom
 
 
 def _finish(d2: torch.Tensor, squared: bool) -> torch.Tensor:
