@@ -91,9 +91,12 @@ def resized_masks(masks: np.ndarray, size) -> np.ndarray:
     height, width = size
     if masks.shape[1:] == (height, width):
         return masks
-    rows = (np.arange(height) * masks.shape[1]) // height
-    cols = (np.arange(width) * masks.shape[2]) // width
-    return masks[:, rows][:, :, cols]
+    from PIL import Image  # NEAREST as ground-truth masks are resized (read_mask)
+
+    return np.stack([
+        np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((width, height),
+                                                                 Image.NEAREST)) > 0
+        for mask in masks])
 
 
 def map_at(anomaly_map: np.ndarray, size) -> np.ndarray:
