@@ -13,7 +13,8 @@ Images are read with Pillow (PNG, JPEG, BMP, TIFF, WebP), converted to RGB (16-b
 scaled by 1/65535) and, by ``image_size``, resized with bilinear interpolation to
 ``image_size`` x ``image_size`` pixels (an int: the aspect ratio is ignored, as anomalib
 does), to ``(height, width)`` (a pair), or to a short side of ``image_size`` pixels with
-the aspect ratio kept (``keep_aspect=True``), or read at their native resolution
+the aspect ratio kept (``keep_aspect=True``; ``long_side_step`` rounds the long side to
+the short side plus a multiple of that many pixels), or read at their native resolution
 (``None``; for a tiled :class:`~skanomaly.AnomalyPipeline`). Where sizes may differ, a
 folder is read by one rule: a batch holds consecutive images (in file order) of one
 size, and a change of size starts a new batch.
@@ -134,24 +135,36 @@ def _check_image_size(image_size, keep_aspect: bool = False):
     return _check_int(image_size, "image_size", 1)
 
 
-def target_size(original, image_size, keep_aspect: bool = False) -> tuple[int, int]:
+def target_size(original, image_size, keep_aspect: bool = False,
+                long_side_step: int = 1) -> tuple[int, int]:
     """The (height, width) an image of ``original`` (width, height) is read at.
 
     Parameters
     ----------
     original : (int, int)
-        The image's (width, height), as Pillow's ``Image.size``.
+        The image's (width, height) in pixels, as Pillow's ``Image.size``.
     image_size : int, (int, int) or None
         An int: a square of that side (or, with ``keep_aspect``, the short side); a
         (height, width) pair: that size; None: the original size.
     keep_aspect : bool, default=False
-        Resize the short side to ``image_size`` and the long side in proportion
-        (rounded, at least 1).
+        Resize the short side to ``image_size`` and the long side in proportion.
+    long_side_step : int >= 1, default=1
+        With ``keep_aspect``: the long side is ``image_size`` plus a multiple of this
+        many pixels, the multiple nearest to the proportional length (ties to even, as
+        Python's ``round``). 1 rounds the long side to whole pixels; a larger step gives
+        images of nearly the same aspect ratio one size (``skanomaly``'s command line
+        uses 16), and a square image stays ``image_size`` square whatever the step.
+        Ignored without ``keep_aspect``.
 
     Returns
     -------
     size : (int, int)
         (height, width) in pixels.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``long_side_step`` is not an int >= 1.
 
     Examples
     --------
@@ -160,7 +173,18 @@ def target_size(original, image_size, keep_aspect: bool = False) -> tuple[int, i
     ((128, 128), (128, 171))
     >>> target_size((640, 480), None), target_size((640, 480), (60, 80))
     ((480, 640), (60, 80))
+
+    A 16:9 image with a short side of 192 px: 341.3 px long, 192 + 9 x 16 = 336 with a
+    step of 16; portrait images give (height, width) the other way round:
+
+    >>> target_size((1920, 1080), 192, keep_aspect=True, long_side_step=16)
+    (192, 336)
+    >>> target_size((1080, 1920), 192, keep_aspect=True, long_side_step=16)
+    (336, 192)
+    >>> target_size((1000, 990), 192, keep_aspect=True, long_side_step=16)  # 193.9 px
+    (192, 192)
     """
+    step = _check_int(long_side_step, "long_side_step", 1)
     width, height = (int(v) for v in original)
     if image_size is None:
         return height, width
@@ -168,12 +192,13 @@ def target_size(original, image_size, keep_aspect: bool = False) -> tuple[int, i
         return image_size
     if not keep_aspect:
         return image_size, image_size
-    if height <= width:
-        return image_size, max(1, round(width * image_size / height))
-    return max(1, round(height * image_size / width)), image_size
+    short, long = min(height, width), max(height, width)
+    long_side = image_size + step * round((long * image_size / short - image_size) / step)
+    long_side = max(1, long_side)
+    return (image_size, long_side) if height <= width else (long_side, image_size)
 
 
-def _read_image(path, image_size, keep_aspect: bool = False
+def _read_image(path, image_size, keep_aspect: bool = False, long_side_step: int = 1
                 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as float32 (3, h, w) in [0, 1] (:func:`target_size`) and its original
     (width, height)."""
@@ -183,7 +208,7 @@ def _read_image(path, image_size, keep_aspect: bool = False
         with Image.open(path) as img:
             img.load()
             original = img.size
-            height, width = target_size(original, image_size, keep_aspect)
+            height, width = target_size(original, image_size, keep_aspect, long_side_step)
             resize = (width, height) != tuple(original)
             if img.mode in ("I", "F") or img.mode.startswith("I;16"):
                 scale = 1.0 if img.mode == "F" else 1 / 65535
@@ -203,7 +228,8 @@ def _read_image(path, image_size, keep_aspect: bool = False
     return np.ascontiguousarray(np.clip(array, 0, 1)), original
 
 
-def read_image(path, image_size, *, keep_aspect: bool = False, return_size: bool = False):
+def read_image(path, image_size, *, keep_aspect: bool = False, long_side_step: int = 1,
+               return_size: bool = False):
     """One image file as a float32 RGB array in [0, 1], resized (or not).
 
     Parameters
@@ -217,6 +243,9 @@ def read_image(path, image_size, *, keep_aspect: bool = False, return_size: bool
         its native resolution (see :func:`target_size`).
     keep_aspect : bool, default=False
         Keep the aspect ratio: ``image_size`` is the short side.
+    long_side_step : int >= 1, default=1
+        With ``keep_aspect``: the long side is ``image_size`` plus the nearest multiple
+        of this many pixels to its proportional length (see :func:`target_size`).
     return_size : bool, default=False
         Whether to return the size of the file's image too (e.g. to check that a
         mask has the size of its image).
@@ -235,7 +264,8 @@ def read_image(path, image_size, *, keep_aspect: bool = False, return_size: bool
     ImageReadError
         A :class:`ValueError` naming the file, if it is missing or cannot be decoded.
     TypeError, ValueError
-        If ``image_size`` is not an int >= 1.
+        If ``image_size`` is not an int >= 1, a pair of them or None, or
+        ``long_side_step`` not an int >= 1.
 
     Examples
     --------
@@ -258,8 +288,19 @@ def read_image(path, image_size, *, keep_aspect: bool = False, return_size: bool
     ...     image, size = read_image(Path(tmp) / "black.png", 16, return_size=True)
     >>> image.shape, size
     ((3, 16, 16), (40, 30))
+
+    A 1000 x 600 image (width x height) with a short side of 96 px: 160 px long, kept
+    by a step of 16; the image is Pillow's bilinear resize to 160 x 96:
+
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     Image.new("RGB", (1000, 600), color=(255, 0, 0)).save(Path(tmp) / "red.png")
+    ...     red = read_image(Path(tmp) / "red.png", 96, keep_aspect=True, long_side_step=16)
+    >>> red.shape, red[:, 0, 0].tolist()
+    ((3, 96, 160), [1.0, 0.0, 0.0])
     """
-    image, size = _read_image(path, _check_image_size(image_size, keep_aspect), keep_aspect)
+    _check_int(long_side_step, "long_side_step", 1)
+    image, size = _read_image(path, _check_image_size(image_size, keep_aspect), keep_aspect,
+                              long_side_step)
     return (image, size) if return_size else image
 
 
@@ -274,7 +315,8 @@ def _image_source(source) -> list[Path] | None:
 
 
 def iter_image_batches(source, batch_size: int = 32, image_size=128, *,
-                       keep_aspect: bool = False) -> Iterator[np.ndarray]:
+                       keep_aspect: bool = False, long_side_step: int = 1
+                       ) -> Iterator[np.ndarray]:
     """Read images in batches: a generator of float32 arrays (n, 3, s, s).
 
     The images are split into ``ceil(n_images / batch_size)`` batches of sizes that
@@ -292,6 +334,8 @@ def iter_image_batches(source, batch_size: int = 32, image_size=128, *,
         Side of the square images in pixels, or as :func:`read_image` takes it.
     keep_aspect : bool, default=False
         Resize the short side to ``image_size`` (see :func:`read_image`).
+    long_side_step : int >= 1, default=1
+        With ``keep_aspect``: the step of the long side (see :func:`target_size`).
 
     Yields
     ------
@@ -324,17 +368,19 @@ def iter_image_batches(source, batch_size: int = 32, image_size=128, *,
     """
     batch_size = _check_int(batch_size, "batch_size", 1)
     image_size = _check_image_size(image_size, keep_aspect)
+    _check_int(long_side_step, "long_side_step", 1)
     paths = _image_source(source)
     if paths is None:
         raise TypeError("source must be a folder or a non-empty sequence of image paths, "
                         f"got {type(source).__name__}")
-    return _batches(paths, batch_size, image_size, keep_aspect)
+    return _batches(paths, batch_size, image_size, keep_aspect, long_side_step)
 
 
-def _batches(paths: list[Path], batch_size: int, image_size, keep_aspect: bool = False
-             ) -> Iterator[np.ndarray]:
+def _batches(paths: list[Path], batch_size: int, image_size, keep_aspect: bool = False,
+             long_side_step: int = 1) -> Iterator[np.ndarray]:
     if image_size is None or keep_aspect:  # sizes may differ: one size per batch
-        yield from _batches_by_size(paths, batch_size, image_size, keep_aspect)
+        yield from _batches_by_size(paths, batch_size, image_size, keep_aspect,
+                                    long_side_step)
         return
     if isinstance(image_size, Integral):
         image_size = (image_size, image_size)
@@ -346,10 +392,11 @@ def _batches(paths: list[Path], batch_size: int, image_size, keep_aspect: bool =
         yield images
 
 
-def _batches_by_size(paths, batch_size: int, image_size, keep_aspect: bool):
+def _batches_by_size(paths, batch_size: int, image_size, keep_aspect: bool,
+                     long_side_step: int = 1):
     pending = []
     for path in paths:
-        image = _read_image(path, image_size, keep_aspect)[0]
+        image = _read_image(path, image_size, keep_aspect, long_side_step)[0]
         if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
             yield np.stack(pending)
             pending = []
@@ -376,7 +423,8 @@ def _is_fitted(estimator) -> bool:
 
 
 def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size=128,
-                       keep_aspect: bool = False, verbose: bool = False):
+                       keep_aspect: bool = False, long_side_step: int = 1,
+                       verbose: bool = False):
     """Fit a pipeline ending in a skanomaly detector on images, one batch at a time.
 
     For each batch of images: the pipeline's transformers (e.g. a
@@ -419,6 +467,8 @@ def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size=128
         whose batches may then differ in size); unused for arrays.
     keep_aspect : bool, default=False
         Resize the short side of files to ``image_size`` (see :func:`read_image`).
+    long_side_step : int >= 1, default=1
+        With ``keep_aspect``: the step of the long side (see :func:`target_size`).
     verbose : bool, default=False
         Show a tqdm progress bar over the batches on stderr.
 
@@ -504,10 +554,11 @@ def partial_fit_images(pipeline, source, *, batch_size: int = 32, image_size=128
                         f"partial_fit, got {type(detector).__name__}")
     batch_size = _check_int(batch_size, "batch_size", 1)
     image_size = _check_image_size(image_size, keep_aspect)
+    _check_int(long_side_step, "long_side_step", 1)
     paths = _image_source(source)
     if paths is not None:
-        batches, n_batches = _batches(paths, batch_size, image_size, keep_aspect), (
-            math.ceil(len(paths) / batch_size))
+        batches = _batches(paths, batch_size, image_size, keep_aspect, long_side_step)
+        n_batches = math.ceil(len(paths) / batch_size)
     elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
         raise TypeError("source must be a folder, image paths, an array of images or an "
                         f"iterable of batches, got {type(source).__name__}")

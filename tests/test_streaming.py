@@ -86,6 +86,50 @@ def test_read_image_matches_pillow(folder, tmp_path):
     assert image.max() == pytest.approx(grey16.max() / 65535, abs=2e-3)
 
 
+@pytest.mark.parametrize("width, height, step, expected", [
+    # (width, height) of the file -> (height, width) read at a short side of 96 px
+    (96, 96, 16, (96, 96)),        # square stays square
+    (100, 100, 7, (96, 96)),       # whatever the step
+    (200, 150, 1, (96, 128)),      # 4:3, exactly 128
+    (200, 150, 16, (96, 128)),
+    (160, 90, 1, (96, 171)),       # 16:9: 170.67 px
+    (160, 90, 16, (96, 176)),      # 96 + 16 * round(74.67 / 16 = 4.67) = 96 + 80
+    (160, 90, 32, (96, 160)),      # 96 + 32 * round(2.33) = 96 + 64
+    (90, 160, 16, (176, 96)),      # portrait: the height is the long side
+    (101, 100, 16, (96, 96)),      # 96.96 px: rounds to the short side
+    (112, 100, 16, (96, 112)),     # 107.5 px: 96 + 16 * round(0.72)
+])
+def test_target_size_keeps_the_aspect_ratio(width, height, step, expected):
+    short, long = min(width, height), max(width, height)
+    exact = long * 96 / short
+    # the hand rule: 96 plus the multiple of the step nearest to the excess
+    by_hand = 96 + step * round((exact - 96) / step)
+    assert by_hand == max(expected)
+    assert streaming.target_size((width, height), 96, keep_aspect=True,
+                                 long_side_step=step) == expected
+
+
+def test_read_image_keeps_the_aspect_ratio_as_pillow_resizes(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(90, 160, 3), dtype=np.uint8)  # 160 x 90 px
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image, size = read_image(tmp_path / "wide.png", 48, keep_aspect=True, long_side_step=16,
+                             return_size=True)
+    # 48 x 85.3 -> 48 + 16 * round(37.3 / 16 = 2.33) = 80 px wide
+    reference = Image.fromarray(pixels).resize((80, 48), Image.BILINEAR)
+    np.testing.assert_array_equal(
+        image, np.asarray(reference, dtype=np.float32).transpose(2, 0, 1) / 255)
+    assert size == (160, 90)
+    shapes = [b.shape for b in iter_image_batches([tmp_path / "wide.png"] * 3, 2, 48,
+                                                  keep_aspect=True, long_side_step=16)]
+    assert shapes == [(2, 3, 48, 80), (1, 3, 48, 80)]
+    for bad, error in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="long_side_step must be"):
+            read_image(tmp_path / "wide.png", 48, keep_aspect=True, long_side_step=bad)
+        with pytest.raises(error, match="long_side_step must be"):
+            iter_image_batches(tmp_path, 2, 48, keep_aspect=True, long_side_step=bad)
+
+
 def test_read_image_errors(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a PNG")

@@ -34,10 +34,16 @@ two modes:
   an error.
 
 Images are read with Pillow (PNG, JPEG, BMP, TIFF, WebP), converted to RGB (16-bit grey
-is scaled by 1/65535) and resized to ``--image-size`` x ``--image-size`` pixels with
-bilinear interpolation, ignoring the aspect ratio, as anomalib does; so images of
-different sizes can be mixed. Masks are resized with nearest-neighbour interpolation
-and must have the size of their image; any non-zero mask pixel is a defect.
+is scaled by 1/65535) and resized with bilinear interpolation so that their short side
+is ``--image-size`` pixels and their long side keeps the aspect ratio, rounded to
+``--image-size`` plus a multiple of 16 pixels (a square image becomes ``--image-size``
+square). The training images, and the held-out images that set the threshold, must all
+come out at one size (a detector is fitted on one feature grid); so must the test
+images, unless the model is tiled (``--tile-size``), which scores images of any shape.
+An image of another size is an error naming it. Maps are computed at the size the model
+reads an image at; heatmaps and predicted masks are written at the image's own size.
+Masks are resized with nearest-neighbour interpolation and must have the size of their
+image; any non-zero mask pixel is a defect.
 
 The model is a :class:`~sklearn.pipeline.Pipeline` of the public API: a
 :class:`~skanomaly.features.FeatureExtractor`, then the detector. The default backbone

@@ -239,6 +239,15 @@ def make_model(extractor, detector, name: str, args=None):
                     tile_stride=None if tile_size is None else args.tile_stride)
 
 
+def size_text(image_size: int, input_size=None) -> str:
+    """"192 px" for square images; "256x192 px (short side 192)" for others (width x
+    height of the images as the model reads them, ``input_size`` (height, width))."""
+    height, width = input_size or (image_size, image_size)
+    if height == width:
+        return f"{image_size} px"
+    return f"{width}x{height} px (short side {image_size})"
+
+
 def tiles_text(tile_size, tile_stride) -> str:
     """' in tiles of 64 px at stride 48' for the summaries, or '' without tiling."""
     return "" if tile_size is None else f" in tiles of {tile_size} px at stride {tile_stride}"
@@ -261,8 +270,9 @@ def check_tiling(args) -> None:
                        "dfm or dfkde), not gaussian")
 
 
-def score_batch(model, images, spatial: bool, size: int):
-    """Anomaly scores, predictions and (spatial detectors) maps at ``size`` of one batch
+def score_batch(model, images, spatial: bool, size):
+    """Anomaly scores, predictions and (spatial detectors) maps at ``size`` (an int or
+    (height, width): the images' own size as the command reads them) of one batch
     from ONE pass of the pipeline: ``score_and_map`` (fused: features stay tensors, only
     the channels the detector reads), the predictions from the scores and ``offset_``,
     as ``predict`` labels them."""

@@ -27,8 +27,9 @@ def export_command(args) -> dict:
     check_output_dir(args.output.parent, "the folder of OUTPUT")
     pipeline, metadata = load_for_cli(args.model)
     set_device(pipeline, "cpu")
-    size = int(metadata["image_size"])
-    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    # (height, width) the model reads images at; a square of image_size in older files
+    height, width = metadata.get("input_size") or [int(metadata["image_size"])] * 2
+    example = np.random.default_rng(0).random((2, 3, height, width), dtype=np.float32)
     start = time.perf_counter()
     with user_errors("export"):
         from ..export import export
@@ -40,7 +41,7 @@ def export_command(args) -> dict:
         kind = "ONNX" if suffix == ".onnx" else "TorchScript"
         mib = args.output.stat().st_size / 2**20
         print(f"skanomaly export: {metadata['detector']} pipeline of {args.model} as {kind} "
-              f"({args.dtype}, images 3 x {size} x {size}, any batch size) to {args.output} "
+              f"({args.dtype}, images 3 x {height} x {width}, any batch size) to {args.output} "
               f"({mib:.1f} MiB) in {result['export_s']:.1f} s; threshold "
               f"{metadata['threshold']:.6g} in its metadata")
     return result

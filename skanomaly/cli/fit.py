@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 
 from ..persistence import save_model
-from ..streaming import read_image
 from ._common import (
     RANDOM_BACKBONE_NOTE,
     SPATIAL_DETECTORS,
@@ -21,10 +20,21 @@ from ._common import (
     make_detector,
     make_model,
     resolve_weights,
+    size_text,
     tiles_text,
     user_errors,
 )
-from ._images import find_images_in, find_mask, read_mask, test_label
+from ._images import (
+    LONG_SIDE_STEP,
+    Resize,
+    find_images_in,
+    find_mask,
+    one_size,
+    px,
+    read_mask,
+    read_stack,
+    test_label,
+)
 
 
 def fit_command(args) -> dict:
@@ -59,15 +69,21 @@ def fit_command(args) -> dict:
     with user_errors("feature extractor"):  # backbone, weights and layers, on a blank image
         extractor.fit(np.zeros((1, 3, args.image_size, args.image_size), dtype=np.float32))
     paths = find_images_in(args.train_dir, "TRAIN_DIR")
+    resize = Resize(args.image_size)
+    input_size = one_size(paths, resize, f"TRAIN_DIR {args.train_dir}", args.train_dir)
     calibration_paths = (None if args.calibration_dir is None
                          else find_images_in(args.calibration_dir, "--calibration-dir"))
+    if calibration_paths is not None:
+        _same_size(calibration_paths, resize, input_size,
+                   f"--calibration-dir {args.calibration_dir}", args.calibration_dir)
     if calibration_paths is not None and len(calibration_paths) < conformal_min_samples(
             args.contamination):
         raise CLIError(f"--calibration-dir {args.calibration_dir} has {len(calibration_paths)} "
                        "images, too few for a conformal threshold at --contamination "
                        f"{args.contamination:g}: it needs at least "
                        f"{conformal_min_samples(args.contamination)}")
-    validation = None if args.validation_dir is None else _read_validation(args)
+    validation = (None if args.validation_dir is None
+                  else _read_validation(args, resize, input_size))
     detector = make_detector(args.detector, extractor.feature_shape_[0], len(paths), args)
     if args.detector == "patchcore":
         detector.set_params(max_bank_size=args.max_bank_size)
@@ -75,12 +91,13 @@ def fit_command(args) -> dict:
     note = None
     with user_errors(f"{args.detector} detector"), warnings.catch_warnings(record=True) as caught:
         partial_fit_images(model, paths, batch_size=args.batch_size,
-                           image_size=args.image_size, verbose=not args.quiet)
+                           image_size=args.image_size, keep_aspect=True,
+                           long_side_step=LONG_SIDE_STEP, verbose=not args.quiet)
         timings["fit_s"] = time.perf_counter() - start
         spatial = args.detector in SPATIAL_DETECTORS
         if calibration_paths is not None:
             start = time.perf_counter()
-            X_cal = np.stack([read_image(p, args.image_size) for p in calibration_paths])
+            X_cal = read_stack(calibration_paths, resize, True, "", input_size)[0]
             calibrate(model, X_cal)
             if spatial:  # predicted masks: the conformal quantile of their pixels
                 model.calibrate_pixels(X_cal)
@@ -111,6 +128,9 @@ def fit_command(args) -> dict:
     n_batches = -(-len(paths) // args.batch_size)
     extra = {
         "command": "skanomaly fit",
+        # (height, width) of the training images as the model reads them: the short
+        # side image_size, the aspect ratio kept (predict reads images so)
+        "input_size": list(input_size),
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "train_dir": str(args.train_dir),
@@ -141,7 +161,7 @@ def fit_command(args) -> dict:
                   "scores")
         lines = [
             f"skanomaly fit: {args.detector} on {args.backbone} features "
-            f"({weights or 'random weights'}) at {args.image_size} px"
+            f"({weights or 'random weights'}) at {size_text(args.image_size, input_size)}"
             f"{tiles_text(args.tile_size, args.tile_stride or args.tile_size)}: streamed "
             f"{len(paths)} images in {n_batches} batches of at most {args.batch_size} "
             f"in {timings['fit_s']:.1f} s; threshold {metadata['threshold']:.6g} from "
@@ -157,7 +177,19 @@ def fit_command(args) -> dict:
     return metadata
 
 
-def _read_validation(args):
+def _same_size(paths, resize, input_size, what: str, root) -> None:
+    """CLIError unless the images at ``paths`` have the training images' size (after
+    resizing): held-out images are scored by the model as it was fitted."""
+    size = one_size(paths, resize, what, root)
+    if size != input_size:
+        raise CLIError(
+            f"the images of {what} come out at {px(size)} after resizing to a short side "
+            f"of {resize.image_size} px, but the training images at {px(input_size)}: the "
+            "images that set the threshold must have the training images' shape"
+        )
+
+
+def _read_validation(args, resize, input_size):
     """Images, +1/-1 labels and (with --validation-mask-dir) masks of --validation-dir."""
     paths = find_images_in(args.validation_dir, "--validation-dir")
     relative = [p.relative_to(args.validation_dir) for p in paths]
@@ -166,16 +198,16 @@ def _read_validation(args):
         raise CLIError(f"--validation-dir {args.validation_dir} must be laid out as MVTec AD, "
                        "good/ and at least one defect subfolder, with no image directly in "
                        "it: the F1-maximising threshold needs labelled defects")
-    size = args.image_size
-    images = np.empty((len(paths), 3, size, size), dtype=np.float32)
-    masks = None if args.validation_mask_dir is None else np.zeros((len(paths), size, size),
-                                                                   dtype=bool)
+    _same_size(paths, resize, input_size, f"--validation-dir {args.validation_dir}",
+               args.validation_dir)
+    images, originals = read_stack(paths, resize, True, "", input_size)
+    masks = None if args.validation_mask_dir is None else np.zeros(
+        (len(paths), *input_size), dtype=bool)
     for i, path in enumerate(paths):
-        images[i], original = read_image(path, size, return_size=True)
         if masks is not None:
             mask_path = find_mask(args.validation_mask_dir, relative[i])
             if mask_path is not None:
-                masks[i] = read_mask(mask_path, path, original, size)
+                masks[i] = read_mask(mask_path, path, originals[i], input_size)
             elif labels[i] == -1:
                 raise CLIError(f"no mask for defective image {path} in "
                                f"{args.validation_mask_dir}")

@@ -15,6 +15,7 @@ from ._common import (
     N_CALIBRATION,
     RANDOM_WEIGHTS,
 )
+from ._images import SIZE_RULE
 
 __all__ = ["build_parser", "parse_layers"]
 
@@ -91,11 +92,12 @@ def _float_in(low: float, high: float, *, low_closed: bool, high_closed: bool):
 
 
 TILE_SIZE_HELP = (
-    "cut each image, after resizing to --image-size, into tiles of this many pixels "
-    "square, each a sample for the backbone and the detector; maps are stitched back at "
-    "the image size (overlaps averaged) and an image's score is its worst tile's. Set "
-    "--image-size to the images' own side to work at native resolution (small defects "
-    "on large images); default: no tiling")
+    "cut each image, after resizing (short side --image-size), into tiles of this many "
+    "pixels square, each a sample for the backbone and the detector; maps are stitched "
+    "back at the image size (overlaps averaged) and an image's score is its worst "
+    "tile's; a tiled model scores test images of any shape. Set --image-size to the "
+    "images' own short side to work at native resolution (small defects on large "
+    "images); default: no tiling")
 TILE_STRIDE_HELP = ("pixels between tiles, at most --tile-size (default: --tile-size, no "
                     "overlap); the last row and column of tiles end at the image border")
 
@@ -154,9 +156,11 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      help=f"as for the main job ('{RANDOM_WEIGHTS}', a packaged or "
                      "torchvision name, or a state_dict file)")
     fit.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
-                     default=DEFAULT_IMAGE_SIZE, help="images are resized to this many "
-                     f"pixels square (default: {DEFAULT_IMAGE_SIZE}); predict and export use "
-                     "the same")
+                     default=DEFAULT_IMAGE_SIZE, help="short side in pixels that images "
+                     "are resized to, the aspect ratio kept (see skanomaly --help; default: "
+                     f"{DEFAULT_IMAGE_SIZE}); all training and --calibration-dir / "
+                     "--validation-dir images must come out at one size; predict and "
+                     "export read images as the training images were read")
     _add_tiling(fit)
     fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
                      help="images read and absorbed per batch (default: 32)")
@@ -205,8 +209,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
 
     export = sub.add_parser(
         "export", help="export a saved model to ONNX (.onnx) or TorchScript (.pt)",
-        description="Export the pipeline of MODEL (images in [0, 1], 3 x S x S with S the "
-        "model's image size, any batch size) to OUTPUT: ONNX when it ends in .onnx, "
+        description="Export the pipeline of MODEL (images in [0, 1], 3 x H x W at the "
+        "size the model reads images at (its metadata's input_size), any batch size) to "
+        "OUTPUT: ONNX when it ends in .onnx, "
         "TorchScript when it ends in .pt (skanomaly.export.export). The threshold travels "
         "as metadata beside the graph.",
     )
@@ -250,11 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Folders: --train-dir holds normal images (searched recursively). --test-dir is "
             "laid out as MVTec AD: good/ holds normal images, every other subfolder one "
-            "defect type. --mask-dir holds <defect>/<stem>_mask.png. Images are converted "
-            "to RGB and resized to --image-size pixels square (bilinear), so sizes may mix: this "
-            "is the one rule for folders of mixed sizes (with --tile-size, the resized "
-            "images are then tiled; the Python API also reads images at native resolution "
-            "or with their aspect ratio, see skanomaly.streaming). "
+            "defect type. --mask-dir holds <defect>/<stem>_mask.png. Image sizes, one rule "
+            f"for every command: {SIZE_RULE}; so at 192 a 1024x768 image (width x height) "
+            "becomes 256x192 and a 1920x1080 one 336x192. The training images (and "
+            "--calibration-dir, --validation-dir) must all come out at one size, as a "
+            "detector is fitted on one feature grid: a file of another size is an error "
+            "that names it. Test images must come out at that size too unless the model "
+            "is tiled (--tile-size), which scores images of any shape. Heatmaps and "
+            "predicted masks are written at each image's own size; pixel metrics are "
+            "computed at the size the model read the image at, masks resized to it. "
             "Scores are anomaly scores: higher = more anomalous."
         ),
     )
@@ -265,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--image-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
         default=DEFAULT_IMAGE_SIZE,
-        help=f"images are resized to this many pixels square, at least {MIN_IMAGE_SIZE} "
-        f"(default: {DEFAULT_IMAGE_SIZE}); the bundled crops are cut at this size",
+        help=f"short side in pixels that images are resized to, the aspect ratio kept "
+        f"(see below), at least {MIN_IMAGE_SIZE} (default: {DEFAULT_IMAGE_SIZE}); the "
+        "bundled crops are cut square at this size",
     )
     _add_tiling(data)
     data.add_argument(

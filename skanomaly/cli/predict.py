@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from ..streaming import read_image
 from ._common import (
     CLIError,
     check_dir,
@@ -19,7 +18,18 @@ from ._common import (
     set_device,
     user_errors,
 )
-from ._images import LazyImages, ImageSet, find_images_in, find_mask, read_mask, test_label
+from ._images import (
+    ImageSet,
+    LazyImages,
+    Resize,
+    check_size,
+    file_size,
+    find_images_in,
+    find_mask,
+    read_mask,
+    size_runs,
+    test_label,
+)
 from .report import (
     at_threshold,
     evaluate,
@@ -45,27 +55,36 @@ def predict_command(args) -> dict:
     for _, step in pipeline.steps:
         if "verbose" in getattr(step, "get_params", dict)(deep=False):
             step.set_params(verbose=False)
-    size = int(metadata["image_size"])
+    # model files from before images kept their aspect ratio resized them to a square
+    resize = Resize(metadata["image_size"], keep_aspect=metadata.get("input_size") is not None)
+    fitted = tuple(metadata["input_size"]) if resize.keep_aspect else None
+    tiled = getattr(pipeline, "tile_size", None) is not None
     paths = find_images_in(args.image_dir, "IMAGE_DIR")
     relative = [p.relative_to(args.image_dir) for p in paths]
     labels, defect_types = zip(*map(test_label, relative))
+    originals = [file_size(p) for p in paths]
+    sizes = [resize.size(o) for o in originals]
+    if fitted is not None and not tiled:
+        for path, original, size_ in zip(paths, originals, sizes):
+            check_size(path, original, size_, fitted, resize,
+                       "fit the model with --tile-size to score images of any shape, or "
+                       "crop them to the training images' aspect ratio")
     detector = pipeline[-1]
     spatial = isinstance(detector, BaseSpatialDetector)
     n = len(paths)
     scores = np.empty(n)
     predictions = np.empty(n, dtype=np.int64)
-    maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
-    masks = None if args.mask_dir is None else np.zeros((n, size, size), dtype=bool)
+    maps = [None] * n if spatial else None  # each at the size its image was scored at
+    masks = None if args.mask_dir is None else [None] * n
     # predicted masks where the model has a pixel threshold (spatial detectors)
-    predicted = (np.empty((n, size, size), dtype=bool)
-                 if "pixel_threshold_" in vars(detector) else None)
+    predicted = [None] * n if "pixel_threshold_" in vars(detector) else None
     start = time.perf_counter()
-    starts = range(0, n, args.batch_size)
-    for first in progress(starts, args.quiet, desc="scoring", unit="batch"):
-        stop = min(first + args.batch_size, n)
-        images = np.empty((stop - first, 3, size, size), dtype=np.float32)
+    for first, stop in progress(size_runs(sizes, args.batch_size), args.quiet,
+                                desc="scoring", unit="batch"):
+        size = sizes[first]
+        images = np.empty((stop - first, 3, *size), dtype=np.float32)
         for i in range(first, stop):
-            images[i - first], original = read_image(paths[i], size, return_size=True)
+            images[i - first], original = resize.read(paths[i])
             if masks is not None:
                 mask_path = find_mask(args.mask_dir, relative[i])
                 if mask_path is not None:
@@ -74,20 +93,23 @@ def predict_command(args) -> dict:
                     raise CLIError(
                         f"no mask for defective image {paths[i]} in {args.mask_dir} "
                         f"(looked for {relative[i].parent / (relative[i].stem + '_mask.png')})")
+                else:
+                    masks[i] = np.zeros(size, dtype=bool)
         with user_errors("model"):  # one pass of the pipeline: scores and maps
             scores[first:stop], predictions[first:stop], batch_maps = score_batch(
                 pipeline, images, spatial, size)
             if spatial:
-                maps[first:stop] = batch_maps
+                maps[first:stop] = list(batch_maps)
             if predicted is not None:  # the pixel threshold's own map size and blur
-                predicted[first:stop] = resized_masks(pipeline.predict_mask(images), size)
+                predicted[first:stop] = list(resized_masks(pipeline.predict_mask(images), size))
     timings = {"score_s": time.perf_counter() - start}
-    test = ImageSet(LazyImages(paths, size), [r.as_posix() for r in relative],
-                    np.array(labels, dtype=np.int64), list(defect_types), masks)
+    test = ImageSet(LazyImages(paths), [r.as_posix() for r in relative],
+                    np.array(labels, dtype=np.int64), list(defect_types), masks, originals)
     labelled = bool(np.any(test.labels != 0)) or masks is not None
     metrics, notes = evaluate(test, scores, maps, predictions) if labelled else ({}, [])
     if predicted is not None and masks is not None:  # the pixel confusion at the threshold
-        metrics.update(pixel_confusion(masks, predicted))
+        metrics.update(pixel_confusion(np.concatenate([m.ravel() for m in masks]),
+                                       np.concatenate([m.ravel() for m in predicted])))
     if not spatial:
         notes.append(f"no heatmaps: {metadata['detector']} scores whole images")
     result = {

@@ -59,11 +59,18 @@ def evaluate(test: ImageSet, scores, maps, predictions) -> tuple[dict, list[str]
         notes.append("no pixel metrics: no ground-truth masks")
     elif maps is None:
         notes.append("no pixel metrics: the detector gives no anomaly maps")
-    elif test.masks.all() or not test.masks.any():
+    elif all(m.all() for m in test.masks) or not any(m.any() for m in test.masks):
         notes.append("no pixel metrics: the masks need both defective and normal pixels")
+    elif len({m.shape for m in maps}) > 1:  # tiled images of several shapes
+        pooled = np.concatenate([m.ravel() for m in test.masks])[None, None]
+        metrics["pixel_auroc"] = pixel_auroc(
+            pooled, np.concatenate([m.ravel() for m in maps])[None, None])
+        notes.append("no PRO: the test images have several shapes (pixel AUROC pools "
+                     "their pixels, each at the size its map was computed at)")
     else:
-        metrics["pixel_auroc"] = pixel_auroc(test.masks, maps)
-        metrics["pro"] = pro_score(test.masks, maps)
+        masks, maps = np.stack(test.masks), np.stack(maps)
+        metrics["pixel_auroc"] = pixel_auroc(masks, maps)
+        metrics["pro"] = pro_score(masks, maps)
     return metrics, notes
 
 
@@ -77,14 +84,38 @@ def pixel_confusion(truth: np.ndarray, predicted: np.ndarray) -> dict:
     return {"pixel_precision": precision, "pixel_recall": recall, "pixel_f1": f1}
 
 
-def resized_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Predicted masks at ``size`` x ``size`` (nearest neighbour when the detector's pixel
-    threshold was set at another map size)."""
-    if masks.shape[1:] == (size, size):
+def resized_masks(masks: np.ndarray, size) -> np.ndarray:
+    """Masks (n, h, w) at ``size`` (height, width) by nearest neighbour (predicted masks
+    when the detector's pixel threshold was set at another map size; masks written at
+    their images' own size)."""
+    height, width = size
+    if masks.shape[1:] == (height, width):
         return masks
-    rows = (np.arange(size) * masks.shape[1]) // size
-    cols = (np.arange(size) * masks.shape[2]) // size
-    return masks[:, rows][:, :, cols]
+    from PIL import Image  # NEAREST as ground-truth masks are resized (read_mask)
+
+    return np.stack([
+        np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((width, height),
+                                                                 Image.NEAREST)) > 0
+        for mask in masks])
+
+
+def map_at(anomaly_map: np.ndarray, size) -> np.ndarray:
+    """An anomaly map (h, w) resized bilinearly to ``size`` (height, width): a map at the
+    size its image was scored at, shown at the image's own size."""
+    if anomaly_map.shape == tuple(size):
+        return anomaly_map
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32), mode="F")
+    return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def _own_size(test: ImageSet, i: int, shape) -> tuple[int, int]:
+    """(height, width) of test image ``i`` in its file, or ``shape`` when unknown."""
+    if test.sizes is None:
+        return tuple(shape)
+    width, height = test.sizes[i]
+    return height, width
 
 
 def pvalues_of(detector, anomaly_scores):
@@ -135,12 +166,14 @@ def _heatmap_names(names: list[str]) -> list[str]:
 
 
 def write_heatmaps(folder: Path, test: ImageSet, scores, maps, quiet: bool) -> list[str]:
-    """One overlay PNG per test image on a colour scale shared by all; relative paths."""
+    """One overlay PNG per test image on a colour scale shared by all, each image and its
+    map at the image's own size (``test.sizes``); relative paths."""
     from matplotlib.figure import Figure
 
     folder.mkdir(parents=True, exist_ok=True)
     names = _heatmap_names(test.names)
-    vmin, vmax = float(maps.min()), float(maps.max())
+    vmin = min(float(m.min()) for m in maps)
+    vmax = max(float(m.max()) for m in maps)
     fig = Figure(figsize=(4.2, 3.6), dpi=100)
     fig.subplots_adjust(left=0.02, right=0.86, bottom=0.02, top=0.88)
     ax = fig.add_subplot()
@@ -149,11 +182,17 @@ def write_heatmaps(folder: Path, test: ImageSet, scores, maps, quiet: bool) -> l
     overlay = ax.imshow(maps[0], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
     fig.colorbar(overlay, ax=ax, fraction=0.05, pad=0.03, label="anomaly score")
     for i in progress(range(len(names)), quiet, desc="writing heatmaps", unit="image"):
-        shown.set_data(test.images[i].transpose(1, 2, 0))
-        overlay.set_data(maps[i])
+        image = test.images[i].transpose(1, 2, 0)
+        height, width = image.shape[:2]
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        shown.set_data(image)
+        overlay.set_data(map_at(maps[i], (height, width)))
+        shown.set_extent(extent)
+        overlay.set_extent(extent)
         contour = None
         if test.masks is not None and test.masks[i].any():
-            contour = ax.contour(test.masks[i], levels=[0.5], colors="white", linewidths=1.2)
+            truth = resized_masks(test.masks[i][None], (height, width))[0]
+            contour = ax.contour(truth, levels=[0.5], colors="white", linewidths=1.2)
         label = {1: "good", -1: test.defect_types[i]}.get(int(test.labels[i]), "unlabelled")
         ax.set_title(f"{test.names[i]} ({label})\nscore {scores[i]:.4g}", fontsize=9)
         fig.savefig(folder / names[i])
@@ -162,12 +201,14 @@ def write_heatmaps(folder: Path, test: ImageSet, scores, maps, quiet: bool) -> l
     return [f"heatmaps/{name}" for name in names]
 
 
-def write_masks(folder: Path, names: list[str], masks: np.ndarray) -> None:
-    """Predicted masks as black/white PNGs, named as the heatmaps."""
+def write_masks(folder: Path, test: ImageSet, masks) -> None:
+    """Predicted masks as black/white PNGs at their images' own size (nearest
+    neighbour), named as the heatmaps."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, mask in zip(_heatmap_names(names), masks):
+    for i, (name, mask) in enumerate(zip(_heatmap_names(test.names), masks)):
+        mask = resized_masks(mask[None], _own_size(test, i, mask.shape))[0]
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / name)
 
 
@@ -185,7 +226,7 @@ def write_outputs(args, test: ImageSet, scores, predictions, maps, spatial: bool
             heatmaps = write_heatmaps(out / "heatmaps", test, scores, maps, args.quiet)
             result["timings"]["heatmaps_s"] = time.perf_counter() - start
         if masks is not None:
-            write_masks(out / "masks", test.names, masks)
+            write_masks(out / "masks", test, masks)
         write_scores(out / "scores.csv", test, scores, predictions, heatmaps, digits=digits,
                      pvalues=pvalues)
         if metrics_json:

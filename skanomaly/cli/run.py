@@ -29,10 +29,24 @@ from ._common import (
     progress,
     resolve_weights,
     score_batch,
+    size_text,
     tiles_text,
     user_errors,
 )
-from ._images import ImageSet, find_images_in, find_mask, read_images, read_mask, test_label
+from ._images import (
+    ImageSet,
+    LazyImages,
+    Resize,
+    check_size,
+    file_size,
+    find_images_in,
+    find_mask,
+    one_size,
+    read_mask,
+    read_stack,
+    size_runs,
+    test_label,
+)
 from .report import at_threshold, evaluate, pvalues_of, write_outputs
 
 
@@ -75,36 +89,54 @@ def _bundled_data(args) -> tuple[np.ndarray, list[str], ImageSet, dict, np.ndarr
 
 
 def _folder_data(args) -> tuple[np.ndarray, list[str], ImageSet, dict]:
-    """Training images and their names, test set and a description, from the user's folders."""
-    size, quiet = args.image_size, args.quiet
+    """Training images and their names, test set and a description, from the user's folders.
+
+    Every image keeps its aspect ratio (:data:`~skanomaly.cli._images.SIZE_RULE`). The
+    training images must come out at one size; test images too, unless the model is
+    tiled (then each is kept at its own size, and its map comes back at it).
+    """
+    quiet = args.quiet
+    resize = Resize(args.image_size)
     train_paths = find_images_in(args.train_dir, "training folder")
     test_paths = find_images_in(args.test_dir, "test folder")
-    X_train, _ = read_images(train_paths, size, quiet, "reading training images")
-    X_test, originals = read_images(test_paths, size, quiet, "reading test images")
+    size = one_size(train_paths, resize, f"--train-dir {args.train_dir}", args.train_dir)
+    originals = [file_size(p) for p in test_paths]
+    sizes = [resize.size(o) for o in originals]
+    if args.tile_size is None:
+        for path, original, size_ in zip(test_paths, originals, sizes):
+            check_size(path, original, size_, size, resize,
+                       "give --tile-size to score images of any shape, or crop them to the "
+                       "training images' aspect ratio")
+    X_train, _ = read_stack(train_paths, resize, quiet, "reading training images", size)
+    X_test = [resize.read(p)[0] for p in progress(test_paths, quiet,
+                                                  desc="reading test images", unit="image")]
+    if len(set(sizes)) == 1:
+        X_test = np.stack(X_test)
     train_names = [p.relative_to(args.train_dir).as_posix() for p in train_paths]
     relative = [p.relative_to(args.test_dir) for p in test_paths]
     labels, defect_types = zip(*map(test_label, relative))
     masks = None
     if args.mask_dir is not None:
-        masks = np.zeros((len(test_paths), size, size), dtype=bool)
+        masks = [np.zeros(size_, dtype=bool) for size_ in sizes]
         for i, (rel, label) in enumerate(zip(relative, labels)):
             mask_path = find_mask(args.mask_dir, rel)
             if mask_path is not None:
-                masks[i] = read_mask(mask_path, test_paths[i], originals[i], size)
+                masks[i] = read_mask(mask_path, test_paths[i], originals[i], sizes[i])
             elif label == -1:
                 raise CLIError(
                     f"no mask for defective image {test_paths[i]} in {args.mask_dir} "
                     f"(looked for {rel.parent / (rel.stem + '_mask.png')})"
                 )
     test = ImageSet(
-        X_test, [r.as_posix() for r in relative], np.array(labels, dtype=np.int64),
-        list(defect_types), masks,
+        LazyImages(test_paths), [r.as_posix() for r in relative],
+        np.array(labels, dtype=np.int64), list(defect_types), masks, originals, X_test,
     )
     info = {
         "source": "folders",
         "train_dir": str(args.train_dir),
         "test_dir": str(args.test_dir),
         "mask_dir": None if args.mask_dir is None else str(args.mask_dir),
+        "input_size": list(size),
     }
     return X_train, train_names, test, info
 
@@ -216,22 +248,28 @@ def _fit_model(args, extractor, X_train, train_names, held=None):
 
 
 def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16):
-    """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps
-    (n, s, s) float32 (else None) of the fitted pipeline ``model``, by batches.
+    """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps (each
+    at its image's size, as the command reads it: (n, h, w) float32 when the images
+    share a size, else a list; None for the others) of the fitted pipeline ``model``,
+    by batches of consecutive images of one size.
 
     Each batch goes through the pipeline once (:func:`score_batch`).
     """
-    n, size = len(images), images.shape[-1]
+    n = len(images)
+    shapes = [image.shape[-2:] for image in images]
     scores = np.empty(n)
     predictions = np.empty(n, dtype=np.int64)
-    maps = np.empty((n, size, size), dtype=np.float32) if spatial else None
-    starts = range(0, n, batch_size)
-    for start in progress(starts, quiet, desc="scoring", unit="batch"):
-        stop = min(start + batch_size, n)
+    maps = [None] * n if spatial else None
+    for start, stop in progress(size_runs(shapes, batch_size), quiet, desc="scoring",
+                                unit="batch"):
+        batch = images[start:stop] if isinstance(images, np.ndarray) else np.stack(
+            images[start:stop])
         scores[start:stop], predictions[start:stop], batch_maps = score_batch(
-            model, images[start:stop], spatial, size)
+            model, batch, spatial, tuple(shapes[start]))
         if spatial:
-            maps[start:stop] = batch_maps
+            maps[start:stop] = list(batch_maps)
+    if spatial and len(set(shapes)) == 1:
+        maps = np.stack(maps)
     return scores, predictions, maps
 
 
@@ -250,7 +288,8 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
                        if k in result["metrics"])
     lines = [
         f"skanomaly: {result['detector']} on {result['backbone']} features "
-        f"({result['weights'] or 'random weights'}) at {result['image_size']} px"
+        f"({result['weights'] or 'random weights'}) at "
+        f"{size_text(result['image_size'], result.get('input_size'))}"
         f"{tiles_text(result.get('tile_size'), result.get('tile_stride'))}: fitted on "
         f"{result['n_fit']} normal images, threshold from {_threshold_source(calibration)}; "
         f"{result['n_predicted_anomalous']} of {result['n_test']} test images predicted "
@@ -299,7 +338,8 @@ def run_command(args) -> dict:
 
     start = time.perf_counter()
     spatial = args.detector in SPATIAL_DETECTORS
-    scores, predictions, maps = _score(model, test.images, spatial, args.quiet)
+    images = test.images if test.model_images is None else test.model_images
+    scores, predictions, maps = _score(model, images, spatial, args.quiet)
     timings["score_s"] = time.perf_counter() - start
 
     notes = [] if weights else [RANDOM_BACKBONE_NOTE]
@@ -325,6 +365,8 @@ def run_command(args) -> dict:
         "weights_source": weights_source(weights),
         "feature_shape": list(features.feature_shape_),
         "image_size": args.image_size,
+        # (height, width) of the training images as the model reads them
+        "input_size": data_info.pop("input_size", [args.image_size] * 2),
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "device": str(device),
