@@ -137,6 +137,16 @@ def _score_record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
     return np.stack([scores, np.full_like(scores, n_model)], axis=1)
 
 
+def _shares_memory(X, t: torch.Tensor) -> bool:
+    """Whether the validated tensor ``t`` may be a view of the user's input ``X``."""
+    if isinstance(X, torch.Tensor):
+        return X.device == t.device and X.untyped_storage().data_ptr() == \
+            t.untyped_storage().data_ptr()
+    if isinstance(X, np.ndarray) and t.device.type == "cpu":
+        return bool(np.may_share_memory(X, t.numpy()))
+    return False
+
+
 def draw_seed(generator: torch.Generator) -> int:
     """A seed for the next call's generator, drawn from this one (reproducible streams)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -502,7 +512,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache", "_streaming_state_dropped")
+    _private_state: tuple = ("_device_cache", "_streaming_state_dropped", "_stale",
+                             "_model_as_it_stood", "_buffer", "_last_batch")
     #: private fitted attributes that only ``partial_fit`` (and the merges of a dask fit)
     #: needs, not scoring: a model file leaves them out unless asked to keep them
     _streaming_state: tuple = ()
@@ -513,13 +524,93 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ state
     def __sklearn_is_fitted__(self):
-        # offset_ is set last in fit, so a fit that failed half-way is not "fitted"
-        return hasattr(self, "offset_")
+        # offset_ is set last in fit, so a fit that failed half-way is not "fitted"; a
+        # partial_fit that deferred its refresh (see finalize) is fitted too
+        return "offset_" in self.__dict__ or bool(self.__dict__.get("_stale"))
+
+    def __getattr__(self, name):
+        # called only where ordinary lookup fails: a fitted attribute that partial_fit
+        # deferred is computed now (see finalize), so that it is never read stale
+        if (name.endswith("_") and not name.startswith("__")
+                and self.__dict__.get("_stale")):
+            self._refresh()
+        return object.__getattribute__(self, name)
 
     def __getstate__(self):
+        self._refresh_if_stale()  # a pickle holds the model up to date
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
         return state
+
+    def _refresh_if_stale(self) -> None:
+        if self.__dict__.get("_stale"):
+            self._refresh()
+
+    def finalize(self):
+        """Bring the model up to date with every batch passed to ``partial_fit``.
+
+        ``partial_fit`` keeps only the cheap, mergeable state of each batch (moments,
+        buffered patch features) and leaves the work that only the end needs (factors,
+        memory-bank reduction, threshold) to the first call that reads the model:
+        scoring (``score_samples``, ``decision_function``, ``predict``,
+        ``anomaly_map``, ``score_and_map``, ``calibrate``, ...), a fitted attribute
+        read, pickling, saving or exporting. ``finalize`` does it now; it is never
+        needed for correct results (each detector's ``partial_fit`` says what the
+        refresh computes). On a detector that is up to date it does nothing.
+
+        Returns
+        -------
+        self : object
+            The detector, with its fitted attributes and ``offset_`` up to date.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If the model of the data seen cannot be computed (a singular covariance, a
+            rank-deficient PCA: the errors each detector's ``partial_fit`` lists); the
+            detector is then left as it was, still to be refreshed.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(100, 3))
+        >>> det = GaussianDetector(device="cpu")
+        >>> for batch in np.array_split(X, 4):
+        ...     det = det.partial_fit(batch)
+        >>> det = det.finalize()
+        >>> det.n_samples_seen_, det.calibration_
+        (100, 'leave-one-out')
+        """
+        check_is_fitted(self)
+        self._refresh_if_stale()
+        return self
+
+    def _refresh(self) -> None:
+        """Compute what ``partial_fit`` deferred; the state is left as it was on error."""
+        before = dict(self.__dict__)
+        try:
+            del self.__dict__["_stale"]  # what the refresh reads is its own work
+            self._refresh_deferred()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        for name in ("_model_as_it_stood", "_buffer", "_last_batch"):
+            self.__dict__.pop(name, None)
+
+    def _refresh_deferred(self) -> None:  # pragma: no cover - by the streaming mixins
+        raise NotImplementedError
+
+    def _mark_stale(self, deferred) -> None:
+        """Drop the fitted attributes ``deferred`` (and the threshold): they are computed
+        again by the next refresh (see :meth:`finalize`)."""
+        for name in (*deferred, "offset_", "calibration_", *_CALIBRATION_STATE):
+            self.__dict__.pop(name, None)
+        self._reset_device_cache()
+        self._stale = True
 
     def _without_streaming_state(self):
         """This fitted detector without its ``_streaming_state``, for a compact model file.
@@ -528,6 +619,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         is); ``partial_fit`` on it raises a ``ValueError`` that says why. ``self`` itself
         when the detector keeps no streaming state.
         """
+        self._refresh_if_stale()
         dropped = tuple(name for name in self._streaming_state if name in self.__dict__)
         if not dropped:
             return self
@@ -551,6 +643,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _cached(self, key, build):
         """``build()``, computed once per fit and kept out of pickles."""
+        self._refresh_if_stale()  # a model read: brought up to date first
         cache = self.__dict__.setdefault("_device_cache", {})
         if key not in cache:
             cache[key] = build()
@@ -1212,9 +1305,21 @@ class IncrementalMixin:
         if not first:
             self._check_streaming_state()
         Xt = self._validate_input(X, reset=first)
-        self._accumulate(Xt, reset=first, incremental=True)
-        self._set_offset(*self._out_of_sample_scores(Xt))
+        if first:  # the batch starts the model: as fit, refreshed at once
+            self._accumulate(Xt, reset=True, incremental=True)
+            self._set_offset(*self._out_of_sample_scores(Xt))
+            return self
+        self._accumulate(Xt, reset=False, incremental=True, refresh=False)
+        self._mark_stale(self._deferred)
+        # the leave-one-out scores of the threshold need the batch passed last
+        self._last_batch = Xt.clone() if _shares_memory(X, Xt) else Xt
         return self
+
+    def _refresh_deferred(self) -> None:
+        """The factors of the moments and ``offset_`` from the leave-one-out scores of
+        the batch passed last, exactly as an eager refresh after that batch."""
+        self._refresh_factors()
+        self._set_offset(*self._out_of_sample_scores(self._last_batch))
 
     def _out_of_sample_scores(self, X: torch.Tensor):
         """Exact leave-one-out scores of training samples ``X`` from the moments."""

@@ -224,7 +224,11 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         self.device = device
 
     # ------------------------------------------------------------------ fit
-    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool) -> None:
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("mean_", "precision_cholesky_")
+
+    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool,
+                    refresh: bool = True) -> None:
         if reset:
             self._check_min_samples(X, 2)
             # input_shape_[0], not X.shape[1]: a pipeline's extractor may have computed
@@ -236,8 +240,11 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         idx = torch.as_tensor(indices, device=X.device)
         if solver == "woodbury":
             state = self._woodbury_state(X, idx)
-        else:
+        elif refresh:
             state = self._full_state(X, idx, None if reset else self._current_moments())
+        else:  # partial_fit: the moments only (see _refresh_factors)
+            acc = self._merged_moments(X, idx, None if reset else self._current_moments())
+            state = {"_moments": acc.to("cpu"), "n_samples_seen_": acc.n_samples_}
         self._reset_device_cache()
         for name in _WOODBURY_STATE if solver == "full" else _FULL_STATE:
             self.__dict__.pop(name, None)
@@ -335,13 +342,25 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
         return MomentAccumulator._from_moments(n, mean, scatter)
 
-    def _full_state(self, X, idx, previous) -> dict:
+    def _merged_moments(self, X, idx, previous) -> MomentAccumulator:
         batch = self._batch_moments(X, idx)
         if previous is None:
-            acc = batch
-        else:
-            acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
-            acc.merge(previous).merge(batch)
+            return batch
+        acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
+        return acc.merge(previous).merge(batch)
+
+    def _full_state(self, X, idx, previous) -> dict:
+        return self._factor_state(self._merged_moments(X, idx, previous))
+
+    def _refresh_factors(self) -> None:
+        """The factors of the moments that ``partial_fit`` accumulated (see finalize)."""
+        self._reset_device_cache()
+        # _factor_state moves the moments back to the CPU (in place)
+        self.__dict__.update(self._factor_state(self._moments.to(self._device())))
+
+    def _factor_state(self, acc: MomentAccumulator) -> dict:
+        """Mean and precision Cholesky factors of every position from the moments."""
+        idx = acc.mean[0]  # one entry per kept channel
         covariance = acc.covariance(ddof=1)
         advice = (f"{type(self).__name__}: the covariance of some positions is singular "
                   f"with reg={self.reg:g} ({acc.n_samples_} samples, {len(idx)} features); "
