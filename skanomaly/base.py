@@ -514,6 +514,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
     _private_state: tuple = ("_device_cache", "_streaming_state_dropped", "_stale",
                              "_model_as_it_stood", "_buffer", "_last_batch")
+    #: public fitted attributes that ``partial_fit`` leaves to the refresh (see finalize)
+    _deferred: tuple = ()
     #: private fitted attributes that only ``partial_fit`` (and the merges of a dask fit)
     #: needs, not scoring: a model file leaves them out unless asked to keep them
     _streaming_state: tuple = ()
@@ -531,8 +533,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def __getattr__(self, name):
         # called only where ordinary lookup fails: a fitted attribute that partial_fit
         # deferred is computed now (see finalize), so that it is never read stale
-        if (name.endswith("_") and not name.startswith("__")
-                and self.__dict__.get("_stale")):
+        if self.__dict__.get("_stale") and (
+                name in self._deferred or name in ("offset_", "calibration_")
+                or isinstance(getattr(type(self), name, None), property)):
             self._refresh()
         return object.__getattribute__(self, name)
 

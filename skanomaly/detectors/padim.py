@@ -240,10 +240,11 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         idx = torch.as_tensor(indices, device=X.device)
         if solver == "woodbury":
             state = self._woodbury_state(X, idx)
-        elif refresh:
+        elif refresh or reset:
             state = self._full_state(X, idx, None if reset else self._current_moments())
-        else:  # partial_fit: the moments only (see _refresh_factors)
-            acc = self._merged_moments(X, idx, None if reset else self._current_moments())
+        else:  # partial_fit: the moments only (see _refresh_factors), merged in place
+            # (the same numbers as a merge into a copy; nothing after it can fail)
+            acc = self._current_moments().merge(self._batch_moments(X, idx))
             state = {"_moments": acc.to("cpu"), "n_samples_seen_": acc.n_samples_}
         self._reset_device_cache()
         for name in _WOODBURY_STATE if solver == "full" else _FULL_STATE:
