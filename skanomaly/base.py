@@ -137,6 +137,15 @@ def _score_record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
     return np.stack([scores, np.full_like(scores, n_model)], axis=1)
 
 
+def _on_host(value):
+    """``value`` with every tensor in it (lists and tuples searched) as a numpy array."""
+    if isinstance(value, torch.Tensor):
+        return to_numpy(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return value
+
+
 def _shares_memory(X, t: torch.Tensor) -> bool:
     """Whether the validated tensor ``t`` may be a view of the user's input ``X``."""
     if isinstance(X, torch.Tensor):
@@ -540,9 +549,13 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         return object.__getattribute__(self, name)
 
     def __getstate__(self):
-        self._refresh_if_stale()  # a pickle holds the model up to date
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
+        # what partial_fit deferred travels as it is (a stream goes on after a round trip
+        # exactly as without it), its batches as CPU numpy (a pickle loads anywhere)
+        for name in ("_buffer", "_last_batch"):
+            if name in state:
+                state[name] = _on_host(state[name])
         return state
 
     def _refresh_if_stale(self) -> None:
@@ -1322,7 +1335,8 @@ class IncrementalMixin:
         """The factors of the moments and ``offset_`` from the leave-one-out scores of
         the batch passed last, exactly as an eager refresh after that batch."""
         self._refresh_factors()
-        self._set_offset(*self._out_of_sample_scores(self._last_batch))
+        last = torch.as_tensor(self._last_batch, device=self._device())
+        self._set_offset(*self._out_of_sample_scores(last))
 
     def _out_of_sample_scores(self, X: torch.Tensor):
         """Exact leave-one-out scores of training samples ``X`` from the moments."""
@@ -1339,11 +1353,16 @@ class IncrementalMixin:
 
 class ScoreThenUpdateMixin:
     """``partial_fit`` for detectors without cheap leave-one-out scores (PatchCore, DFM,
-    DFKDE): the first call fits; each later batch is scored by the model that has not
-    seen it, then absorbed (``_absorb``), and ``offset_`` is the ``contamination``
-    quantile of a bounded record of the latest out-of-sample scores.
+    DFKDE): the first call fits; each later batch is scored by the model as it stood
+    (which has not seen it), then its cheap state is kept (``_buffer_batch``), and
+    ``offset_`` is the ``contamination`` quantile of a bounded record of the latest
+    out-of-sample scores.
 
-    A call that raises leaves the fitted state as it was.
+    Deferred refresh: the model is rebuilt from the buffered batches
+    (``_refresh_model``) only when the buffer is full (``_buffer_full``) or the model
+    is read (see :meth:`~BaseDetector.finalize`); until then later batches are scored
+    by the model of the last refresh, kept as ``_model_as_it_stood``. A call that
+    raises leaves the fitted state as it was.
     """
 
     def _stream(self, X):
@@ -1359,15 +1378,36 @@ class ScoreThenUpdateMixin:
                 self._check_streaming_state()
                 Xt = self._validate_input(X, reset=False)
                 self._check_streamed_batch()
-                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
-                n_model = self.n_samples_seen_
-                self._absorb(Xt)
-                self._score_then_update(scores, n_model)
+                model = self.__dict__.get("_model_as_it_stood", self)
+                # scored by a model that has not seen X: the last one refreshed
+                scores = model._blockwise(model._score, Xt)
+                n_model = model.n_samples_seen_
+                if model is self:  # the model as it stands scores the batches to come
+                    self._model_as_it_stood = self._snapshot()
+                    self._mark_stale(self._deferred)
+                    self._buffer = []
+                self._buffer_batch(Xt)
+                self._record_scores(scores, n_model)
+                if self._buffer_full():
+                    self._refresh()
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
         return self
+
+    def _snapshot(self):
+        """This fitted model as it stands, sharing its arrays and its device cache."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def _refresh_deferred(self) -> None:
+        """The model from the buffered batches, and ``offset_`` from the record."""
+        self._refresh_model()
+        record = self._offset_record
+        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
+        self.calibration_ = "score-then-update"
 
     def _check_streamed_batch(self) -> None:
         """Checks of the fitted state before a later batch is scored (none by default)."""
@@ -1378,20 +1418,16 @@ class ScoreThenUpdateMixin:
         # in-sample scores are optimistic: a stream does not build on them
         self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
 
-    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
-        """``offset_`` from the latest out-of-sample scores, those of this batch added.
+    def _record_scores(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
+        """Add a batch's out-of-sample scores to the record that sets ``offset_``.
 
         ``n_model``: samples seen by the model that scored the batch. Scores of models
-        that had seen fewer than half as many are dropped (they are too pessimistic).
+        that had seen fewer than half as many are dropped (they are too pessimistic);
+        the latest 2,048 are kept.
         """
         old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
+        self._offset_record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
             self._per_image(anomaly_scores), n_model)])[-_OFFSET_RECORD:]
-        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
-        self.calibration_ = "score-then-update"
-        for name in _CALIBRATION_STATE:  # the model they were set with is gone
-            self.__dict__.pop(name, None)
-        self._offset_record = record
 
 
 class BaseSpatialDetector(BaseDetector):

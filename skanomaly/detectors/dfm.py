@@ -427,9 +427,27 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
                 f"{pooled}, but the model was fitted on pooled maps of shape "
                 f"{tuple(self.pooled_shape_)} (pooling_kernel_size changed since): fit anew")
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Merge a validated batch into the moments and refit the PCA from them."""
-        vectors = self._pooled(X).flatten(1)
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("components_", "mean_", "explained_variance_", "explained_variance_ratio_",
+                 "singular_values_", "noise_variance_", "n_components_", "gaussian_mean_",
+                 "gaussian_covariance_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Keep a validated batch's pooled vectors for the next merge of the moments."""
+        self._buffer = [*self._buffer, self._pooled(X).flatten(1)]
+        self.n_samples_seen_ += int(X.shape[0])
+
+    def _buffer_full(self) -> bool:
+        """Whether the buffered vectors are as many as the moments' rows
+        (``min(n_seen, n_pooled_features)`` at the last refresh): the model that scores
+        a batch has then seen at least about half the samples seen, and the merges cost
+        a bounded multiple of one SVD of everything seen (see the class Notes)."""
+        return sum(v.shape[0] for v in self._buffer) >= self._moments[2].shape[0]
+
+    def _refresh_model(self) -> None:
+        """Merge the buffered vectors into the moments at once and refit the PCA."""
+        device = self._device()
+        vectors = torch.cat([torch.as_tensor(v, device=device) for v in self._buffer])
         n, mean, s, vt = (torch.as_tensor(v, dtype=vectors.dtype, device=vectors.device)
                           if isinstance(v, np.ndarray) else v for v in self._moments)
         batch_mean = vectors.mean(0)
