@@ -454,8 +454,13 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
                 "or change feature_scaling"
             ) from exc
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Add a validated batch to the PCA moments and the reservoir; rebuild the model."""
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("n_components_", "pca_components_", "pca_mean_", "scale_", "max_length_",
+                 "dataset_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Add a validated batch to the reservoir now, and keep its vectors for the next
+        merge of the PCA moments (see :meth:`_refresh_model`)."""
         vectors = self._vectors(X)
         device, dtype = vectors.device, vectors.dtype
         n_batch, n_before = vectors.shape[0], self.n_samples_seen_
@@ -483,6 +488,23 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
                 torch.as_tensor(items, device=device)]
             indices[slots] = n_before + items
 
+        self._reservoir = to_numpy(reservoir)
+        self.kde_indices_ = indices
+        self._largest_seen = max(self._largest_seen, float(vectors.abs().max()))
+        self._buffer = [*self._buffer, vectors]
+        self.n_samples_seen_ = n_before + n_batch
+        self._next_seed = draw_seed(generator)
+
+    def _buffer_full(self) -> bool:
+        """Whether the buffered vectors are as many as the moments' rows, as DFM's."""
+        return sum(v.shape[0] for v in self._buffer) >= self._moments[2].shape[0]
+
+    def _refresh_model(self) -> None:
+        """Merge the buffered vectors into the PCA moments at once and rebuild the PCA,
+        the scaling and the KDE on the reservoir."""
+        device = self._device()
+        vectors = torch.cat([torch.as_tensor(v, device=device) for v in self._buffer])
+        dtype = vectors.dtype
         # moments of every sample, in units of 2**exponent (exact powers of two)
         n_m, mean_m, s_m, vt_m, e_m = self._moments
         e = max(e_m, max_abs_exponent(vectors) - 1)
@@ -490,11 +512,8 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
         mean_m, s_m = ldexp(to_device(mean_m), e_m - e), ldexp(to_device(s_m), e_m - e)
         n, mean, s, vt = merge_moments(_root(n_m, mean_m, s_m, to_device(vt_m)),
                                        _batch_moments(ldexp(vectors, -e)))
-        max_abs = max(self._largest_seen, float(vectors.abs().max()))
-
-        self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
-        self.n_samples_seen_ = n_before + n_batch
-        self._next_seed = draw_seed(generator)
+        self._set_streamed_state(n, mean, s, vt, e, to_device(self._reservoir),
+                                 self.kde_indices_, self._largest_seen)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):

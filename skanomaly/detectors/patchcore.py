@@ -29,6 +29,10 @@ from ..functional import (
 
 __all__ = ["PatchCoreDetector"]
 
+#: partial_fit reduces the bank and the buffered patches once they exceed this many
+#: times the budget (memory: at most this many budgets of patches, plus a batch)
+_BUFFER_FACTOR = 4
+
 
 def _locally_aware(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Locally aware patch features of maps ``x``, (n * H * W, C) float32."""
@@ -363,20 +367,41 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
         self.n_samples_seen_ = int(X.shape[0])
         self._next_seed = draw_seed(generator)
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Merge a validated batch into the bank and reduce the union to the budget."""
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("memory_bank_", "coreset_indices_", "bank_images_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Keep a validated batch's patches (and their training patch numbers) for the
+        next reduction of the bank (:meth:`_refresh_model`)."""
         self._check_patch_size()
-        patches = self._patches(X)
-        per_image = math.prod(X.shape[2:])
-        n_seen = self.n_samples_seen_ + X.shape[0]
-        budget = self._budget(n_seen * per_image)
-        generator = torch.Generator(device=patches.device).manual_seed(self._next_seed)
-        local = self._coreset(patches, min(patches.shape[0], budget), generator)
-        bank = torch.cat([torch.as_tensor(self.memory_bank_, device=patches.device),
-                          patches[local]])
-        rows = np.concatenate([self.coreset_indices_,
-                               self.n_samples_seen_ * per_image + to_numpy(local)])
-        self._reduce_union(bank, rows, budget, per_image, n_seen, generator)
+        first_row = self.n_samples_seen_ * math.prod(X.shape[2:])
+        self._buffer = [*self._buffer, (self._patches(X), first_row)]
+        self.n_samples_seen_ += int(X.shape[0])
+
+    def _held(self) -> int:
+        """Patches held for the next reduction: the bank's and the buffered ones."""
+        return (self._model_as_it_stood.memory_bank_.shape[0]
+                + sum(p.shape[0] for p, _ in self._buffer))
+
+    def _buffer_full(self) -> bool:
+        """Whether the bank and the buffered patches exceed ``_BUFFER_FACTOR`` times the
+        budget of the patches seen: the union is then reduced (see the class Notes)."""
+        per_image = math.prod(self.input_shape_[1:])
+        return self._held() > _BUFFER_FACTOR * self._budget(self.n_samples_seen_ * per_image)
+
+    def _refresh_model(self) -> None:
+        """Reduce the union of the bank and the buffered patches to the budget once."""
+        model, device = self._model_as_it_stood, self._device()
+        per_image = math.prod(self.input_shape_[1:])
+        n_seen = self.n_samples_seen_
+        patches = [torch.as_tensor(p, device=device) for p, _ in self._buffer]
+        bank = torch.cat([torch.as_tensor(model.memory_bank_, device=device), *patches])
+        rows = np.concatenate([model.coreset_indices_, *(
+            first + np.arange(p.shape[0], dtype=np.int64)
+            for p, (_, first) in zip(patches, self._buffer))])
+        generator = torch.Generator(device=device).manual_seed(self._next_seed)
+        self._reduce_union(bank, rows, self._budget(n_seen * per_image), per_image, n_seen,
+                           generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
