@@ -496,8 +496,15 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
         self._next_seed = draw_seed(generator)
 
     def _buffer_full(self) -> bool:
-        """Whether the buffered vectors are as many as the moments' rows, as DFM's."""
-        return sum(v.shape[0] for v in self._buffer) >= self._moments[2].shape[0]
+        """Whether the buffer holds as many vectors as the last refresh had seen, but at
+        least the moments' rows and at most ``max(max_training_points, 4 * n_features)``:
+        the model that scores a batch has then seen at least about half the samples seen
+        (or all but that many), the buffer holds no more vectors than the reservoir (or
+        four times the moments), and the merges cost a bounded multiple of one SVD of
+        everything seen."""
+        n, _, s, vt = self._moments[:4]
+        limit = max(s.shape[0], min(n, max(self.max_training_points, 4 * vt.shape[1])))
+        return sum(v.shape[0] for v in self._buffer) >= limit
 
     def _refresh_model(self) -> None:
         """Merge the buffered vectors into the PCA moments at once and rebuild the PCA,

@@ -438,11 +438,14 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
         self.n_samples_seen_ += int(X.shape[0])
 
     def _buffer_full(self) -> bool:
-        """Whether the buffered vectors are as many as the moments' rows
-        (``min(n_seen, n_pooled_features)`` at the last refresh): the model that scores
-        a batch has then seen at least about half the samples seen, and the merges cost
-        a bounded multiple of one SVD of everything seen (see the class Notes)."""
-        return sum(v.shape[0] for v in self._buffer) >= self._moments[2].shape[0]
+        """Whether the buffer holds as many vectors as the last refresh had seen, but at
+        least the moments' rows and at most four times the number of features: the model
+        that scores a batch has then seen at least about half the samples seen (or all
+        but ``4 * n_features``), the buffer holds at most four times the moments, and
+        the merges cost a bounded multiple of one SVD of everything seen."""
+        n, _, s = self._moments[:3]
+        limit = max(s.shape[0], min(n, 4 * self._moments[3].shape[1]))
+        return sum(v.shape[0] for v in self._buffer) >= limit
 
     def _refresh_model(self) -> None:
         """Merge the buffered vectors into the moments at once and refit the PCA."""
