@@ -148,6 +148,7 @@ def test_offset_is_score_then_update(name):
     # four equal batches: at the last call the model had seen 3 batches, so the scores
     # kept are those taken by models that saw >= 1.5 batches: batches 3 and 4, each scored
     # by a copy of the model before it absorbed them
+    # (finalize after each call: the model every batch meets is up to date)
     make, data = CASES[name]
     X = data(160)
     det = make().partial_fit(X[:40])
@@ -155,7 +156,7 @@ def test_offset_is_score_then_update(name):
     before = []
     for batch in np.split(X[40:], 3):
         before.append(-copy.deepcopy(det).score_samples(batch))
-        det.partial_fit(batch)
+        det.partial_fit(batch).finalize()
     assert first_method in ("leave-one-image-out", "cross-fit", "leave-one-out")
     assert det.calibration_ == "score-then-update"
     expected = np.percentile(-np.concatenate(before[1:]), 100 * det.contamination)
@@ -165,6 +166,40 @@ def test_offset_is_score_then_update(name):
     assert det.calibration_ == "held-out"
     det.partial_fit(data(20, seed=4))
     assert det.calibration_ == "score-then-update"
+
+
+@cases
+def test_deferred_stream_scores_each_batch_with_the_model_of_the_last_refresh(name):
+    # without reads, a batch meets the model as of the last refresh (the buffer's), and
+    # offset_ is the same record's quantile; a deferred model then scores exactly as one
+    # refreshed by finalize, by an attribute read or by a pickle round trip
+    make, data = CASES[name]
+    X, Q = data(200), data(9, seed=3)
+    det = make().partial_fit(X[:20])
+    scored = []
+    for batch in np.split(X[20:], 9):
+        model = copy.copy(det.__dict__.get("_model_as_it_stood", det))
+        n_model = model.n_samples_seen_
+        scored.append((-model.score_samples(batch), n_model))
+        det.partial_fit(batch)
+    keep = scored[-1][1] / 2
+    record = np.concatenate([s for s, n in scored if n >= keep])
+    if scored[0][1] >= keep:  # the first batch's out-of-sample scores count too
+        record = None
+    twins = [copy.deepcopy(det) for _ in range(3)]
+    twins[0].finalize()
+    getattr(twins[1], det._deferred[0])  # a read refreshes
+    twins[2] = pickle.loads(pickle.dumps(twins[2]))
+    assert all("_stale" not in vars(twin) for twin in twins[:2])
+    # a pickle keeps what was deferred as it was
+    assert ("_stale" in vars(twins[2])) == ("_stale" in vars(det))
+    for twin in twins:
+        np.testing.assert_array_equal(twin.score_samples(Q), det.score_samples(Q))
+        assert twin.offset_ == det.offset_
+    assert det.calibration_ == "score-then-update"
+    if record is not None:
+        expected = np.percentile(-record, 100 * det.contamination)
+        assert det.offset_ == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 def test_offset_record_is_bounded_to_the_latest_scores():
