@@ -1277,11 +1277,14 @@ class IncrementalMixin:
     def partial_fit(self, X, y=None):
         """Update the detector with one more batch of (mostly) normal samples.
 
-        On an unfitted detector the batch starts the model; later calls (after ``fit``
-        too) add it to the moments accumulated so far. ``fit(X)`` equals
-        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
-        ``offset_`` is set from the leave-one-out scores of the batch passed last
-        under the updated model (see the class Notes).
+        On an unfitted detector the batch starts the model, as ``fit(X)``. Later calls
+        (after ``fit`` too) add it to the moments accumulated so far and defer the rest:
+        the factors and ``offset_`` (from the leave-one-out scores of the batch passed
+        last under the updated model, see the class Notes) are computed once, by the
+        first read of the model (scoring, a fitted attribute, saving, exporting) or
+        :meth:`finalize`, exactly as an eager refresh after the last batch would
+        compute them; the batch passed last is kept until then. ``fit(X)`` equals
+        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding.
 
         Parameters
         ----------
@@ -1303,7 +1306,8 @@ class IncrementalMixin:
             covariance is singular, or if the detector's parameters do not allow
             incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
             loaded from a model file saved without its streaming state (the moments). The
-            fitted state is then left as it was.
+            fitted state is then left as it was. A later batch's covariance is factored
+            by the refresh, which raises there (and stays pending) if it is singular.
 
         Examples
         --------

@@ -528,10 +528,14 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` from leave-one-out scores or cross-fitting). Later calls (after
-        ``fit`` too) first score the batch with the current model, then add it to the
-        float64 PCA moments of every sample seen and to a seeded reservoir sample of at
-        most ``max_training_points`` of them, and rebuild the PCA (from the moments),
-        the scaling and the KDE (on the reservoir; see the class Notes). ``offset_`` is
+        ``fit`` too) first score the batch with the model of the last refresh, then add
+        it to a seeded reservoir sample of at most ``max_training_points`` of the samples
+        seen and buffer it for the float64 PCA moments of every sample seen. The merge
+        of the buffer and the rebuild of the PCA (from the moments), the scaling and the
+        KDE (on the reservoir; see the class Notes) are deferred until the buffer holds
+        as many samples as the last refresh had seen (at least the moments' rows, at
+        most ``max(max_training_points, 4 * n_features)``) or the model is read
+        (scoring, a fitted attribute, :meth:`finalize`). ``offset_`` is
         the ``contamination`` quantile of the latest out-of-sample scores
         (``calibration_ == "score-then-update"``), replacing one set by
         :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it from

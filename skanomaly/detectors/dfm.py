@@ -246,6 +246,11 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     n_pooled_features``. ``fit`` keeps the same moments, so that :meth:`partial_fit` may
     follow it: a fitted model (and its pickle) holds ``min(n_samples,
     n_pooled_features) x n_pooled_features`` float64 numbers besides the components kept.
+    The merges are deferred: ``partial_fit`` buffers the pooled vectors and merges them
+    in one SVD when the buffer holds as many as the last refresh had seen (at least the
+    moments' rows, at most ``4 * n_pooled_features``: never more than four times the
+    moments) or when the model is read, so the SVDs of a stream cost a bounded multiple
+    of one SVD of everything seen; a batch is scored by the model of the last refresh.
     ``offset_``: a call on an unfitted detector is ``fit`` (5-fold
     cross-fitting); later calls score the batch with the current model before absorbing
     it (score-then-update: out of sample) and set ``offset_`` to the
@@ -465,9 +470,12 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` by cross-fitting). Later calls (after ``fit`` too) first score the
-        batch with the current model, then merge its pooled vectors into the float64
-        moments and refit the PCA from them: after any split of the data into batches
-        the model equals ``fit`` on all of it up to float64 rounding (see the class
+        batch with the model of the last refresh, then buffer its pooled vectors; they
+        are merged into the float64 moments at once, and the PCA refitted from them,
+        when the buffer holds as many vectors as the last refresh had seen (at least the
+        moments' rows, at most ``4 * n_pooled_features``) or when the model is read
+        (scoring, a fitted attribute, :meth:`finalize`): after any split of the data
+        into batches the model equals ``fit`` on all of it up to float64 rounding (see the class
         Notes). ``offset_`` is the ``contamination`` quantile of the latest
         out-of-sample scores (``calibration_ == "score-then-update"``), replacing one
         set by :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it

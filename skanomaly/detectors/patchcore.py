@@ -206,13 +206,11 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     these ratios for two to four times the selection cost, so it is not done: stream
     batches of at least ``budget`` patches instead. A single ``partial_fit(X)`` on an
     unfitted detector equals ``fit(X)``; otherwise the bank depends on the split into
-    batches. Peak memory of a call is that of the batch's patches and of
-    ``budget + min(batch patches, budget)`` bank entries, flat in the number of images
-    once ``max_bank_size`` binds; the cost is one greedy selection on the batch and,
-    when over budget, ``budget`` greedy steps over the union:
-    ``O(budget * (batch patches + budget) * d)`` per batch, ``d`` the projected
-    dimension, about ``1 + 2 * budget / batch patches`` times one-shot greedy on the
-    same patches. Randomness: the first call seeds its generator with
+    batches. Memory: at most four budgets of patches besides the batch's, flat in
+    the number of images once ``max_bank_size`` binds; the cost is ``budget`` greedy
+    steps over at most five budgets of patches per reduction, one reduction per four
+    budgets of patches streamed (about 1.25 times one-shot greedy on the same patches
+    once ``max_bank_size`` binds, less before). Randomness: the first call seeds its generator with
     ``random_state`` (as ``fit``), each call draws the seed of the next, so a
     stream of the same batches gives the same bank.
 
@@ -236,7 +234,8 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     new crops). With a bank drawn from one image only, in-sample scores are used with a
     warning; :meth:`calibrate` sets it from held-out images.
     :meth:`partial_fit` sets ``offset_`` by score-then-update: each later batch is
-    scored by the model that has not seen it yet, before it is absorbed, so its scores
+    scored by the bank of the last reduction (it has not seen it), before it is
+    buffered, so its scores
     are out of sample; ``offset_`` is the ``contamination`` quantile of the latest
     2,048 out-of-sample scores (the first batch's leave-one-image-out included,
     in-sample ones never) by models that had seen at least half as many images as the
@@ -409,9 +408,11 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` from leave-one-image-out scores). Later calls (after ``fit`` too)
-        first score the batch with the current model, then merge its coreset into the
-        bank and reduce the union to the budget by greedy k-center (see the class Notes:
-        the bank, and the memory of a call, stay bounded by ``max_bank_size``);
+        first score the batch with the bank of the last reduction, then buffer its
+        patches; the union of the bank and the buffer is reduced to the budget by greedy
+        k-center once it exceeds four budgets, or when the model is read (scoring, a
+        fitted attribute, :meth:`finalize`; see the class Notes: the bank, and the
+        memory, stay bounded by ``max_bank_size``);
         ``offset_`` is the ``contamination`` quantile of the latest out-of-sample scores
         (``calibration_ == "score-then-update"``), replacing one set by
         :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it from
