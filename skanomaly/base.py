@@ -1383,8 +1383,12 @@ class ScoreThenUpdateMixin:
                 Xt = self._validate_input(X, reset=False)
                 self._check_streamed_batch()
                 model = self.__dict__.get("_model_as_it_stood", self)
-                # scored by a model that has not seen X: the last one refreshed
-                scores = model._blockwise(model._score, Xt)
+                # scored by a model that has not seen X: the last one refreshed; in
+                # fixed blocks no larger than the batch (for the threshold only: equal to
+                # score_samples up to rounding, without padding a small batch to a block)
+                block = 1 << (Xt.shape[0] - 1).bit_length()
+                scores = (in_fixed_blocks(model._score, Xt, min(block, model._block_size()))
+                          if model._fixed_blocks else model._score(Xt))
                 n_model = model.n_samples_seen_
                 if model is self:  # the model as it stands scores the batches to come
                     self._model_as_it_stood = self._snapshot()
