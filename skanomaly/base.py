@@ -137,6 +137,25 @@ def _score_record(anomaly_scores: torch.Tensor, n_model: int) -> np.ndarray:
     return np.stack([scores, np.full_like(scores, n_model)], axis=1)
 
 
+def _on_host(value):
+    """``value`` with every tensor in it (lists and tuples searched) as a numpy array."""
+    if isinstance(value, torch.Tensor):
+        return to_numpy(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return value
+
+
+def _shares_memory(X, t: torch.Tensor) -> bool:
+    """Whether the validated tensor ``t`` may be a view of the user's input ``X``."""
+    if isinstance(X, torch.Tensor):
+        return X.device == t.device and X.untyped_storage().data_ptr() == \
+            t.untyped_storage().data_ptr()
+    if isinstance(X, np.ndarray) and t.device.type == "cpu":
+        return bool(np.may_share_memory(X, t.numpy()))
+    return False
+
+
 def draw_seed(generator: torch.Generator) -> int:
     """A seed for the next call's generator, drawn from this one (reproducible streams)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -502,7 +521,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     _min_max_abs = 0.0
     _range_reason = ""
     #: private fitted attributes, dropped with the public ``*_`` ones when a fit starts
-    _private_state: tuple = ("_device_cache", "_streaming_state_dropped")
+    _private_state: tuple = ("_device_cache", "_streaming_state_dropped", "_stale",
+                             "_model_as_it_stood", "_buffer", "_last_batch")
+    #: public fitted attributes that ``partial_fit`` leaves to the refresh (see finalize)
+    _deferred: tuple = ()
     #: private fitted attributes that only ``partial_fit`` (and the merges of a dask fit)
     #: needs, not scoring: a model file leaves them out unless asked to keep them
     _streaming_state: tuple = ()
@@ -513,13 +535,98 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ state
     def __sklearn_is_fitted__(self):
-        # offset_ is set last in fit, so a fit that failed half-way is not "fitted"
-        return hasattr(self, "offset_")
+        # offset_ is set last in fit, so a fit that failed half-way is not "fitted"; a
+        # partial_fit that deferred its refresh (see finalize) is fitted too
+        return "offset_" in self.__dict__ or bool(self.__dict__.get("_stale"))
+
+    def __getattr__(self, name):
+        # called only where ordinary lookup fails: a fitted attribute that partial_fit
+        # deferred is computed now (see finalize), so that it is never read stale
+        if self.__dict__.get("_stale") and (
+                name in self._deferred or name in ("offset_", "calibration_")
+                or isinstance(getattr(type(self), name, None), property)):
+            self._refresh()
+        return object.__getattribute__(self, name)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_device_cache", None)
+        # what partial_fit deferred travels as it is (a stream goes on after a round trip
+        # exactly as without it), its batches as CPU numpy (a pickle loads anywhere)
+        for name in ("_buffer", "_last_batch"):
+            if name in state:
+                state[name] = _on_host(state[name])
         return state
+
+    def _refresh_if_stale(self) -> None:
+        if self.__dict__.get("_stale"):
+            self._refresh()
+
+    def finalize(self):
+        """Bring the model up to date with every batch passed to ``partial_fit``.
+
+        ``partial_fit`` keeps only the cheap, mergeable state of each batch (moments,
+        buffered patch features) and leaves the work that only the end needs (factors,
+        memory-bank reduction, threshold) to the first call that reads the model:
+        scoring (``score_samples``, ``decision_function``, ``predict``,
+        ``anomaly_map``, ``score_and_map``, ``calibrate``, ...), a fitted attribute
+        read, pickling, saving or exporting. ``finalize`` does it now; it is never
+        needed for correct results (each detector's ``partial_fit`` says what the
+        refresh computes). On a detector that is up to date it does nothing.
+
+        Returns
+        -------
+        self : object
+            The detector, with its fitted attributes and ``offset_`` up to date.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the detector is not fitted.
+        ValueError
+            If the model of the data seen cannot be computed (a singular covariance, a
+            rank-deficient PCA: the errors each detector's ``partial_fit`` lists); the
+            detector is then left as it was, still to be refreshed.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skanomaly import GaussianDetector
+        >>> X = np.random.default_rng(0).normal(size=(100, 3))
+        >>> det = GaussianDetector(device="cpu")
+        >>> for batch in np.array_split(X, 4):
+        ...     det = det.partial_fit(batch)
+        >>> det = det.finalize()
+        >>> det.n_samples_seen_, det.calibration_
+        (100, 'leave-one-out')
+        """
+        check_is_fitted(self)
+        self._refresh_if_stale()
+        return self
+
+    def _refresh(self) -> None:
+        """Compute what ``partial_fit`` deferred; the state is left as it was on error."""
+        before = dict(self.__dict__)
+        try:
+            del self.__dict__["_stale"]  # what the refresh reads is its own work
+            self._refresh_deferred()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        for name in ("_model_as_it_stood", "_buffer", "_last_batch"):
+            self.__dict__.pop(name, None)
+
+    def _refresh_deferred(self) -> None:  # pragma: no cover - by the streaming mixins
+        raise NotImplementedError
+
+    def _mark_stale(self, deferred) -> None:
+        """Drop the fitted attributes ``deferred`` (and the threshold): they are computed
+        again by the next refresh (see :meth:`finalize`)."""
+        for name in (*deferred, "offset_", "calibration_", *_CALIBRATION_STATE):
+            self.__dict__.pop(name, None)
+        self._reset_device_cache()
+        self._stale = True
 
     def _without_streaming_state(self):
         """This fitted detector without its ``_streaming_state``, for a compact model file.
@@ -528,6 +635,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         is); ``partial_fit`` on it raises a ``ValueError`` that says why. ``self`` itself
         when the detector keeps no streaming state.
         """
+        self._refresh_if_stale()
         dropped = tuple(name for name in self._streaming_state if name in self.__dict__)
         if not dropped:
             return self
@@ -551,6 +659,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _cached(self, key, build):
         """``build()``, computed once per fit and kept out of pickles."""
+        self._refresh_if_stale()  # a model read: brought up to date first
         cache = self.__dict__.setdefault("_device_cache", {})
         if key not in cache:
             cache[key] = build()
@@ -1168,11 +1277,14 @@ class IncrementalMixin:
     def partial_fit(self, X, y=None):
         """Update the detector with one more batch of (mostly) normal samples.
 
-        On an unfitted detector the batch starts the model; later calls (after ``fit``
-        too) add it to the moments accumulated so far. ``fit(X)`` equals
-        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding;
-        ``offset_`` is set from the leave-one-out scores of the batch passed last
-        under the updated model (see the class Notes).
+        On an unfitted detector the batch starts the model, as ``fit(X)``. Later calls
+        (after ``fit`` too) add it to the moments accumulated so far and defer the rest:
+        the factors and ``offset_`` (from the leave-one-out scores of the batch passed
+        last under the updated model, see the class Notes) are computed once, by the
+        first read of the model (scoring, a fitted attribute, saving, exporting) or
+        :meth:`finalize`, exactly as an eager refresh after the last batch would
+        compute them; the batch passed last is kept until then. ``fit(X)`` equals
+        ``partial_fit`` over any split of ``X`` into batches up to float64 rounding.
 
         Parameters
         ----------
@@ -1194,7 +1306,8 @@ class IncrementalMixin:
             covariance is singular, or if the detector's parameters do not allow
             incremental fitting (PaDiM's ``solver="woodbury"``), or if the detector was
             loaded from a model file saved without its streaming state (the moments). The
-            fitted state is then left as it was.
+            fitted state is then left as it was. A later batch's covariance is factored
+            by the refresh, which raises there (and stays pending) if it is singular.
 
         Examples
         --------
@@ -1212,9 +1325,22 @@ class IncrementalMixin:
         if not first:
             self._check_streaming_state()
         Xt = self._validate_input(X, reset=first)
-        self._accumulate(Xt, reset=first, incremental=True)
-        self._set_offset(*self._out_of_sample_scores(Xt))
+        if first:  # the batch starts the model: as fit, refreshed at once
+            self._accumulate(Xt, reset=True, incremental=True)
+            self._set_offset(*self._out_of_sample_scores(Xt))
+            return self
+        self._accumulate(Xt, reset=False, incremental=True, refresh=False)
+        self._mark_stale(self._deferred)
+        # the leave-one-out scores of the threshold need the batch passed last
+        self._last_batch = Xt.clone() if _shares_memory(X, Xt) else Xt
         return self
+
+    def _refresh_deferred(self) -> None:
+        """The factors of the moments and ``offset_`` from the leave-one-out scores of
+        the batch passed last, exactly as an eager refresh after that batch."""
+        self._refresh_factors()
+        last = torch.as_tensor(self._last_batch, device=self._device())
+        self._set_offset(*self._out_of_sample_scores(last))
 
     def _out_of_sample_scores(self, X: torch.Tensor):
         """Exact leave-one-out scores of training samples ``X`` from the moments."""
@@ -1231,11 +1357,16 @@ class IncrementalMixin:
 
 class ScoreThenUpdateMixin:
     """``partial_fit`` for detectors without cheap leave-one-out scores (PatchCore, DFM,
-    DFKDE): the first call fits; each later batch is scored by the model that has not
-    seen it, then absorbed (``_absorb``), and ``offset_`` is the ``contamination``
-    quantile of a bounded record of the latest out-of-sample scores.
+    DFKDE): the first call fits; each later batch is scored by the model as it stood
+    (which has not seen it), then its cheap state is kept (``_buffer_batch``), and
+    ``offset_`` is the ``contamination`` quantile of a bounded record of the latest
+    out-of-sample scores.
 
-    A call that raises leaves the fitted state as it was.
+    Deferred refresh: the model is rebuilt from the buffered batches
+    (``_refresh_model``) only when the buffer is full (``_buffer_full``) or the model
+    is read (see :meth:`~BaseDetector.finalize`); until then later batches are scored
+    by the model of the last refresh, kept as ``_model_as_it_stood``. A call that
+    raises leaves the fitted state as it was.
     """
 
     def _stream(self, X):
@@ -1251,15 +1382,40 @@ class ScoreThenUpdateMixin:
                 self._check_streaming_state()
                 Xt = self._validate_input(X, reset=False)
                 self._check_streamed_batch()
-                scores = self._blockwise(self._score, Xt)  # by a model that has not seen X
-                n_model = self.n_samples_seen_
-                self._absorb(Xt)
-                self._score_then_update(scores, n_model)
+                model = self.__dict__.get("_model_as_it_stood", self)
+                # scored by a model that has not seen X: the last one refreshed; in
+                # fixed blocks no larger than the batch (for the threshold only: equal to
+                # score_samples up to rounding, without padding a small batch to a block)
+                block = 1 << (Xt.shape[0] - 1).bit_length()
+                scores = (in_fixed_blocks(model._score, Xt, min(block, model._block_size()))
+                          if model._fixed_blocks else model._score(Xt))
+                n_model = model.n_samples_seen_
+                if model is self:  # the model as it stands scores the batches to come
+                    self._model_as_it_stood = self._snapshot()
+                    self._mark_stale(self._deferred)
+                    self._buffer = []
+                self._buffer_batch(Xt)
+                self._record_scores(scores, n_model)
+                if self._buffer_full():
+                    self._refresh()
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
         return self
+
+    def _snapshot(self):
+        """This fitted model as it stands, sharing its arrays and its device cache."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def _refresh_deferred(self) -> None:
+        """The model from the buffered batches, and ``offset_`` from the record."""
+        self._refresh_model()
+        record = self._offset_record
+        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
+        self.calibration_ = "score-then-update"
 
     def _check_streamed_batch(self) -> None:
         """Checks of the fitted state before a later batch is scored (none by default)."""
@@ -1270,20 +1426,16 @@ class ScoreThenUpdateMixin:
         # in-sample scores are optimistic: a stream does not build on them
         self._offset_record = record[:0] if method == "in-sample" else record[-_OFFSET_RECORD:]
 
-    def _score_then_update(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
-        """``offset_`` from the latest out-of-sample scores, those of this batch added.
+    def _record_scores(self, anomaly_scores: torch.Tensor, n_model: int) -> None:
+        """Add a batch's out-of-sample scores to the record that sets ``offset_``.
 
         ``n_model``: samples seen by the model that scored the batch. Scores of models
-        that had seen fewer than half as many are dropped (they are too pessimistic).
+        that had seen fewer than half as many are dropped (they are too pessimistic);
+        the latest 2,048 are kept.
         """
         old = self._offset_record
-        record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
+        self._offset_record = np.concatenate([old[old[:, 1] >= n_model / 2], _score_record(
             self._per_image(anomaly_scores), n_model)])[-_OFFSET_RECORD:]
-        self.offset_ = _quantile_offset(-record[:, 0], self.contamination)
-        self.calibration_ = "score-then-update"
-        for name in _CALIBRATION_STATE:  # the model they were set with is gone
-            self.__dict__.pop(name, None)
-        self._offset_record = record
 
 
 class BaseSpatialDetector(BaseDetector):

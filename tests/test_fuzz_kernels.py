@@ -426,6 +426,7 @@ def test_every_public_kernel_is_fuzzed():
               "johnson_lindenstrauss_min_dim", "sparse_random_projection_matrix",
               "gaussian_kernel1d", "gaussian_blur2d", "upsample_bilinear",
               "gaussian_kde_logpdf", "kde_covariance", "GaussianKDE",
-              "leave_one_out_mahalanobis", "leave_one_out_from_residuals", "GaussianScorer", "WoodburyGaussianScorer",
+              "leave_one_out_mahalanobis", "leave_one_out_from_residuals", "GaussianScorer",
+              "WoodburyGaussianScorer",
               "tile", "tile_grid", "untile"}
     assert set(F.__all__) <= fuzzed, set(F.__all__) - fuzzed

@@ -125,6 +125,7 @@ def test_without_streaming_state_scores_the_same_and_refuses_partial_fit(name):
     det = _streamed(name)
     make, data = CASES[name]
     Q = data(9, seed=5)
+    det.finalize()  # partial_fit deferred the refresh: saving would do it (see below)
     before = {k: v for k, v in vars(det).items() if k != "_device_cache"}
     compact = pickle.loads(pickle.dumps(det._without_streaming_state()))
     assert vars(det).keys() - {"_device_cache"} == before.keys()  # det is untouched

@@ -63,7 +63,9 @@ def _assert_same_state(a, b):
     assert sa.keys() == sb.keys()
     for key in sa:
         va, vb = sa[key], sb[key]
-        if isinstance(va, tuple):  # factorised moments
+        if key == "_model_as_it_stood":  # the model that scores the batches to come
+            _assert_same_state(va, vb)
+        elif isinstance(va, (tuple, list)):  # factorised moments, buffered batches
             assert len(va) == len(vb)
             for x, y in zip(va, vb):
                 np.testing.assert_array_equal(x, y, err_msg=key)
@@ -95,7 +97,7 @@ def test_failed_partial_fit_leaves_the_state_unchanged(name, monkeypatch):
         det.partial_fit(X[60:].reshape(30, -1)[:, :5])
     # a failure after the batch was absorbed (the model already updated) rolls back too
     with monkeypatch.context() as m:
-        m.setattr(type(det), "_score_then_update",
+        m.setattr(type(det), "_record_scores",
                   lambda *args: (_ for _ in ()).throw(ValueError("late failure")))
         with pytest.raises(ValueError, match="late failure"):
             det.partial_fit(X[60:])
@@ -146,6 +148,7 @@ def test_offset_is_score_then_update(name):
     # four equal batches: at the last call the model had seen 3 batches, so the scores
     # kept are those taken by models that saw >= 1.5 batches: batches 3 and 4, each scored
     # by a copy of the model before it absorbed them
+    # (finalize after each call: the model every batch meets is up to date)
     make, data = CASES[name]
     X = data(160)
     det = make().partial_fit(X[:40])
@@ -153,7 +156,7 @@ def test_offset_is_score_then_update(name):
     before = []
     for batch in np.split(X[40:], 3):
         before.append(-copy.deepcopy(det).score_samples(batch))
-        det.partial_fit(batch)
+        det.partial_fit(batch).finalize()
     assert first_method in ("leave-one-image-out", "cross-fit", "leave-one-out")
     assert det.calibration_ == "score-then-update"
     expected = np.percentile(-np.concatenate(before[1:]), 100 * det.contamination)
@@ -163,6 +166,40 @@ def test_offset_is_score_then_update(name):
     assert det.calibration_ == "held-out"
     det.partial_fit(data(20, seed=4))
     assert det.calibration_ == "score-then-update"
+
+
+@cases
+def test_deferred_stream_scores_each_batch_with_the_model_of_the_last_refresh(name):
+    # without reads, a batch meets the model as of the last refresh (the buffer's), and
+    # offset_ is the same record's quantile; a deferred model then scores exactly as one
+    # refreshed by finalize, by an attribute read or by a pickle round trip
+    make, data = CASES[name]
+    X, Q = data(200), data(9, seed=3)
+    det = make().partial_fit(X[:20])
+    scored = []
+    for batch in np.split(X[20:], 9):
+        model = copy.copy(det.__dict__.get("_model_as_it_stood", det))
+        n_model = model.n_samples_seen_
+        scored.append((-model.score_samples(batch), n_model))
+        det.partial_fit(batch)
+    keep = scored[-1][1] / 2
+    record = np.concatenate([s for s, n in scored if n >= keep])
+    if scored[0][1] >= keep:  # the first batch's out-of-sample scores count too
+        record = None
+    twins = [copy.deepcopy(det) for _ in range(3)]
+    twins[0].finalize()
+    getattr(twins[1], det._deferred[0])  # a read refreshes
+    twins[2] = pickle.loads(pickle.dumps(twins[2]))
+    assert all("_stale" not in vars(twin) for twin in twins[:2])
+    # a pickle keeps what was deferred as it was
+    assert ("_stale" in vars(twins[2])) == ("_stale" in vars(det))
+    for twin in twins:
+        np.testing.assert_array_equal(twin.score_samples(Q), det.score_samples(Q))
+        assert twin.offset_ == det.offset_
+    assert det.calibration_ == "score-then-update"
+    if record is not None:
+        expected = np.percentile(-record, 100 * det.contamination)
+        assert det.offset_ == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 def test_offset_record_is_bounded_to_the_latest_scores():
@@ -205,8 +242,9 @@ def test_patchcore_bank_is_bounded_and_numbered_across_batches():
 
 
 def test_patchcore_merge_and_reduce_is_k_center_by_hand():
-    # after a first batch, one call: k-center of the batch to the budget, then of the
-    # union with the bank, from the generator the stream seeded, in the stream's metric
+    # after a first batch, one call and a read of the bank: one k-center of the union of
+    # the bank and the batch's patches, from the generator the stream seeded, in the
+    # stream's metric (the batch is buffered, not reduced on its own)
     X = np.random.default_rng(0).normal(size=(12, 128, 3, 3)).astype(np.float32)
     det = PatchCoreDetector(coreset_sampling_ratio=0.25, max_bank_size=20, random_state=4,
                             device="cpu").partial_fit(X[:6])
@@ -218,11 +256,10 @@ def test_patchcore_merge_and_reduce_is_k_center_by_hand():
 
     batch = _patches(X[6:])
     budget = 20  # min(max_bank_size, int(0.25 * 12 * 9))
-    local = k_center_greedy(batch, budget, generator=generator, projection=projection)
-    union = torch.cat([bank, batch[local]])
+    union = torch.cat([bank, batch])
     keep = k_center_greedy(union, budget, generator=generator, projection=projection)
     np.testing.assert_array_equal(det.memory_bank_, union[keep].numpy())
-    union_rows = np.concatenate([rows, 6 * 9 + local.numpy()])
+    union_rows = np.concatenate([rows, 6 * 9 + np.arange(54)])
     np.testing.assert_array_equal(det.coreset_indices_, union_rows[keep.numpy()])
 
 

@@ -454,8 +454,13 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
                 "or change feature_scaling"
             ) from exc
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Add a validated batch to the PCA moments and the reservoir; rebuild the model."""
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("n_components_", "pca_components_", "pca_mean_", "scale_", "max_length_",
+                 "dataset_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Add a validated batch to the reservoir now, and keep its vectors for the next
+        merge of the PCA moments (see :meth:`_refresh_model`)."""
         vectors = self._vectors(X)
         device, dtype = vectors.device, vectors.dtype
         n_batch, n_before = vectors.shape[0], self.n_samples_seen_
@@ -483,6 +488,30 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
                 torch.as_tensor(items, device=device)]
             indices[slots] = n_before + items
 
+        self._reservoir = to_numpy(reservoir)
+        self.kde_indices_ = indices
+        self._largest_seen = max(self._largest_seen, float(vectors.abs().max()))
+        self._buffer = [*self._buffer, vectors]
+        self.n_samples_seen_ = n_before + n_batch
+        self._next_seed = draw_seed(generator)
+
+    def _buffer_full(self) -> bool:
+        """Whether the buffer holds as many vectors as the last refresh had seen, but at
+        least the moments' rows and at most ``max(max_training_points, 4 * n_features)``:
+        the model that scores a batch has then seen at least about half the samples seen
+        (or all but that many), the buffer holds no more vectors than the reservoir (or
+        four times the moments), and the merges cost a bounded multiple of one SVD of
+        everything seen."""
+        n, _, s, vt = self._moments[:4]
+        limit = max(s.shape[0], min(n, max(self.max_training_points, 4 * vt.shape[1])))
+        return sum(v.shape[0] for v in self._buffer) >= limit
+
+    def _refresh_model(self) -> None:
+        """Merge the buffered vectors into the PCA moments at once and rebuild the PCA,
+        the scaling and the KDE on the reservoir."""
+        device = self._device()
+        vectors = torch.cat([torch.as_tensor(v, device=device) for v in self._buffer])
+        dtype = vectors.dtype
         # moments of every sample, in units of 2**exponent (exact powers of two)
         n_m, mean_m, s_m, vt_m, e_m = self._moments
         e = max(e_m, max_abs_exponent(vectors) - 1)
@@ -490,11 +519,8 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
         mean_m, s_m = ldexp(to_device(mean_m), e_m - e), ldexp(to_device(s_m), e_m - e)
         n, mean, s, vt = merge_moments(_root(n_m, mean_m, s_m, to_device(vt_m)),
                                        _batch_moments(ldexp(vectors, -e)))
-        max_abs = max(self._largest_seen, float(vectors.abs().max()))
-
-        self._set_streamed_state(n, mean, s, vt, e, reservoir, indices, max_abs)
-        self.n_samples_seen_ = n_before + n_batch
-        self._next_seed = draw_seed(generator)
+        self._set_streamed_state(n, mean, s, vt, e, to_device(self._reservoir),
+                                 self.kde_indices_, self._largest_seen)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -502,10 +528,14 @@ class DFKDEDetector(ScoreThenUpdateMixin, BaseDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` from leave-one-out scores or cross-fitting). Later calls (after
-        ``fit`` too) first score the batch with the current model, then add it to the
-        float64 PCA moments of every sample seen and to a seeded reservoir sample of at
-        most ``max_training_points`` of them, and rebuild the PCA (from the moments),
-        the scaling and the KDE (on the reservoir; see the class Notes). ``offset_`` is
+        ``fit`` too) first score the batch with the model of the last refresh, then add
+        it to a seeded reservoir sample of at most ``max_training_points`` of the samples
+        seen and buffer it for the float64 PCA moments of every sample seen. The merge
+        of the buffer and the rebuild of the PCA (from the moments), the scaling and the
+        KDE (on the reservoir; see the class Notes) are deferred until the buffer holds
+        as many samples as the last refresh had seen (at least the moments' rows, at
+        most ``max(max_training_points, 4 * n_features)``) or the model is read
+        (scoring, a fitted attribute, :meth:`finalize`). ``offset_`` is
         the ``contamination`` quantile of the latest out-of-sample scores
         (``calibration_ == "score-then-update"``), replacing one set by
         :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it from

@@ -246,6 +246,11 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     n_pooled_features``. ``fit`` keeps the same moments, so that :meth:`partial_fit` may
     follow it: a fitted model (and its pickle) holds ``min(n_samples,
     n_pooled_features) x n_pooled_features`` float64 numbers besides the components kept.
+    The merges are deferred: ``partial_fit`` buffers the pooled vectors and merges them
+    in one SVD when the buffer holds as many as the last refresh had seen (at least the
+    moments' rows, at most ``4 * n_pooled_features``: never more than four times the
+    moments) or when the model is read, so the SVDs of a stream cost a bounded multiple
+    of one SVD of everything seen; a batch is scored by the model of the last refresh.
     ``offset_``: a call on an unfitted detector is ``fit`` (5-fold
     cross-fitting); later calls score the batch with the current model before absorbing
     it (score-then-update: out of sample) and set ``offset_`` to the
@@ -427,9 +432,30 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
                 f"{pooled}, but the model was fitted on pooled maps of shape "
                 f"{tuple(self.pooled_shape_)} (pooling_kernel_size changed since): fit anew")
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Merge a validated batch into the moments and refit the PCA from them."""
-        vectors = self._pooled(X).flatten(1)
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("components_", "mean_", "explained_variance_", "explained_variance_ratio_",
+                 "singular_values_", "noise_variance_", "n_components_", "gaussian_mean_",
+                 "gaussian_covariance_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Keep a validated batch's pooled vectors for the next merge of the moments."""
+        self._buffer = [*self._buffer, self._pooled(X).flatten(1)]
+        self.n_samples_seen_ += int(X.shape[0])
+
+    def _buffer_full(self) -> bool:
+        """Whether the buffer holds as many vectors as the last refresh had seen, but at
+        least the moments' rows and at most four times the number of features: the model
+        that scores a batch has then seen at least about half the samples seen (or all
+        but ``4 * n_features``), the buffer holds at most four times the moments, and
+        the merges cost a bounded multiple of one SVD of everything seen."""
+        n, _, s = self._moments[:3]
+        limit = max(s.shape[0], min(n, 4 * self._moments[3].shape[1]))
+        return sum(v.shape[0] for v in self._buffer) >= limit
+
+    def _refresh_model(self) -> None:
+        """Merge the buffered vectors into the moments at once and refit the PCA."""
+        device = self._device()
+        vectors = torch.cat([torch.as_tensor(v, device=device) for v in self._buffer])
         n, mean, s, vt = (torch.as_tensor(v, dtype=vectors.dtype, device=vectors.device)
                           if isinstance(v, np.ndarray) else v for v in self._moments)
         batch_mean = vectors.mean(0)
@@ -444,9 +470,12 @@ class DFMDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` by cross-fitting). Later calls (after ``fit`` too) first score the
-        batch with the current model, then merge its pooled vectors into the float64
-        moments and refit the PCA from them: after any split of the data into batches
-        the model equals ``fit`` on all of it up to float64 rounding (see the class
+        batch with the model of the last refresh, then buffer its pooled vectors; they
+        are merged into the float64 moments at once, and the PCA refitted from them,
+        when the buffer holds as many vectors as the last refresh had seen (at least the
+        moments' rows, at most ``4 * n_pooled_features``) or when the model is read
+        (scoring, a fitted attribute, :meth:`finalize`): after any split of the data
+        into batches the model equals ``fit`` on all of it up to float64 rounding (see the class
         Notes). ``offset_`` is the ``contamination`` quantile of the latest
         out-of-sample scores (``calibration_ == "score-then-update"``), replacing one
         set by :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it

@@ -194,8 +194,13 @@ class GaussianDetector(IncrementalMixin, BaseDetector):
         self.contamination = contamination
         self.device = device
 
-    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool) -> None:
-        # ``incremental`` makes no difference: the moments are always kept.
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("location_", "covariance_cholesky_", "shrinkage_")
+
+    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool,
+                    refresh: bool = True) -> None:
+        # ``incremental`` makes no difference: the moments are always kept. Without
+        # ``refresh`` only the moments are updated (partial_fit; see _refresh_factors).
         if reset:
             self._check_min_samples(X, 2)
         x = X.to(torch.float64)
@@ -211,7 +216,28 @@ class GaussianDetector(IncrementalMixin, BaseDetector):
         if not reset:
             sum_sq2 = sum_sq2 + float(self._sum_sq2)
             sum_sq_y = sum_sq_y + torch.as_tensor(self._sum_sq_y, device=x.device)
+        factors = self._factors(acc, centre, sum_sq2, sum_sq_y) if refresh else {}
 
+        self._reset_device_cache()
+        self._moments = acc.to("cpu")
+        self._centre = centre.cpu().numpy()
+        self._sum_sq2, self._sum_sq_y = float(sum_sq2), sum_sq_y.cpu().numpy()
+        self.__dict__.update(factors)
+        self.n_samples_seen_ = acc.n_samples_
+
+    def _refresh_factors(self) -> None:
+        """The factors of the moments that ``partial_fit`` accumulated (see finalize)."""
+        device = self._device()
+        self._reset_device_cache()
+        factors = self._factors(
+            self._moments.to(device), torch.as_tensor(self._centre, device=device),
+            torch.tensor(self._sum_sq2, dtype=torch.float64, device=device),
+            torch.as_tensor(self._sum_sq_y, device=device))
+        self._moments.to("cpu")  # in place: the state stays CPU
+        self.__dict__.update(factors)
+
+    def _factors(self, acc, centre, sum_sq2, sum_sq_y) -> dict:
+        """Shrinkage and Cholesky factor of the covariance of the moments ``acc``."""
         n, mean, emp_cov = acc.n_samples_, acc.mean, acc.covariance(ddof=0)
         if self.shrinkage == "ledoit-wolf":
             # mean ||x - mean||^4 from the moments about ``centre`` (see Notes).
@@ -229,17 +255,9 @@ class GaussianDetector(IncrementalMixin, BaseDetector):
             f"{type(self).__name__}: the covariance of the {n} training samples is singular "
             "(constant or collinear features, or n_samples <= n_features); use "
             "shrinkage='ledoit-wolf' (or a float) or a ridge reg > 0")
-
-        self._reset_device_cache()
-        self._moments = acc.to("cpu")
-        self._centre = centre.cpu().numpy()
-        self._sum_sq2, self._sum_sq_y = float(sum_sq2), sum_sq_y.cpu().numpy()
-        self.location_ = mean.cpu().numpy()
         # covariance_ is not kept: it is computed from the moments on access
-        self.covariance_cholesky_ = factor.cpu().numpy()
-        self._covariance_reg = float(self.reg)
-        self.shrinkage_ = shrinkage
-        self.n_samples_seen_ = n
+        return {"location_": mean.cpu().numpy(), "covariance_cholesky_": factor.cpu().numpy(),
+                "_covariance_reg": float(self.reg), "shrinkage_": shrinkage}
 
     @property
     def covariance_(self) -> np.ndarray:

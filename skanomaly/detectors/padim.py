@@ -225,7 +225,11 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         self.device = device
 
     # ------------------------------------------------------------------ fit
-    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool) -> None:
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("mean_", "precision_cholesky_")
+
+    def _accumulate(self, X: torch.Tensor, *, reset: bool, incremental: bool,
+                    refresh: bool = True) -> None:
         if reset:
             self._check_min_samples(X, 2)
             # input_shape_[0], not X.shape[1]: a pipeline's extractor may have computed
@@ -237,8 +241,12 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         idx = torch.as_tensor(indices, device=X.device)
         if solver == "woodbury":
             state = self._woodbury_state(X, idx)
-        else:
+        elif refresh or reset:
             state = self._full_state(X, idx, None if reset else self._current_moments())
+        else:  # partial_fit: the moments only (see _refresh_factors), merged in place
+            # (the same numbers as a merge into a copy; nothing after it can fail)
+            acc = self._current_moments().merge(self._batch_moments(X, idx))
+            state = {"_moments": acc.to("cpu"), "n_samples_seen_": acc.n_samples_}
         self._reset_device_cache()
         for name in _WOODBURY_STATE if solver == "full" else _FULL_STATE:
             self.__dict__.pop(name, None)
@@ -336,15 +344,27 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
         return MomentAccumulator._from_moments(n, mean, scatter)
 
+    def _merged_moments(self, X, idx, previous) -> MomentAccumulator:
+        batch = self._batch_moments(X, idx)
+        if previous is None:
+            return batch
+        acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
+        return acc.merge(previous).merge(batch)
+
     def _full_state(self, X, idx, previous) -> dict:
         if previous is None:
             return self._fresh_state(X, idx)
-        batch = self._batch_moments(X, idx)
-        if previous is None:
-            acc = batch
-        else:
-            acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
-            acc.merge(previous).merge(batch)
+        return self._factor_state(self._merged_moments(X, idx, previous))
+
+    def _refresh_factors(self) -> None:
+        """The factors of the moments that ``partial_fit`` accumulated (see finalize)."""
+        self._reset_device_cache()
+        # _factor_state moves the moments back to the CPU (in place)
+        self.__dict__.update(self._factor_state(self._moments.to(self._device())))
+
+    def _factor_state(self, acc: MomentAccumulator) -> dict:
+        """Mean and precision Cholesky factors of every position from the moments."""
+        idx = acc.mean[0]  # one entry per kept channel
         covariance = acc.covariance(ddof=1)
         advice = self._singular_advice(acc.n_samples_, len(idx))
         upper = torch.empty_like(covariance)
@@ -352,7 +372,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         for start, stop in self._position_blocks(covariance.shape[0], len(idx), len(idx)):
             factor = cholesky_or_raise(covariance[start:stop], float(self.reg), advice,
                                        validate_args=False)
-            upper[start:stop] = precision_cholesky(factor, validate_args=False)
+            precision_cholesky(factor, validate_args=False, out=upper[start:stop])
         # covariance_ is not kept: it is computed from the moments on access
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
                 "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": float(self.reg),

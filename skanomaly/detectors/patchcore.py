@@ -29,6 +29,10 @@ from ..functional import (
 
 __all__ = ["PatchCoreDetector"]
 
+#: partial_fit reduces the bank and the buffered patches once they exceed this many
+#: times the budget (memory: at most this many budgets of patches, plus a batch)
+_BUFFER_FACTOR = 4
+
 
 def _locally_aware(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Locally aware patch features of maps ``x``, (n * H * W, C) float32."""
@@ -202,13 +206,11 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     these ratios for two to four times the selection cost, so it is not done: stream
     batches of at least ``budget`` patches instead. A single ``partial_fit(X)`` on an
     unfitted detector equals ``fit(X)``; otherwise the bank depends on the split into
-    batches. Peak memory of a call is that of the batch's patches and of
-    ``budget + min(batch patches, budget)`` bank entries, flat in the number of images
-    once ``max_bank_size`` binds; the cost is one greedy selection on the batch and,
-    when over budget, ``budget`` greedy steps over the union:
-    ``O(budget * (batch patches + budget) * d)`` per batch, ``d`` the projected
-    dimension, about ``1 + 2 * budget / batch patches`` times one-shot greedy on the
-    same patches. Randomness: the first call seeds its generator with
+    batches. Memory: at most four budgets of patches besides the batch's, flat in
+    the number of images once ``max_bank_size`` binds; the cost is ``budget`` greedy
+    steps over at most five budgets of patches per reduction, one reduction per four
+    budgets of patches streamed (about 1.25 times one-shot greedy on the same patches
+    once ``max_bank_size`` binds, less before). Randomness: the first call seeds its generator with
     ``random_state`` (as ``fit``), each call draws the seed of the next, so a
     stream of the same batches gives the same bank.
 
@@ -232,7 +234,8 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
     new crops). With a bank drawn from one image only, in-sample scores are used with a
     warning; :meth:`calibrate` sets it from held-out images.
     :meth:`partial_fit` sets ``offset_`` by score-then-update: each later batch is
-    scored by the model that has not seen it yet, before it is absorbed, so its scores
+    scored by the bank of the last reduction (it has not seen it), before it is
+    buffered, so its scores
     are out of sample; ``offset_`` is the ``contamination`` quantile of the latest
     2,048 out-of-sample scores (the first batch's leave-one-image-out included,
     in-sample ones never) by models that had seen at least half as many images as the
@@ -363,20 +366,41 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
         self.n_samples_seen_ = int(X.shape[0])
         self._next_seed = draw_seed(generator)
 
-    def _absorb(self, X: torch.Tensor) -> None:
-        """Merge a validated batch into the bank and reduce the union to the budget."""
+    #: fitted attributes that partial_fit leaves to the refresh (see finalize)
+    _deferred = ("memory_bank_", "coreset_indices_", "bank_images_")
+
+    def _buffer_batch(self, X: torch.Tensor) -> None:
+        """Keep a validated batch's patches (and their training patch numbers) for the
+        next reduction of the bank (:meth:`_refresh_model`)."""
         self._check_patch_size()
-        patches = self._patches(X)
-        per_image = math.prod(X.shape[2:])
-        n_seen = self.n_samples_seen_ + X.shape[0]
-        budget = self._budget(n_seen * per_image)
-        generator = torch.Generator(device=patches.device).manual_seed(self._next_seed)
-        local = self._coreset(patches, min(patches.shape[0], budget), generator)
-        bank = torch.cat([torch.as_tensor(self.memory_bank_, device=patches.device),
-                          patches[local]])
-        rows = np.concatenate([self.coreset_indices_,
-                               self.n_samples_seen_ * per_image + to_numpy(local)])
-        self._reduce_union(bank, rows, budget, per_image, n_seen, generator)
+        first_row = self.n_samples_seen_ * math.prod(X.shape[2:])
+        self._buffer = [*self._buffer, (self._patches(X), first_row)]
+        self.n_samples_seen_ += int(X.shape[0])
+
+    def _held(self) -> int:
+        """Patches held for the next reduction: the bank's and the buffered ones."""
+        return (self._model_as_it_stood.memory_bank_.shape[0]
+                + sum(p.shape[0] for p, _ in self._buffer))
+
+    def _buffer_full(self) -> bool:
+        """Whether the bank and the buffered patches exceed ``_BUFFER_FACTOR`` times the
+        budget of the patches seen: the union is then reduced (see the class Notes)."""
+        per_image = math.prod(self.input_shape_[1:])
+        return self._held() > _BUFFER_FACTOR * self._budget(self.n_samples_seen_ * per_image)
+
+    def _refresh_model(self) -> None:
+        """Reduce the union of the bank and the buffered patches to the budget once."""
+        model, device = self._model_as_it_stood, self._device()
+        per_image = math.prod(self.input_shape_[1:])
+        n_seen = self.n_samples_seen_
+        patches = [torch.as_tensor(p, device=device) for p, _ in self._buffer]
+        bank = torch.cat([torch.as_tensor(model.memory_bank_, device=device), *patches])
+        rows = np.concatenate([model.coreset_indices_, *(
+            first + np.arange(p.shape[0], dtype=np.int64)
+            for p, (_, first) in zip(patches, self._buffer))])
+        generator = torch.Generator(device=device).manual_seed(self._next_seed)
+        self._reduce_union(bank, rows, self._budget(n_seen * per_image), per_image, n_seen,
+                           generator)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -384,9 +408,11 @@ class PatchCoreDetector(ScoreThenUpdateMixin, BaseSpatialDetector):
 
         On an unfitted detector the batch starts the model exactly as ``fit(X)``
         (``offset_`` from leave-one-image-out scores). Later calls (after ``fit`` too)
-        first score the batch with the current model, then merge its coreset into the
-        bank and reduce the union to the budget by greedy k-center (see the class Notes:
-        the bank, and the memory of a call, stay bounded by ``max_bank_size``);
+        first score the batch with the bank of the last reduction, then buffer its
+        patches; the union of the bank and the buffer is reduced to the budget by greedy
+        k-center once it exceeds four budgets, or when the model is read (scoring, a
+        fitted attribute, :meth:`finalize`; see the class Notes: the bank, and the
+        memory, stay bounded by ``max_bank_size``);
         ``offset_`` is the ``contamination`` quantile of the latest out-of-sample scores
         (``calibration_ == "score-then-update"``), replacing one set by
         :meth:`calibrate`: call :meth:`calibrate` after the last batch to set it from

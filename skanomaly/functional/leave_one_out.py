@@ -194,8 +194,11 @@ def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squa
 
     Raises
     ------
+    TypeError
+        If ``r`` and ``scatter`` are not tensors of one dtype, float32 or float64.
     ValueError
-        If ``n_samples < ddof + 2``, if a leave-one-out covariance is singular (a
+        If the shapes do not match or ``d == 0``, if ``n_samples < ddof + 2``, if a
+        leave-one-out covariance is singular (a
         rank-deficient scatter without ridge, or a sample that alone spans a direction
         of the data), or if a distance overflows.
 
@@ -214,6 +217,15 @@ def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squa
     >>> bool(torch.allclose(d.mT, ref))
     True
     """
+    if not (isinstance(r, torch.Tensor) and isinstance(scatter, torch.Tensor)):
+        raise TypeError("r and scatter must be tensors")
+    if r.dtype not in (torch.float32, torch.float64) or scatter.dtype != r.dtype:
+        raise TypeError(f"r and scatter must be both float32 or both float64, got "
+                        f"{r.dtype} and {scatter.dtype}")
+    if (r.ndim != 3 or r.shape[-1] == 0
+            or tuple(scatter.shape) != (r.shape[0], r.shape[2], r.shape[2])):
+        raise ValueError(f"r must be (P, m, d) with d > 0 and scatter (P, d, d), got "
+                         f"{tuple(r.shape)} and {tuple(scatter.shape)}")
     n = int(n_samples)
     if n < ddof + 2:
         raise ValueError(f"leave-one-out needs n_samples >= ddof + 2 = {ddof + 2}, got {n}")
