@@ -228,7 +228,8 @@ def test_leave_one_out_from_residuals_matches_refits_with_reused_buffers():
     rng = np.random.default_rng(5)
     buffers = (torch.empty(6, 3, 3, dtype=torch.float64),
                torch.empty(6, 3, 3, dtype=torch.float64),
-               torch.empty(6, 9, 3, dtype=torch.float64))
+               torch.empty(6, 9, 3, dtype=torch.float64),
+               torch.empty(6, 3, 3, dtype=torch.float64))
     for p in (6, 4):  # a smaller second block reuses the front of the buffers
         x = rng.normal(size=(p, 9, 3))
         mean = x.mean(1, keepdims=True)

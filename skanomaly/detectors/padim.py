@@ -406,7 +406,8 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         # scratch of the leave-one-out step, reused block after block: fresh temporaries
         # of a few MB per block cost page faults that took 30 % of the fit's time
         scratch = (torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64),
-                   torch.empty(k, n, d, **f64))
+                   torch.empty(k, n, d, **f64), torch.empty(k, d, d, **f64))
+        covariance, factor_buffer = torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64)
         advice, reg, loo_ok = self._singular_advice(n, d), float(self.reg), True
         for start, stop in blocks:
             x = self._gather(X, idx, start, stop, buffers)  # (k, n, d)
@@ -415,9 +416,12 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             block = torch.bmm(x.mT, x, out=product[: stop - start])
             # symmetric by definition; bmm may leave last-bit asymmetries
             block_scatter = torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
-            factor = cholesky_or_raise(block_scatter / (n - 1), reg, advice,
-                                       validate_args=False)
-            precision_cholesky(factor, validate_args=False, out=upper[start:stop])
+            m = stop - start
+            factor = cholesky_or_raise(
+                torch.div(block_scatter, n - 1, out=covariance[:m]), reg, advice,
+                validate_args=False, overwrite_a=True, out=factor_buffer[:m].mT)
+            precision_cholesky(factor, validate_args=False, out=upper[start:stop],
+                               overwrite_cholesky=True)
             if loo_ok:
                 try:
                     loo[:, start:stop] = leave_one_out_from_residuals(

@@ -183,9 +183,9 @@ def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squa
         Ridge added to the diagonal of the covariance.
     squared : bool, default=True
         Return squared distances.
-    buffers : tuple of 3 Tensors, optional
-        Scratch space ``(P', d, d), (P', d, d), (P', m, d)`` with ``P' >= P``, in the dtype
-        and on the device of ``r``, reused across calls.
+    buffers : tuple of 4 Tensors, optional
+        Scratch space ``(P', d, d)`` three times and ``(P', m, d)``, with ``P' >= P``, in
+        the dtype and on the device of ``r``, reused across calls.
 
     Returns
     -------
@@ -239,11 +239,11 @@ def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squa
 def _downdated(r, a, c, a_loo, validate_args, buffers):
     """(P, m) leave-one-out squared distances ``(c^2 / a') q / (1 - c q)`` of residuals
     ``r`` (P, m, d), ``q = r^T A^{-1} r`` by the Cholesky factor of ``a = A`` (P, d, d)."""
-    factor, info = cholesky_ex(a)
+    p = a.shape[0]
+    factor, info = cholesky_ex(a, out=None if buffers is None else buffers[3][:p].mT)
     if bool((info != 0).any()):
         raise ValueError("the leave-one-out covariance is singular (a rank-deficient scatter "
                          "without shrinkage or ridge)")
-    p = a.shape[0]
     # q = |L^{-1} r|^2: each problem's samples (m, d) times its L^{-T}, rows summed
     inverse = tril_inverse(factor, validate_args=validate_args,
                            out=None if buffers is None else buffers[1][:p])

@@ -168,7 +168,8 @@ def regularized_cholesky(covariance, reg=0.0):
 
 
 def cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str, *,
-                      validate_args: bool = True) -> torch.Tensor:
+                      validate_args: bool = True, overwrite_a: bool = False,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Lower Cholesky factor of ``covariance + reg * I``; ``ValueError`` if numerically singular.
 
     Besides an outright failure of the factorisation, a pivot ``L_ii**2`` below
@@ -190,6 +191,12 @@ def cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str, *,
         ridge first (:func:`regularized_cholesky`'s checks). ``False`` is for hot loops
         whose caller built symmetric finite float64 matrices itself (a fit's scatter):
         the factor is the same, without the passes over the data.
+    overwrite_a : bool, default=False
+        With ``validate_args=False``: let the factorisation scale and regularise
+        ``covariance`` in place (a scratch buffer of a hot loop) instead of a copy.
+    out : Tensor of shape (..., d, d), optional
+        With ``validate_args=False``: where to write the factor (any strides; the
+        transpose of a contiguous buffer is the layout LAPACK writes, without a copy).
 
     Returns
     -------
@@ -215,45 +222,50 @@ def cholesky_or_raise(covariance: torch.Tensor, reg: float, advice: str, *,
     ValueError: raise reg
     """
     d = covariance.shape[-1]
+    # the largest variance before any in-place scaling of the covariance
+    scale = covariance.diagonal(dim1=-2, dim2=-1).amax(-1) + reg
     if validate_args:
         try:
             factor = regularized_cholesky(covariance, reg)
         except ValueError as exc:
             raise ValueError(advice) from exc
     else:
-        factor, info = _cholesky_scaled(covariance, reg)
+        factor, info = _cholesky_scaled(covariance, reg, overwrite_a=overwrite_a, out=out)
         if bool((info != 0).any()):
             raise ValueError(advice)
     pivots = factor.diagonal(dim1=-2, dim2=-1).square().amin(-1)
-    scale = covariance.diagonal(dim1=-2, dim2=-1).amax(-1) + reg
     if bool((pivots <= d * torch.finfo(factor.dtype).eps * scale).any()):
         raise ValueError(advice)
     return factor
 
 
-def _cholesky_scaled(a: torch.Tensor, ridge) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholesky_scaled(a: torch.Tensor, ridge, *, overwrite_a: bool = False,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cholesky_ex(a + ridge I)`` computed on ``a / 4**h`` and scaled back by ``2**h``.
 
     ``h`` per matrix brings the larger of its largest entry and ``ridge`` (a float or
     a tensor of the batch shape) to [0.25, 2): powers of two scale exactly, so the
     factor is the plain one wherever that neither overflows nor underflows, and a
-    finite factor of any representable matrix otherwise.
+    finite factor of any representable matrix otherwise. ``overwrite_a``: scale and
+    regularise ``a`` in place; ``out``: where to write the factor (see
+    :func:`cholesky_ex`).
     """
     # the largest |entry| from the extremes: no temporary |a| as large as a
     peak = torch.maximum(a.amax((-2, -1)), a.amin((-2, -1)).neg())
     ridge = torch.as_tensor(ridge, dtype=torch.float64, device=a.device).expand(peak.shape)
     exponent = torch.maximum(frexp_exponent(peak), frexp_exponent(ridge))
     half = torch.div(exponent, 2, rounding_mode="floor")
-    scaled = ldexp_(a.clone(), -2 * half[..., None, None])
+    scaled = ldexp_(a if overwrite_a else a.clone(), -2 * half[..., None, None])
     scaled.diagonal(dim1=-2, dim2=-1).add_(ldexp(ridge, -2 * half).to(a.dtype)[..., None])
-    factor, info = cholesky_ex(scaled)
+    factor, info = cholesky_ex(scaled, out=out)
     return ldexp_(factor, half[..., None, None]), info
 
 
 _PARALLEL_CHOLESKY_FLOPS = 2**22  # below about 4 MFLOP a batch is factorised in one call
 
 
-def cholesky_ex(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cholesky_ex(a: torch.Tensor, *, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.cholesky_ex(a)``, a large CPU batch split over the intra-op threads.
 
     ATen's CPU kernel factorises a batch one matrix after another, one LAPACK ``potrf``
@@ -269,11 +281,16 @@ def cholesky_ex(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ----------
     a : Tensor of shape (..., d, d)
         Symmetric matrices (the lower triangle is read), float32 or float64.
+    out : Tensor of shape (..., d, d), optional
+        Where to write ``L`` (a scratch buffer of a hot loop, reused: no allocation).
+        LAPACK writes column-major matrices: pass the transpose of a contiguous
+        buffer (``buf.mT``) and no copy is made either.
 
     Returns
     -------
     L : Tensor of shape (..., d, d)
-        Lower Cholesky factors, as ``torch.linalg.cholesky_ex`` returns them.
+        Lower Cholesky factors, as ``torch.linalg.cholesky_ex`` returns them (``out``
+        when given).
     info : Tensor of shape (...), int32
         0 where the factorisation succeeded, else the order of the leading minor that
         is not positive-definite (``torch.linalg.cholesky_ex``'s convention).
@@ -297,12 +314,26 @@ def cholesky_ex(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     threads = torch.get_num_threads()
     if (a.device.type != "cpu" or threads < 2 or a.ndim < 3 or a.requires_grad
             or a.numel() * a.shape[-1] < 3 * threads * _PARALLEL_CHOLESKY_FLOPS):
-        return torch.linalg.cholesky_ex(a)
-    flat = a.reshape(-1, *a.shape[-2:])
+        if out is None:
+            return torch.linalg.cholesky_ex(a)
+        info = torch.empty(a.shape[:-2], dtype=torch.int32, device=a.device)
+        return torch.linalg.cholesky_ex(a, out=(out, info))
+    d = a.shape[-1]
+    flat = a.reshape(-1, d, d)
+    if out is None:  # column-major, as LAPACK writes it
+        out = torch.empty_like(flat).mT
+    else:
+        out = out if out.ndim == 3 else out.view(-1, d, d)
+    info = torch.empty(flat.shape[0], dtype=torch.int32, device=a.device)
+
+    def factorise(rows: slice) -> None:
+        torch.linalg.cholesky_ex(flat[rows], out=(out[rows], info[rows]))
+
+    bounds = [len(part) for part in torch.arange(flat.shape[0]).tensor_split(threads)]
+    starts = [sum(bounds[:i]) for i in range(threads)]
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(torch.linalg.cholesky_ex, flat.tensor_split(threads)))
-    factor = torch.cat([part[0] for part in parts]).reshape(a.shape)
-    return factor, torch.cat([part[1] for part in parts]).reshape(a.shape[:-2])
+        list(pool.map(factorise, [slice(s, s + b) for s, b in zip(starts, bounds)]))
+    return out.reshape(a.shape), info.reshape(a.shape[:-2])
 
 
 def _check_info(info: torch.Tensor, shape, condition: str, advice: str) -> None:
@@ -518,7 +549,7 @@ def _tril_inverse_into(lower: torch.Tensor, out: torch.Tensor) -> None:
     out[:, h:, :h] = -(bottom @ (lower[:, h:, :h] @ top))
 
 
-def precision_cholesky(cholesky, *, validate_args=True, out=None):
+def precision_cholesky(cholesky, *, validate_args=True, out=None, overwrite_cholesky=False):
     """Upper-triangular ``U = L^{-T}`` with ``Sigma^{-1} = U U^T``, batched.
 
     Parameters
@@ -535,6 +566,9 @@ def precision_cholesky(cholesky, *, validate_args=True, out=None):
     out : Tensor of shape (..., d, d), optional
         Where to write ``U`` (e.g. a slice of a preallocated array: no temporary is
         made); returned. Its dtype must be the working dtype of ``cholesky``.
+    overwrite_cholesky : bool, default=False
+        Let the computation scale ``cholesky`` in place (a scratch buffer of a hot
+        loop) instead of a scaled copy.
 
     Returns
     -------
@@ -585,7 +619,8 @@ def precision_cholesky(cholesky, *, validate_args=True, out=None):
     if out is None:
         out = torch.empty(factor.shape, dtype=factor.dtype, device=factor.device)
     # L^{-1} written into out's transpose: out holds U = L^{-T} without a transposed copy
-    tril_inverse(ldexp(factor, -e), validate_args=validate_args, out=out.mT)
+    scaled = ldexp_(factor, -e) if overwrite_cholesky else ldexp(factor, -e)
+    tril_inverse(scaled, validate_args=validate_args, out=out.mT)
     upper = ldexp_(out, -e)
     if not all_finite(upper):
         raise range_error("entries of the precision factor L^-T", upper.dtype)
