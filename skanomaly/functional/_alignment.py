@@ -45,8 +45,8 @@ def aligned_width(width: int, dtype: torch.dtype) -> int:
     Examples
     --------
     >>> import torch
-    >>> aligned_width(5, torch.float64), aligned_width(5, torch.float32), aligned_width(16, torch.float64)
-    (8, 16, 16)
+    >>> [aligned_width(n, torch.float64) for n in (5, 8, 17)], aligned_width(5, torch.float32)
+    ([8, 8, 24], 16)
     """
     step = max(1, ALIGNMENT_BYTES // dtype.itemsize)
     return -(-int(width) // step) * step
