@@ -82,7 +82,11 @@ def test_gaussian_scorer_dtype_device_and_state():
     s32 = GaussianScorer.from_covariance(mean, cov, dtype=torch.float32)
     s64 = GaussianScorer.from_covariance(mean, cov)
     assert s32.U.dtype == torch.float32 and s64.U.dtype == f64
-    assert set(s64.state_dict()) == {"mean", "U"}
+    # the factor is stored padded with zeros to aligned rows (8 float64 / 16 float32 entries)
+    assert set(s64.state_dict()) == {"mean", "U_padded"}
+    assert s64.U_padded.shape == (2, 8, 8) and s32.U_padded.shape == (2, 16, 16)
+    assert torch.equal(s64.U_padded[:, :3, :3], s64.U) and s64.U_padded[:, 3:].eq(0).all()
+    assert s64.U_padded[:, :, 3:].eq(0).all()
     x = torch.tensor(rng.normal(size=(5, 2, 3)))
     out32 = s32(x)  # float64 input is cast to the buffers' dtype
     assert out32.dtype == torch.float32
@@ -135,7 +139,10 @@ def test_woodbury_scorer_matches_scipy_and_the_pure_function(squared):
     pure = mahalanobis_woodbury(torch.tensor(x), torch.tensor(mean), torch.tensor(centered),
                                 None, reg, squared=squared)
     np.testing.assert_allclose(out, pure.numpy(), rtol=1e-13)
-    assert set(scorer.state_dict()) == {"mean", "W", "reg"}
+    assert set(scorer.state_dict()) == {"mean", "W_padded", "reg"}
+    assert scorer.W.shape == (p, d, n) and scorer.W_padded.shape == (p, 16, 8)
+    assert torch.equal(scorer.W_padded[:, :d, :n], scorer.W)
+    assert scorer.W_padded[:, d:].eq(0).all() and scorer.W_padded[:, :, n:].eq(0).all()
 
 
 def test_woodbury_scorer_validates_at_construction():

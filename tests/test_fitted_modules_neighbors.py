@@ -190,7 +190,11 @@ def test_kde_module_buffers_and_export():
     rng = np.random.default_rng(1)
     data = torch.tensor(rng.normal(size=(300, 4)) * [1.0, 2.0, 3.0, 4.0] - 7.0)
     kde = GaussianKDE(data).eval()
-    assert {"centres", "precision_factor", "mean", "scale", "log_norm"} == set(kde.state_dict())
+    assert {"centres_padded", "precision_factor_padded", "mean", "scale",
+            "log_norm"} == set(kde.state_dict())
+    # padded to aligned rows: 8 float64 columns, kernels of weight zero to 16 rows
+    assert kde.centres_padded.shape == (304, 8) and kde.centres.shape == (300, 5)
+    assert kde.centres_padded[300:, 4].eq(-np.inf).all() and kde.centres_padded[:, 5:].eq(0).all()
     u = kde.precision_factor  # U U^T is the inverse kernel covariance (scaled units)
     cov = kde.covariance() * (kde.scale[:, None] * kde.scale[None, :])
     torch.testing.assert_close(u @ u.T @ cov, torch.eye(4, dtype=f64), rtol=0, atol=1e-12)
@@ -233,7 +237,8 @@ def test_pca_projection_validates_at_construction():
         PCAProjection(fit.components.numpy(), fit.mean)
     proj = PCAProjection.from_fit(fit, dtype=torch.float32)
     assert proj.components.dtype == torch.float32 and set(proj.state_dict()) == {
-        "components", "mean", "scale"}
+        "components_padded", "mean", "scale"}
+    assert proj.components_padded.shape == (16, 16) and proj.components.shape == (2, 3)
 
 
 # ----------------------------------------------------------------------- detectors

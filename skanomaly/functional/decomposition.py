@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ._alignment import aligned_width, pad_aligned, realign
 from ._validation import (
     all_finite,
     as_float_tensor,
@@ -299,17 +300,38 @@ def pca_fit(x: torch.Tensor, n_components: int | float | None = None) -> PCAFit:
     )
 
 
-def _project(x: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """``(x - mean) @ components.T``: the one projection of :func:`pca_transform` and
-    :class:`PCAProjection` (``components`` row-major, (k, d): its layout picks the
-    matrix product's kernel, and with it the bits)."""
-    return (x - mean) @ components.T
+def _padded_axes(components: torch.Tensor) -> torch.Tensor:
+    """The (k, d) ``components`` followed by zero columns and rows to (k_pad, d_pad).
+
+    The one layout of the axes in the products of :func:`_project` and
+    :func:`_reconstruct`: both dimensions of both products padded to aligned widths give
+    every sample's rows, in and out, the same alignment
+    (:mod:`~skanomaly.functional._alignment`), so that its result does not depend on its
+    row in the product; row-major, as :func:`pca_fit`'s (the layout of the axes picks
+    the matrix product's kernel, and with it the bits). A no-op on padded axes.
+    """
+    return pad_aligned(pad_aligned(components.contiguous(), dim=-1), dim=-2)
 
 
-def _reconstruct(z: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """``z @ components + mean``: the one reconstruction of :func:`pca_inverse_transform`
-    and :class:`PCAProjection`."""
-    return torch.addmm(mean, z, components)
+def _project(x: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, d: int
+             ) -> torch.Tensor:
+    """``(x - mean) @ components.T`` followed by zero columns, (n, k_pad): the one
+    projection of :func:`pca_transform` and :class:`PCAProjection`, with ``axes`` the
+    :func:`_padded_axes` (k_pad, d_pad), ``d`` the width of ``x`` (a Python int:
+    traced code reads no shape) and ``x - mean`` padded with zero columns to match (the
+    caller keeps the first ``k`` columns)."""
+    return pad_aligned(x - mean, size=d) @ axes.T
+
+
+def _reconstruct(z: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, k: int, d: int
+                 ) -> torch.Tensor:
+    """``z @ components + mean`` (n, d): the one reconstruction of
+    :func:`pca_inverse_transform` and :class:`PCAProjection`, with ``axes`` the
+    :func:`_padded_axes` (k_pad, d_pad), ``z`` (n, k) (``k`` <= k_pad its width, a Python
+    int) and ``mean`` (d,) padded with zeros to match; the product is (n, d_pad), its
+    first ``d`` columns are returned (a view)."""
+    z = pad_aligned(z, size=k)
+    return torch.addmm(pad_aligned(mean, size=d), z, axes)[:, :d]
 
 
 def _check_fit_input(x, fit: PCAFit, width: int, what: str, name: str):
@@ -377,7 +399,8 @@ def pca_transform(x: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     tensor([[1.]])
     """
     x, mean, components = _check_fit_input(x, fit, fit.mean.shape[0], "features", "x")
-    return _affine(x, mean, lambda a, m: _project(a, m, components), "the projections")
+    axes, (k, d) = _padded_axes(components), components.shape
+    return _affine(x, mean, lambda a, m: _project(a, m, axes, d)[:, :k], "the projections")
 
 
 def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
@@ -418,7 +441,8 @@ def pca_inverse_transform(z: torch.Tensor, fit: PCAFit) -> torch.Tensor:
     tensor([[1., 0.]])
     """
     z, mean, components = _check_fit_input(z, fit, fit.n_components, "components", "z")
-    return _affine(z, mean, lambda a, m: _reconstruct(a, m, components),
+    axes, (k, d) = _padded_axes(components), components.shape
+    return _affine(z, mean, lambda a, m: _reconstruct(a, m, axes, k, d),
                    "the reconstructions")
 
 
@@ -453,7 +477,15 @@ class PCAProjection(nn.Module):
     Attributes
     ----------
     components : Tensor of shape (k, d)
-        Buffer: the axes, a contiguous copy.
+        The axes: a view of ``components_padded`` (writing to it writes the buffer).
+    components_padded : Tensor of shape (k_pad, d_pad)
+        Buffer: a row-major copy of the axes followed by zero columns and rows, ``d_pad``
+        and ``k_pad`` the multiples of 64 bytes of entries (8 in float64, 16 in
+        float32) at or above ``d`` and ``k``: the operand of the projection and the
+        reconstruction, whose other operand (the samples, the coordinates) is padded
+        with zero columns to match, so that every sample's row starts at the same
+        alignment and its result does not depend on its row in the product (BLAS
+        kernels take other paths for other alignments).
     mean : Tensor of shape (d,)
         Buffer: the mean.
     scale : Tensor of shape (k,)
@@ -540,7 +572,8 @@ class PCAProjection(nn.Module):
         else:
             scale = torch.ones(k, dtype=dtype, device=device)
         # row-major, as pca_fit's: the layout of the axes picks the matrix product's kernel
-        self.register_buffer("components", components.contiguous().clone())
+        self.register_buffer("components_padded", _padded_axes(components.clone()))
+        self._k, self._d = k, d  # static: traced code reads no shape
         self.register_buffer("mean", mean.clone())
         self.register_buffer("scale", scale)
 
@@ -559,18 +592,29 @@ class PCAProjection(nn.Module):
                    dtype=dtype, device=device)
 
     @property
+    def components(self) -> torch.Tensor:
+        """The principal axes (k, d): ``components_padded`` but its zeros."""
+        return self.components_padded[: self._k, : self._d]
+
+    @property
     def n_components(self) -> int:
         """Number of principal axes ``k``."""
-        return self.components.shape[0]
+        return self._k
 
     @property
     def n_features(self) -> int:
         """Width ``d`` of the data."""
-        return self.components.shape[1]
+        return self._d
+
+    def _apply(self, fn, recurse=True):
+        # a cast re-pads to the aligned widths of the new dtype (see _alignment)
+        super()._apply(fn, recurse)
+        self.components_padded = realign(self.components_padded, (self._k, self._d))
+        return self
 
     def extra_repr(self) -> str:
         return (f"n_components={self.n_components}, n_features={self.n_features}, "
-                f"whiten={self.whiten}, dtype={self.components.dtype}")
+                f"whiten={self.whiten}, dtype={self.components_padded.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Principal coordinates of the rows of ``x``, unchecked.
@@ -585,7 +629,8 @@ class PCAProjection(nn.Module):
         Tensor of shape (n, k)
             ``(x - mean) @ components.T`` (divided by ``scale`` with ``whiten``).
         """
-        z = _project(x.to(self.components.dtype), self.mean, self.components)
+        axes = self.components_padded
+        z = _project(x.to(axes.dtype), self.mean, axes, self._d)[:, : self._k]
         return z / self.scale if self.whiten else z
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
@@ -602,8 +647,10 @@ class PCAProjection(nn.Module):
             ``z @ components + mean`` (``z`` first multiplied by ``scale`` with
             ``whiten``), as :func:`pca_inverse_transform`.
         """
-        z = z.to(self.components.dtype)
-        return _reconstruct(z * self.scale if self.whiten else z, self.mean, self.components)
+        axes = self.components_padded
+        z = z.to(axes.dtype)
+        return _reconstruct(z * self.scale if self.whiten else z, self.mean, axes, self._k,
+                            self._d)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` minus its reconstruction from its first ``k`` coordinates, unchecked.
@@ -619,6 +666,8 @@ class PCAProjection(nn.Module):
             ``x - inverse(forward(x))``: its squares summed are the feature
             reconstruction error (DFM's score).
         """
-        x = x.to(self.components.dtype)
-        return x - _reconstruct(_project(x, self.mean, self.components), self.mean,
-                                self.components)
+        axes = self.components_padded
+        x = x.to(axes.dtype)
+        z = _project(x, self.mean, axes, self._d)  # (n, k_pad): the padding carries on
+        return x - _reconstruct(z, self.mean, axes, aligned_width(self._k, axes.dtype),
+                                self._d)

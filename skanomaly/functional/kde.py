@@ -17,8 +17,10 @@ import math
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._alignment import aligned_width, pad_aligned, realign
 from ._validation import (
     all_finite,
     as_float_tensor,
@@ -48,14 +50,31 @@ def _as_samples(x, name: str) -> torch.Tensor:
     return x[:, None] if x.ndim == 1 else x
 
 
-def _whitened(y: torch.Tensor, precision_factor: torch.Tensor):
-    """Whitened rows with a column of ones appended, and half their squared norms.
+def _extended_factor(precision_factor: torch.Tensor) -> torch.Tensor:
+    """``[[U, 0], [0, 1]]`` followed by zero rows and columns to an aligned (w, w).
 
-    ``y`` is centred and scaled; ``y @ precision_factor`` whitens it (the factor is the
-    inverse transposed Cholesky factor of the kernel covariance, in the same units).
+    The right operand of :func:`_whitened`, ``w = aligned_width(d + 1)``: the left one,
+    ``[y, 1, 0, ...]``, then gives ``[y U, 1, 0, ...]`` with no concatenation, every row
+    of the aligned width that the product with the centres needs too (see
+    :mod:`~skanomaly.functional._alignment`).
     """
-    white = y @ precision_factor
-    return torch.cat([white, torch.ones_like(white[:, :1])], 1), 0.5 * white.square().sum(1)
+    d = precision_factor.shape[0]
+    extended = F.pad(precision_factor, (0, 1, 0, 1))
+    extended[d, d] = 1.0
+    return pad_aligned(pad_aligned(extended, dim=-1), dim=-2)
+
+
+def _whitened(y: torch.Tensor, factor: torch.Tensor, d: int):
+    """Whitened rows with a column of ones appended (then zeros), and half their squared norms.
+
+    ``y`` (n, d) is centred and scaled (``d`` its width, a Python int: traced code
+    reads no shape); ``factor`` is :func:`_extended_factor` of the inverse transposed
+    Cholesky factor ``U`` of the kernel covariance (same units), and
+    ``[y, 1, 0, ...] @ factor = [y U, 1, 0, ...]``, of ``factor``'s aligned width: the
+    ones column and the zeros are exact (products by exact zeros and one).
+    """
+    white = pad_aligned(F.pad(y, (0, 1), value=1.0), size=d + 1) @ factor
+    return white, 0.5 * white[:, :d].square().sum(1)
 
 
 def _log_kernel_sum(exponents: torch.Tensor) -> torch.Tensor:
@@ -140,11 +159,24 @@ class GaussianKDE(nn.Module):
     device : torch.device
         Device of the centres; points must be there too.
     centres : Tensor of shape (n_samples, n_features + 1)
-        Buffer: the whitened centres, with a last column ``log w_j - |x_j|^2 / 2``.
+        The whitened centres, with a last column ``log w_j - |x_j|^2 / 2``: a view of
+        ``centres_padded``.
+    centres_padded : Tensor of shape (n_rows, w)
+        Buffer: ``centres`` followed by zero columns to ``w``, the multiple of 64
+        bytes of entries (8 in float64, 16 in float32) at or above
+        ``n_features + 1``, and by kernels of weight zero (zeros, ``-inf`` in the last
+        column) to ``n_rows``, the multiple of 16 at or above ``n_samples``: every
+        row of the products with the points (padded to match), in and out, starts at
+        the same alignment, so that a point's log density does not depend on its row
+        in the product (BLAS kernels take other paths for other alignments).
     precision_factor : Tensor of shape (n_features, n_features)
-        Buffer: ``U = L^-T`` (upper triangular, ``U U^T = Sigma_s^-1``), the
-        whitening of centred, scaled points (``Sigma_s = L L^T`` the kernel
-        covariance in the scaled units of the Notes).
+        ``U = L^-T`` (upper triangular, ``U U^T = Sigma_s^-1``), the whitening of
+        centred, scaled points (``Sigma_s = L L^T`` the kernel covariance in the
+        scaled units of the Notes): a view of ``precision_factor_padded``.
+    precision_factor_padded : Tensor of shape (w, w)
+        Buffer: ``[[U, 0], [0, 1]]`` followed by zero rows and columns to ``w``: the
+        points ``[y, 1, 0, ...]`` times it are the whitened points with the column of
+        ones that meets the centres' last column.
     mean, scale : Tensor of shape (n_features,)
         Buffers: the centring point and the per-feature powers of two that take
         points to those scaled units, ``(y - mean) * scale``.
@@ -292,19 +324,25 @@ class GaussianKDE(nn.Module):
             )
         chol = chol * (scale[:, None] * self.factor)
         eye = torch.eye(n_features, dtype=x.dtype, device=x.device)
-        precision_factor = torch.linalg.solve_triangular(chol, eye, upper=False).T
-        white, half_sq = _whitened(v, precision_factor)
+        precision_factor = _extended_factor(
+            torch.linalg.solve_triangular(chol, eye, upper=False).T.contiguous())
+        white, half_sq = _whitened(v, precision_factor, n_features)
         # exponent_ij = log w_j - |y_i - x_j|^2 / 2
         #             = y_i.x_j + (log w_j - |x_j|^2 / 2) - |y_i|^2 / 2:
         # the middle term rides in the matrix product as an extra column against ones.
-        white[:, -1] = w.log() - half_sq
+        white[:, n_features] = w.log() - half_sq
+        # kernels of weight zero up to a multiple of 16 rows (aligned rows of the
+        # products' output in float32 too, the dtype the module may be cast to):
+        # exponent -inf, nothing added to any sum
+        white = pad_aligned(white, dim=0, width=aligned_width(n_samples, torch.float32))
+        white[n_samples:, n_features] = -math.inf
         log_norm = (
             float(chol.diagonal().log().sum())
             + math.log(2.0) * float((e0 + e1).sum())
             + 0.5 * n_features * math.log(2 * math.pi)
         )
-        self.register_buffer("centres", white)
-        self.register_buffer("precision_factor", precision_factor.contiguous())
+        self.register_buffer("centres_padded", white)
+        self.register_buffer("precision_factor_padded", precision_factor)
         # (y - mean) * scale = ldexp(ldexp(y, -e0) - shift, -e1), exactly in the normal range
         self.register_buffer("mean", ldexp(shift, e0))
         self.register_buffer("scale", _pow2_or_inf(-(e0 + e1), x.dtype))
@@ -318,14 +356,35 @@ class GaussianKDE(nn.Module):
         self.n_samples, self.n_features = n_samples, n_features
 
     @property
+    def centres(self) -> torch.Tensor:
+        """The whitened centres (n_samples, n_features + 1): ``centres_padded`` but its
+        zero columns."""
+        return self.centres_padded[: self.n_samples, : self.n_features + 1]
+
+    @property
+    def precision_factor(self) -> torch.Tensor:
+        """``U = L^-T`` (n_features, n_features): the top left of
+        ``precision_factor_padded``."""
+        return self.precision_factor_padded[: self.n_features, : self.n_features]
+
+    def _apply(self, fn, recurse=True):
+        # a cast re-pads the columns to the aligned width of the new dtype (see
+        # _alignment); the rows, padded to a multiple of 16, are aligned in either
+        super()._apply(fn, recurse)
+        width = self.n_features + 1
+        self.precision_factor_padded = realign(self.precision_factor_padded, (width, width))
+        self.centres_padded = realign(self.centres_padded, (None, width))
+        return self
+
+    @property
     def dtype(self) -> torch.dtype:
         """Working dtype: points are evaluated in it."""
-        return self.centres.dtype
+        return self.centres_padded.dtype
 
     @property
     def device(self) -> torch.device:
         """Device of the centres."""
-        return self.centres.device
+        return self.centres_padded.device
 
     def __repr__(self) -> str:
         return (f"GaussianKDE(n_samples={self.n_samples}, n_features={self.n_features}, "
@@ -397,9 +456,9 @@ class GaussianKDE(nn.Module):
         >>> kde.to(torch.float32)(points.float()).dtype  # a float64 fit, evaluated in float32
         torch.float32
         """
-        y = (points.to(self.centres.dtype) - self.mean) * self.scale
-        y, y_half_sq = _whitened(y, self.precision_factor)
-        return _log_kernel_sum(y @ self.centres.T) - y_half_sq - self.log_norm
+        y = (points.to(self.dtype) - self.mean) * self.scale
+        y, y_half_sq = _whitened(y, self.precision_factor_padded, self.n_features)
+        return _log_kernel_sum(y @ self.centres_padded.T) - y_half_sq - self.log_norm
 
     def logpdf(self, points, *, leave_one_out: bool = False, chunk_size: int | None = None):
         """Log density of the KDE at ``points``.
@@ -441,14 +500,15 @@ class GaussianKDE(nn.Module):
         else:
             chunk = check_positive_int(chunk_size, "chunk_size")
         y = ldexp(ldexp(y.to(self.dtype), -self._e0) - self._shift, -self._e1)
-        y, y_half_sq = _whitened(y, self.precision_factor)
+        y, y_half_sq = _whitened(y, self.precision_factor_padded, self.n_features)
+        centres = self.centres_padded
         n_points = y.shape[0]
         out = torch.empty(n_points, dtype=self.dtype, device=self.device)
-        block = torch.empty(min(chunk, n_points), self.n_samples, dtype=self.dtype,
+        block = torch.empty(min(chunk, n_points), centres.shape[0], dtype=self.dtype,
                             device=self.device)
         for start in range(0, n_points, chunk):
             rows = y[start : start + chunk]
-            exponents = torch.mm(rows, self.centres.T, out=block[: rows.shape[0]])
+            exponents = torch.mm(rows, centres.T, out=block[: rows.shape[0]])
             if leave_one_out:  # row r is point start + r: drop the kernel of that sample
                 exponents.diagonal(offset=start).fill_(-math.inf)
             out[start : start + rows.shape[0]] = _log_kernel_sum(exponents)

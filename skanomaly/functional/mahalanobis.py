@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ._alignment import pad_aligned, realign
 from ._validation import (
     all_finite,
     as_float_tensor,
@@ -420,13 +421,21 @@ def _quadratic(v: torch.Tensor, factor: torch.Tensor, *, solve: bool) -> torch.T
     return _precision_quadratic(v, factor)
 
 
-def _precision_quadratic(v: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def _precision_quadratic(v: torch.Tensor, upper: torch.Tensor, d: int | None = None
+                         ) -> torch.Tensor:
     """(P, M) ``|v U|^2`` for v (P, M, d), upper (P, d, d): one batched GEMM.
 
     The one kernel of :func:`mahalanobis` with ``precision_cholesky`` and of
-    :class:`GaussianScorer`.
+    :class:`GaussianScorer`. Both dimensions of ``upper`` and the last of ``v`` are
+    padded with zeros to aligned rows (:mod:`~skanomaly.functional._alignment`): each
+    query's distance does not depend on its row in the product. With ``d`` given (the
+    scorer's static width: traced code reads no shape), ``upper`` comes padded already
+    (the scorer's ``U_padded``).
     """
-    return torch.matmul(v, upper).square().sum(-1)
+    if d is None:
+        d = v.shape[-1]
+        upper = pad_aligned(pad_aligned(upper, dim=-1), dim=-2)
+    return torch.matmul(pad_aligned(v, size=d), upper).square().sum(-1)
 
 
 def _distances(xr, mr, factor, shape, squared: bool, *, solve: bool) -> torch.Tensor:
@@ -888,9 +897,10 @@ def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=Fals
         return xr.new_zeros(shape)
     rows_t = _woodbury_rows(xc.reshape(-1, n, d).to(dtype),
                             factor.reshape(-1, n, n).to(dtype)).transpose(-2, -1).contiguous()
+    rows_t = pad_aligned(pad_aligned(rows_t, dim=-1), dim=-2)  # as WoodburyGaussianScorer's
     exponents = (max_abs_exponent(xr), max_abs_exponent(mr), math.frexp(reg)[1])
     if _plain_is_safe(dtype, *exponents):
-        d2 = _woodbury_quadratic((xr - mr).transpose(0, 1), rows_t) / reg
+        d2 = _woodbury_quadratic((xr - mr).transpose(0, 1), rows_t, d) / reg
         if all_finite(d2):
             return _finish(d2, shape, squared)
     # Exact powers of two: v = 2**a v_s per position (``rows`` are bounded by 1 whatever
@@ -898,7 +908,7 @@ def mahalanobis_woodbury(x, mean, centered, factor, reg, *, ddof=1, squared=Fals
     common = max(exponents[:2])
     v = (ldexp(xr, -common) - ldexp(mr, -common)).transpose(0, 1)
     ev = _row_exponents(v)
-    q = _woodbury_quadratic(ldexp(v, -ev[:, None, None]), rows_t)
+    q = _woodbury_quadratic(ldexp(v, -ev[:, None, None]), rows_t, d)
     fraction, exponent = math.frexp(reg)
     if exponent % 2:
         fraction, exponent = fraction / 2, exponent + 1
@@ -917,7 +927,8 @@ def _woodbury_rows(centered: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     return tril_inverse(ldexp(factor, -e)) @ ldexp(centered, -e)
 
 
-def _woodbury_quadratic(v: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
+def _woodbury_quadratic(v: torch.Tensor, rows_t: torch.Tensor, d: int | None = None
+                        ) -> torch.Tensor:
     """(P, M) ``|v|^2 - |W v|^2`` (clamped at 0) for v (P, M, d), ``rows_t`` = W^T (P, d, N).
 
     ``W^T`` is stored transposed and contiguous, so that the products have no transposed
@@ -926,8 +937,15 @@ def _woodbury_quadratic(v: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
 
     The one kernel of :func:`mahalanobis_woodbury` and :class:`WoodburyGaussianScorer`:
     two batched GEMMs, no solve (``W = L^{-1} Xc`` is precomputed by
-    :func:`_woodbury_rows`).
+    :func:`_woodbury_rows`). ``d`` and ``N`` are padded with zeros to aligned rows
+    (:mod:`~skanomaly.functional._alignment`): each query's distance does not depend on
+    its row in the products. With ``d`` given (the scorer's static width: traced code
+    reads no shape), ``rows_t`` comes padded already (the scorer's ``W_padded``).
     """
+    if d is None:
+        d = v.shape[-1]
+        rows_t = pad_aligned(pad_aligned(rows_t, dim=-1), dim=-2)
+    v = pad_aligned(v, size=d)
     u = torch.matmul(v, rows_t)  # (P, M, N)
     # |v|^2 as a batched dot product, not v.square().sum(-1): with the latter,
     # onnxruntime < 1.24 rewrote the float64 graph into a float-only FusedMatMul.
@@ -1036,7 +1054,15 @@ class GaussianScorer(_PositionBlocks):
     mean : Tensor of shape (P, d)
         Buffer: the means.
     U : Tensor of shape (P, d, d)
-        Buffer: the precision Cholesky factors.
+        The precision Cholesky factors: a view of ``U_padded`` (writing to it writes
+        the buffer).
+    U_padded : Tensor of shape (P, d_pad, d_pad)
+        Buffer: ``U`` followed by zero rows and columns to ``d_pad``, the multiple of
+        64 bytes of entries (8 in float64, 16 in float32) at or above ``d``: the
+        right operand of the scoring product, whose left operand (the centred
+        queries) is padded with zero columns to match, so that every query's row, in
+        and out, starts at the same alignment and its distance does not depend on its
+        row in the product (BLAS kernels take other paths for other alignments).
     squared : bool
         Whether distances are squared.
     n_positions, n_features : int
@@ -1098,7 +1124,20 @@ class GaussianScorer(_PositionBlocks):
         device = mean.device if device is None else torch.device(device)
         super().__init__(p, d, squared)
         self.register_buffer("mean", _buffer(mean, "mean", dtype, device))
-        self.register_buffer("U", _buffer(upper, "the precision factor", dtype, device))
+        upper = _buffer(upper, "the precision factor", dtype, device)
+        self.register_buffer("U_padded", pad_aligned(pad_aligned(upper, dim=-1), dim=-2))
+        self._d = d  # static: traced code reads no shape
+
+    @property
+    def U(self) -> torch.Tensor:
+        """The precision Cholesky factors (P, d, d): ``U_padded`` but its zeros."""
+        return self.U_padded[:, : self._d, : self._d]
+
+    def _apply(self, fn, recurse=True):
+        # a cast re-pads to the aligned width of the new dtype (module docstring)
+        super()._apply(fn, recurse)
+        self.U_padded = realign(self.U_padded, (self._d, self._d))
+        return self
 
     @classmethod
     def from_cholesky(cls, mean, cholesky, *, squared=False, dtype=None, device=None):
@@ -1157,7 +1196,7 @@ class GaussianScorer(_PositionBlocks):
                 f"squared={self.squared}, dtype={self.mean.dtype}")
 
     def _quadratic(self, v, start: int, stop: int) -> torch.Tensor:
-        return _precision_quadratic(v, self.U[start:stop])
+        return _precision_quadratic(v, self.U_padded[start:stop], self._d)
 
 
 class WoodburyGaussianScorer(_PositionBlocks):
@@ -1199,14 +1238,20 @@ class WoodburyGaussianScorer(_PositionBlocks):
     mean : Tensor of shape (P, d)
         Buffer: the means.
     W : Tensor of shape (P, d, N)
-        Buffer: ``(L^{-1} Xc)^T``, stored transposed (see ``_woodbury_quadratic``);
-        every entry lies in [-1, 1] (``W^T W <= I``).
+        ``(L^{-1} Xc)^T``, stored transposed (see ``_woodbury_quadratic``); every
+        entry lies in [-1, 1] (``W^T W <= I``). A view of ``W_padded``.
+    W_padded : Tensor of shape (P, d_pad, N_pad)
+        Buffer: ``W`` followed by zero rows to ``d_pad`` and zero columns to the
+        aligned ``N_pad``, as :attr:`GaussianScorer.U_padded` (aligned rows of the
+        scoring products).
     reg : Tensor of shape ()
         Buffer: the ridge.
     squared : bool
         Whether distances are squared.
     n_positions, n_features : int
         ``P`` and ``d``.
+    n_samples : int
+        ``N``, the training samples per position.
 
     Raises
     ------
@@ -1267,14 +1312,26 @@ class WoodburyGaussianScorer(_PositionBlocks):
         device = mean.device if device is None else torch.device(device)
         super().__init__(p, max(d, n), squared)
         self.register_buffer("mean", _buffer(mean, "mean", dtype, device))
-        self.register_buffer("W", _buffer(rows.transpose(-2, -1).contiguous(), "W", dtype,
-                                          device))
+        w_t = _buffer(rows.transpose(-2, -1).contiguous(), "W", dtype, device)
+        self.register_buffer("W_padded", pad_aligned(pad_aligned(w_t, dim=-1), dim=-2))
+        self._d, self.n_samples = d, n  # static: traced code reads no shape
         self.register_buffer("reg", torch.tensor(reg, dtype=dtype, device=device))
+
+    @property
+    def W(self) -> torch.Tensor:
+        """``W^T`` (P, d, N): the rows of ``W_padded`` but its zeros."""
+        return self.W_padded[:, : self._d, : self.n_samples]
+
+    def _apply(self, fn, recurse=True):
+        # a cast re-pads to the aligned width of the new dtype (see GaussianScorer)
+        super()._apply(fn, recurse)
+        self.W_padded = realign(self.W_padded, (self._d, self.n_samples))
+        return self
 
     def extra_repr(self) -> str:
         return (f"n_positions={self.n_positions}, n_features={self.n_features}, "
-                f"n_samples={self.W.shape[2]}, squared={self.squared}, "
+                f"n_samples={self.n_samples}, squared={self.squared}, "
                 f"dtype={self.mean.dtype}")
 
     def _quadratic(self, v, start: int, stop: int) -> torch.Tensor:
-        return _woodbury_quadratic(v, self.W[start:stop]) / self.reg
+        return _woodbury_quadratic(v, self.W_padded[start:stop], self._d) / self.reg
