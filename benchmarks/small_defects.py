@@ -30,7 +30,7 @@ native resolution (:mod:`skanomaly.metrics`), fit and score time (one run each: 
 on shared 2-core machines move with other load, which is recorded), and the peak host
 memory of fit and of score (resident set above its level before the call, sampled every
 2 ms: the allocator reuses freed memory between runs, so a later run can read lower).
-Results go to ``benchmarks/results/small_defects-<date>-<host-kind>.{md,json}``.
+Results go to ``benchmarks/results/small_defects-<date>-<host-kind>[-<tag>].{md,json}``.
 
 ``--ways`` picks the ways run (all three by default); ``--padim-layers`` and
 ``--patchcore-layers`` replace the command line's layers of a detector.
@@ -332,6 +332,8 @@ def _parser():
                    help="tiny sizes: 6 train / 6 test crops of 64 px, tiles of 32, one "
                         "texture and a random resnet18 (a smoke run)")
     p.add_argument("--output", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="suffix of the result files' names (after a "
+                   "dash), e.g. zoom2")
     return p
 
 
@@ -375,7 +377,8 @@ def main(argv=None) -> list[Row]:
         else "EfficientNet-Lite0, packaged ImageNet weights"), layers="; ".join(
         f"{d} {'+'.join(make_model(d, args, False)[0].layers)}" for d in args.detectors))
     table = markdown(rows, info, settings)
-    stem = f"small_defects-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
+    stem = (f"small_defects-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
+            + (f"-{args.tag}" if args.tag else ""))
     write_report(args.output, stem, table,
                  {"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]})
     print("\n" + table)

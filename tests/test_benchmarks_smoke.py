@@ -293,11 +293,12 @@ def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
     try:
         rows = small_defects.main(["--quick", "--merges", "max", "--ways", "tiled",
                                    "--tile-resize", "48", "--detectors", "padim",
-                                   "--padim-layers", "layer2", "--output", str(tmp_path)])
+                                   "--padim-layers", "layer2", "--tag", "zoom",
+                                   "--output", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert [(r.detector, r.way) for r in rows] == [("padim", "tiled (max)")]
     assert rows[0].error is None
-    text = next(tmp_path.glob("small_defects-*-quick.md")).read_text()
+    text = next(tmp_path.glob("small_defects-*-quick-zoom.md")).read_text()
     assert "layers: padim layer2" in text
     assert "each enlarged to 48 px before the backbone (zoom 1.5)" in text
