@@ -217,7 +217,8 @@ def make_model(detector: str, args, tiled: bool, merge: str = "mean"):
     extractor = FeatureExtractor(backbone, list(layers), weights=weights, random_state=SEED,
                                  device=args.device, batch_size=16)
     if detector == "padim":
-        det = PaDiMDetector(n_features=100, random_state=SEED, device=args.device)
+        det = PaDiMDetector(n_features=args.padim_features, random_state=SEED,
+                            device=args.device)
     else:
         det = PatchCoreDetector(coreset_sampling_ratio=args.coreset_ratio,
                                 random_state=SEED, device=args.device)
@@ -277,7 +278,7 @@ def markdown(rows, info, settings) -> str:
            f"{settings['tile_resize'] / settings['tile_size']:g})")
         + f". Resized: the whole image to "
         f"{settings['resize']} px, maps upsampled back. Whole: the image at its native size, "
-        "untiled. PaDiM n_features=100; PatchCore "
+        f"untiled. PaDiM n_features={settings['padim_features']}; PatchCore "
         f"coreset_sampling_ratio={settings['coreset_ratio']}. Metrics at native resolution;"
         " PRO integrated to FPR 0.3. Memory: peak host RSS above the level before the "
         "call (MiB).",
@@ -317,6 +318,8 @@ def _parser():
                    default=["tiled", "resized", "whole"], help="the ways to run")
     p.add_argument("--padim-layers", type=lambda text: text.split(","), default=None,
                    help="comma-separated backbone layers of PaDiM (default: the CLI's)")
+    p.add_argument("--padim-features", type=int, default=100,
+                   help="PaDiM's n_features: random channels kept (at most the layers')")
     p.add_argument("--patchcore-layers", type=lambda text: text.split(","), default=None,
                    help="comma-separated backbone layers of PatchCore (default: the CLI's)")
     p.add_argument("--resize", type=int, default=64)

@@ -293,7 +293,8 @@ def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
     try:
         rows = small_defects.main(["--quick", "--merges", "max", "--ways", "tiled",
                                    "--tile-resize", "48", "--detectors", "padim",
-                                   "--padim-layers", "layer2", "--tag", "zoom",
+                                   "--padim-layers", "layer2", "--padim-features", "50",
+                                   "--tag", "zoom",
                                    "--output", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
@@ -302,3 +303,4 @@ def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
     text = next(tmp_path.glob("small_defects-*-quick-zoom.md")).read_text()
     assert "layers: padim layer2" in text
     assert "each enlarged to 48 px before the backbone (zoom 1.5)" in text
+    assert "PaDiM n_features=50" in text
