@@ -370,6 +370,9 @@ def test_resize_tiles_enlarges_as_bilinear_and_shrinks_as_pil():
     pil = np.asarray(Image.fromarray(big[0, 0], mode="F").resize((12, 10), Image.BILINEAR))
     np.testing.assert_allclose(resize_tiles(torch.as_tensor(big), (10, 12))[0, 0].numpy(),
                                pil, atol=1e-5)
+    half = resize_tiles(torch.as_tensor(big, dtype=torch.float16), (10, 12))  # via float32
+    assert half.dtype == torch.float16
+    np.testing.assert_allclose(half[0, 0].float().numpy(), pil, atol=2e-3)
     same = torch.as_tensor(X)
     assert resize_tiles(same, (10, 12)) is same
     with pytest.raises(ValueError, match="tiles must be floating"):

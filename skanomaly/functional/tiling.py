@@ -217,12 +217,15 @@ def resize_tiles(tiles: torch.Tensor, size) -> torch.Tensor:
     resized : torch.Tensor of shape (n, C, size_h, size_w)
         ``tiles`` itself when it already has that size, else a new tensor of its dtype
         and device (``torch.nn.functional.interpolate``, ``mode="bilinear"``,
-        ``align_corners=False``).
+        ``align_corners=False``; float16 and bfloat16 computed in float32).
 
     Raises
     ------
     ValueError
-        If ``tiles`` is not 4-D and floating.
+        If ``tiles`` is not 4-D and floating with at least one channel and pixel, or
+        ``size`` is below 1.
+    TypeError
+        If ``size`` is neither an int nor a pair of ints.
 
     Examples
     --------
@@ -233,15 +236,18 @@ def resize_tiles(tiles: torch.Tensor, size) -> torch.Tensor:
     >>> resize_tiles(torch.zeros(3, 3, 32, 48), (64, 96)).shape
     torch.Size([3, 3, 64, 96])
     """
-    if tiles.dim() != 4 or not tiles.is_floating_point():
-        raise ValueError(f"tiles must be floating (n, C, h, w), got {tiles.dtype} of shape "
-                         f"{tuple(tiles.shape)}")
+    if tiles.dim() != 4 or not tiles.is_floating_point() or min(tiles.shape[1:]) == 0:
+        raise ValueError(f"tiles must be floating (n, C, h, w) with C, h, w at least 1, got "
+                         f"{tiles.dtype} of shape {tuple(tiles.shape)}")
     height, width = as_pair(size, "tile_resize")
     if (int(tiles.shape[-2]), int(tiles.shape[-1])) == (height, width):
         return tiles
     shrink = height < int(tiles.shape[-2]) or width < int(tiles.shape[-1])
-    return F.interpolate(tiles, size=(height, width), mode="bilinear", align_corners=False,
-                         antialias=shrink)
+    # 16-bit floats interpolate in float32 (CPU has no antialiased half kernels)
+    work = tiles.float() if tiles.element_size() < 4 else tiles
+    out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out.to(tiles.dtype)
 
 
 def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") -> torch.Tensor:
