@@ -80,10 +80,12 @@ def _cli_args(detector: str):
                            detector=detector)
 
 
-def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
+def run_one(backbone: str, detector: str, size: int, data, layers=None,
+            detector_params=None) -> dict:
     """Fit the CLI's pipeline for (backbone, detector) at ``size`` on ``data``; metrics.
 
-    ``layers`` (a tuple of names) replaces :func:`skanomaly.cli.default_layers`."""
+    ``layers`` (a tuple of names) replaces :func:`skanomaly.cli.default_layers`;
+    ``detector_params`` (a dict) are set on the CLI's detector (``set_params``)."""
     from skanomaly import cli
     from skanomaly.cli._common import make_detector, make_model
     from skanomaly.features import FeatureExtractor
@@ -98,8 +100,9 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
     extractor = FeatureExtractor(name, layers, weights=weights, device="cpu",
                                  random_state=SEED)
     n_channels = extractor.fit(X_train[:1]).transform(X_train[:1]).shape[1]
-    model = make_model(extractor, make_detector(detector, n_channels, len(X_train),
-                                                _cli_args(detector)), detector)
+    estimator = make_detector(detector, n_channels, len(X_train), _cli_args(detector))
+    estimator.set_params(**(detector_params or {}))
+    model = make_model(extractor, estimator, detector)
     model.fit(X_train)
     fit_s = time.perf_counter() - wall0
     normality, maps = model.score_and_map(X_test, output_size=native)
@@ -115,6 +118,7 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None) -> dict:
     return {
         "backbone": backbone, "detector": detector, "size": size,
         "layers": list(layers), "channels": int(n_channels),
+        "detector_params": dict(detector_params or {}),
         "image_auroc": image_auroc(data.y_test, scores),
         "pixel_auroc": pixel_auroc(data.masks_test, maps),
         "pro": pro_score(data.masks_test, maps),
@@ -149,7 +153,9 @@ def markdown(rows: list[dict], info: dict, settings: dict) -> str:
     ]
 
     def key(r):
-        return r["backbone"], r["detector"], "+".join(r["layers"]), r["size"]
+        params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("detector_params", {}).items()))
+        name = r["detector"] + (f" ({params})" if params else "")
+        return r["backbone"], name, "+".join(r["layers"]), r["size"]
 
     for k in sorted({key(r) for r in rows}, key=lambda k: (k[1], k[2], k[0], k[3])):
         cells = {r["texture"]: r for r in rows if key(r) == k}
@@ -182,6 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=lambda text: tuple(text.split(",")), default=None,
                         help="comma-separated layers for every detector instead of the "
                         "CLI's defaults")
+    parser.add_argument("--coreset-ratio", type=float, default=None,
+                        help="PatchCore's coreset_sampling_ratio instead of its default")
+    parser.add_argument("--n-neighbors", type=int, default=None,
+                        help="PatchCore's n_neighbors instead of its default")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     return parser
@@ -207,9 +217,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     cache[texture] = datasets.load_textures(
                         texture, n_train=settings["n_train"], n_test=settings["n_test"],
                         image_size=settings["native"], random_state=SEED)
+                params = {k: v for k, v in (("coreset_sampling_ratio", args.coreset_ratio),
+                                            ("n_neighbors", args.n_neighbors))
+                          if v is not None and detector == "patchcore"}
                 for backbone in args.backbones:
                     row = {"texture": texture,
-                           **run_one(backbone, detector, size, cache[texture], args.layers)}
+                           **run_one(backbone, detector, size, cache[texture], args.layers,
+                                     params)}
                     rows.append(row)
                     with partial.open("a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -15,7 +15,9 @@ ImageNet weights and its default layers per detector) runs two ways:
 
 - ``tiled``: ``make_anomaly_pipeline(..., tile_size=T, tile_stride=S)`` on the images at
   their native resolution (tiles of ``--tile-size`` at ``--tile-stride``, maps stitched
-  by ``--merge``: mean or max of the overlaps);
+  by ``--merge``: mean or max of the overlaps); with ``--tile-resize R`` each tile is
+  enlarged to R pixels before the backbone (``tile_resize``: a zoom of R / T, so that
+  the backbone's stride-8 features fall every 8 T / R image pixels);
 - ``resized``: the whole image resized (bilinear, antialiased) to ``--resize`` pixels,
   as a pipeline that takes one fixed input size does, the maps upsampled back to the
   native size (``anomaly_map(output_size=...)``);
@@ -28,12 +30,17 @@ native resolution (:mod:`skanomaly.metrics`), fit and score time (one run each: 
 on shared 2-core machines move with other load, which is recorded), and the peak host
 memory of fit and of score (resident set above its level before the call, sampled every
 2 ms: the allocator reuses freed memory between runs, so a later run can read lower).
-Results go to ``benchmarks/results/small_defects-<date>-<host-kind>.{md,json}``.
+Results go to ``benchmarks/results/small_defects-<date>-<host-kind>[-<tag>].{md,json}``.
+
+``--ways`` picks the ways run (all three by default); ``--padim-layers`` and
+``--patchcore-layers`` replace the command line's layers of a detector.
 
 Usage::
 
     python benchmarks/small_defects.py                  # all three textures, both merges
     python benchmarks/small_defects.py --quick          # tiny sizes (the smoke test's run)
+    python benchmarks/small_defects.py --tile-size 64 --tile-stride 48 --tile-resize 128 \
+        --merges mean --ways tiled                      # tiles zoomed 2x
 """
 
 from __future__ import annotations
@@ -206,15 +213,17 @@ def make_model(detector: str, args, tiled: bool, merge: str = "mean"):
     else:
         backbone = DEFAULT_BACKBONE
         layers, weights = default_layers(backbone, detector), resolve_weights(backbone, None)
+    layers = getattr(args, f"{detector}_layers", None) or layers
     extractor = FeatureExtractor(backbone, list(layers), weights=weights, random_state=SEED,
                                  device=args.device, batch_size=16)
     if detector == "padim":
-        det = PaDiMDetector(n_features=100, random_state=SEED, device=args.device)
+        det = PaDiMDetector(n_features=args.padim_features, random_state=SEED,
+                            device=args.device)
     else:
         det = PatchCoreDetector(coreset_sampling_ratio=args.coreset_ratio,
                                 random_state=SEED, device=args.device)
     tiling = dict(tile_size=args.tile_size, tile_stride=args.tile_stride,
-                  tile_merge=merge) if tiled else {}
+                  tile_merge=merge, tile_resize=args.tile_resize) if tiled else {}
     return make_anomaly_pipeline(extractor, det, **tiling)
 
 
@@ -262,10 +271,14 @@ def markdown(rows, info, settings) -> str:
         f"crops ({settings['n_test'] // 2} with one defect: scratch, blotch or pasted patch,"
         f" 4-12 px) of {settings['image_size']} x {settings['image_size']} px from each "
         "scikit-image texture (train: top half, test: bottom half). Backbone: "
-        f"{settings['backbone']}. Tiled: tiles of {settings['tile_size']} px at stride "
-        f"{settings['tile_stride']}, at native resolution. Resized: the whole image to "
+        f"{settings['backbone']}; layers: {settings['layers']}. Tiled: tiles of "
+        f"{settings['tile_size']} px at stride {settings['tile_stride']}, "
+        + ("at native resolution" if settings["tile_resize"] in (None, settings["tile_size"])
+           else f"each enlarged to {settings['tile_resize']} px before the backbone (zoom "
+           f"{settings['tile_resize'] / settings['tile_size']:g})")
+        + f". Resized: the whole image to "
         f"{settings['resize']} px, maps upsampled back. Whole: the image at its native size, "
-        "untiled. PaDiM n_features=100; PatchCore "
+        f"untiled. PaDiM n_features={settings['padim_features']}; PatchCore "
         f"coreset_sampling_ratio={settings['coreset_ratio']}. Metrics at native resolution;"
         " PRO integrated to FPR 0.3. Memory: peak host RSS above the level before the "
         "call (MiB).",
@@ -298,6 +311,17 @@ def _parser():
     p.add_argument("--image-size", type=int, default=192)
     p.add_argument("--tile-size", type=int, default=96)
     p.add_argument("--tile-stride", type=int, default=64)
+    p.add_argument("--tile-resize", type=int, default=None,
+                   help="tiles resized to this many pixels before the backbone "
+                        "(tile_resize; default: native resolution)")
+    p.add_argument("--ways", nargs="+", choices=("tiled", "resized", "whole"),
+                   default=["tiled", "resized", "whole"], help="the ways to run")
+    p.add_argument("--padim-layers", type=lambda text: text.split(","), default=None,
+                   help="comma-separated backbone layers of PaDiM (default: the CLI's)")
+    p.add_argument("--padim-features", type=int, default=100,
+                   help="PaDiM's n_features: random channels kept (at most the layers')")
+    p.add_argument("--patchcore-layers", type=lambda text: text.split(","), default=None,
+                   help="comma-separated backbone layers of PatchCore (default: the CLI's)")
     p.add_argument("--resize", type=int, default=64)
     p.add_argument("--coreset-ratio", type=float, default=0.02)
     p.add_argument("--no-whole", action="store_true",
@@ -311,6 +335,8 @@ def _parser():
                    help="tiny sizes: 6 train / 6 test crops of 64 px, tiles of 32, one "
                         "texture and a random resnet18 (a smoke run)")
     p.add_argument("--output", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="suffix of the result files' names (after a "
+                   "dash), e.g. zoom2")
     return p
 
 
@@ -330,18 +356,19 @@ def main(argv=None) -> list[Row]:
         X_train, X_test, y, masks, kinds = make_data(texture, args.n_train, args.n_test,
                                                      args.image_size)
         for detector in args.detectors:
-            for merge in args.merges:
+            for merge in (args.merges if "tiled" in args.ways else ()):
                 row = evaluate(Row(texture, detector, f"tiled ({merge})"),
                                make_model(detector, args, True, merge), X_train, X_test, y,
                                masks, kinds, args.image_size)
                 rows.append(row)
                 print(row, flush=True)
-            row = evaluate(Row(texture, detector, f"resized {args.resize}"),
-                           make_model(detector, args, False), resize(X_train, args.resize),
-                           resize(X_test, args.resize), y, masks, kinds, args.image_size)
-            rows.append(row)
-            print(row, flush=True)
-            if not args.no_whole:
+            if "resized" in args.ways:
+                row = evaluate(Row(texture, detector, f"resized {args.resize}"),
+                               make_model(detector, args, False), resize(X_train, args.resize),
+                               resize(X_test, args.resize), y, masks, kinds, args.image_size)
+                rows.append(row)
+                print(row, flush=True)
+            if "whole" in args.ways and not args.no_whole:
                 row = evaluate(Row(texture, detector, f"whole {args.image_size}, untiled"),
                                make_model(detector, args, False), X_train, X_test, y, masks,
                                kinds, args.image_size)
@@ -350,9 +377,11 @@ def main(argv=None) -> list[Row]:
     info["load_end"] = os.getloadavg()
     settings = dict(vars(args), output=str(args.output), backbone=(
         "resnet18 (random)" if args.weights == "random"
-        else "EfficientNet-Lite0, packaged ImageNet weights, the CLI's layers per detector"))
+        else "EfficientNet-Lite0, packaged ImageNet weights"), layers="; ".join(
+        f"{d} {'+'.join(make_model(d, args, False)[0].layers)}" for d in args.detectors))
     table = markdown(rows, info, settings)
-    stem = f"small_defects-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
+    stem = (f"small_defects-{info['date']}-{host_kind(info)}" + ("-quick" if args.quick else "")
+            + (f"-{args.tag}" if args.tag else ""))
     write_report(args.output, stem, table,
                  {"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]})
     print("\n" + table)

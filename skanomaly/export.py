@@ -29,7 +29,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from .base import BaseDetector, BaseSpatialDetector, resolve_device
-from .functional.tiling import tile, tile_grid, untile
+from .functional.tiling import resize_tiles, tile, tile_grid, untile
 
 __all__ = ["to_torch", "export", "read_metadata", "METADATA_KEY", "DEFAULT_OPSET"]
 
@@ -79,7 +79,7 @@ class _Exported(torch.nn.Module):
     def __init__(self, features, detector, post, *, spatial: bool, metadata: dict,
                  ranks: tuple[int, ...], sample_shape: tuple[int, ...], tiling=None):
         super().__init__()
-        #: (tile_size, stride, merge) of a tiled pipeline, else None
+        #: (tile_size, stride, merge, resize) of a tiled pipeline, else None
         self.tiling = tiling
         self.features = features
         self.detector = detector
@@ -111,16 +111,22 @@ class _Exported(torch.nn.Module):
     def _tiled(self, x: torch.Tensor):
         """Images -> tiles -> features -> detector -> scores and stitched maps, as
         :class:`~skanomaly.AnomalyPipeline` with ``tile_size`` computes them."""
-        size, stride, merge = self.tiling
+        size, stride, merge, resize = self.tiling
         image = self.image_size or (int(x.shape[-2]), int(x.shape[-1]))
         n_tiles = len(tile_grid(image, size, stride))
-        out = self.detector(self.features(tile(x, size, stride)))
+        out = self.detector(self.features(self._tiles(x)))
         scores, maps = out if self.spatial else (out, None)
         scores = scores.to(torch.float32).reshape(-1, n_tiles).amax(dim=1)
         if maps is None:
             return scores
         maps = untile(self.post(maps.to(torch.float32), size), image, stride, merge)
         return scores, maps
+
+    def _tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """The tiles of images ``x`` as the extractor takes them (resized if set)."""
+        size, stride, _, resize = self.tiling
+        tiles = tile(x, size, stride)
+        return tiles if resize is None else resize_tiles(tiles, resize)
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
@@ -306,9 +312,10 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
         ``maps`` float32 (n, H, W): ``anomaly_map(x, output_size=(H, W), sigma=sigma)``
         at the input image size for a pipeline, ``anomaly_map(x)`` at feature resolution
         for a bare detector. For an :class:`~skanomaly.AnomalyPipeline` with
-        ``tile_size``, the graph tiles the images, scores the tiles and stitches their
-        maps at the image size (scores: the largest of each image's tiles), as the
-        pipeline does; its metadata adds ``tile_size``, ``tile_stride``, ``tile_merge``.
+        ``tile_size``, the graph tiles the images (and resizes the tiles, with
+        ``tile_resize``), scores the tiles and stitches their maps at the image size
+        (scores: the largest of each image's tiles), as the pipeline does; its metadata
+        adds ``tile_size``, ``tile_stride``, ``tile_merge``, ``tile_resize``.
         ``module.metadata`` is a JSON-ready dict: ``threshold``
         (a sample is an outlier where ``scores > threshold``: ``-offset_``),
         ``contamination``, ``calibration``, the detector's class and parameters,
@@ -388,9 +395,10 @@ def to_torch(estimator, *, device="cpu", dtype=torch.float64, sigma=4.0):
     tiling = estimator._tiling() if hasattr(estimator, "_tiling") else None
     metadata = _metadata(features, scaler, detector, dtype, sigma, spatial)
     if tiling is not None:
-        size, stride, merge = tiling
+        size, stride, merge, resize = tiling
         shape = getattr(estimator, "tiled_input_shape_", None)
         metadata.update(tile_size=list(size), tile_stride=list(stride), tile_merge=merge,
+                        tile_resize=None if resize is None else list(resize),
                         input_shape=_json_safe(shape),
                         image_size=None if shape is None else _json_safe(shape[1:]))
     module = _Exported(first, scoring, post, spatial=spatial, metadata=metadata,
@@ -548,8 +556,8 @@ def export(estimator, path, example_input=None, *, dtype=torch.float64, opset=DE
     if meta["input"] == "images":  # the detector's grid is fixed: so is the image size
         with torch.no_grad():
             try:
-                shape = list(module.features(x if module.tiling is None else tile(
-                    x[:1], *module.tiling[:2])[:1]).shape[1:])
+                shape = list(module.features(x if module.tiling is None else
+                                             module._tiles(x[:1])[:1]).shape[1:])
             except RuntimeError as exc:
                 raise ValueError(f"the backbone failed on example_input of shape "
                                  f"{tuple(x.shape)}: {exc}") from exc

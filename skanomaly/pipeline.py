@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._dask import is_dask_array
 from .base import _like_input, _predict_labels
-from .functional.tiling import _MERGES, as_pair, tile_grid, untile
+from .functional.tiling import _MERGES, as_pair, resize_tiles, tile_grid, untile
 
 __all__ = ["AnomalyPipeline", "make_anomaly_pipeline"]
 
@@ -67,19 +67,22 @@ class _Tiles:
     """The tiles of validated images ``X`` (numpy or tensor) as a lazy sequence of
     images: ``len``, ``shape`` and slices ``[a:b]`` (an array of the type of ``X``), so
     that the extractor cuts the tiles of one batch at a time (memory bounded by a batch
-    of tiles, not by all of them). Order and grid as :func:`~skanomaly.functional.tile`.
+    of tiles, not by all of them). Order and grid as :func:`~skanomaly.functional.tile`;
+    with ``resize``, each slice's tiles are resized to it
+    (:func:`~skanomaly.functional.resize_tiles`).
     """
 
-    def __init__(self, X, tile_size, stride):
+    def __init__(self, X, tile_size, stride, resize=None):
         if len(X.shape) != 4:
             raise ValueError(f"tiling needs 4-D images (n_samples, channels, height, width), "
                              f"got shape {tuple(X.shape)}")
         self.images = X
         self.image_size = tuple(int(s) for s in X.shape[-2:])
-        self.tile_size = tile_size
+        self.tile_size, self.resize = tile_size, resize
         self.grid = tile_grid(self.image_size, tile_size, stride)
         self.n_tiles = len(self.grid)
-        self.shape = (int(X.shape[0]) * self.n_tiles, int(X.shape[1]), *tile_size)
+        self.shape = (int(X.shape[0]) * self.n_tiles, int(X.shape[1]),
+                      *(tile_size if resize is None else resize))
 
     def __len__(self):
         return self.shape[0]
@@ -92,9 +95,14 @@ class _Tiles:
             image, (r, c) = i // self.n_tiles, self.grid[i % self.n_tiles]
             parts.append(self.images[image:image + 1, :, r:r + th, c:c + tw])
         if not parts:
-            return self.images[:0, :, :th, :tw]
-        return torch.cat(parts) if isinstance(self.images, torch.Tensor) else \
-            np.concatenate(parts)
+            parts = [self.images[:0, :, :th, :tw]]
+        if isinstance(self.images, torch.Tensor):
+            tiles = torch.cat(parts)
+            return tiles if self.resize is None else resize_tiles(tiles, self.resize)
+        tiles = np.concatenate(parts)
+        if self.resize is None:
+            return tiles
+        return resize_tiles(torch.from_numpy(tiles), self.resize).numpy()
 
 
 @contextmanager
@@ -140,6 +148,15 @@ class AnomalyPipeline(Pipeline):
     tile_merge : {"mean", "max"}, default="mean"
         How the maps of overlapping tiles combine: their mean (anomalib's ``Tiler``) or
         their maximum.
+    tile_resize : int, (int, int) or None, default=None
+        Size ``(height, width)`` in pixels that every tile is resized to before the
+        extractor (bilinear; antialiased when shrinking:
+        :func:`~skanomaly.functional.resize_tiles`); None: tiles at native resolution.
+        Larger than ``tile_size``, it zooms in: with 64-px tiles resized to 128, a
+        backbone's stride-8 features fall every 4 image pixels, so that scratches one
+        or two pixels wide reach them (at four times the backbone's work per tile).
+        Each tile's map is computed at ``tile_size`` (the tile's own pixels), so the
+        stitching and every result are as without it. Needs ``tile_size``.
 
     See Also
     --------
@@ -176,7 +193,10 @@ class AnomalyPipeline(Pipeline):
     :meth:`calibrate_pixels` and :meth:`predict_mask` threshold the stitched maps.
     Every method returns one result per image. Images scored may have any size of at least the tile
     (each image's map comes back at its own size); the images of one call share a size.
-    ``tile_size`` equal to the image size is the untiled pipeline.
+    ``tile_size`` equal to the image size is the untiled pipeline. With
+    ``tile_resize``, the extractor and the detector see the resized tiles (the fitted
+    state is that of the untiled pipeline fitted on them), and each tile's map is
+    upsampled and blurred at ``tile_size`` before the stitching.
 
     Examples
     --------
@@ -204,25 +224,39 @@ class AnomalyPipeline(Pipeline):
     >>> tiled[-1].input_shape_  # the detector sees tiles: layer1's maps of a 32-px tile
     (64, 8, 8)
 
+    The same tiles zoomed to 64 px before the backbone: finer features, same results'
+    shapes:
+
+    >>> zoomed = AnomalyPipeline([
+    ...     ("features", FeatureExtractor("resnet18", ["layer1"], random_state=0)),
+    ...     ("padim", PaDiMDetector(n_features=8, random_state=0))],
+    ...     tile_size=32, tile_stride=24, tile_resize=64).fit(X)
+    >>> zoomed[-1].input_shape_, zoomed.anomaly_map(X[:1]).shape
+    ((64, 16, 16), (1, 64, 80))
+
     """
 
     def __init__(self, steps, *, transform_input=None, memory=None, verbose=False,
-                 tile_size=None, tile_stride=None, tile_merge="mean"):
+                 tile_size=None, tile_stride=None, tile_merge="mean", tile_resize=None):
         super().__init__(steps, transform_input=transform_input, memory=memory,
                          verbose=verbose)
         self.tile_size = tile_size
         self.tile_stride = tile_stride
         self.tile_merge = tile_merge
+        self.tile_resize = tile_resize
 
     # ------------------------------------------------------------ tiling
     def _tiling(self):
-        """(tile_size, stride, merge) as pairs of ints, or None without tiling;
-        ValueError/TypeError naming a bad parameter."""
+        """(tile_size, stride, merge, resize): sizes as pairs of ints (resize None when
+        the tiles keep their size), or None without tiling; ValueError/TypeError naming
+        a bad parameter."""
         size = getattr(self, "tile_size", None)  # None: pickled before tiling existed
+        resize = getattr(self, "tile_resize", None)  # None: pickled before it existed
         if size is None:
-            if getattr(self, "tile_stride", None) is not None:
-                raise ValueError("tile_stride is set but tile_size is None: set tile_size "
-                                 "to tile the images")
+            for name in ("tile_stride", "tile_resize"):
+                if getattr(self, name, None) is not None:
+                    raise ValueError(f"{name} is set but tile_size is None: set tile_size "
+                                     "to tile the images")
             return None
         size = as_pair(size, "tile_size")
         stride = size if self.tile_stride is None else as_pair(self.tile_stride,
@@ -232,7 +266,10 @@ class AnomalyPipeline(Pipeline):
                              f"{self.tile_size!r}: the tiles would leave pixels uncovered")
         if self.tile_merge not in _MERGES:
             raise ValueError(f"tile_merge must be one of {_MERGES}, got {self.tile_merge!r}")
-        return size, stride, self.tile_merge
+        if resize is not None:
+            resize = as_pair(resize, "tile_resize")
+            resize = None if resize == size else resize
+        return size, stride, self.tile_merge, resize
 
     def _check_tiled(self, fused, X, what: str):
         """The tiling of this pipeline, checked to be runnable on ``X`` (fused)."""
@@ -250,7 +287,7 @@ class AnomalyPipeline(Pipeline):
         if reset:
             extractor._validate_params()
         Xv = extractor._validate_input(X, reset=reset)
-        tiles = _Tiles(Xv, tiling[0], tiling[1])
+        tiles = _Tiles(Xv, tiling[0], tiling[1], tiling[3])
         if reset:
             extractor._fit(tiles[:1])
             #: (C, H, W) of the images fitted on (the export's default example)
@@ -791,7 +828,7 @@ class AnomalyPipeline(Pipeline):
 
 
 def make_anomaly_pipeline(*steps, memory=None, verbose=False, tile_size=None,
-                          tile_stride=None, tile_merge="mean"):
+                          tile_stride=None, tile_merge="mean", tile_resize=None):
     """An :class:`AnomalyPipeline` from estimators, named as
     :func:`~sklearn.pipeline.make_pipeline` names them (lowercased class names).
 
@@ -803,8 +840,9 @@ def make_anomaly_pipeline(*steps, memory=None, verbose=False, tile_size=None,
         As in :func:`~sklearn.pipeline.make_pipeline`.
     verbose : bool, default=False
         As in :func:`~sklearn.pipeline.make_pipeline`.
-    tile_size, tile_stride, tile_merge
-        Tiling at native resolution: see :class:`AnomalyPipeline`.
+    tile_size, tile_stride, tile_merge, tile_resize
+        Tiling (at native resolution, or each tile resized before the extractor): see
+        :class:`AnomalyPipeline`.
 
     Returns
     -------
@@ -825,4 +863,5 @@ def make_anomaly_pipeline(*steps, memory=None, verbose=False, tile_size=None,
     """
     plain = make_pipeline(*steps, memory=memory, verbose=verbose)
     return AnomalyPipeline(plain.steps, memory=memory, verbose=verbose, tile_size=tile_size,
-                           tile_stride=tile_stride, tile_merge=tile_merge)
+                           tile_stride=tile_stride, tile_merge=tile_merge,
+                           tile_resize=tile_resize)

@@ -66,3 +66,28 @@ def test_quick_run_writes_table_and_matches_a_hand_made_pipeline(backbones, tmp_
     maps = model.anomaly_map(resize(data.X_test), output_size=64)
     assert row["image_auroc"] == pytest.approx(image_auroc(data.y_test, scores))
     assert row["pixel_auroc"] == pytest.approx(pixel_auroc(data.masks_test, np.asarray(maps)))
+
+
+def test_detector_options_reach_patchcore_and_name_the_row(backbones, tmp_path):
+    rows = backbones.main(["--quick", "--backbones", "lite0", "--detectors", "patchcore",
+                           "--sizes", "32", "--textures", "gravel", "--coreset-ratio", "0.5",
+                           "--n-neighbors", "3", "--output", str(tmp_path)])
+    (row,) = rows
+    assert row["detector_params"] == {"coreset_sampling_ratio": 0.5, "n_neighbors": 3}
+    (md,) = tmp_path.glob("backbones-*-quick.md")
+    assert ("| lite0 | patchcore (coreset_sampling_ratio=0.5, n_neighbors=3) | "
+            "blocks.2+blocks.3 | 32 |") in md.read_text()
+
+    data = load_textures("gravel", n_train=8, n_test=6, image_size=64, random_state=0)
+    X_train, X_test = backbones.resize(data.X_train, 32), backbones.resize(data.X_test, 32)
+    model = AnomalyPipeline([
+        ("features", FeatureExtractor("timm/tf_efficientnet_lite0", ["blocks.2", "blocks.3"],
+                                      weights="efficientnet-lite0-imagenet", device="cpu",
+                                      random_state=0)),
+        ("detector", PatchCoreDetector(coreset_sampling_ratio=0.5, n_neighbors=3,
+                                       random_state=0, contamination=0.1, device="cpu")),
+    ]).fit(X_train)
+    scores = -model.score_samples(X_test)
+    maps = model.anomaly_map(X_test, output_size=64)
+    assert row["image_auroc"] == pytest.approx(image_auroc(data.y_test, scores))
+    assert row["pixel_auroc"] == pytest.approx(pixel_auroc(data.masks_test, np.asarray(maps)))

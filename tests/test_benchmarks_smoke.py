@@ -286,3 +286,21 @@ def test_small_defects_quick_run(small_defects, tmp_path):
         assert r.fit_s > 0 and r.score_s > 0
     (md,) = tmp_path.glob("small_defects-*-quick.md")
     assert "| brick | padim | tiled (mean) |" in md.read_text()
+
+
+def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rows = small_defects.main(["--quick", "--merges", "max", "--ways", "tiled",
+                                   "--tile-resize", "48", "--detectors", "padim",
+                                   "--padim-layers", "layer2", "--padim-features", "50",
+                                   "--tag", "zoom",
+                                   "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r.detector, r.way) for r in rows] == [("padim", "tiled (max)")]
+    assert rows[0].error is None
+    text = next(tmp_path.glob("small_defects-*-quick-zoom.md")).read_text()
+    assert "layers: padim layer2" in text
+    assert "each enlarged to 48 px before the backbone (zoom 1.5)" in text
+    assert "PaDiM n_features=50" in text

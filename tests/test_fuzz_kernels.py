@@ -314,9 +314,11 @@ def test_spatial(x, sigma, truncate, size):
 @FUZZ
 @given(x=tensors(ndim=4, max_side=6), tile=st.tuples(st.integers(0, 7), st.integers(0, 7)),
        stride=st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(0, 7))),
-       merge=st.sampled_from(["mean", "max", "median"]))
-def test_tiling(x, tile, stride, merge):
+       merge=st.sampled_from(["mean", "max", "median"]),
+       resize=st.tuples(st.integers(0, 9), st.integers(0, 9)))
+def test_tiling(x, tile, stride, merge, resize):
     check(F.tile_grid, tuple(x.shape[-2:]), tile, stride)
+    check(F.resize_tiles, x, resize)
     tiles = check(F.tile, x, tile, stride)
     if tiles is not None and tiles.is_floating_point() and tiles.shape[1] > 0:
         check(F.untile, tiles[:, 0], tuple(x.shape[-2:]), stride, merge)
@@ -428,5 +430,5 @@ def test_every_public_kernel_is_fuzzed():
               "gaussian_kde_logpdf", "kde_covariance", "GaussianKDE",
               "leave_one_out_mahalanobis", "leave_one_out_from_residuals", "GaussianScorer",
               "WoodburyGaussianScorer",
-              "tile", "tile_grid", "untile"}
+              "tile", "tile_grid", "resize_tiles", "untile"}
     assert set(F.__all__) <= fuzzed, set(F.__all__) - fuzzed

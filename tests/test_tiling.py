@@ -338,3 +338,136 @@ def test_a_tiled_pipeline_streams_a_folder_of_mixed_sizes(tmp_path):
     for batch in batches:  # each image's map at its own size
         scores, maps = model.score_and_map(batch)
         assert scores.shape == (len(batch),) and maps.shape[1:] == batch.shape[2:]
+
+
+# ------------------------------------------------------------------ tiles resized (zoom)
+def _numpy_bilinear(X, height, width):
+    """Bilinear resize of (n, C, h, w) with pixel centres at half-integers (the
+    convention of align_corners=False), edges clamped: the reference of enlarging."""
+    def axis(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    r0, r1, wr = axis(X.shape[2], height)
+    c0, c1, wc = axis(X.shape[3], width)
+    rows = X[:, :, r0] * (1 - wr)[:, None] + X[:, :, r1] * wr[:, None]
+    return rows[..., c0] * (1 - wc) + rows[..., c1] * wc
+
+
+def test_resize_tiles_enlarges_as_bilinear_and_shrinks_as_pil():
+    from PIL import Image
+
+    from skanomaly.functional import resize_tiles
+
+    rng = np.random.default_rng(2)
+    X = rng.random((2, 3, 10, 12))
+    np.testing.assert_allclose(resize_tiles(torch.as_tensor(X), (25, 36)).numpy(),
+                               _numpy_bilinear(X, 25, 36), rtol=1e-12, atol=1e-12)
+    # shrinking is antialiased, as PIL's bilinear filter resizes
+    big = rng.random((1, 1, 40, 48)).astype(np.float32)
+    pil = np.asarray(Image.fromarray(big[0, 0], mode="F").resize((12, 10), Image.BILINEAR))
+    np.testing.assert_allclose(resize_tiles(torch.as_tensor(big), (10, 12))[0, 0].numpy(),
+                               pil, atol=1e-5)
+    half = resize_tiles(torch.as_tensor(big, dtype=torch.float16), (10, 12))  # via float32
+    assert half.dtype == torch.float16
+    np.testing.assert_allclose(half[0, 0].float().numpy(), pil, atol=2e-3)
+    same = torch.as_tensor(X)
+    assert resize_tiles(same, (10, 12)) is same
+    with pytest.raises(ValueError, match="tiles must be floating"):
+        resize_tiles(torch.zeros(2, 10, 12), 20)
+    with pytest.raises(ValueError, match="tile_resize must be at least 1"):
+        resize_tiles(same, 0)
+
+
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_tiled_pipeline_with_tile_resize_equals_the_untiled_one_on_resized_tiles(
+        detector, images):
+    X = images
+    tiled = make_anomaly_pipeline(_extractor(), clone(detector), tile_size=24,
+                                  tile_stride=16, tile_resize=40).fit(X)
+    tiles, grid = _numpy_tiles(X, (24, 24), (16, 16))
+    # the tiles resized by torch's bilinear interpolation, which the test above checks
+    # against numpy: the reference pipeline then sees the very same tiles (a coreset
+    # selection can turn on the last bit of a feature)
+
+    def zoom(t):
+        return torch.nn.functional.interpolate(torch.as_tensor(t), size=(40, 40),
+                                               mode="bilinear", align_corners=False).numpy()
+
+    zoomed = zoom(tiles)
+    np.testing.assert_allclose(zoomed, _numpy_bilinear(tiles, 40, 40), atol=1e-5)
+    ref = make_anomaly_pipeline(_extractor(), clone(detector)).fit(zoomed)
+    assert tiled[-1].input_shape_ == ref[-1].input_shape_ == (64, 10, 10)
+    for name in ("memory_bank_", "mean_"):
+        if hasattr(ref[-1], name):
+            np.testing.assert_array_equal(getattr(tiled[-1], name), getattr(ref[-1], name))
+    tile_normality = ref[-1].__dict__["_device_cache"]["fit_normality"]
+    assert tiled[-1].offset_ == _quantile_offset(tile_normality.reshape(len(X), 8).min(axis=1),
+                                                 ref[-1].contamination)
+
+    X_test = X[:3] + 0.0
+    X_test[0, :, 5:7, 30:40] = 1.0  # a thin bright scratch
+    scores, maps = tiled.score_and_map(X_test)
+    test_tiles, _ = _numpy_tiles(X_test, (24, 24), (16, 16))
+    # each tile's map at the tile's own size, then stitched
+    ref_scores, ref_maps = ref.score_and_map(
+        zoom(test_tiles), output_size=24)
+    np.testing.assert_array_equal(scores, ref_scores.reshape(3, 8).min(axis=1))
+    np.testing.assert_allclose(maps, _numpy_untile(ref_maps, grid, (40, 60), "mean"),
+                               rtol=1e-12, atol=1e-12)
+    assert maps.shape == (3, 40, 60)
+    np.testing.assert_array_equal(tiled.anomaly_map(X_test), maps)
+    np.testing.assert_array_equal(tiled.score_samples(X_test), scores)
+    # tensors in: the same values, as tensors
+    t_scores, t_maps = tiled.score_and_map(torch.as_tensor(X_test))
+    np.testing.assert_array_equal(t_scores.numpy(), scores)
+    np.testing.assert_array_equal(t_maps.numpy(), maps)
+
+
+def test_tile_resize_streams_checks_and_equal_size_is_no_resize(images):
+    padim = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                                  tile_stride=16, tile_resize=(32, 40))
+    fitted = clone(padim).fit(images)
+    assert fitted[-1].input_shape_ == (64, 8, 10)
+    padim.partial_fit(images)  # one batch is fit, bitwise
+    assert padim[-1].offset_ == fitted[-1].offset_
+    np.testing.assert_array_equal(padim.score_samples(images[:2]),
+                                  fitted.score_samples(images[:2]))
+    held_out = np.random.default_rng(5).random((9, 3, 40, 60), dtype=np.float32)
+    assert fitted.calibrate(held_out)[-1].calibration_scores_.shape == (9,)  # images
+
+    plain = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                                  tile_stride=16).fit(images)
+    same = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                                 tile_stride=16, tile_resize=24).fit(images)
+    for a, b in zip(same.score_and_map(images[:2]), plain.score_and_map(images[:2])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="tile_resize is set but tile_size is None"):
+        AnomalyPipeline([("f", _extractor()), ("d", clone(DETECTORS[0]))],
+                        tile_resize=32).fit(images)
+    with pytest.raises(TypeError, match="tile_resize must be an int or a pair"):
+        make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                              tile_resize=1.5).fit(images)
+
+
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_exported_pipeline_resizes_its_tiles(detector, images, tmp_path):
+    from skanomaly.export import export, to_torch
+
+    model = make_anomaly_pipeline(_extractor(), clone(detector), tile_size=24,
+                                  tile_stride=16, tile_resize=40).fit(images)
+    X = images[:3]
+    scores, maps = model.score_and_map(X)
+    got_scores, got_maps = to_torch(model)(torch.as_tensor(X))
+    np.testing.assert_allclose(got_scores.numpy(), -scores, rtol=1e-5)
+    np.testing.assert_allclose(got_maps.numpy(), maps, rtol=1e-5, atol=1e-6)
+    ort = pytest.importorskip("onnxruntime")
+    meta = export(model, tmp_path / "zoomed.onnx")
+    assert meta["tile_resize"] == [40, 40] and meta["tile_size"] == [24, 24]
+    session = ort.InferenceSession(str(tmp_path / "zoomed.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    onnx_scores, onnx_maps = session.run(None, {"input": X})
+    np.testing.assert_allclose(onnx_scores, -scores, rtol=1e-4)
+    np.testing.assert_allclose(onnx_maps, maps, rtol=1e-4, atol=1e-5)

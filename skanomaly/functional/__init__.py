@@ -32,7 +32,7 @@ from .neighbors import KNNIndex, knn_distances, pairwise_sq_distances
 from .sampling import (johnson_lindenstrauss_min_dim, k_center_greedy,
                        sparse_random_projection_matrix)
 from .spatial import gaussian_blur2d, gaussian_kernel1d, upsample_bilinear
-from .tiling import tile, tile_grid, untile
+from .tiling import resize_tiles, tile, tile_grid, untile
 
 # helpers the estimators share, public to the package (not in __all__, not the documented
 # API): the finiteness check that reports one flag per call, exact power-of-two scaling,
@@ -70,6 +70,7 @@ __all__ = [
     "gaussian_kernel1d",
     "gaussian_blur2d",
     "upsample_bilinear",
+    "resize_tiles",
     "tile",
     "tile_grid",
     "untile",

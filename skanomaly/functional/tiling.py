@@ -23,7 +23,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_pair", "tile_origins", "tile_grid", "tile", "untile"]
+__all__ = ["as_pair", "tile_origins", "tile_grid", "tile", "resize_tiles", "untile"]
 
 _MERGES = ("mean", "max")
 
@@ -194,6 +194,60 @@ def tile(images: torch.Tensor, tile_size, stride=None) -> torch.Tensor:
     parts = [images[:, :, r:r + th, k:k + tw] for r, k in grid]
     # flatten, not reshape to sizes read from the input: a trace keeps N (and C) free
     return torch.stack(parts, dim=1).flatten(0, 1)
+
+
+def resize_tiles(tiles: torch.Tensor, size) -> torch.Tensor:
+    """Tiles resized to ``size`` before the backbone: bilinear, antialiased when shrinking.
+
+    Enlarging a tile (``size`` above the tile's) is a zoom: the backbone's stride-8
+    features then fall every ``8 * tile / size`` pixels of the image, finer than 8, so
+    that defects of one or two pixels reach them. Shrinking is antialiased (as
+    ``skanomaly fit`` resizes images); enlarging is plain bilinear interpolation
+    (antialiasing does nothing there, and plain bilinear resizing exports to ONNX).
+
+    Parameters
+    ----------
+    tiles : torch.Tensor of shape (n, C, h, w)
+        Floating tiles (of :func:`tile`), any device; not modified.
+    size : int or (int, int)
+        Output ``(height, width)`` in pixels.
+
+    Returns
+    -------
+    resized : torch.Tensor of shape (n, C, size_h, size_w)
+        ``tiles`` itself when it already has that size, else a new tensor of its dtype
+        and device (``torch.nn.functional.interpolate``, ``mode="bilinear"``,
+        ``align_corners=False``; float16 and bfloat16 computed in float32).
+
+    Raises
+    ------
+    ValueError
+        If ``tiles`` is not 4-D and floating with at least one channel and pixel, or
+        ``size`` is below 1.
+    TypeError
+        If ``size`` is neither an int nor a pair of ints.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    >>> resize_tiles(x, 4)[0, 0, 0].tolist()  # each pixel's centre keeps its value
+    [0.0, 0.25, 0.75, 1.0]
+    >>> resize_tiles(torch.zeros(3, 3, 32, 48), (64, 96)).shape
+    torch.Size([3, 3, 64, 96])
+    """
+    if tiles.dim() != 4 or not tiles.is_floating_point() or min(tiles.shape[1:]) == 0:
+        raise ValueError(f"tiles must be floating (n, C, h, w) with C, h, w at least 1, got "
+                         f"{tiles.dtype} of shape {tuple(tiles.shape)}")
+    height, width = as_pair(size, "tile_resize")
+    if (int(tiles.shape[-2]), int(tiles.shape[-1])) == (height, width):
+        return tiles
+    shrink = height < int(tiles.shape[-2]) or width < int(tiles.shape[-1])
+    # 16-bit floats interpolate in float32 (CPU has no antialiased half kernels)
+    work = tiles.float() if tiles.element_size() < 4 else tiles
+    out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out.to(tiles.dtype)
 
 
 def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") -> torch.Tensor:
