@@ -209,14 +209,14 @@ def test_random_resnet_remains_an_option(options, tmp_path):
 
 def test_defaults():
     """The main job's and fit's defaults, chosen by measurement (benchmarks/backbones.py):
-    PatchCore on EfficientNet-Lite0's blocks.2 and blocks.3 at 192 px."""
+    PatchCore on EfficientNet-Lite0's blocks.2 and blocks.3 at 256 px."""
     from skanomaly.cli import build_parser, default_layers
 
     main_job = build_parser().parse_args([])
     fit = build_parser().parse_args(["fit", "train"])
     for args in (main_job, fit):
         assert (args.detector, args.backbone, args.layers, args.image_size) == (
-            "patchcore", "timm/tf_efficientnet_lite0", None, 192)
+            "patchcore", "timm/tf_efficientnet_lite0", None, 256)
     assert default_layers(main_job.backbone, main_job.detector) == ("blocks.2", "blocks.3")
 
 
@@ -268,7 +268,7 @@ def test_main_job_localises_on_grass_and_gravel(texture, tmp_path):
     assert main(["--quiet", "--device", "cpu", "--no-heatmaps", "--texture", texture,
                  "--output-dir", str(tmp_path)]) == 0
     metrics = read_metrics(tmp_path)
-    assert (metrics["detector"], metrics["image_size"]) == ("patchcore", 192)
+    assert (metrics["detector"], metrics["image_size"]) == ("patchcore", 256)
     assert metrics["metrics"]["pixel_auroc"] >= 0.96
     assert metrics["metrics"]["image_auroc"] >= 0.85
 

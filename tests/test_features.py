@@ -502,3 +502,28 @@ def test_features_do_not_depend_on_the_input_memory_layout():
     assert_array_equal(fe.transform(strided), fe.transform(contiguous))
     as_tensor = torch.from_numpy(contiguous).to(memory_format=torch.channels_last)
     assert_array_equal(fe.transform(as_tensor), fe.transform(contiguous))
+
+
+def test_backbone_built_again_is_an_equal_independent_copy():
+    import torchvision
+
+    from skanomaly.features.backbones import build_backbone
+
+    state = torch.random.get_rng_state()
+    first = build_backbone("resnet18", None, 3)
+    again = build_backbone("resnet18", None, 3)  # the copy kept from the first build
+    assert again is not first
+    for (name, a), (other, b) in zip(first.state_dict().items(),
+                                     again.state_dict().items()):
+        assert name == other and torch.equal(a, b)
+        assert a.numel() == 0 or a.data_ptr() != b.data_ptr()
+    with torch.no_grad():
+        first.conv1.weight.zero_()  # a caller's changes reach no later build
+    assert torch.equal(build_backbone("resnet18", None, 3).conv1.weight, again.conv1.weight)
+    with torch.random.fork_rng(devices=[]):  # independent reference: torchvision, seeded
+        torch.manual_seed(3)
+        reference = torchvision.models.resnet18()
+    assert torch.equal(reference.layer3[1].conv2.weight, again.layer3[1].conv2.weight)
+    assert not torch.equal(build_backbone("resnet18", None, 4).conv1.weight,
+                           again.conv1.weight)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
     Examples
     --------
-    A tiny run on the bundled textures (the default run uses 192 px images):
+    A tiny run on the bundled textures (the default run uses 256 px images):
 
     >>> import json, tempfile
     >>> from pathlib import Path
