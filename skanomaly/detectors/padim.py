@@ -337,12 +337,20 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         product = torch.empty(blocks[0][1], d, d, **f64)
         for start, stop in blocks:
             x = self._gather(X, idx, start, stop, buffers)
-            block_mean = torch.mean(x, 1, out=mean[start:stop])
-            x.sub_(block_mean.unsqueeze(1))
-            block = torch.bmm(x.mT, x, out=product[: stop - start])
-            # symmetric by definition; bmm may leave last-bit asymmetries
-            torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
+            self._block_moments(x, mean[start:stop], scatter[start:stop],
+                                product[: stop - start])
         return MomentAccumulator._from_moments(n, mean, scatter)
+
+    @staticmethod
+    def _block_moments(x, mean, scatter, product) -> torch.Tensor:
+        """Mean and scatter of a gathered block ``x`` (k, n, d) into ``mean`` (k, d) and
+        ``scatter`` (k, d, d); ``x`` is centred in place, ``product`` is scratch.
+        Returns ``scatter``."""
+        block_mean = torch.mean(x, 1, out=mean)
+        x.sub_(block_mean.unsqueeze(1))
+        block = torch.bmm(x.mT, x, out=product)
+        # symmetric by definition; bmm may leave last-bit asymmetries
+        return torch.add(block, block.mT, out=scatter).mul_(0.5)
 
     def _merged_moments(self, X, idx, previous) -> MomentAccumulator:
         batch = self._batch_moments(X, idx)
@@ -411,12 +419,9 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         advice, reg, loo_ok = self._singular_advice(n, d), float(self.reg), True
         for start, stop in blocks:
             x = self._gather(X, idx, start, stop, buffers)  # (k, n, d)
-            block_mean = torch.mean(x, 1, out=mean[start:stop])
-            x.sub_(block_mean.unsqueeze(1))
-            block = torch.bmm(x.mT, x, out=product[: stop - start])
-            # symmetric by definition; bmm may leave last-bit asymmetries
-            block_scatter = torch.add(block, block.mT, out=scatter[start:stop]).mul_(0.5)
             m = stop - start
+            block_scatter = self._block_moments(x, mean[start:stop], scatter[start:stop],
+                                                product[:m])
             factor = cholesky_or_raise(
                 torch.div(block_scatter, n - 1, out=covariance[:m]), reg, advice,
                 validate_args=False, overwrite_a=True, out=factor_buffer[:m].mT)
