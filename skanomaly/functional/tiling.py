@@ -247,7 +247,10 @@ def resize_tiles(tiles: torch.Tensor, size) -> torch.Tensor:
     work = tiles.float() if tiles.element_size() < 4 else tiles
     out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False,
                         antialias=shrink)
-    return out.to(tiles.dtype)
+    # each output is a convex combination of inputs, so it lies within their range; only
+    # rounding can carry one past the dtype's largest value (inf): clamped back to it
+    limit = torch.finfo(tiles.dtype).max
+    return out.clamp_(-limit, limit).to(tiles.dtype)
 
 
 def untile(tiles: torch.Tensor, image_size, stride=None, merge: str = "mean") -> torch.Tensor:
