@@ -158,6 +158,24 @@ def test_batch_size_does_not_change_results(fitted_resnet, images, batch_size):
     assert_allclose(fe.transform(images), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pixels", [32 * 32, 3 * 32 * 32])
+def test_cpu_forward_slices_give_the_one_call_features(fitted_resnet, images, pixels,
+                                                        monkeypatch):
+    # slices of 1 and 3 images (the last one short) against one forward of the batch
+    from skanomaly.features import extractor
+    module = fitted_resnet._torch_module(torch.device("cpu"))
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(images)).numpy()
+    monkeypatch.setattr(extractor, "_CPU_FORWARD_PIXELS", pixels)
+    calls = []
+    monkeypatch.setattr(type(module), "features",
+                        lambda self, x, sel=None: calls.append(len(x)) or
+                        extractor.embed(self.layer_outputs(x)[0], self.layers, sel))
+    got = fitted_resnet.transform(images)
+    assert calls == ([1, 1, 1, 1] if pixels == 32 * 32 else [3, 1])
+    assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------- reproducibility, RNG
 def test_random_state_reproducible_and_global_rng_untouched(fitted_resnet, images):
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()

@@ -36,6 +36,14 @@ from .pretrained import load_packaged_weights
 
 __all__ = ["FeatureExtractor"]
 
+#: On the CPU a batch runs through the backbone in slices of about this many input
+#: pixels (5 images of 224 px, 4 of 256, 1 of 512 or more): the activations of a few
+#: images stay in the cache, and resnet18 to layer3 ran 1.3-1.5x faster than in one
+#: batch of 32 (2 threads, 2-core EPYC). The features were bitwise the same there; as
+#: for ``batch_size``, another batch shape may pick another convolution kernel
+#: elsewhere (float32 round-off only).
+_CPU_FORWARD_PIXELS = 2**18
+
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 #: ``layers=None`` for backbones given by name, beyond ResNet-style ones (chosen by
 #: measurement on the bundled textures: see the class's Notes).
@@ -516,7 +524,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             for start in starts:
                 batch = self._to_batch(X[start : start + self.batch_size], dev)
                 try:
-                    maps = module.features(batch, selection)
+                    maps = _sliced_features(module, batch, selection)
                 except RuntimeError as exc:  # e.g. images too small for the backbone
                     raise ValueError(f"the backbone failed on X[{start}:"
                                      f"{start + len(batch)}] of shape {tuple(batch.shape)}: "
@@ -529,7 +537,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 for i in torch.stack(finite).logical_not().nonzero()[:, 0].tolist():
                     bad = i * self.batch_size
                     batch = self._to_batch(X[bad : bad + self.batch_size], dev)
-                    if bool(torch.isfinite(module.features(batch, selection)).all()):
+                    if bool(torch.isfinite(_sliced_features(module, batch, selection)).all()):
                         continue
                     peak = float(batch.abs().amax())
                     raise ValueError(
@@ -655,3 +663,14 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             cache.clear()
             cache[device] = copy.deepcopy(self.model_).to(device)
         return cache[device]
+
+
+def _sliced_features(module: FeatureModule, batch: torch.Tensor, selection) -> torch.Tensor:
+    """``module.features(batch, selection)``, run on the CPU in slices of about
+    ``_CPU_FORWARD_PIXELS`` input pixels (elsewhere in one call)."""
+    n, height, width = batch.shape[0], batch.shape[-2], batch.shape[-1]
+    step = n if batch.device.type != "cpu" else max(1, _CPU_FORWARD_PIXELS // (height * width))
+    if step >= n:
+        return module.features(batch, selection)
+    return torch.cat([module.features(batch[i : i + step], selection)
+                      for i in range(0, n, step)])
