@@ -472,3 +472,109 @@ def test_exhaustive_pass_gives_the_candidate_pass_bits(monkeypatch):
     got = KNNIndex(bank).search(queries, 3, squared=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert want[1][0, :2].tolist() == [3, 7]
+
+
+# ------------------------------------------------------------------ pruned search
+def _low_rank(rng, n, d, rank, noise):
+    return rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d)) + noise * rng.normal(
+        size=(n, d))
+
+
+@settings(deadline=None, max_examples=30)
+@given(n_bank=st.integers(9, 90), n_queries=st.integers(1, 30), n_features=st.integers(32, 70),
+       rank=st.integers(1, 8), k=st.integers(1, 4), integer=st.booleans(),
+       dtype=st.sampled_from(["float32", "float64"]), variance=st.sampled_from([0.3, 0.7, 0.97]),
+       seed=st.integers(0, 2**16))
+def test_pruned_search_gives_the_plain_search_bits(n_bank, n_queries, n_features, rank, k,
+                                                   integer, dtype, variance, seed):
+    # the pruned search at any size (thresholds lowered), against the plain search and a
+    # float64 brute force; integer data tie everywhere, so the bound must send queries on
+    import skanomaly.functional.neighbors as module
+
+    rng = np.random.default_rng(seed)
+    if integer:
+        bank = rng.integers(-1, 2, size=(n_bank, rank)) @ rng.integers(-1, 2, size=(rank,
+                                                                                    n_features))
+        queries = rng.integers(-1, 2, size=(n_queries, rank)) @ rng.integers(
+            -1, 2, size=(rank, n_features))
+    else:
+        bank = _low_rank(rng, n_bank, n_features, rank, 1e-3)
+        queries = _low_rank(rng, n_queries, n_features, rank, 1e-3)
+    torch_dtype = getattr(torch, dtype)
+    bank, queries = (torch.tensor(a, dtype=torch_dtype) for a in (bank, queries))
+    plain = KNNIndex(bank).search(queries, k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "_PRUNE_MIN_BANK", 1)
+        mp.setattr(module, "_PRUNE_MIN_QUERIES", 1)
+        mp.setattr(module, "_PRUNE_VARIANCE", variance)
+        pruned = KNNIndex(bank).search(queries, k)
+    assert torch.equal(pruned[0], plain[0]) and torch.equal(pruned[1], plain[1])
+    brute = _brute_sq(queries.double().numpy(), bank.double().numpy())
+    ref_sq, ref_idx = _ranked(brute, k)
+    np.testing.assert_allclose(pruned[0].double().numpy() ** 2, ref_sq, rtol=1e-5 if dtype ==
+                               "float32" else 1e-12, atol=1e-30)
+    if integer:
+        np.testing.assert_array_equal(pruned[1].numpy(), ref_idx)
+
+
+def test_pruned_search_is_used_and_sends_ties_on(monkeypatch):
+    # PatchCore's regime (a large bank of low intrinsic dimension): the pruning projection
+    # is built and settles most queries; a query with more exact ties than candidates
+    # (rows 0-9 have 10 copies each) is sent on to the plain search
+    import skanomaly.functional.neighbors as module
+
+    rng = np.random.default_rng(3)
+    bank = _low_rank(rng, 2600, 64, 6, 1e-2).astype(np.float32)
+    bank[2500:] = np.tile(bank[:10], (10, 1))  # row 2500 + 10 m + j copies row j
+    queries = np.concatenate([_low_rank(rng, 300, 64, 6, 1e-2), bank[:10]]).astype(np.float32)
+    calls = {"pruned": 0, "sent on": 0}
+    pruned_search, near = KNNIndex._search_pruned, KNNIndex._search_near
+
+    def spy_pruned(self, *args, **kwargs):
+        calls["pruned"] += 1
+        return pruned_search(self, *args, **kwargs)
+
+    def spy_near(self, prepared, scaled, *args, prune=True, **kwargs):
+        if not prune:
+            calls["sent on"] += scaled.shape[0]
+        return near(self, prepared, scaled, *args, prune=prune, **kwargs)
+
+    monkeypatch.setattr(KNNIndex, "_search_pruned", spy_pruned)
+    monkeypatch.setattr(KNNIndex, "_search_near", spy_near)
+    index = KNNIndex(torch.from_numpy(bank))
+    for k in (1, 3):
+        d, i = index.search(torch.from_numpy(queries), k)
+        ref_d = NearestNeighbors(n_neighbors=k).fit(bank.astype(np.float64)).kneighbors(
+            queries.astype(np.float64))[0]
+        np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-4, atol=1e-6)
+        # the rows returned are at those distances, equal distances by ascending index
+        brute = _brute_sq(queries.astype(np.float64), bank.astype(np.float64))
+        np.testing.assert_allclose(np.take_along_axis(brute, i.numpy(), 1), ref_d ** 2,
+                                   rtol=1e-4, atol=1e-6)
+        tied = d.numpy()[:, :-1] == d.numpy()[:, 1:]
+        assert np.all(i.numpy()[:, :-1][tied] < i.numpy()[:, 1:][tied])
+        expected = np.arange(10)[:, None] + np.array([0, 2500, 2510])[:k]
+        np.testing.assert_array_equal(i.numpy()[300:], expected)
+        monkeypatch.setattr(module, "_PRUNE_MIN_BANK", 10**9)
+        plain = index.search(torch.from_numpy(queries), k)
+        monkeypatch.setattr(module, "_PRUNE_MIN_BANK", 2048)
+        assert torch.equal(plain[0], d) and torch.equal(plain[1], i)
+    assert calls["pruned"] == 2
+    assert 2 * 10 <= calls["sent on"] < 0.5 * 2 * len(queries)
+
+
+@pytest.mark.parametrize("width", [64 * 16, 64 * 16 + 5, 64 * 64, 100])
+@pytest.mark.parametrize("k", [1, 4])
+def test_block_selection_matches_topk(width, k):
+    # the smallest values through the groups' minima: the multiset of torch.topk, ties and
+    # +inf included; the columns returned hold those values
+    from skanomaly.functional.neighbors import _block_smallest
+
+    gen = torch.Generator().manual_seed(width + k)
+    block = torch.randint(0, 50, (40, width), generator=gen).float()
+    block[::7, ::3] = float("inf")
+    block[5] = float("inf")
+    values, columns = _block_smallest(block, k)
+    expected = torch.topk(block, k, dim=1, largest=False).values
+    assert torch.equal(values, expected)
+    assert torch.equal(block.gather(1, columns), values)
