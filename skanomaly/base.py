@@ -935,13 +935,22 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _per_image(self, anomaly_scores: torch.Tensor) -> torch.Tensor:
         """Anomaly scores of whole images from those of their tiles: the largest of each
-        image's ``_tiles_per_image`` consecutive scores while a tiled
+        image's ``_tiles_per_image`` consecutive scores (an int, or one count per image
+        for images of several sizes) while a tiled
         :class:`~skanomaly.AnomalyPipeline` fits this detector on tiles (its threshold
         is then per image, not per tile); unchanged otherwise."""
         tiles = self.__dict__.get("_tiles_per_image")
         if tiles is None or tiles == 1:
             return anomaly_scores
-        return anomaly_scores.reshape(-1, tiles).amax(dim=1)
+        if isinstance(tiles, int):
+            return anomaly_scores.reshape(-1, tiles).amax(dim=1)
+        # images of several sizes: a list of tiles per image
+        counts = torch.as_tensor(tiles, device=anomaly_scores.device)
+        index = torch.repeat_interleave(
+            torch.arange(len(counts), device=anomaly_scores.device), counts)
+        out = torch.full((len(counts),), -torch.inf, dtype=anomaly_scores.dtype,
+                         device=anomaly_scores.device)
+        return out.scatter_reduce(0, index, anomaly_scores, "amax")
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
         anomaly_scores = self._per_image(anomaly_scores)

@@ -16,6 +16,7 @@ the step-by-step pipeline, bitwise.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from contextlib import contextmanager
 
 import numpy as np
@@ -41,9 +42,36 @@ def _final_has(attr):
 
 
 def _image_size(X):
-    """(H, W) of 4-D image input ``X`` (any array-like or tensor), else None."""
+    """(H, W) of 4-D image input ``X`` (any array-like or tensor), else None (also for a
+    list of images of several sizes)."""
+    if _image_list(X) is not None:
+        return None
     shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
     return tuple(int(s) for s in shape[-2:]) if len(shape) == 4 else None
+
+
+def _per_image_min(tile_scores: torch.Tensor, counts) -> torch.Tensor:
+    """The smallest of each image's consecutive tile scores: ``counts`` tiles per image
+    (an int, or a list of one count per image)."""
+    if isinstance(counts, int):
+        return tile_scores.reshape(-1, counts).amin(dim=1)
+    counts = torch.as_tensor(counts, device=tile_scores.device)
+    index = torch.repeat_interleave(torch.arange(len(counts), device=tile_scores.device),
+                                    counts)
+    out = torch.full((len(counts),), torch.inf, dtype=tile_scores.dtype,
+                     device=tile_scores.device)
+    return out.scatter_reduce(0, index, tile_scores, "amin")
+
+
+def _like(X, t):
+    """:func:`~skanomaly.base._like_input` of results ``t`` of input ``X``: for a list of
+    images of several sizes, in the namespace of its images (tensors on their device
+    for tensors, else numpy); maps of several sizes are a list, each converted."""
+    images = _image_list(X)
+    like = X if images is None else images[0]
+    if isinstance(t, list):
+        return [_like_input(like, m) for m in t]
+    return _like_input(like, t)
 
 
 def _in_blocks(batches, block: int):
@@ -63,25 +91,64 @@ def _in_blocks(batches, block: int):
         yield torch.cat(pending)
 
 
+def _image_list(X):
+    """The images of ``X`` when it is a list or tuple of images (C, H, W) of more than
+    one size (a folder of mixed sizes), else None (one array of images, or images of one
+    size, which stack into one)."""
+    if not isinstance(X, (list, tuple)) or not X:
+        return None
+    shapes = set()
+    for image in X:
+        try:
+            shape = tuple(image.shape) if hasattr(image, "shape") else np.shape(image)
+        except ValueError:  # a ragged nested list: not an image
+            return None
+        if len(shape) != 3:
+            return None
+        shapes.add(tuple(int(s) for s in shape[1:]))
+    return list(X) if len(shapes) > 1 else None
+
+
+def _mixed_sizes_error(images, what: str) -> ValueError:
+    sizes = sorted({tuple(int(s) for s in np.shape(i)[1:]) if not hasattr(i, "shape")
+                    else tuple(int(s) for s in i.shape[1:]) for i in images})
+    shown = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    return ValueError(
+        f"{what}: X is a list of images of {len(sizes)} sizes (height x width {shown}), "
+        "but an untiled pipeline takes images of one size (n_samples, C, H, W); set "
+        "tile_size to cut each image into tiles of one size, or resize the images to one")
+
+
 class _Tiles:
-    """The tiles of validated images ``X`` (numpy or tensor) as a lazy sequence of
-    images: ``len``, ``shape`` and slices ``[a:b]`` (an array of the type of ``X``), so
-    that the extractor cuts the tiles of one batch at a time (memory bounded by a batch
-    of tiles, not by all of them). Order and grid as :func:`~skanomaly.functional.tile`;
-    with ``resize``, each slice's tiles are resized to it
-    (:func:`~skanomaly.functional.resize_tiles`).
+    """The tiles of validated images as a lazy sequence of images: ``len``, ``shape``
+    and slices ``[a:b]`` (an array of the type of the images), so that the extractor
+    cuts the tiles of one batch at a time (memory bounded by a batch of tiles, not by
+    all of them).
+
+    ``groups`` is a list of validated 4-D arrays (numpy, or tensors on one device),
+    the images of each of one size: one array for ordinary input, one per image for a
+    list of images of several sizes. Each image is cut into its own grid of
+    :func:`~skanomaly.functional.tile_grid` (same tile size), in order: the tiles of
+    the first image, then the second's... With ``resize``, each slice's tiles are
+    resized to it (:func:`~skanomaly.functional.resize_tiles`).
     """
 
-    def __init__(self, X, tile_size, stride, resize=None):
-        if len(X.shape) != 4:
-            raise ValueError(f"tiling needs 4-D images (n_samples, channels, height, width), "
-                             f"got shape {tuple(X.shape)}")
-        self.images = X
-        self.image_size = tuple(int(s) for s in X.shape[-2:])
+    def __init__(self, groups, tile_size, stride, resize=None):
+        for X in groups:
+            if len(X.shape) != 4:
+                raise ValueError(f"tiling needs 4-D images (n_samples, channels, height, "
+                                 f"width), got shape {tuple(X.shape)}")
+        self.groups = groups
+        self.image_sizes = [tuple(int(s) for s in X.shape[-2:]) for X in groups]
         self.tile_size, self.resize = tile_size, resize
-        self.grid = tile_grid(self.image_size, tile_size, stride)
-        self.n_tiles = len(self.grid)
-        self.shape = (int(X.shape[0]) * self.n_tiles, int(X.shape[1]),
+        self.grids = [tile_grid(size, tile_size, stride) for size in self.image_sizes]
+        #: tiles of each image, in order
+        self.counts = [len(grid) for X, grid in zip(groups, self.grids)
+                       for _ in range(int(X.shape[0]))]
+        #: index of the first tile of each group, and the number of tiles
+        self.starts = np.cumsum([0] + [int(X.shape[0]) * len(grid)
+                                       for X, grid in zip(groups, self.grids)]).tolist()
+        self.shape = (self.starts[-1], int(groups[0].shape[1]),
                       *(tile_size if resize is None else resize))
 
     def __len__(self):
@@ -92,11 +159,14 @@ class _Tiles:
         th, tw = self.tile_size
         parts = []
         for i in range(start, max(start, stop)):
-            image, (r, c) = i // self.n_tiles, self.grid[i % self.n_tiles]
-            parts.append(self.images[image:image + 1, :, r:r + th, c:c + tw])
+            g = bisect_right(self.starts, i) - 1
+            grid = self.grids[g]
+            j = i - self.starts[g]
+            image, (r, c) = j // len(grid), grid[j % len(grid)]
+            parts.append(self.groups[g][image:image + 1, :, r:r + th, c:c + tw])
         if not parts:
-            parts = [self.images[:0, :, :th, :tw]]
-        if isinstance(self.images, torch.Tensor):
+            parts = [self.groups[0][:0, :, :th, :tw]]
+        if isinstance(self.groups[0], torch.Tensor):
             tiles = torch.cat(parts)
             return tiles if self.resize is None else resize_tiles(tiles, self.resize)
         tiles = np.concatenate(parts)
@@ -104,11 +174,16 @@ class _Tiles:
             return tiles
         return resize_tiles(torch.from_numpy(tiles), self.resize).numpy()
 
+    def per_image(self):
+        """Tiles per image: an int when every image has as many, else the list."""
+        return self.counts[0] if len(set(self.counts)) == 1 else list(self.counts)
+
 
 @contextmanager
-def _per_image_threshold(detector, n_tiles: int):
+def _per_image_threshold(detector, n_tiles):
     """While the detector is fitted on tiles: its ``offset_`` from image scores (the
-    largest of each image's ``n_tiles`` tile scores), not tile scores."""
+    largest of each image's ``n_tiles`` tile scores: an int, or a list of one count
+    per image when the images' sizes differ), not tile scores."""
     detector._tiles_per_image = n_tiles
     try:
         yield
@@ -191,8 +266,13 @@ class AnomalyPipeline(Pipeline):
     tile; with overlapping tiles, a tile's neighbours saw part of it, so call
     :meth:`calibrate` with held-out images for a threshold that holds);
     :meth:`calibrate_pixels` and :meth:`predict_mask` threshold the stitched maps.
-    Every method returns one result per image. Images scored may have any size of at least the tile
-    (each image's map comes back at its own size); the images of one call share a size.
+    Every method returns one result per image. Images fitted and scored may have any
+    size of at least the tile (each image's map comes back at its own size). ``X`` may
+    be a list of images (C, H, W) of several sizes (a folder of mixed sizes, read at
+    native resolution): each image is cut into its own grid of tiles of ``tile_size``,
+    all the tiles are samples, scores are one array, and maps a list of one
+    (H_i, W_i) map per image (one array when ``output_size`` is given); an untiled
+    pipeline refuses such a list with a ValueError.
     ``tile_size`` equal to the image size is the untiled pipeline. With
     ``tile_resize``, the extractor and the detector see the resized tiles (the fitted
     state is that of the untiled pipeline fitted on them), and each tile's map is
@@ -234,6 +314,16 @@ class AnomalyPipeline(Pipeline):
     >>> zoomed[-1].input_shape_, zoomed.anomaly_map(X[:1]).shape
     ((64, 16, 16), (1, 64, 80))
 
+    A list of images of several sizes, each cut into its own grid of tiles; a map per
+    image at its size:
+
+    >>> mixed = [X[0], X[1, :, :48, :], X[2, :, :32, :40]]
+    >>> maps = tiled.fit(mixed).anomaly_map(mixed)
+    >>> tiled[-1].n_samples_seen_  # 3 x 3 + 2 x 3 + 1 x 2 tiles
+    17
+    >>> [m.shape for m in maps]
+    [(64, 80), (48, 80), (32, 40)]
+
     """
 
     def __init__(self, steps, *, transform_input=None, memory=None, verbose=False,
@@ -272,8 +362,12 @@ class AnomalyPipeline(Pipeline):
         return size, stride, self.tile_merge, resize
 
     def _check_tiled(self, fused, X, what: str):
-        """The tiling of this pipeline, checked to be runnable on ``X`` (fused)."""
+        """The tiling of this pipeline, checked to be runnable on ``X`` (fused); a
+        ValueError for a list of images of several sizes without tiling."""
         tiling = self._tiling()
+        images = _image_list(X)
+        if tiling is None and images is not None:
+            raise _mixed_sizes_error(images, what)
         if tiling is not None and fused is None:
             raise ValueError(
                 f"{what} with tile_size needs the fused pipeline: exactly a "
@@ -283,15 +377,28 @@ class AnomalyPipeline(Pipeline):
 
     def _tiles(self, extractor, X, tiling, *, reset: bool) -> _Tiles:
         """Validated images ``X`` as a lazy sequence of their tiles; with ``reset``, the
-        extractor is fitted on the first tile (its backbone and shapes)."""
+        extractor is fitted on the first tile (its backbone and shapes). ``X`` may be a
+        list of images (C, H, W) of several sizes: each is validated and cut into its
+        own grid of tiles."""
         if reset:
             extractor._validate_params()
-        Xv = extractor._validate_input(X, reset=reset)
-        tiles = _Tiles(Xv, tiling[0], tiling[1], tiling[3])
+        images = _image_list(X)
+        if images is None:
+            groups = [extractor._validate_input(X, reset=reset)]
+        else:
+            if len({isinstance(image, torch.Tensor) for image in images}) > 1:
+                raise TypeError("X mixes torch tensors and other arrays: give images of "
+                                "one kind")
+            groups = [extractor._validate_input(
+                image[None] if isinstance(image, torch.Tensor) else np.asarray(image)[None],
+                reset=reset and i == 0) for i, image in enumerate(images)]
+            if isinstance(groups[0], torch.Tensor) and len({g.device for g in groups}) > 1:
+                raise ValueError("X holds tensors on several devices: give images on one")
+        tiles = _Tiles(groups, tiling[0], tiling[1], tiling[3])
         if reset:
             extractor._fit(tiles[:1])
-            #: (C, H, W) of the images fitted on (the export's default example)
-            self.tiled_input_shape_ = tuple(int(s) for s in Xv.shape[1:])
+            #: (C, H, W) of the (first) image fitted on (the export's default example)
+            self.tiled_input_shape_ = tuple(int(s) for s in groups[0].shape[1:])
         return tiles
 
     # ------------------------------------------------------------ fused path
@@ -313,8 +420,10 @@ class AnomalyPipeline(Pipeline):
 
         Parameters
         ----------
-        X : array-like or torch.Tensor
-            Training input of the first step: images (n_samples, C, H, W).
+        X : array-like, torch.Tensor or list of arrays or tensors
+            Training input of the first step: images (n_samples, C, H, W); with
+            ``tile_size``, also a list of images (C, H, W) of several sizes, each cut
+            into its own grid of tiles (see the class Notes).
         y : Ignored
             Not used, present for API consistency.
         **params : dict
@@ -339,7 +448,7 @@ class AnomalyPipeline(Pipeline):
         else:
             detector._validate_params()
             Xv = self._tiles(extractor, X, tiling, reset=True)
-            n_tiles = Xv.n_tiles
+            n_tiles = Xv.per_image()
         shape = extractor.feature_shape_
         channels = detector._fit_channels(shape[0])
         device = detector._device()
@@ -409,23 +518,32 @@ class AnomalyPipeline(Pipeline):
 
     def _tiled_pass(self, fused, X, what, tiling, output_size, sigma):
         """:meth:`_fused_pass` of a tiled pipeline: the tiles' scores and maps, then one
-        score (the largest of its tiles') and one stitched map per image."""
+        score (the largest of its tiles') and one stitched map per image. The maps are
+        a tensor (n_images, height, width), or, for a list of images of several sizes
+        without ``output_size``, a list of one (height_i, width_i) tensor per image."""
         extractor, detector = fused
         tiles = self._tiles(extractor, X, tiling, reset=False)
         tile_scores, tile_maps = self._validated_pass(
             fused, tiles, what, None if what == "scores" else tiling[0], sigma)
-        n_images = len(tiles) // tiles.n_tiles
         scores = maps = None
         if tile_scores is not None:  # normality: the least normal tile's
-            scores = tile_scores.reshape(n_images, tiles.n_tiles).amin(dim=1)
+            scores = _per_image_min(tile_scores, tiles.per_image())
         if tile_maps is not None:
-            maps = untile(tile_maps.to(torch.float64), tiles.image_size, tiling[1],
-                          tiling[2])
-            size = tiles.image_size if output_size is None else as_pair(output_size,
-                                                                        "output_size")
-            if size != tiles.image_size:
-                maps = F.interpolate(maps[:, None], size=size, mode="bilinear",
-                                     align_corners=False)[:, 0]
+            size = None if output_size is None else as_pair(output_size, "output_size")
+            maps = []
+            for g, image_size in enumerate(tiles.image_sizes):
+                stitched = untile(tile_maps[tiles.starts[g]:tiles.starts[g + 1]].to(
+                    torch.float64), image_size, tiling[1], tiling[2])
+                if size is not None and size != image_size:
+                    stitched = F.interpolate(stitched[:, None], size=size, mode="bilinear",
+                                             align_corners=False)[:, 0]
+                maps.append(stitched)
+            if len(maps) == 1:
+                maps = maps[0]
+            elif len({tuple(m.shape[1:]) for m in maps}) == 1:
+                maps = torch.cat(maps)
+            else:  # one map per image, each at its image's size
+                maps = [m for group in maps for m in group]
         return scores, maps
 
     def _default_size(self, X, output_size):
@@ -455,7 +573,7 @@ class AnomalyPipeline(Pipeline):
         self._check_tiled(fused, X, "score_samples")
         if fused is None:
             return super().score_samples(X, **params)
-        return _like_input(X, self._fused_pass(fused, X, "scores")[0])
+        return _like(X, self._fused_pass(fused, X, "scores")[0])
 
     @available_if(_final_has("decision_function"))
     def decision_function(self, X, **params):
@@ -522,7 +640,9 @@ class AnomalyPipeline(Pipeline):
         -------
         maps : ndarray or torch.Tensor of shape (n_samples, height, width), float64
             Higher = more anomalous; ``self[-1].anomaly_map(self[:-1].transform(X),
-            output_size, sigma)``. A tensor on ``X``'s device for a tensor ``X``.
+            output_size, sigma)``. A tensor on ``X``'s device for a tensor ``X``. For a
+            list of images of several sizes (tiled) without ``output_size``: a list of
+            one (height_i, width_i) map per image.
 
         Raises
         ------
@@ -537,7 +657,7 @@ class AnomalyPipeline(Pipeline):
         fused = self._fused_steps(X)
         self._check_tiled(fused, X, "anomaly_map")
         if fused is not None:
-            return _like_input(X, self._fused_pass(fused, X, "maps", output_size, sigma)[1])
+            return _like(X, self._fused_pass(fused, X, "maps", output_size, sigma)[1])
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.anomaly_map(Xt, output_size=output_size, sigma=sigma)
 
@@ -564,6 +684,8 @@ class AnomalyPipeline(Pipeline):
             Higher = more normal.
         maps : ndarray or torch.Tensor of shape (n_samples, height, width), float64
             Higher = more anomalous. Both tensors on ``X``'s device for a tensor ``X``.
+            For a list of images of several sizes (tiled) without ``output_size``: a
+            list of one (height_i, width_i) map per image.
 
         Raises
         ------
@@ -592,7 +714,7 @@ class AnomalyPipeline(Pipeline):
         self._check_tiled(fused, X, "score_and_map")
         if fused is not None:
             scores, maps = self._fused_pass(fused, X, "both", output_size, sigma)
-            return _like_input(X, scores), _like_input(X, maps)
+            return _like(X, scores), _like(X, maps)
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.score_and_map(Xt, output_size=output_size, sigma=sigma)
 
@@ -682,13 +804,29 @@ class AnomalyPipeline(Pipeline):
             fused = self._fused_steps(X)
             self._check_tiled(fused, X, "calibrate_pixels")
             truth = None
-            if masks is not None:
+            mixed = _image_list(X) is not None
+            if masks is not None and mixed and output_size is None:
+                # images of several sizes: one mask per image, at its size
+                truth = [np.asarray(m).astype(bool) for m in masks]
+            elif masks is not None:
                 truth = np.asarray(masks).astype(bool)
                 if truth.ndim != 3:
                     raise ValueError(f"masks must be (n_samples, height, width), got shape "
                                      f"{truth.shape}")
                 output_size = tuple(truth.shape[1:])
             maps = self._fused_pass(fused, X, "maps", output_size, sigma)[1]
+            if isinstance(truth, list) or isinstance(maps, list):
+                # maps of several sizes: the threshold is over all their pixels
+                if truth is not None:
+                    if len(truth) != len(maps) or any(
+                            t.shape != tuple(m.shape) for t, m in zip(truth, maps)):
+                        raise ValueError(
+                            f"masks must be one (height, width) mask per image of X, at "
+                            f"its size: got {len(truth)} masks of sizes "
+                            f"{[t.shape for t in truth][:3]}..., for {len(maps)} images of "
+                            f"sizes {[tuple(m.shape) for m in maps][:3]}...")
+                    truth = np.concatenate([t.ravel() for t in truth])[None]
+                maps = torch.cat([m.reshape(-1) for m in maps])[None]
             fused[1]._set_pixel_threshold(maps, truth, output_size, sigma)
             return self
         first = self.steps[0][1]
@@ -731,7 +869,10 @@ class AnomalyPipeline(Pipeline):
                                      "X_normal) first")
             maps = self._fused_pass(fused, X, "maps", detector.pixel_map_size_,
                                     detector.pixel_sigma_)[1]
-            return _like_input(X, maps) > detector.pixel_threshold_
+            maps = _like(X, maps)
+            if isinstance(maps, list):  # images of several sizes
+                return [m > detector.pixel_threshold_ for m in maps]
+            return maps > detector.pixel_threshold_
         Xt = self[:-1].transform(X) if len(self) > 1 else X
         return self._final_estimator.predict_mask(Xt)
 
@@ -778,7 +919,7 @@ class AnomalyPipeline(Pipeline):
         if fused is None or "calibration_scores_" not in fused[1].__dict__:
             return pvalues(self, X)  # step by step (or the detector's NotFittedError)
         scores = self._fused_pass(fused, X, "scores")[0]
-        return _like_input(X, torch.from_numpy(fused[1]._pvalues_of(scores.cpu().numpy())))
+        return _like(X, torch.from_numpy(fused[1]._pvalues_of(scores.cpu().numpy())))
 
     def partial_fit(self, X, y=None):
         """Update the pipeline with one more batch of (mostly) normal input.
@@ -822,7 +963,7 @@ class AnomalyPipeline(Pipeline):
             Xv = extractor._fit(X)
         batches = extractor._feature_batches(Xv, device=detector._device())
         features = torch.cat([features for _, features in batches])
-        with _per_image_threshold(detector, 1 if tiling is None else Xv.n_tiles):
+        with _per_image_threshold(detector, 1 if tiling is None else Xv.per_image()):
             detector.partial_fit(features)
         return self
 

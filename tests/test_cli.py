@@ -555,6 +555,9 @@ def usage_error(argv, capsys):
          "--tile-stride 24 is larger than --tile-size 16"),
         (["--tile-size", "16", "--detector", "gaussian"],
          "--tile-size needs a detector over feature maps"),
+        (["--tile-resize", "32"], "--tile-resize needs --tile-size"),
+        (["--tile-size", "16", "--tile-resize", "0"],
+         "argument --tile-resize: must be at least 1 pixels, got 0"),
         (["--output-dir", "{tmp}/file.txt"],
          "--output-dir {tmp}/file.txt exists and is not a directory"),
         (["--output-dir", "{tmp}/file.txt/sub/out"],
@@ -858,6 +861,9 @@ def test_unreadable_models_are_clear_errors(fitted, tmp_path, capsys):
         (["fit", "{tmp}", "--device", "tpu"], "--device: unknown device 'tpu'"),
         (["fit", "{tmp}", "--tile-size", "64", "--image-size", "32"],
          "--tile-size 64 is larger than the images"),
+        (["fit", "{tmp}", "--tile-resize", "64"], "--tile-resize needs --tile-size"),
+        (["fit", "{tmp}", "--tile-size", "16", "--tile-resize", "-2"],
+         "argument --tile-resize: must be at least 1 pixels, got -2"),
         (["predict", "{tmp}/m.skanomaly", "{tmp}"], "model file {tmp}/m.skanomaly does not exist"),
         (["export", "{tmp}/file.txt", "{tmp}/out.txt"], "must end in .onnx (ONNX) or .pt"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -970,3 +976,54 @@ def test_tiled_fit_and_predict_score_as_the_tiled_pipeline(tree, tmp_path):
     assert main([*BUNDLED, "--backbone", "resnet18", "--weights", "random",
                  "--tile-size", "16", "--output-dir", str(main_out)]) == 0
     assert read_metrics(main_out)["tile_size"] == 16
+
+
+def test_tile_resize_scores_as_the_python_pipeline(tree, tmp_path, capsys):
+    """--tile-size 32 --tile-resize 64 on the images read at 48 px (2 x 2 tiles of 32 px
+    at stride 16, each zoomed to 64 px): the saved pipeline zooms its tiles, and
+    predict's scores are those of make_anomaly_pipeline(..., tile_size=32,
+    tile_resize=64) fitted in Python on the same images (streamed moments against one
+    fit: to rounding)."""
+    from skanomaly import make_anomaly_pipeline
+    from skanomaly.persistence import load_model
+
+    settings = [a if a != "32" else "48" for a in RESNET if a != "--quiet"]
+    model_path = tmp_path / "zoomed.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(model_path), *settings,
+                 "--tile-size", "32", "--tile-stride", "16", "--tile-resize", "64",
+                 "--batch-size", "5"]) == 0
+    assert "in tiles of 32 px at stride 16, each resized to 64 px" in capsys.readouterr().out
+    model, metadata = load_model(model_path)
+    assert (model.tile_size, model.tile_stride, model.tile_resize) == (32, 16, 64)
+    assert (metadata["tile_size"], metadata["tile_stride"], metadata["tile_resize"]) == (
+        32, 16, 64)
+    assert model[-1].n_samples_seen_ == 12 * 4
+    assert model[-1].input_shape_[1:] == (16, 16)  # layer1 of a 64-px tile
+
+    _, train = folder_images(tree / "train", size=48)
+    _, test = folder_images(tree / "test", size=48)
+    reference = make_anomaly_pipeline(
+        FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None, random_state=0,
+                         device="cpu"),
+        PaDiMDetector(n_features=100, solver="full", random_state=0, device="cpu"),
+        tile_size=32, tile_stride=16, tile_resize=64).fit(train)
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(tree / "test"), "--output-dir", str(out),
+                 "--device", "cpu", "--no-heatmaps", "--quiet"]) == 0
+    scores = np.array([float(r["anomaly_score"]) for r in read_scores(out)])
+    np.testing.assert_array_equal(scores, -model.score_samples(test))
+    np.testing.assert_allclose(scores, -reference.score_samples(test), rtol=1e-9)
+
+
+def test_tile_resize_in_the_main_job_and_help(tmp_path, capsys):
+    out = tmp_path / "main"
+    assert main([*[a for a in BUNDLED if a != "--quiet"], "--backbone", "resnet18",
+                 "--weights", "random", "--tile-size", "16", "--tile-resize", "32",
+                 "--output-dir", str(out)]) == 0
+    assert "in tiles of 16 px at stride 16, each resized to 32 px" in capsys.readouterr().out
+    assert (read_metrics(out)["tile_size"], read_metrics(out)["tile_resize"]) == (16, 32)
+    for argv in (["--help"], ["fit", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--tile-resize PIXELS" in text and "Needs --tile-size" in text

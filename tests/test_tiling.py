@@ -471,3 +471,127 @@ def test_exported_pipeline_resizes_its_tiles(detector, images, tmp_path):
     onnx_scores, onnx_maps = session.run(None, {"input": X})
     np.testing.assert_allclose(onnx_scores, -scores, rtol=1e-4)
     np.testing.assert_allclose(onnx_maps, maps, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ a list of several sizes
+#: (height, width) of a list of training images and of test images: with 24-px tiles at
+#: stride 16, 8 tiles of 40 x 60, 3 x 3 of 56 x 48, 2 x 1 of 32 x 24, 1 of 24 x 24
+MIXED_TRAIN = [(40, 60), (56, 48), (40, 60), (32, 24), (56, 48), (24, 24), (40, 60)]
+MIXED_TEST = [(30, 70), (40, 60), (24, 24), (56, 48)]
+
+
+def _mixed(sizes, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.random((3, h, w), dtype=np.float32) for h, w in sizes]
+
+
+def _hand_tiles(images):
+    """Every image's tiles cut by hand (numpy), concatenated; each image's grid."""
+    cut = [_numpy_tiles(image[None], (24, 24), (16, 16)) for image in images]
+    return np.concatenate([tiles for tiles, _ in cut]), [grid for _, grid in cut]
+
+
+@pytest.mark.parametrize("merge", ["mean", "max"])
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: type(d).__name__)
+def test_tiled_pipeline_fits_a_list_of_images_of_several_sizes(detector, merge):
+    """Each image of a list is cut into its own grid of 24-px tiles; all the tiles are
+    the training samples: the untiled pipeline fitted on the tiles cut by hand has the
+    same state, the threshold is per image, and each test image's score and map are
+    the worst of its hand-cut tiles' scores and their maps stitched by hand, at its
+    own size."""
+    X = _mixed(MIXED_TRAIN, 0)
+    X_copy = [x.copy() for x in X]
+    tiled = make_anomaly_pipeline(_extractor(), clone(detector), tile_size=24,
+                                  tile_stride=16, tile_merge=merge).fit(X)
+    for x, x_copy in zip(X, X_copy):
+        np.testing.assert_array_equal(x, x_copy)
+
+    tiles, grids = _hand_tiles(X)
+    counts = [len(grid) for grid in grids]
+    assert counts == [8, 9, 8, 2, 9, 1, 8]
+    ref = make_anomaly_pipeline(_extractor(), clone(detector)).fit(tiles)
+    assert tiled[-1].n_samples_seen_ == ref[-1].n_samples_seen_ == sum(counts)
+    for name in ("memory_bank_", "mean_"):
+        if hasattr(ref[-1], name):
+            np.testing.assert_array_equal(getattr(tiled[-1], name), getattr(ref[-1], name))
+    # offset_ per image: from the worst out-of-sample tile score of each image
+    tile_normality = ref[-1].__dict__["_device_cache"]["fit_normality"]
+    image_normality = np.minimum.reduceat(tile_normality, np.cumsum([0] + counts[:-1]))
+    assert tiled[-1].offset_ == _quantile_offset(image_normality, ref[-1].contamination)
+    np.testing.assert_array_equal(
+        clone(tiled).fit_predict(X), np.where(image_normality < tiled[-1].offset_, -1, 1))
+
+    X_test = _mixed(MIXED_TEST, 1)
+    X_test[1][:, 5:9, 30:34] = 1.0  # a small bright defect
+    scores, maps = tiled.score_and_map(X_test)
+    test_tiles, test_grids = _hand_tiles(X_test)
+    ref_scores, ref_maps = ref.score_and_map(test_tiles)
+    start = 0
+    assert scores.shape == (4,) and isinstance(maps, list) and len(maps) == 4
+    for i, (size, grid) in enumerate(zip(MIXED_TEST, test_grids)):
+        stop = start + len(grid)
+        assert scores[i] == ref_scores[start:stop].min()
+        assert isinstance(maps[i], np.ndarray) and maps[i].shape == size
+        np.testing.assert_allclose(maps[i], _numpy_untile(ref_maps[start:stop], grid, size,
+                                                          merge)[0], rtol=1e-12, atol=1e-12)
+        start = stop
+    # every method: one result per image, equal to the one pass
+    np.testing.assert_array_equal(tiled.score_samples(X_test), scores)
+    for a, b in zip(tiled.anomaly_map(X_test), maps):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(tiled.decision_function(X_test),
+                                  scores - tiled[-1].offset_)
+    np.testing.assert_array_equal(tiled.predict(X_test),
+                                  np.where(scores - tiled[-1].offset_ < 0, -1, 1))
+    # with output_size, the maps share it: one array, each as the image scored alone
+    # (up to the backbone's float32 rounding, which depends on the batch)
+    resized = tiled.anomaly_map(X_test, output_size=(20, 30))
+    assert resized.shape == (4, 20, 30)
+    for image, expected in zip(X_test, resized):
+        np.testing.assert_allclose(tiled.anomaly_map(image[None], output_size=(20, 30))[0],
+                                   expected, rtol=1e-5)
+
+
+def test_a_list_of_several_sizes_streams_calibrates_and_keeps_tensors():
+    X, X_test = _mixed(MIXED_TRAIN, 0), _mixed(MIXED_TEST, 1)
+    padim = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24,
+                                  tile_stride=16)
+    fitted = clone(padim).fit(X)
+    padim.partial_fit(X)  # one batch: the fit, bitwise
+    assert padim[-1].offset_ == fitted[-1].offset_
+    assert "_tiles_per_image" not in padim[-1].__dict__
+    np.testing.assert_array_equal(padim.score_samples(X_test), fitted.score_samples(X_test))
+    # held-out images of several sizes: the conformal threshold of their image scores
+    held = _mixed(MIXED_TRAIN + MIXED_TEST, 2)
+    fitted.calibrate(held)
+    assert fitted[-1].calibration_scores_.shape == (len(held),)
+    # the ceil(0.9 * 12) = 11th smallest of the 11 images' anomaly scores
+    assert fitted[-1].offset_ == -np.sort(-fitted.score_samples(held))[10]
+    # pixel threshold over all the pixels of maps of several sizes
+    fitted.calibrate_pixels(held)
+    pixels = np.concatenate([m.ravel() for m in fitted.anomaly_map(held)])
+    k = int(np.ceil((1 - fitted[-1].contamination) * (pixels.size + 1)))
+    assert fitted[-1].pixel_threshold_ == np.sort(pixels)[k - 1]
+    masks = fitted.predict_mask(X_test)
+    for mask, anomaly_map in zip(masks, fitted.anomaly_map(X_test)):
+        np.testing.assert_array_equal(mask, anomaly_map > fitted[-1].pixel_threshold_)
+    # tensors in, tensors out
+    scores, maps = fitted.score_and_map([torch.as_tensor(x) for x in X_test])
+    assert isinstance(scores, torch.Tensor) and all(isinstance(m, torch.Tensor) for m in maps)
+    np.testing.assert_array_equal(scores.numpy(), fitted.score_samples(X_test))
+
+
+def test_an_untiled_pipeline_names_a_list_of_several_sizes():
+    X = _mixed(MIXED_TRAIN, 0)
+    model = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]))
+    with pytest.raises(ValueError, match=r"fit: X is a list of images of 4 sizes .*set "
+                                         r"tile_size"):
+        model.fit(X)
+    model.fit(np.stack([x for x in X if x.shape == (3, 40, 60)]))
+    with pytest.raises(ValueError, match="score_samples: X is a list of images of 4 sizes"):
+        model.score_samples(X)
+    with pytest.raises(ValueError, match="anomaly_map: X is a list of images"):
+        model.anomaly_map(X)
+    tiled = make_anomaly_pipeline(_extractor(), clone(DETECTORS[0]), tile_size=24)
+    with pytest.raises(TypeError, match="mixes torch tensors and other arrays"):
+        tiled.fit([X[0], torch.as_tensor(X[1])])

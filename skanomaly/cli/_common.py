@@ -226,7 +226,7 @@ def make_detector(name: str, n_channels: int, n_train: int, args):
 def make_model(extractor, detector, name: str, args=None):
     """The pipeline (an :class:`~skanomaly.AnomalyPipeline`, so a saved one has
     ``anomaly_map``): feature maps, global average pooling for the Gaussian, the detector;
-    tiled by ``args.tile_size`` and ``args.tile_stride`` when given."""
+    tiled by ``args.tile_size``, ``args.tile_stride`` and ``args.tile_resize`` when given."""
     from sklearn.preprocessing import FunctionTransformer
 
     from ..pipeline import AnomalyPipeline as Pipeline
@@ -236,8 +236,10 @@ def make_model(extractor, detector, name: str, args=None):
         steps.append(("pool", FunctionTransformer(np.mean, kw_args={"axis": (2, 3)})))
     steps.append(("detector", detector))
     tile_size = getattr(args, "tile_size", None)
-    return Pipeline(steps, tile_size=tile_size,
-                    tile_stride=None if tile_size is None else args.tile_stride)
+    if tile_size is None:
+        return Pipeline(steps)
+    return Pipeline(steps, tile_size=tile_size, tile_stride=args.tile_stride,
+                    tile_resize=getattr(args, "tile_resize", None))
 
 
 def size_text(image_size: int, input_size=None) -> str:
@@ -249,16 +251,47 @@ def size_text(image_size: int, input_size=None) -> str:
     return f"{width}x{height} px (short side {image_size})"
 
 
-def tiles_text(tile_size, tile_stride) -> str:
-    """' in tiles of 64 px at stride 48' for the summaries, or '' without tiling."""
-    return "" if tile_size is None else f" in tiles of {tile_size} px at stride {tile_stride}"
+def tiles_text(tile_size, tile_stride, tile_resize=None) -> str:
+    """The tiling, for the summaries.
+
+    Parameters
+    ----------
+    tile_size : int or None
+        ``--tile-size``; None: no tiling.
+    tile_stride : int
+        The stride of the tiles (``--tile-stride``, or ``tile_size`` when not given).
+    tile_resize : int or None, default=None
+        ``--tile-resize``; None (or ``tile_size``): the tiles keep their size.
+
+    Returns
+    -------
+    text : str
+        ``""`` without tiling, else the tiling, starting with a space.
+
+    Examples
+    --------
+    >>> from skanomaly.cli._common import tiles_text
+    >>> tiles_text(None, None)
+    ''
+    >>> tiles_text(64, 48)
+    ' in tiles of 64 px at stride 48'
+    >>> tiles_text(64, 48, 128)
+    ' in tiles of 64 px at stride 48, each resized to 128 px'
+    """
+    if tile_size is None:
+        return ""
+    text = f" in tiles of {tile_size} px at stride {tile_stride}"
+    if tile_resize is not None and tile_resize != tile_size:
+        text += f", each resized to {tile_resize} px"
+    return text
 
 
 def check_tiling(args) -> None:
     """CLIError for tiling options that cannot work, before any image is read."""
     if args.tile_size is None:
-        if args.tile_stride is not None:
-            raise CLIError("--tile-stride needs --tile-size")
+        for option in ("tile_stride", "tile_resize"):
+            if getattr(args, option, None) is not None:
+                raise CLIError(f"--{option.replace('_', '-')} needs --tile-size")
         return
     if args.tile_size > args.image_size:
         raise CLIError(f"--tile-size {args.tile_size} is larger than the images "

@@ -133,6 +133,7 @@ def fit_command(args) -> dict:
         "input_size": list(input_size),
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
+        "tile_resize": args.tile_resize if args.tile_size else None,
         "train_dir": str(args.train_dir),
         "n_train": len(paths),
         "batch_size": args.batch_size,
@@ -153,6 +154,8 @@ def fit_command(args) -> dict:
     except OSError as exc:
         raise CLIError(f"cannot write --model {args.model}: {exc}") from exc
     if not args.quiet:
+        tiling = tiles_text(args.tile_size, args.tile_stride or args.tile_size,
+                            args.tile_resize)
         source = (f"{metadata['n_calibration']} held-out images of --calibration-dir"
                   if calibration_paths is not None
                   else f"F1 on {metadata['n_validation']} labelled images of --validation-dir"
@@ -162,7 +165,7 @@ def fit_command(args) -> dict:
         lines = [
             f"skanomaly fit: {args.detector} on {args.backbone} features "
             f"({weights or 'random weights'}) at {size_text(args.image_size, input_size)}"
-            f"{tiles_text(args.tile_size, args.tile_stride or args.tile_size)}: streamed "
+            f"{tiling}: streamed "
             f"{len(paths)} images in {n_batches} batches of at most {args.batch_size} "
             f"in {timings['fit_s']:.1f} s; threshold {metadata['threshold']:.6g} from "
             f"{source}",

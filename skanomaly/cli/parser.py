@@ -100,14 +100,24 @@ TILE_SIZE_HELP = (
     "images); default: no tiling")
 TILE_STRIDE_HELP = ("pixels between tiles, at most --tile-size (default: --tile-size, no "
                     "overlap); the last row and column of tiles end at the image border")
+TILE_RESIZE_HELP = (
+    "resize each tile to this many pixels square (bilinear) before the backbone: larger "
+    "than --tile-size it zooms in, so that the backbone's features fall closer together "
+    "(e.g. --tile-size 64 --tile-resize 128: stride-8 features every 4 image pixels, for "
+    "about 4 times the backbone's work); maps are still computed and stitched at "
+    "--tile-size, so scores and maps keep their sizes. Needs --tile-size; default: "
+    "tiles at --tile-size")
 
 
 def _add_tiling(group) -> None:
-    """``--tile-size`` and ``--tile-stride`` on a parser or argument group."""
+    """``--tile-size``, ``--tile-stride`` and ``--tile-resize`` on a parser or argument
+    group."""
     group.add_argument("--tile-size", type=_int_at_least(MIN_IMAGE_SIZE, " pixels"),
                        metavar="PIXELS", help=TILE_SIZE_HELP)
     group.add_argument("--tile-stride", type=_int_at_least(1, " pixels"), metavar="PIXELS",
                        help=TILE_STRIDE_HELP)
+    group.add_argument("--tile-resize", type=_int_at_least(1, " pixels"), metavar="PIXELS",
+                       help=TILE_RESIZE_HELP)
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:

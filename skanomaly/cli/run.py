@@ -286,12 +286,14 @@ def _summary(result: dict, output_dir: Path, n_heatmaps: int) -> str:
               "pixel_auroc": "pixel AUROC", "pro": "PRO"}
     scores = "  ".join(f"{labels[k]} {result['metrics'][k]:.3f}" for k in labels
                        if k in result["metrics"])
+    tiling = tiles_text(result.get("tile_size"), result.get("tile_stride"),
+                        result.get("tile_resize"))
     lines = [
         f"skanomaly: {result['detector']} on {result['backbone']} features "
         f"({result['weights'] or 'random weights'}) at "
         f"{size_text(result['image_size'], result.get('input_size'))}"
-        f"{tiles_text(result.get('tile_size'), result.get('tile_stride'))}: fitted on "
-        f"{result['n_fit']} normal images, threshold from {_threshold_source(calibration)}; "
+        f"{tiling}: fitted on {result['n_fit']} normal images, threshold from "
+        f"{_threshold_source(calibration)}; "
         f"{result['n_predicted_anomalous']} of {result['n_test']} test images predicted "
         "anomalous",
     ]
@@ -369,6 +371,7 @@ def run_command(args) -> dict:
         "input_size": data_info.pop("input_size", [args.image_size] * 2),
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
+        "tile_resize": args.tile_resize if args.tile_size else None,
         "device": str(device),
         "data": data_info,
         "n_train": int(len(X_train)),
