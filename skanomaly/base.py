@@ -116,6 +116,20 @@ def _like_input(X, t: torch.Tensor):
     return to_numpy(t)
 
 
+def _per_image_reduce(tile_scores: torch.Tensor, counts, reduce: str) -> torch.Tensor:
+    """The largest (``reduce="amax"``) or smallest (``"amin"``) of each image's
+    consecutive tile scores: ``counts`` tiles per image, an int, or a list of one count
+    per image (tiles of images of several sizes)."""
+    if isinstance(counts, int):
+        return getattr(tile_scores.reshape(-1, counts), reduce)(dim=1)
+    device = tile_scores.device
+    counts = torch.as_tensor(counts, device=device)
+    index = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    start = -torch.inf if reduce == "amax" else torch.inf
+    out = torch.full((len(counts),), start, dtype=tile_scores.dtype, device=device)
+    return out.scatter_reduce(0, index, tile_scores, reduce)
+
+
 def _predict_labels(decision):
     """+1 where ``decision >= 0``, else -1: an int64 tensor for a tensor, else numpy."""
     if isinstance(decision, torch.Tensor):
@@ -942,15 +956,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         tiles = self.__dict__.get("_tiles_per_image")
         if tiles is None or tiles == 1:
             return anomaly_scores
-        if isinstance(tiles, int):
-            return anomaly_scores.reshape(-1, tiles).amax(dim=1)
-        # images of several sizes: a list of tiles per image
-        counts = torch.as_tensor(tiles, device=anomaly_scores.device)
-        index = torch.repeat_interleave(
-            torch.arange(len(counts), device=anomaly_scores.device), counts)
-        out = torch.full((len(counts),), -torch.inf, dtype=anomaly_scores.dtype,
-                         device=anomaly_scores.device)
-        return out.scatter_reduce(0, index, anomaly_scores, "amax")
+        return _per_image_reduce(anomaly_scores, tiles, "amax")
 
     def _set_offset(self, anomaly_scores: torch.Tensor, method: str) -> None:
         anomaly_scores = self._per_image(anomaly_scores)

@@ -27,7 +27,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._dask import is_dask_array
-from .base import _like_input, _predict_labels
+from .base import _like_input, _per_image_reduce, _predict_labels
 from .functional.tiling import _MERGES, as_pair, resize_tiles, tile_grid, untile
 
 __all__ = ["AnomalyPipeline", "make_anomaly_pipeline"]
@@ -48,19 +48,6 @@ def _image_size(X):
         return None
     shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
     return tuple(int(s) for s in shape[-2:]) if len(shape) == 4 else None
-
-
-def _per_image_min(tile_scores: torch.Tensor, counts) -> torch.Tensor:
-    """The smallest of each image's consecutive tile scores: ``counts`` tiles per image
-    (an int, or a list of one count per image)."""
-    if isinstance(counts, int):
-        return tile_scores.reshape(-1, counts).amin(dim=1)
-    counts = torch.as_tensor(counts, device=tile_scores.device)
-    index = torch.repeat_interleave(torch.arange(len(counts), device=tile_scores.device),
-                                    counts)
-    out = torch.full((len(counts),), torch.inf, dtype=tile_scores.dtype,
-                     device=tile_scores.device)
-    return out.scatter_reduce(0, index, tile_scores, "amin")
 
 
 def _like(X, t):
@@ -527,7 +514,7 @@ class AnomalyPipeline(Pipeline):
             fused, tiles, what, None if what == "scores" else tiling[0], sigma)
         scores = maps = None
         if tile_scores is not None:  # normality: the least normal tile's
-            scores = _per_image_min(tile_scores, tiles.per_image())
+            scores = _per_image_reduce(tile_scores, tiles.per_image(), "amin")
         if tile_maps is not None:
             size = None if output_size is None else as_pair(output_size, "output_size")
             maps = []
