@@ -160,7 +160,7 @@ def test_batch_size_does_not_change_results(fitted_resnet, images, batch_size):
 
 @pytest.mark.parametrize("pixels", [32 * 32, 3 * 32 * 32])
 def test_cpu_forward_slices_give_the_one_call_features(fitted_resnet, images, pixels,
-                                                        monkeypatch):
+                                                       monkeypatch):
     # slices of 1 and 3 images (the last one short) against one forward of the batch
     from skanomaly.features import extractor
     module = fitted_resnet._torch_module(torch.device("cpu"))
