@@ -4,6 +4,7 @@ References: the bits of the unsaved detector's scores (scores must not change), 
 triangles and covariance, and hand counts of the numbers a PaDiM model holds.
 """
 
+import functools
 import pickle
 import warnings
 
@@ -23,19 +24,13 @@ from skanomaly import (
 from skanomaly.persistence import load_model, save_model
 from skanomaly.functional._packing import PackedMatrices
 
+from _streams import correlated_vectors, low_rank_maps
+
 warnings.filterwarnings("ignore", message=".*too few.*")
 
 
-def _maps(n, seed=0, c=6, h=3, w=3):
-    rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(4, c * h * w))
-    return (rng.normal(size=(n, 4)) @ basis + 0.3 * rng.normal(size=(n, c * h * w))).reshape(
-        n, c, h, w)
-
-
-def _vectors(n, seed=0, d=6):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 2.0
+_maps = functools.partial(low_rank_maps, h=3, w=3)
+_vectors = functools.partial(correlated_vectors, d=6)
 
 
 CASES = {

@@ -21,19 +21,12 @@ from sklearn.decomposition import PCA
 from skanomaly import DFKDEDetector, DFMDetector, PatchCoreDetector
 from skanomaly.functional import k_center_greedy
 
+from _streams import correlated_vectors, low_rank_maps
+
 warnings.filterwarnings("ignore", message=".*too few.*")  # tiny first batches in-sample
 
 
-def _maps(n, seed=0, c=6, h=4, w=4):
-    rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(4, c * h * w))
-    return (rng.normal(size=(n, 4)) @ basis + 0.3 * rng.normal(size=(n, c * h * w))).reshape(
-        n, c, h, w)
-
-
-def _vectors(n, seed=0, d=8):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 2.0
+_maps, _vectors = low_rank_maps, correlated_vectors
 
 
 CASES = {
