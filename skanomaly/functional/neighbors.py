@@ -653,11 +653,6 @@ class KNNIndex(nn.Module):
         """(r, idx) as :meth:`_search_near` gives them, with candidates from a lower bound
         in a space of few dimensions (see "Pruning" in the class Notes)."""
         n_features, dtype = prepared.bank.shape[1], scaled.dtype
-        top = k + _PRUNE_EXTRA
-        centred = scaled - prepared.centre
-        lower = _lower_rows(centred, pruning.basis, dtype)
-        approx, cand, _ = self._candidates(pruning.lower, lower, None, top, chunk, tile)
-        best, where = self._exact_candidates(prepared, scaled, approx, cand, k)
         finfo = torch.finfo(dtype)
         eps, tiny = finfo.eps, finfo.tiny
         width, delta = pruning.basis.shape[1] + 1, pruning.delta
@@ -666,6 +661,11 @@ class KNNIndex(nn.Module):
         rho = (n_features + 8) * eps
         if max(factor, rho) >= 0.5:  # the bound says nothing: the plain search
             return None
+        top = k + _PRUNE_EXTRA
+        centred = scaled - prepared.centre
+        lower = _lower_rows(centred, pruning.basis, dtype)
+        approx, cand, _ = self._candidates(pruning.lower, lower, None, top, chunk, tile)
+        best, where = self._exact_candidates(prepared, scaled, approx, cand, k)
         norms = centred.square().sum(1).sqrt_()
         span = ((norms + prepared.max_norm) * (1 + delta + 4 * eps)).square_()
         err = factor * span + 4 * (width + 8) * tiny
