@@ -131,7 +131,11 @@ def _block_state(template, block, start: int, light: bool = False):
     est._reset_device_cache()
     Xt = est._validate_input(block, reset=True)
     try:
-        est._fit(Xt)
+        if hasattr(est, "_current_moments"):  # PaDiM: keep the moments the merge needs
+            est._accumulate(Xt, reset=True, incremental=True)
+            est.__dict__.pop("_fit_loo", None)  # no offset here: nor the block it is for
+        else:
+            est._fit(Xt)
     except ValueError as exc:
         raise ValueError(
             f"rows {start}:{start + block.shape[0]} of the dask array (one block) could not "

@@ -91,13 +91,29 @@ def test_padim_keeps_one_factor_and_derives_the_covariance():
     det = PaDiMDetector(n_features=5, random_state=0, device="cpu").fit(X)
     big = {k for k, v in vars(det).items() if isinstance(v, np.ndarray) and v.ndim == 3}
     assert big == {"precision_cholesky_"}
+    assert "_moments" not in vars(det)  # a one-shot fit keeps no scatter
     f = X[:, det.feature_indices_].reshape(40, 5, 9).transpose(2, 0, 1)
     reference = np.stack([np.cov(p, rowvar=False) for p in f])
-    np.testing.assert_allclose(det.covariance_, reference, rtol=1e-10)
-    compact = det._without_streaming_state()
-    assert "_moments" not in vars(compact) and "_moments" in vars(det)
+    np.testing.assert_allclose(det.covariance_, reference, rtol=1e-8, atol=1e-12)
+    streamed = PaDiMDetector(n_features=5, random_state=0, device="cpu").partial_fit(X)
+    assert "_moments" in vars(streamed)  # a stream keeps its exact moments
+    np.testing.assert_allclose(streamed.covariance_, reference, rtol=1e-10)
+    compact = streamed._without_streaming_state()
+    assert "_moments" not in vars(compact) and "_moments" in vars(streamed)
     np.testing.assert_allclose(compact.covariance_, reference, rtol=1e-8, atol=1e-12)
     assert not hasattr(PaDiMDetector(), "covariance_")
+
+
+def test_padim_fit_continues_as_a_stream_from_its_factors():
+    X, more, Q = _maps(40), _maps(25, seed=4), _maps(6, seed=5)
+    det = PaDiMDetector(n_features=5, random_state=0, device="cpu").fit(X)
+    det.partial_fit(more)
+    whole = PaDiMDetector(n_features=5, random_state=0, device="cpu").fit(
+        np.concatenate([X, more]))
+    assert det.n_samples_seen_ == 65
+    np.testing.assert_allclose(det.mean_, whole.mean_, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(det.covariance_, whole.covariance_, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(det.score_samples(Q), whole.score_samples(Q), rtol=1e-8)
 
 
 def test_padim_pickle_holds_the_triangle_of_its_factor():
@@ -107,7 +123,7 @@ def test_padim_pickle_holds_the_triangle_of_its_factor():
     compact = pickle.dumps(det._without_streaming_state())
     numbers = p * d * (d + 1) // 2 + p * d  # packed factor and means
     assert numbers * 8 <= len(compact) < numbers * 8 + 20_000
-    whole = pickle.dumps(det)  # with the moments: a second triangle, plus patches
+    whole = pickle.dumps(det)  # a fit keeps no moments: little beyond the factor
     assert len(whole) < 2.6 * numbers * 8
     Q = _maps(7, seed=3, c=40, h=4, w=4)
     np.testing.assert_array_equal(pickle.loads(compact).score_samples(Q), det.score_samples(Q))

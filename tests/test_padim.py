@@ -46,6 +46,26 @@ def test_offset_is_the_quantile_of_leave_one_out_refits(solver):
     assert det.offset_ == pytest.approx(np.percentile(-loo, 20), rel=1e-9)
 
 
+@pytest.mark.parametrize("n, reg", [(30, 0.01), (30, 1.0), (30, 0.0), (4, 0.05)])
+def test_fit_scores_every_image_by_its_largest_leave_one_out_distance(n, reg, monkeypatch):
+    """The fit computes the exact leave-one-out distances only where the in-sample
+    distances' bounds say an image's largest may be (none without a ridge): each
+    image's score must still be its largest over every position (numpy refits)."""
+    X = _maps(n, c=5, h=6, w=6, seed=3)
+    seen = {}
+    original = PaDiMDetector._set_offset
+
+    def capture(self, scores, method):
+        seen["scores"], seen["method"] = np.asarray(scores, dtype=np.float64), method
+        return original(self, scores, method)
+
+    monkeypatch.setattr(PaDiMDetector, "_set_offset", capture)
+    det = PaDiMDetector(solver="full", reg=reg, device="cpu").fit(X)
+    assert seen["method"] == det.calibration_ == "leave-one-out"
+    reference = _reference_leave_one_out(X, range(n), det.feature_indices_, reg)
+    np.testing.assert_allclose(seen["scores"], reference, rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     "n_train, solver, expected_solver",
     [(40, "auto", "full"), (6, "auto", "woodbury"), (40, "woodbury", "woodbury"),

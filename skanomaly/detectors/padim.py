@@ -17,12 +17,18 @@ from ..functional import (
     PackedMatrices,
     WoodburyGaussianScorer,
     all_finite,
+    cholesky_ex,
+    frexp_exponent,
+    ldexp,
+    ldexp_,
     leave_one_out_from_residuals,
     leave_one_out_mahalanobis,
     mahalanobis,
     mahalanobis_woodbury,
     precision_cholesky,
+    range_error,
     tril_inverse,
+    tril_inverse_workspace,
     woodbury_factor,
 )
 from ..functional.covariance import accumulation_dtype
@@ -242,7 +248,8 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         if solver == "woodbury":
             state = self._woodbury_state(X, idx)
         elif refresh or reset:
-            state = self._full_state(X, idx, None if reset else self._current_moments())
+            state = self._full_state(X, idx, None if reset else self._current_moments(),
+                                     keep_moments=incremental)
         else:  # partial_fit: the moments only (see _refresh_factors), merged in place
             # (the same numbers as a merge into a copy; nothing after it can fail)
             acc = self._current_moments().merge(self._batch_moments(X, idx))
@@ -285,8 +292,17 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         return x.to(torch.float64, memory_format=torch.contiguous_format)
 
     def _current_moments(self) -> MomentAccumulator:
+        """The moments a stream continues from: kept by ``partial_fit``, else (a one-shot
+        fit, or the Woodbury solver) computed from the fitted state."""
         if self.solver_ == "full":
-            return self._moments
+            moments = self.__dict__.get("_moments")
+            if moments is not None:
+                return moments
+            # a fit keeps the factors only: scatter = (n - 1) * covariance_, symmetrised
+            scatter = torch.from_numpy(self.covariance_).mul_(self.n_samples_seen_ - 1)
+            scatter = scatter.add_(scatter.mT.clone()).mul_(0.5)
+            return MomentAccumulator._from_moments(
+                self.n_samples_seen_, torch.from_numpy(self.mean_).clone(), scatter)
         centered, mean = (torch.from_numpy(a) for a in (self.centered_features_, self.mean_))
         return MomentAccumulator(mean.shape[1], mean.shape[:1]).update(centered + mean[:, None])
 
@@ -359,9 +375,9 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         acc = MomentAccumulator(len(idx), batch.batch_shape, device=X.device)
         return acc.merge(previous).merge(batch)
 
-    def _full_state(self, X, idx, previous) -> dict:
+    def _full_state(self, X, idx, previous, keep_moments: bool = True) -> dict:
         if previous is None:
-            return self._fresh_state(X, idx)
+            return self._fresh_state(X, idx, keep_moments)
         return self._factor_state(self._merged_moments(X, idx, previous))
 
     def _refresh_factors(self) -> None:
@@ -391,53 +407,165 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
                 f"with reg={self.reg:g} ({n_samples} samples, {d} features); "
                 "increase reg (PaDiM uses 0.01)")
 
-    def _fresh_state(self, X, idx) -> dict:
+    def _fresh_state(self, X, idx, keep_moments: bool = True) -> dict:
         """:meth:`_full_state` of a first batch, with its leave-one-out image scores.
 
         One pass over the positions, block by block: each block of maps is gathered
-        once and, while it is in cache, gives its moments, its factors and the
-        leave-one-out distances of the training images (what :meth:`_leave_one_out`
-        computes from the moments in a second pass when it must). The scores are left
-        in ``_fit_loo`` for :meth:`_out_of_sample_scores` of the same ``X``; None when
-        leave-one-out does not apply there (its checks raised).
+        once and, while it is in cache, gives its moments, its precision factors
+        (:meth:`_block_precision`) and the training images' in-sample distances, which
+        bound their leave-one-out distances within a factor ``(n - 1) / (n - 2)``
+        (:meth:`_leave_one_out_bounds`). The exact leave-one-out distances, which take
+        a second factorisation per position, are then computed only at the positions
+        where one can be an image's largest (:meth:`_exact_leave_one_out`): the same
+        image scores as from every position, bitwise where the blocks' matrices are
+        64-byte aligned (``n * d`` and ``d * d`` multiples of 8; else to the last
+        bit). The scores are left in ``_fit_loo`` for :meth:`_out_of_sample_scores` of
+        the same ``X``; None when leave-one-out does not apply there (its checks raised).
+
+        ``keep_moments=False`` (a one-shot fit) keeps no scatter, ``(P, d, d)`` float64
+        that the model does not need, as large as its factors: a later ``partial_fit``
+        or ``covariance_`` computes it from the factors (:meth:`_current_moments`).
         """
         n, d, n_positions = X.shape[0], len(idx), math.prod(X.shape[2:])
         f64 = dict(dtype=torch.float64, device=X.device)
         mean = torch.empty(n_positions, d, **f64)
-        scatter = torch.empty(n_positions, d, d, **f64)
+        scatter = torch.empty(n_positions, d, d, **f64) if keep_moments else None
         upper = torch.empty(n_positions, d, d, **f64)
-        loo = torch.empty(n, n_positions, **f64)
+        upper_bound = torch.empty(n, n_positions, **f64)
+        best = torch.full((n,), -math.inf, **f64)  # per image: the largest lower bound
         blocks = self._position_blocks(n_positions, n, d)
         buffers = self._gather_buffers(X, blocks[0][1], d)
         k = blocks[0][1]
-        product = torch.empty(k, d, d, **f64)
-        # scratch of the leave-one-out step, reused block after block: fresh temporaries
-        # of a few MB per block cost page faults that took 30 % of the fit's time
-        scratch = (torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64),
-                   torch.empty(k, n, d, **f64), torch.empty(k, d, d, **f64))
-        covariance, factor_buffer = torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64)
-        advice, reg, loo_ok = self._singular_advice(n, d), float(self.reg), True
+        # scratch reused block after block: fresh temporaries of a few MB per block
+        # cost page faults that took 30 % of the fit's time
+        product, symmetric, covariance, factor = (torch.empty(k, d, d, **f64)
+                                                  for _ in range(4))
+        products = torch.empty(k, n, d, **f64)
+        workspace = tril_inverse_workspace(k, d, **f64)
+        advice, reg = self._singular_advice(n, d), float(self.reg)
         for start, stop in blocks:
             x = self._gather(X, idx, start, stop, buffers)  # (k, n, d)
             m = stop - start
-            block_scatter = self._block_moments(x, mean[start:stop], scatter[start:stop],
-                                                product[:m])
-            factor = cholesky_or_raise(
-                torch.div(block_scatter, n - 1, out=covariance[:m]), reg, advice,
-                validate_args=False, overwrite_a=True, out=factor_buffer[:m].mT)
-            precision_cholesky(factor, validate_args=False, out=upper[start:stop],
-                               overwrite_cholesky=True)
-            if loo_ok:
-                try:
-                    loo[:, start:stop] = leave_one_out_from_residuals(
-                        x, block_scatter, n, ddof=1, reg=reg, squared=False,
-                        buffers=scratch).mT
-                except ValueError:  # _out_of_sample_scores decides what to do instead
-                    loo_ok = False
-        acc = MomentAccumulator._from_moments(n, mean, scatter)
-        return {"_moments": acc.to("cpu"), "mean_": mean.cpu().numpy(),
-                "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": reg,
-                "n_samples_seen_": n, "_fit_loo": (X, loo.amax(1) if loo_ok else None)}
+            w = self._block_moments(x, mean[start:stop], symmetric[:m] if scatter is None
+                                    else scatter[start:stop], product[:m])
+            u = upper[start:stop]
+            self._block_precision(w, n - 1, reg, advice, covariance[:m], factor[:m], u,
+                                  workspace)
+            z = torch.bmm(x, u, out=products[:m])  # |r^T U|^2: squared distance
+            lower, upper_bound[:, start:stop] = self._leave_one_out_bounds(
+                z.square_().sum(-1), w.diagonal(dim1=-2, dim2=-1).sum(-1), n, d, reg)
+            torch.maximum(best, lower.amax(0), out=best)
+        positions = torch.nonzero((upper_bound >= best[:, None]).any(0)).flatten()
+        del upper_bound
+        loo = self._exact_leave_one_out(
+            X, idx, mean, positions, n, reg, k,
+            (buffers[1], product, symmetric,
+             (covariance, factor, products, product, workspace)))
+        state = {"mean_": mean.cpu().numpy(), "precision_cholesky_": upper.cpu().numpy(),
+                 "_covariance_reg": reg, "n_samples_seen_": n, "_fit_loo": (X, loo)}
+        if scatter is not None:
+            state["_moments"] = MomentAccumulator._from_moments(n, mean, scatter).to("cpu")
+        return state
+
+    @staticmethod
+    def _block_precision(w, divisor: int, reg: float, advice: str, covariance, factor,
+                         upper, workspace) -> None:
+        """Precision factors ``U`` of ``w / divisor + reg I`` into ``upper`` (m, d, d).
+
+        The values of ``cholesky_or_raise`` then ``precision_cholesky`` (and their
+        errors), with fewer passes over the block: each matrix is scaled by ``4**-h``
+        within the division (dividing by the exact ``divisor * 4**h`` rounds as
+        dividing then scaling does), ``h`` from the largest variance (the largest
+        entry of a positive semi-definite matrix is on its diagonal), and ``U`` is
+        ``2**-h`` times the inverse factor of the scaled matrix: the same bits, since
+        powers of two scale exactly. ``covariance``, ``factor`` (m, d, d) and
+        ``workspace`` (:func:`~skanomaly.functional.mahalanobis.tril_inverse_workspace`)
+        are scratch.
+        """
+        m, d = w.shape[0], w.shape[-1]
+        variance = w.diagonal(dim1=-2, dim2=-1).amax(-1).div_(divisor)  # (m,)
+        ridge = torch.tensor(reg, dtype=w.dtype, device=w.device)
+        half = torch.div(torch.maximum(frexp_exponent(variance), frexp_exponent(ridge)), 2,
+                         rounding_mode="floor")
+        scale = ldexp(torch.full((m,), float(divisor), dtype=w.dtype, device=w.device),
+                      2 * half)
+        scaled = torch.div(w, scale[:, None, None], out=covariance)
+        scaled.diagonal(dim1=-2, dim2=-1).add_(ldexp(ridge.expand(m), -2 * half)[:, None])
+        lower, info = cholesky_ex(scaled, out=factor.mT)
+        # cholesky_or_raise's test: a failed factorisation, or a pivot below d * eps
+        # times the largest variance (both sides scaled by 4**-h)
+        pivots = lower.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+        floor = ldexp(variance + reg, -2 * half) * (d * torch.finfo(w.dtype).eps)
+        if bool((info != 0).any()) or bool((pivots <= floor).any()):
+            raise ValueError(advice)
+        tril_inverse(lower, validate_args=False, out=upper.mT, workspace=workspace)
+        ldexp_(upper, -half[:, None, None])
+        if not all_finite(upper):
+            raise range_error("entries of the precision factor L^-T", upper.dtype)
+
+    #: a computed squared distance is within this times ``d * kappa`` of the exact one,
+    #: relative: Cholesky, triangular inverse and products are backward stable, and
+    #: the constant leaves a wide margin
+    _ROUNDING = 64 * float(torch.finfo(torch.float64).eps)
+
+    @classmethod
+    def _leave_one_out_bounds(cls, in_sample, trace, n: int, d: int, reg: float):
+        """Lower and upper bounds, (m, n) and (n, m), of a block's leave-one-out distances.
+
+        ``in_sample`` (m, n): the training images' squared distances under the fitted
+        model, whose covariance is ``B / (n - 1)``, ``B = W + (n - 1) reg I``. The
+        model without sample ``i`` divides ``A = W + (n - 2) reg I`` less a rank-one
+        term (:func:`~skanomaly.functional.leave_one_out_mahalanobis`), and its
+        squared distance ``c^2 (n - 2) q / (1 - c q)``, ``c = n / (n - 1)``, increases
+        with ``q = r^T A^{-1} r``. ``A`` and ``B`` share their eigenvectors and
+        ``B A^{-1}`` has eigenvalues in ``[1, (n - 1) / (n - 2)]``, so ``q`` lies
+        between ``in_sample / (n - 1)`` and ``in_sample / (n - 2)``. Both computed
+        distances (this one and the exact path's) are widened by a rounding error of
+        ``_ROUNDING * d * kappa`` relative, ``kappa <= (trace(W) + (n - 2) reg) /
+        ((n - 2) reg)`` (``trace`` (m,)). The upper bound is infinite where it cannot
+        rule out a singular model without the sample (the exact path must see it to
+        raise), where the error bound is not small, and without a ridge.
+        """
+        if not reg > 0 or n < 3:
+            return (torch.full_like(in_sample, -math.inf),
+                    torch.full_like(in_sample.mT, math.inf))
+        c, ridge = n / (n - 1), (n - 2) * reg
+        err = (trace + ridge).div_(ridge).mul_(cls._ROUNDING * d)[:, None]  # (m, 1)
+
+        def distance(q, unsafe):
+            denom = 1.0 - c * q
+            return torch.where(denom > 2.0**-20, (c * c * (n - 2)) * q / denom, unsafe)
+
+        lower = distance(in_sample / (n - 1) * (1 - err), -math.inf)
+        upper = distance(in_sample / (n - 2) * (1 + err), math.inf)
+        return lower, upper.masked_fill_(err > 2.0**-10, math.inf).mT
+
+    def _exact_leave_one_out(self, X, idx, mean, positions, n: int, reg: float,
+                             step: int, buffers):
+        """(n,) largest exact leave-one-out distance of each image over ``positions``
+        (:func:`~skanomaly.functional.leave_one_out_from_residuals`), in blocks of
+        ``step`` positions in the fit's scratch ``buffers``; None where its checks raise
+        (a singular model)."""
+        best = torch.full((n,), -math.inf, dtype=torch.float64, device=X.device)
+        stage, product, symmetric, scratch = buffers
+        flat = X.flatten(2)
+        for start in range(0, len(positions), step):
+            chosen = positions[start: start + step]
+            m = len(chosen)
+            x = flat.index_select(2, chosen)  # (n, C, m)
+            if len(idx) != X.shape[1]:
+                x = x.index_select(1, idx)
+            x = stage[:m].copy_(x.permute(2, 0, 1))  # (m, n, d), aligned as the fit's
+            x.sub_(mean[chosen].unsqueeze(1))
+            w = torch.bmm(x.mT, x, out=product[:m])
+            w = torch.add(w, w.mT, out=symmetric[:m]).mul_(0.5)
+            try:
+                loo = leave_one_out_from_residuals(x, w, n, ddof=1, reg=reg, squared=False,
+                                                   buffers=scratch)
+            except ValueError:  # _out_of_sample_scores decides what to do instead
+                return None
+            torch.maximum(best, loo.amax(0), out=best)
+        return best
 
     def _out_of_sample_scores(self, X: torch.Tensor):
         stash = self.__dict__.pop("_fit_loo", None)
@@ -463,7 +591,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         n, d = self.n_samples_seen_, len(idx)
         if self.solver_ == "woodbury":
             return self._woodbury_leave_one_out().amax(1).to(X.device)
-        moments = self._moments.to(X.device)
+        moments = self._current_moments().to(X.device)
         n_positions = moments.mean.shape[0]
         out = torch.empty(X.shape[0], n_positions, dtype=torch.float64, device=X.device)
         blocks = self._position_blocks(n_positions, X.shape[0], d)
@@ -508,9 +636,9 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         """Unbiased covariance per position, without the ridge (``solver_ == "full"``).
 
         Computed on access, not stored: from the moments (``scatter / (n - 1)``, the
-        covariance the fit factorised) while the detector keeps them, else from
-        ``precision_cholesky_`` (``U^{-T} U^{-1} - reg * I``, equal up to rounding), for
-        a detector saved without its streaming state.
+        covariance the fit factorised) while the detector keeps them (``partial_fit``),
+        else from ``precision_cholesky_`` (``U^{-T} U^{-1} - reg * I``, equal up to
+        rounding): a one-shot fit, or a detector saved without its streaming state.
         """
         if self.__dict__.get("solver_") != "full":
             raise AttributeError(f"{type(self).__name__!r} object has no attribute "

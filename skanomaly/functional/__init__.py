@@ -38,7 +38,9 @@ from .tiling import resize_tiles, tile, tile_grid, untile
 # API): the finiteness check that reports one flag per call, exact power-of-two scaling,
 # and packed triangular matrices
 from ._packing import PackedMatrices  # noqa: F401
-from ._validation import all_finite, frexp_exponent, ldexp, max_abs_exponent  # noqa: F401
+from ._validation import (all_finite, frexp_exponent, ldexp, ldexp_,  # noqa: F401
+                          max_abs_exponent, range_error)
+from .mahalanobis import cholesky_ex, tril_inverse_workspace  # noqa: F401
 
 __all__ = [
     "cov",

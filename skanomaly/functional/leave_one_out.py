@@ -183,9 +183,11 @@ def leave_one_out_from_residuals(r, scatter, n_samples, *, ddof=1, reg=0.0, squa
         Ridge added to the diagonal of the covariance.
     squared : bool, default=True
         Return squared distances.
-    buffers : tuple of 4 Tensors, optional
-        Scratch space ``(P', d, d)`` three times and ``(P', m, d)``, with ``P' >= P``, in
-        the dtype and on the device of ``r``, reused across calls.
+    buffers : tuple of 4 or 5 Tensors, optional
+        Scratch space ``(P', d, d)`` twice, ``(P', m, d)`` and ``(P', d, d)``, with
+        ``P' >= P``, in the dtype and on the device of ``r``, reused across calls;
+        fifth, optionally, a :func:`~skanomaly.functional.mahalanobis.tril_inverse_workspace`
+        for ``P'`` matrices.
 
     Returns
     -------
@@ -246,7 +248,9 @@ def _downdated(r, a, c, a_loo, validate_args, buffers):
                          "without shrinkage or ridge)")
     # q = |L^{-1} r|^2: each problem's samples (m, d) times its L^{-T}, rows summed
     inverse = tril_inverse(factor, validate_args=validate_args,
-                           out=None if buffers is None else buffers[1][:p])
+                           out=None if buffers is None else buffers[1][:p],
+                           workspace=None if buffers is None or len(buffers) < 5
+                           else buffers[4])
     z = torch.bmm(r, inverse.mT, out=None if buffers is None else buffers[2][:p])
     q = z.square_().sum(-1)  # (P, m)
     denom = 1.0 - c * q
