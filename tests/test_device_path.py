@@ -160,8 +160,8 @@ def test_fused_padim_computes_only_the_kept_channels(textures, monkeypatch):
     widths = []
     original = layers_module.embed
 
-    def spy(outputs, layers, selection=None):
-        out = original(outputs, layers, selection)
+    def spy(outputs, layers, selection=None, out=None):
+        out = original(outputs, layers, selection, out)
         widths.append(out.shape[1])
         return out
 

@@ -169,11 +169,29 @@ def test_cpu_forward_slices_give_the_one_call_features(fitted_resnet, images, pi
     monkeypatch.setattr(extractor, "_CPU_FORWARD_PIXELS", pixels)
     calls = []
     monkeypatch.setattr(type(module), "features",
-                        lambda self, x, sel=None: calls.append(len(x)) or
-                        extractor.embed(self.layer_outputs(x)[0], self.layers, sel))
+                        lambda self, x, sel=None, out=None: calls.append(len(x)) or
+                        extractor.embed(self.layer_outputs(x)[0], self.layers, sel, out))
     got = fitted_resnet.transform(images)
     assert calls == ([1, 1, 1, 1] if pixels == 32 * 32 else [3, 1])
     assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_embed_into_an_output_is_the_concatenation(fitted_resnet, images):
+    """transform writes each layer's resized map into its rows and channels of one
+    output: the values of the concatenation, bitwise, with or without a selection."""
+    from skanomaly.features.layers import embed, layer_selection
+
+    module = fitted_resnet._torch_module(torch.device("cpu"))
+    with torch.inference_mode():
+        outputs = module.layer_outputs(torch.from_numpy(images))[0]
+        widths = [outputs[name].shape[1] for name in module.layers]
+        for selection in (None, layer_selection([0, 5, 70, 200, 447], widths, "cpu")):
+            expected = embed(outputs, module.layers, selection)
+            out = torch.full_like(expected, float("nan"))
+            assert embed(outputs, module.layers, selection, out=out) is out
+            assert torch.equal(out, expected)
+        got = fitted_resnet.transform(torch.from_numpy(images))
+        assert torch.equal(got, torch.from_numpy(fitted_resnet.transform(images)))
 
 
 # --------------------------------------------------------------- reproducibility, RNG

@@ -487,9 +487,14 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if is_dask_array(X):  # a dask array, transformed block by block (map_blocks)
             return transform_dask(self, X)
         Xv = self._validate_input(X, reset=False)
-        if isinstance(X, torch.Tensor):  # a tensor out, on X's device
-            return torch.cat([f.to(X.device) for _, f in self._feature_batches(Xv)])
-        features = None
+        tensor_out = isinstance(X, torch.Tensor)
+        if tensor_out or resolve_device(self.device).type == "cpu":
+            # the batches write into one output on its device (no concatenation)
+            whole = {"device": X.device if tensor_out else torch.device("cpu")}
+            for _ in self._feature_batches(Xv, into=whole):
+                pass
+            return whole["out"] if tensor_out else whole["out"].numpy()
+        features = None  # computed on an accelerator: to numpy batch by batch
         for start, maps in self._feature_batches(Xv):
             maps = maps.cpu().numpy()
             if features is None:
@@ -497,9 +502,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             features[start : start + len(maps)] = maps
         return features
 
-    def _feature_batches(self, X, channels=None, device=None):
+    def _feature_batches(self, X, channels=None, device=None, into=None):
         """Yield ``(start, features)`` of validated ``X`` (see :meth:`_validate_input`)
         batch by batch, as tensors on the extractor's device.
+
+        ``into``: a dict in which ``"out"`` becomes the (n_samples, ...) features of the
+        whole ``X``, made after the first batch on ``into["device"]``, each batch
+        written into its rows (and yielded as a view of them).
 
         ``channels``: indices of the output channels to compute (sorted; None: all),
         selected before the resize to the first layer's grid. ``device``: where each
@@ -523,8 +532,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in starts:
                 batch = self._to_batch(X[start : start + self.batch_size], dev)
+                rows = None
+                if into is not None and "out" in into:
+                    rows = into["out"][start : start + len(batch)]
                 try:
-                    maps = _sliced_features(module, batch, selection)
+                    maps = _sliced_features(module, batch, selection, out=rows)
                 except RuntimeError as exc:  # e.g. images too small for the backbone
                     raise ValueError(f"the backbone failed on X[{start}:"
                                      f"{start + len(batch)}] of shape {tuple(batch.shape)}: "
@@ -532,6 +544,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 # a finite sum proves every feature finite; a batch whose sum is not
                 # is checked entry by entry at the end (it may be a mere overflow)
                 finite.append(torch.isfinite(maps.sum()))
+                if into is not None and "out" not in into:
+                    into["out"] = torch.empty((X.shape[0], *maps.shape[1:]), dtype=maps.dtype,
+                                              device=into.get("device", maps.device))
+                    maps = into["out"][: len(batch)].copy_(maps)
                 yield start, maps if device is None else maps.to(device)
             if finite and not bool(torch.stack(finite).all()):
                 for i in torch.stack(finite).logical_not().nonzero()[:, 0].tolist():
@@ -665,12 +681,21 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return cache[device]
 
 
-def _sliced_features(module: FeatureModule, batch: torch.Tensor, selection) -> torch.Tensor:
+def _sliced_features(module: FeatureModule, batch: torch.Tensor, selection,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``module.features(batch, selection)``, run on the CPU in slices of about
-    ``_CPU_FORWARD_PIXELS`` input pixels (elsewhere in one call)."""
+    ``_CPU_FORWARD_PIXELS`` input pixels (elsewhere in one call), each written into its
+    rows of ``out`` (made from the first slice when None): no concatenation, whose
+    fresh copies of the whole batch cost page faults."""
     n, height, width = batch.shape[0], batch.shape[-2], batch.shape[-1]
     step = n if batch.device.type != "cpu" else max(1, _CPU_FORWARD_PIXELS // (height * width))
-    if step >= n:
+    if step >= n and out is None:
         return module.features(batch, selection)
-    return torch.cat([module.features(batch[i : i + step], selection)
-                      for i in range(0, n, step)])
+    for i in range(0, n, step):
+        if out is None:
+            first = module.features(batch[:step], selection)
+            out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+            out[:step].copy_(first)
+            continue
+        module.features(batch[i : i + step], selection, out=out[i : i + step])
+    return out

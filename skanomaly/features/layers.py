@@ -61,14 +61,27 @@ def forward_layers(model, layers, x, stop_after=None) -> tuple[dict, int]:
     return outputs, calls
 
 
-def embed(outputs: dict, layers, selection=None) -> torch.Tensor:
+def embed(outputs: dict, layers, selection=None, out=None) -> torch.Tensor:
     """Resize every layer's map to the first layer's grid (nearest) and concatenate.
 
     ``selection``: per layer, the indices of its channels to keep (None: all), applied
     BEFORE the resize (nearest interpolation is per channel, so the result equals
     selecting from the full concatenation, bitwise, at a fraction of the work).
+    ``out``: a contiguous (n, C_out, H, W) tensor to write the result into, layer by
+    layer (the same values, without the concatenation's copy); returned.
     """
     size = outputs[layers[0]].shape[-2:]
+    if out is not None:
+        start = 0
+        for i, name in enumerate(layers):
+            layer = outputs[name]
+            if selection is not None and selection[i] is not None:
+                layer = layer.index_select(1, selection[i])
+            if layer.shape[-2:] != size:  # nearest resize: copies of the entries
+                layer = F.interpolate(layer, size=size, mode="nearest")
+            out[:, start: start + layer.shape[1]].copy_(layer)
+            start += layer.shape[1]
+        return out
     maps = []
     for i, name in enumerate(layers):
         out = outputs[name]
@@ -132,9 +145,10 @@ class FeatureModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return embed(self.layer_outputs(x)[0], self.layers)
 
-    def features(self, x: torch.Tensor, selection=None) -> torch.Tensor:
-        """:meth:`forward` keeping only the channels of ``selection`` (see ``embed``)."""
-        return embed(self.layer_outputs(x)[0], self.layers, selection)
+    def features(self, x: torch.Tensor, selection=None, out=None) -> torch.Tensor:
+        """:meth:`forward` keeping only the channels of ``selection``, written into
+        ``out`` if given (see ``embed``)."""
+        return embed(self.layer_outputs(x)[0], self.layers, selection, out)
 
 
 def truncated(model: torch.nn.Module, layers, stop_after: int, probe: torch.Tensor,
