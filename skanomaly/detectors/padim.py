@@ -25,14 +25,12 @@ from ..functional import (
     leave_one_out_mahalanobis,
     mahalanobis,
     mahalanobis_woodbury,
-    precision_cholesky,
     range_error,
     tril_inverse,
     tril_inverse_workspace,
     woodbury_factor,
 )
 from ..functional.covariance import accumulation_dtype
-from ..functional.mahalanobis import cholesky_or_raise
 
 __all__ = ["PaDiMDetector"]
 
@@ -313,20 +311,24 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         return [(p, min(p + step, n_positions)) for p in range(0, n_positions, step)]
 
     @staticmethod
-    def _gather(X: torch.Tensor, idx: torch.Tensor, start: int, stop: int,
+    def _gather(X: torch.Tensor, idx: torch.Tensor, positions,
                 buffers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Positions ``start:stop`` of (n, C, H, W) maps as (stop - start, n, d) float64.
+        """Positions of (n, C, H, W) maps as (k, n, d) float64: ``positions`` is a slice
+        of the flattened grid (a fit's block) or an index tensor (any positions).
 
-        ``buffers`` are a (n, k, d) staging buffer in the input dtype and the
-        (k, n, d) float64 output, k >= stop - start. Two copies, each with one
+        ``buffers`` are a (n, k', d) staging buffer in the input dtype and the
+        (k', n, d) float64 output, k' >= k. Two copies, each with one
         contiguous side (an image's (d, k) -> (k, d) transpose, then a reordering
         of whole rows), measured 5x faster than one copy through the full
         permutation, whose innermost reads stride across H * W.
         """
-        x = X.flatten(2)[:, :, start:stop]
+        flat = X.flatten(2)
+        x = (flat[:, :, positions] if isinstance(positions, slice)
+             else flat.index_select(2, positions))
         if len(idx) != X.shape[1]:  # idx is sorted and unique: same length means all
             x = x.index_select(1, idx)
-        stage, out = buffers[0][:, : stop - start], buffers[1][: stop - start]
+        k = x.shape[2]
+        stage, out = buffers[0][:, :k], buffers[1][:k]
         stage.copy_(x.transpose(1, 2))
         out.copy_(stage.transpose(0, 1))
         return out
@@ -352,7 +354,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         buffers = self._gather_buffers(X, blocks[0][1], d)
         product = torch.empty(blocks[0][1], d, d, **f64)
         for start, stop in blocks:
-            x = self._gather(X, idx, start, stop, buffers)
+            x = self._gather(X, idx, slice(start, stop), buffers)
             self._block_moments(x, mean[start:stop], scatter[start:stop],
                                 product[: stop - start])
         return MomentAccumulator._from_moments(n, mean, scatter)
@@ -388,15 +390,19 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
 
     def _factor_state(self, acc: MomentAccumulator) -> dict:
         """Mean and precision Cholesky factors of every position from the moments."""
-        idx = acc.mean[0]  # one entry per kept channel
-        covariance = acc.covariance(ddof=1)
-        advice = self._singular_advice(acc.n_samples_, len(idx))
-        upper = torch.empty_like(covariance)
+        n, (n_positions,), d = acc.n_samples_, acc.batch_shape, acc.n_features
+        f64 = dict(dtype=acc.scatter.dtype, device=acc.scatter.device)
+        advice = self._singular_advice(n, d)
+        upper = torch.empty(n_positions, d, d, **f64)
         # factor block by block: the temporaries stay in cache, none is P * d^2 large
-        for start, stop in self._position_blocks(covariance.shape[0], len(idx), len(idx)):
-            factor = cholesky_or_raise(covariance[start:stop], float(self.reg), advice,
-                                       validate_args=False)
-            precision_cholesky(factor, validate_args=False, out=upper[start:stop])
+        blocks = self._position_blocks(n_positions, d, d)
+        k = blocks[0][1]
+        covariance, factor = torch.empty(k, d, d, **f64), torch.empty(k, d, d, **f64)
+        workspace = tril_inverse_workspace(k, d, **f64)
+        for start, stop in blocks:  # covariance = scatter / (n - 1), as a fit's
+            m = stop - start
+            self._block_precision(acc.scatter[start:stop], n - 1, float(self.reg), advice,
+                                  covariance[:m], factor[:m], upper[start:stop], workspace)
         # covariance_ is not kept: it is computed from the moments on access
         return {"_moments": acc.to("cpu"), "mean_": acc.mean.cpu().numpy(),
                 "precision_cholesky_": upper.cpu().numpy(), "_covariance_reg": float(self.reg),
@@ -444,7 +450,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         workspace = tril_inverse_workspace(k, d, **f64)
         advice, reg = self._singular_advice(n, d), float(self.reg)
         for start, stop in blocks:
-            x = self._gather(X, idx, start, stop, buffers)  # (k, n, d)
+            x = self._gather(X, idx, slice(start, stop), buffers)  # (k, n, d)
             m = stop - start
             w = self._block_moments(x, mean[start:stop], symmetric[:m] if scatter is None
                                     else scatter[start:stop], product[:m])
@@ -459,8 +465,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         del upper_bound
         loo = self._exact_leave_one_out(
             X, idx, mean, positions, n, reg, k,
-            (buffers[1], product, symmetric,
-             (covariance, factor, products, product, workspace)))
+            (buffers, product, symmetric, (covariance, factor, products, product, workspace)))
         state = {"mean_": mean.cpu().numpy(), "precision_cholesky_": upper.cpu().numpy(),
                  "_covariance_reg": reg, "n_samples_seen_": n, "_fit_loo": (X, loo)}
         if scatter is not None:
@@ -544,18 +549,15 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
                              step: int, buffers):
         """(n,) largest exact leave-one-out distance of each image over ``positions``
         (:func:`~skanomaly.functional.leave_one_out_from_residuals`), in blocks of
-        ``step`` positions in the fit's scratch ``buffers``; None where its checks raise
-        (a singular model)."""
+        ``step`` positions in the fit's scratch ``buffers`` (its :meth:`_gather`
+        buffers, two (k, d, d) and the leave-one-out step's); None where its checks
+        raise (a singular model)."""
         best = torch.full((n,), -math.inf, dtype=torch.float64, device=X.device)
-        stage, product, symmetric, scratch = buffers
-        flat = X.flatten(2)
+        gather, product, symmetric, scratch = buffers
         for start in range(0, len(positions), step):
             chosen = positions[start: start + step]
             m = len(chosen)
-            x = flat.index_select(2, chosen)  # (n, C, m)
-            if len(idx) != X.shape[1]:
-                x = x.index_select(1, idx)
-            x = stage[:m].copy_(x.permute(2, 0, 1))  # (m, n, d), aligned as the fit's
+            x = self._gather(X, idx, chosen, gather)  # (m, n, d), aligned as the fit's
             x.sub_(mean[chosen].unsqueeze(1))
             w = torch.bmm(x.mT, x, out=product[:m])
             w = torch.add(w, w.mT, out=symmetric[:m]).mul_(0.5)
@@ -597,7 +599,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         blocks = self._position_blocks(n_positions, X.shape[0], d)
         buffers = self._gather_buffers(X, blocks[0][1], d)
         for start, stop in blocks:
-            x = self._gather(X, idx, start, stop, buffers).transpose(0, 1)  # (N, k, d)
+            x = self._gather(X, idx, slice(start, stop), buffers).transpose(0, 1)  # (N, k, d)
             out[:, start:stop] = leave_one_out_mahalanobis(
                 x, moments.mean[start:stop], moments.scatter[start:stop], n, ddof=1,
                 reg=float(self.reg), squared=False, validate_args=False)

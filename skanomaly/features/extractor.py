@@ -689,13 +689,14 @@ def _sliced_features(module: FeatureModule, batch: torch.Tensor, selection,
     fresh copies of the whole batch cost page faults."""
     n, height, width = batch.shape[0], batch.shape[-2], batch.shape[-1]
     step = n if batch.device.type != "cpu" else max(1, _CPU_FORWARD_PIXELS // (height * width))
-    if step >= n and out is None:
-        return module.features(batch, selection)
-    for i in range(0, n, step):
-        if out is None:
-            first = module.features(batch[:step], selection)
-            out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
-            out[:step].copy_(first)
-            continue
+    begin = 0
+    if out is None:  # the first slice tells the output's shape
+        first = module.features(batch[:step], selection)
+        if step >= n:
+            return first
+        out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        out[:step].copy_(first)
+        begin = step
+    for i in range(begin, n, step):
         module.features(batch[i : i + step], selection, out=out[i : i + step])
     return out

@@ -73,25 +73,27 @@ def embed(outputs: dict, layers, selection=None, out=None) -> torch.Tensor:
     size = outputs[layers[0]].shape[-2:]
     if out is not None:
         start = 0
-        for i, name in enumerate(layers):
-            layer = outputs[name]
-            if selection is not None and selection[i] is not None:
-                layer = layer.index_select(1, selection[i])
-            if layer.shape[-2:] != size:  # nearest resize: copies of the entries
-                layer = F.interpolate(layer, size=size, mode="nearest")
+        for layer in _resized(outputs, layers, selection, size, skip_same_size=True):
             out[:, start: start + layer.shape[1]].copy_(layer)
             start += layer.shape[1]
         return out
-    maps = []
-    for i, name in enumerate(layers):
-        out = outputs[name]
-        if selection is not None and selection[i] is not None:
-            out = out.index_select(1, selection[i])
-        # no shape test to skip the first layer's resize: under a trace it would turn
-        # traced sizes into Python constants (the resize to its own size is a copy)
-        maps.append(F.interpolate(out, size=size, mode="nearest"))
+    # no shape test to skip the first layer's resize: under a trace it would turn
+    # traced sizes into Python constants (the resize to its own size is a copy)
+    maps = list(_resized(outputs, layers, selection, size, skip_same_size=False))
     # one (NCHW) layout out, whatever layout the backbone computed in
     return torch.cat(maps, dim=1).contiguous()
+
+
+def _resized(outputs: dict, layers, selection, size, *, skip_same_size: bool):
+    """Each layer's map, its ``selection`` of channels kept, resized (nearest) to
+    ``size``; one already of that size is passed as is if ``skip_same_size``."""
+    for i, name in enumerate(layers):
+        layer = outputs[name]
+        if selection is not None and selection[i] is not None:
+            layer = layer.index_select(1, selection[i])
+        if not (skip_same_size and layer.shape[-2:] == size):
+            layer = F.interpolate(layer, size=size, mode="nearest")
+        yield layer
 
 
 def layer_selection(channels, widths, device) -> list:

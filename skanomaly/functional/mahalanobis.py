@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ._alignment import pad_aligned, realign
+from ._alignment import aligned_width, pad_aligned, realign
 from ._validation import (
     all_finite,
     as_float_tensor,
@@ -606,16 +606,9 @@ def tril_inverse_workspace(batch: int, d: int, *, dtype=torch.float64, device=No
     """
     h = d // 2
     leaf = min(d, _TRIL_INVERSE_BASE)
-    size = _aligned(batch * (d - h) * h, dtype)
+    # the second product starts on a 64-byte boundary, as a fresh tensor does
+    size = aligned_width(batch * (d - h) * h, dtype)
     return torch.empty(max(2 * size, batch * leaf * leaf), dtype=dtype, device=device)
-
-
-def _aligned(n: int, dtype: torch.dtype) -> int:
-    """``n`` elements rounded up to whole 64 bytes: a view that starts there is aligned as
-    a fresh tensor is, which BLAS needs for the same bits (MKL's kernels round
-    differently on unaligned operands)."""
-    per = max(1, 64 // torch.empty((), dtype=dtype).element_size())
-    return -(-n // per) * per
 
 
 def _tril_inverse_into(lower: torch.Tensor, out: torch.Tensor,
@@ -640,7 +633,7 @@ def _tril_inverse_into(lower: torch.Tensor, out: torch.Tensor,
     _tril_inverse_into(lower[:, h:, h:], bottom, workspace)
     size = b * (d - h) * h
     first = workspace[:size].view(b, d - h, h)
-    start = _aligned(size, workspace.dtype)
+    start = aligned_width(size, workspace.dtype)
     second = workspace[start: start + size].view(b, d - h, h)
     # matmul, not bmm: it multiplies contiguous copies of strided blocks, as it always
     # did (bmm of the strided views rounds differently in the last bit)
