@@ -17,6 +17,9 @@ Protocol:
   ``skanomaly fit`` resizes a folder's images) before the backbone; the anomaly maps
   come back at 256 px and are compared with the 256-px masks, so that pixel AUROC and
   PRO are on the same pixels for every ``s``.
+* Maps: blurred with a Gaussian of ``--map-sigmas`` pixels (at the native size; default:
+  the command line's untiled ``--map-sigma``, :data:`skanomaly.cli._common.DEFAULT_MAP_SIGMA`),
+  one row per sigma from one fit (the blur changes the maps only, not the scores).
 * Metrics: image AUROC and pixel AUROC (:mod:`skanomaly.metrics`, anomaly scores), PRO
   up to a false-positive rate of 0.3 (:func:`skanomaly.metrics.pro_score`); the wall
   seconds of ``fit`` (features included) plus ``score_and_map`` of the test crops,
@@ -81,11 +84,16 @@ def _cli_args(detector: str):
 
 
 def run_one(backbone: str, detector: str, size: int, data, layers=None,
-            detector_params=None) -> dict:
-    """Fit the CLI's pipeline for (backbone, detector) at ``size`` on ``data``; metrics.
+            detector_params=None, sigmas=None) -> list[dict]:
+    """Fit the CLI's pipeline for (backbone, detector) at ``size`` on ``data``; metrics,
+    one row per map blur of ``sigmas`` (pixels at the native size; default: the command
+    line's untiled ``--map-sigma``).
 
     ``layers`` (a tuple of names) replaces :func:`skanomaly.cli.default_layers`;
-    ``detector_params`` (a dict) are set on the CLI's detector (``set_params``)."""
+    ``detector_params`` (a dict) are set on the CLI's detector (``set_params``). Times
+    are those of the fit and of the first sigma's ``score_and_map``."""
+    from skanomaly.cli._common import DEFAULT_MAP_SIGMA
+
     from skanomaly import cli
     from skanomaly.cli._common import make_detector, make_model
     from skanomaly.features import FeatureExtractor
@@ -105,26 +113,32 @@ def run_one(backbone: str, detector: str, size: int, data, layers=None,
     model = make_model(extractor, estimator, detector)
     model.fit(X_train)
     fit_s = time.perf_counter() - wall0
-    normality, maps = model.score_and_map(X_test, output_size=native)
+    sigmas = [DEFAULT_MAP_SIGMA] if sigmas is None else list(sigmas)
+    normality, maps = model.score_and_map(X_test, output_size=native, sigma=sigmas[0])
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     load_after = os.getloadavg()[0]
     scores = -np.asarray(normality, dtype=np.float64)
-    maps = np.asarray(maps, dtype=np.float64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.skanomaly"
         save_model(model, path, image_size=size)
         model_mb = path.stat().st_size / 1e6
-    return {
-        "backbone": backbone, "detector": detector, "size": size,
-        "layers": list(layers), "channels": int(n_channels),
-        "detector_params": dict(detector_params or {}),
-        "image_auroc": image_auroc(data.y_test, scores),
-        "pixel_auroc": pixel_auroc(data.masks_test, maps),
-        "pro": pro_score(data.masks_test, maps),
-        "fit_s": fit_s, "wall_s": wall, "cpu_s": cpu, "model_mb": model_mb,
-        "load": [load_before, load_after],
-    }
+    rows = []
+    for sigma in sigmas:
+        if sigma != sigmas[0]:
+            maps = model.anomaly_map(X_test, output_size=native, sigma=sigma)
+        maps = np.asarray(maps, dtype=np.float64)
+        rows.append({
+            "backbone": backbone, "detector": detector, "size": size,
+            "layers": list(layers), "channels": int(n_channels),
+            "detector_params": dict(detector_params or {}), "map_sigma": float(sigma),
+            "image_auroc": image_auroc(data.y_test, scores),
+            "pixel_auroc": pixel_auroc(data.masks_test, maps),
+            "pro": pro_score(data.masks_test, maps),
+            "fit_s": fit_s, "wall_s": wall, "cpu_s": cpu, "model_mb": model_mb,
+            "load": [load_before, load_after],
+        })
+    return rows
 
 
 def markdown(rows: list[dict], info: dict, settings: dict) -> str:
@@ -145,19 +159,20 @@ def markdown(rows: list[dict], info: dict, settings: dict) -> str:
         "included) + `score_and_map` of the test crops, per texture. Model: size of the "
         "saved model file.",
         "",
-        "| backbone | detector | layers | size | " + " | ".join(
+        "| backbone | detector | layers | size | map sigma | " + " | ".join(
             f"{t} pixel / image / PRO" for t in textures)
         + " | min pixel AUROC | wall s (mean) | CPU s (mean) | model MB |",
-        "| --- | --- | --- | ---: | " + " | ".join("---" for _ in textures)
+        "| --- | --- | --- | ---: | ---: | " + " | ".join("---" for _ in textures)
         + " | ---: | ---: | ---: | ---: |",
     ]
 
     def key(r):
         params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("detector_params", {}).items()))
         name = r["detector"] + (f" ({params})" if params else "")
-        return r["backbone"], name, "+".join(r["layers"]), r["size"]
+        # rows of files from before map_sigma: anomalib's 4 px
+        return r["backbone"], name, "+".join(r["layers"]), r["size"], r.get("map_sigma", 4.0)
 
-    for k in sorted({key(r) for r in rows}, key=lambda k: (k[1], k[2], k[0], k[3])):
+    for k in sorted({key(r) for r in rows}, key=lambda k: (k[1], k[2], k[0], k[3], k[4])):
         cells = {r["texture"]: r for r in rows if key(r) == k}
         values = []
         for t in textures:
@@ -166,7 +181,7 @@ def markdown(rows: list[dict], info: dict, settings: dict) -> str:
                           f"{r['pixel_auroc']:.3f} / {r['image_auroc']:.3f} / {r['pro']:.3f}")
         present = list(cells.values())
         lines.append(
-            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(values)
+            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]:g} | " + " | ".join(values)
             + (f" | {min(r['pixel_auroc'] for r in present):.3f}"
                if len(present) == len(textures) else " | n/a")
             + f" | {np.mean([r['wall_s'] for r in present]):.1f}"
@@ -192,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="PatchCore's coreset_sampling_ratio instead of its default")
     parser.add_argument("--n-neighbors", type=int, default=None,
                         help="PatchCore's n_neighbors instead of its default")
+    parser.add_argument("--map-sigmas", nargs="+", type=float, default=None,
+                        metavar="PIXELS", help="blurs of the maps, one row each from one "
+                        "fit (default: the command line's untiled --map-sigma)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     return parser
@@ -221,17 +239,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                             ("n_neighbors", args.n_neighbors))
                           if v is not None and detector == "patchcore"}
                 for backbone in args.backbones:
-                    row = {"texture": texture,
-                           **run_one(backbone, detector, size, cache[texture], args.layers,
-                                     params)}
-                    rows.append(row)
-                    with partial.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"{texture:6s} {backbone} {detector:9s} {size:4d}  pixel "
-                          f"{row['pixel_auroc']:.3f} image {row['image_auroc']:.3f} PRO "
-                          f"{row['pro']:.3f}  {row['wall_s']:.1f} s wall {row['cpu_s']:.1f} s "
-                          f"CPU  {row['model_mb']:.1f} MB  load {row['load'][1]:.1f}",
-                          flush=True)
+                    for row in run_one(backbone, detector, size, cache[texture],
+                                       args.layers, params, args.map_sigmas):
+                        row = {"texture": texture, **row}
+                        rows.append(row)
+                        with partial.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"{texture:6s} {backbone} {detector:9s} {size:4d} sigma "
+                              f"{row['map_sigma']:g}  pixel {row['pixel_auroc']:.3f} image "
+                              f"{row['image_auroc']:.3f} PRO {row['pro']:.3f}  "
+                              f"{row['wall_s']:.1f} s wall {row['cpu_s']:.1f} s CPU  "
+                              f"{row['model_mb']:.1f} MB  load {row['load'][1]:.1f}",
+                              flush=True)
     loads = [v for r in rows for v in r["load"]]
     info = machine_info(torch.device("cpu"), threads)
     info.update(date=datetime.date.today().isoformat(), threads=threads,

@@ -25,7 +25,9 @@ ImageNet weights and its default layers per detector) runs two ways:
   when the image is small enough to go through the backbone at once; ``--no-whole``
   leaves it out).
 
-Reported per texture and way: pixel AUROC, image AUROC and PRO (FPR <= 0.3) at the
+Maps are blurred with a Gaussian of ``--map-sigmas`` pixels of the native image (default:
+the command line's tiled ``--map-sigma``, 2 px), one row per sigma from one fit.
+Reported per texture, way and sigma: pixel AUROC, image AUROC and PRO (FPR <= 0.3) at the
 native resolution (:mod:`skanomaly.metrics`), fit and score time (one run each: timings
 on shared 2-core machines move with other load, which is recorded), and the peak host
 memory of fit and of score (resident set above its level before the call, sampled every
@@ -54,12 +56,14 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from skanomaly.cli._common import TILED_MAP_SIGMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import host_kind, machine_info, write_report  # noqa: E402
@@ -191,6 +195,8 @@ class Row:
     texture: str
     detector: str
     way: str  # "tiled (mean)", "tiled (max)", "resized 64"
+    #: blur of the maps in pixels of the native image (``sigma`` of ``score_and_map``)
+    map_sigma: float | None = None
     pixel_auroc: float | None = None
     image_auroc: float | None = None
     pro: float | None = None
@@ -227,29 +233,42 @@ def make_model(detector: str, args, tiled: bool, merge: str = "mean"):
     return make_anomaly_pipeline(extractor, det, **tiling)
 
 
-def evaluate(row: Row, model, X_train, X_test, y, masks, kinds, size: int) -> Row:
+def evaluate(row: Row, model, X_train, X_test, y, masks, kinds, size: int,
+             sigmas=(TILED_MAP_SIGMA,)) -> list[Row]:
+    """Fit ``model`` and score ``X_test``: one row per map blur of ``sigmas`` (pixels at
+    the native size), copies of ``row`` from one fit; times and memory are those of the
+    fit and of the first sigma's ``score_and_map`` (a blur changes the maps only)."""
     from skanomaly.metrics import image_auroc, pixel_auroc, pro_score
 
+    rows = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # CalibrationWarnings: thresholds not measured
             start = time.perf_counter()
             _, row.fit_mib = peak_rss(lambda: model.fit(X_train))
             row.fit_s = time.perf_counter() - start
-            start = time.perf_counter()
-            (scores, maps), row.score_mib = peak_rss(
-                lambda: model.score_and_map(X_test, output_size=size))
-            row.score_s = time.perf_counter() - start
-        row.pixel_auroc = pixel_auroc(masks, maps)
-        row.image_auroc = image_auroc(y, -scores)
-        row.pro = pro_score(masks, maps)
-        row.pixel_auroc_by_type = {
-            kind: pixel_auroc(masks[(kinds == kind) | (kinds == "good")],
-                              maps[(kinds == kind) | (kinds == "good")])
-            for kind in DEFECTS if (kinds == kind).any()}
+            for sigma in sigmas:
+                row = replace(row, map_sigma=float(sigma))
+                rows.append(row)
+                if len(rows) == 1:
+                    start = time.perf_counter()
+                    (scores, maps), row.score_mib = peak_rss(
+                        lambda: model.score_and_map(X_test, output_size=size, sigma=sigma))
+                    row.score_s = time.perf_counter() - start
+                else:
+                    maps = model.anomaly_map(X_test, output_size=size, sigma=sigma)
+                row.pixel_auroc = pixel_auroc(masks, maps)
+                row.image_auroc = image_auroc(y, -scores)
+                row.pro = pro_score(masks, maps)
+                row.pixel_auroc_by_type = {
+                    kind: pixel_auroc(masks[(kinds == kind) | (kinds == "good")],
+                                      maps[(kinds == kind) | (kinds == "good")])
+                    for kind in DEFECTS if (kinds == kind).any()}
     except Exception as exc:  # one failure must not lose the other results
         row.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-    return row
+        if not rows:
+            rows.append(row)
+    return rows
 
 
 def _fmt(v, digits=3):
@@ -283,18 +302,19 @@ def markdown(rows, info, settings) -> str:
         " PRO integrated to FPR 0.3. Memory: peak host RSS above the level before the "
         "call (MiB).",
         "",
-        "| texture | detector | way | pixel AUROC | image AUROC | PRO | pixel AUROC "
-        "scratch / blotch / patch | fit s | score s | fit MiB | score MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| texture | detector | way | map sigma | pixel AUROC | image AUROC | PRO | pixel "
+        "AUROC scratch / blotch / patch | fit s | score s | fit MiB | score MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        sigma = "" if r.map_sigma is None else f"{r.map_sigma:g}"
         if r.error:
-            lines.append(f"| {r.texture} | {r.detector} | {r.way} | failed: {r.error} "
-                         "| | | | | | | |")
+            lines.append(f"| {r.texture} | {r.detector} | {r.way} | {sigma} | failed: "
+                         f"{r.error} | | | | | | | |")
             continue
         by_type = " / ".join(_fmt((r.pixel_auroc_by_type or {}).get(k)) for k in DEFECTS)
         lines.append(
-            f"| {r.texture} | {r.detector} | {r.way} | {_fmt(r.pixel_auroc)} | "
+            f"| {r.texture} | {r.detector} | {r.way} | {sigma} | {_fmt(r.pixel_auroc)} | "
             f"{_fmt(r.image_auroc)} | {_fmt(r.pro)} | {by_type} | {_fmt(r.fit_s, 1)} | "
             f"{_fmt(r.score_s, 1)} | {_fmt(r.fit_mib, 0)} | {_fmt(r.score_mib, 0)} |")
     return "\n".join(lines) + "\n"
@@ -322,6 +342,10 @@ def _parser():
                    help="PaDiM's n_features: random channels kept (at most the layers')")
     p.add_argument("--patchcore-layers", type=lambda text: text.split(","), default=None,
                    help="comma-separated backbone layers of PatchCore (default: the CLI's)")
+    p.add_argument("--map-sigmas", nargs="+", type=float, default=[TILED_MAP_SIGMA],
+                   metavar="PIXELS", help="blurs of the maps in native pixels, one row each "
+                   "from one fit (default: the command line's tiled --map-sigma, "
+                   f"{TILED_MAP_SIGMA:g})")
     p.add_argument("--resize", type=int, default=64)
     p.add_argument("--coreset-ratio", type=float, default=0.02)
     p.add_argument("--no-whole", action="store_true",
@@ -357,23 +381,24 @@ def main(argv=None) -> list[Row]:
                                                      args.image_size)
         for detector in args.detectors:
             for merge in (args.merges if "tiled" in args.ways else ()):
-                row = evaluate(Row(texture, detector, f"tiled ({merge})"),
-                               make_model(detector, args, True, merge), X_train, X_test, y,
-                               masks, kinds, args.image_size)
-                rows.append(row)
-                print(row, flush=True)
+                for row in evaluate(Row(texture, detector, f"tiled ({merge})"),
+                                    make_model(detector, args, True, merge), X_train, X_test,
+                                    y, masks, kinds, args.image_size, args.map_sigmas):
+                    rows.append(row)
+                    print(row, flush=True)
             if "resized" in args.ways:
-                row = evaluate(Row(texture, detector, f"resized {args.resize}"),
-                               make_model(detector, args, False), resize(X_train, args.resize),
-                               resize(X_test, args.resize), y, masks, kinds, args.image_size)
-                rows.append(row)
-                print(row, flush=True)
+                for row in evaluate(Row(texture, detector, f"resized {args.resize}"),
+                                    make_model(detector, args, False),
+                                    resize(X_train, args.resize), resize(X_test, args.resize),
+                                    y, masks, kinds, args.image_size, args.map_sigmas):
+                    rows.append(row)
+                    print(row, flush=True)
             if "whole" in args.ways and not args.no_whole:
-                row = evaluate(Row(texture, detector, f"whole {args.image_size}, untiled"),
-                               make_model(detector, args, False), X_train, X_test, y, masks,
-                               kinds, args.image_size)
-                rows.append(row)
-                print(row, flush=True)
+                for row in evaluate(Row(texture, detector, f"whole {args.image_size}, untiled"),
+                                    make_model(detector, args, False), X_train, X_test, y,
+                                    masks, kinds, args.image_size, args.map_sigmas):
+                    rows.append(row)
+                    print(row, flush=True)
     info["load_end"] = os.getloadavg()
     settings = dict(vars(args), output=str(args.output), backbone=(
         "resnet18 (random)" if args.weights == "random"

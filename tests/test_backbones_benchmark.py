@@ -43,7 +43,7 @@ def test_quick_run_writes_table_and_matches_a_hand_made_pipeline(backbones, tmp_
     assert row["layers"] == ["blocks.2", "blocks.3"] and row["model_mb"] > 1
     (md,) = tmp_path.glob("backbones-*-quick.md")
     (js,) = tmp_path.glob("backbones-*-quick.json")
-    assert "| lite0 | patchcore | blocks.2+blocks.3 | 32 |" in md.read_text()
+    assert "| lite0 | patchcore | blocks.2+blocks.3 | 32 | 8 |" in md.read_text()
     assert json.loads(js.read_text())["rows"][0]["pixel_auroc"] == row["pixel_auroc"]
     assert not list(tmp_path.glob("*partial*"))
 
@@ -63,7 +63,9 @@ def test_quick_run_writes_table_and_matches_a_hand_made_pipeline(backbones, tmp_
         ("detector", PatchCoreDetector(random_state=0, contamination=0.1, device="cpu")),
     ]).fit(resize(data.X_train))
     scores = -model.score_samples(resize(data.X_test))
-    maps = model.anomaly_map(resize(data.X_test), output_size=64)
+    # maps blurred as the command line blurs them untiled: 8 px
+    assert row["map_sigma"] == 8.0
+    maps = model.anomaly_map(resize(data.X_test), output_size=64, sigma=8.0)
     assert row["image_auroc"] == pytest.approx(image_auroc(data.y_test, scores))
     assert row["pixel_auroc"] == pytest.approx(pixel_auroc(data.masks_test, np.asarray(maps)))
 
@@ -71,12 +73,16 @@ def test_quick_run_writes_table_and_matches_a_hand_made_pipeline(backbones, tmp_
 def test_detector_options_reach_patchcore_and_name_the_row(backbones, tmp_path):
     rows = backbones.main(["--quick", "--backbones", "lite0", "--detectors", "patchcore",
                            "--sizes", "32", "--textures", "gravel", "--coreset-ratio", "0.5",
-                           "--n-neighbors", "3", "--output", str(tmp_path)])
-    (row,) = rows
+                           "--n-neighbors", "3", "--map-sigmas", "2", "0", "--output",
+                           str(tmp_path)])
+    row, unblurred = rows
+    assert (row["map_sigma"], unblurred["map_sigma"]) == (2.0, 0.0)
+    assert unblurred["image_auroc"] == row["image_auroc"]  # the blur moves maps only
     assert row["detector_params"] == {"coreset_sampling_ratio": 0.5, "n_neighbors": 3}
     (md,) = tmp_path.glob("backbones-*-quick.md")
-    assert ("| lite0 | patchcore (coreset_sampling_ratio=0.5, n_neighbors=3) | "
-            "blocks.2+blocks.3 | 32 |") in md.read_text()
+    for sigma in ("0", "2"):
+        assert ("| lite0 | patchcore (coreset_sampling_ratio=0.5, n_neighbors=3) | "
+                f"blocks.2+blocks.3 | 32 | {sigma} |") in md.read_text()
 
     data = load_textures("gravel", n_train=8, n_test=6, image_size=64, random_state=0)
     X_train, X_test = backbones.resize(data.X_train, 32), backbones.resize(data.X_test, 32)
@@ -88,6 +94,7 @@ def test_detector_options_reach_patchcore_and_name_the_row(backbones, tmp_path):
                                        random_state=0, contamination=0.1, device="cpu")),
     ]).fit(X_train)
     scores = -model.score_samples(X_test)
-    maps = model.anomaly_map(X_test, output_size=64)
     assert row["image_auroc"] == pytest.approx(image_auroc(data.y_test, scores))
-    assert row["pixel_auroc"] == pytest.approx(pixel_auroc(data.masks_test, np.asarray(maps)))
+    for r, sigma in ((row, 2.0), (unblurred, 0.0)):
+        maps = model.anomaly_map(X_test, output_size=64, sigma=sigma)
+        assert r["pixel_auroc"] == pytest.approx(pixel_auroc(data.masks_test, np.asarray(maps)))

@@ -284,8 +284,9 @@ def test_small_defects_quick_run(small_defects, tmp_path):
         assert r.error is None
         assert 0 <= r.pixel_auroc <= 1 and 0 <= r.image_auroc <= 1 and 0 <= r.pro <= 1
         assert r.fit_s > 0 and r.score_s > 0
+    assert all(r.map_sigma == 2.0 for r in rows)  # the command line's tiled blur
     (md,) = tmp_path.glob("small_defects-*-quick.md")
-    assert "| brick | padim | tiled (mean) |" in md.read_text()
+    assert "| brick | padim | tiled (mean) | 2 |" in md.read_text()
 
 
 def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
@@ -294,12 +295,16 @@ def test_small_defects_zoomed_tiles_and_layers(small_defects, tmp_path):
         rows = small_defects.main(["--quick", "--merges", "max", "--ways", "tiled",
                                    "--tile-resize", "48", "--detectors", "padim",
                                    "--padim-layers", "layer2", "--padim-features", "50",
-                                   "--tag", "zoom",
+                                   "--tag", "zoom", "--map-sigmas", "0", "4",
                                    "--output", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    assert [(r.detector, r.way) for r in rows] == [("padim", "tiled (max)")]
-    assert rows[0].error is None
+    # one fit, a row per blur: the same image scores, other maps
+    assert [(r.detector, r.way, r.map_sigma) for r in rows] == [
+        ("padim", "tiled (max)", 0.0), ("padim", "tiled (max)", 4.0)]
+    assert rows[0].error is None and rows[1].error is None
+    assert rows[0].image_auroc == rows[1].image_auroc and rows[0].fit_s == rows[1].fit_s
+    assert rows[0].pixel_auroc != rows[1].pixel_auroc
     text = next(tmp_path.glob("small_defects-*-quick-zoom.md")).read_text()
     assert "layers: padim layer2" in text
     assert "each enlarged to 48 px before the backbone (zoom 1.5)" in text

@@ -655,6 +655,14 @@ def fitted(tree):
     return model
 
 
+def read_test_mask(tree, path):
+    """The mask of test image ``path`` of ``tree`` (all False for a good image)."""
+    mask_path = tree / "masks" / path.parent.name / f"{path.stem}_mask.png"
+    if not mask_path.exists():
+        return np.zeros((32, 32), dtype=bool)
+    return np.asarray(Image.open(mask_path)) > 0
+
+
 def folder_images(folder, size=32):
     from skanomaly.streaming import find_images, read_image
 
@@ -746,6 +754,58 @@ def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
     assert metrics["model_metadata"] == metadata
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert [f"heatmaps/{p.name}" for p in heatmaps] == [row["heatmap"] for row in rows]
+    # pixel metrics of the maps blurred by fit's default --map-sigma (8 px untiled)
+    assert metadata["map_sigma"] == 8.0
+    masks = np.stack([read_test_mask(tree, p) for p in paths])
+    maps = model.anomaly_map(images, sigma=8.0)
+    assert metrics["metrics"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.ravel(), maps.ravel()))
+    assert metrics["metrics"]["pixel_auroc"] != pytest.approx(
+        roc_auc_score(masks.ravel(), model.anomaly_map(images, sigma=4.0).ravel()))
+
+
+def test_map_sigma_reaches_fit_predict_export_and_the_main_job(tree, tmp_path, capsys):
+    """--map-sigma is stored by fit, blurs predict's maps (pixel AUROC of the maps at
+    that sigma) and the exported module's; the main job's default is 8 px untiled and
+    2 px tiled; a negative value is refused by the parser."""
+    from skanomaly.export import read_metadata
+    from skanomaly.persistence import load_model
+
+    path = tmp_path / "sharp.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(path), *RESNET,
+                 "--map-sigma", "0"]) == 0
+    model, metadata = load_model(path)
+    assert metadata["map_sigma"] == 0.0
+    out = tmp_path / "out"
+    assert main(["predict", str(path), str(tree / "test"), "--mask-dir", str(tree / "masks"),
+                 "--output-dir", str(out), "--device", "cpu", "--quiet",
+                 "--no-heatmaps"]) == 0
+    paths, images = folder_images(tree / "test")
+    masks = np.stack([read_test_mask(tree, p) for p in paths])
+    unblurred = model.anomaly_map(images, sigma=0)
+    assert read_metrics(out)["metrics"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.ravel(), unblurred.ravel()))
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    assert main(["export", str(path), str(tmp_path / "sharp.onnx"), "--quiet"]) == 0
+    assert read_metadata(tmp_path / "sharp.onnx")["sigma"] == 0.0
+    session = onnxruntime.InferenceSession(str(tmp_path / "sharp.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    maps = session.run(None, {session.get_inputs()[0].name: images[:2]})[1]
+    np.testing.assert_allclose(maps, unblurred[:2], rtol=1e-4,
+                               atol=1e-4 * np.abs(unblurred).max())
+    for options, expected in (([], 8.0), (["--tile-size", "16"], 2.0),
+                              (["--map-sigma", "3.5"], 3.5)):
+        main_out = tmp_path / f"main{len(options)}"
+        assert main([*BUNDLED, "--backbone", "resnet18", "--weights", "random",
+                     "--no-heatmaps", "--output-dir", str(main_out), *options]) == 0
+        assert read_metrics(main_out)["map_sigma"] == expected
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", str(tree / "train"), "--model", str(path), *RESNET, "--map-sigma", "-1"])
+    assert exc.value.code == 2
+    assert "argument --map-sigma: must be in [0, inf), got -1" in capsys.readouterr().err
 
 
 def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):
@@ -922,7 +982,9 @@ def test_export_runs_as_the_pipeline(suffix, tree, fitted, tmp_path):
             loaded = torch.jit.load(str(out))
         scores, maps = (t.numpy() for t in loaded(torch.from_numpy(images)))
     np.testing.assert_allclose(scores, -model.score_samples(images), rtol=1e-4)
-    expected = model[-1].anomaly_map(model[0].transform(images), output_size=32)
+    # maps blurred by fit's --map-sigma (the default: 8 px untiled)
+    assert metadata["map_sigma"] == 8.0
+    expected = model[-1].anomaly_map(model[0].transform(images), output_size=32, sigma=8.0)
     np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert export.read_metadata(out)["threshold"] == metadata["threshold"]
 

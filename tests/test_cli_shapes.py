@@ -115,7 +115,8 @@ def test_fit_and_predict_keep_the_aspect_ratio(tree, fitted, tmp_path):
     assert {tuple(Image.open(out / r["heatmap"].replace("heatmaps/", "masks/")).size)
             for r in rows} == {(96, 64), (192, 128)}
     # pixel metrics at the size the maps were computed at, masks resized to it
-    _, maps = pipeline.score_and_map(X, output_size=INPUT)
+    assert metadata["map_sigma"] == 8.0  # the default blur of an untiled model
+    _, maps = pipeline.score_and_map(X, output_size=INPUT, sigma=8.0)
     truth = np.zeros((len(paths), *INPUT), dtype=bool)
     for i, path in enumerate(paths):
         mask_path = tree / "masks" / path.parent.name / f"{path.stem}_mask.png"
@@ -195,7 +196,8 @@ def test_tiled_models_score_images_of_any_shape(tree, tmp_path):
     model_path = tmp_path / "tiled.skanomaly"
     assert main(["fit", str(tree / "train"), "--model", str(model_path), *RESNET,
                  "--tile-size", "16", "--calibration-dir", str(tree / "calibration")]) == 0
-    pipeline, _ = load_model(model_path)
+    pipeline, metadata = load_model(model_path)
+    assert metadata["map_sigma"] == 2.0  # the default blur of a tiled model
     test, masks = tmp_path / "test", tmp_path / "masks"
     source = sorted((tree / "test").rglob("*.png"))
     defective = next(p for p in source if p.parent.name != "good")
@@ -218,7 +220,7 @@ def test_tiled_models_score_images_of_any_shape(tree, tmp_path):
     for row in rows:
         path = test / row["image"]
         X = by_hand(path, *sizes[path.name])[None]
-        score, anomaly_map = pipeline.score_and_map(X)
+        score, anomaly_map = pipeline.score_and_map(X, sigma=2.0)
         assert float(row["anomaly_score"]) == -score[0]
         assert anomaly_map.shape[1:] == sizes[path.name]
         mask_path = masks / kind / f"{path.stem}_mask.png"

@@ -163,7 +163,9 @@ def main(argv=None) -> int:
     (for packaged weights: the package and its version, the file, its SHA-256, the
     source and licence) and timings.
     Heatmaps overlay the anomaly map, upsampled to the image and blurred with a
-    Gaussian of sigma 4 pixels, as a jet colour map from the smallest to the largest
+    Gaussian of ``--map-sigma`` pixels (default 8, or 2 with ``--tile-size``; stored
+    in the model file by ``fit`` for ``predict`` and ``export``, and in
+    ``metrics.json`` as ``map_sigma``), as a jet colour map from the smallest to the largest
     value over all test images, so colours compare across images; the ground-truth
     mask is outlined in white.
 

@@ -11,6 +11,7 @@ from ._common import (
     check_model_file,
     check_output_dir,
     load_for_cli,
+    map_sigma_of,
     set_device,
     user_errors,
 )
@@ -34,7 +35,9 @@ def export_command(args) -> dict:
     with user_errors("export"):
         from ..export import export
 
-        export(pipeline, args.output, example_input=example, dtype=args.dtype)
+        # maps blurred as fit and predict blur them (files from before --map-sigma: 4 px)
+        export(pipeline, args.output, example_input=example, dtype=args.dtype,
+               sigma=map_sigma_of(metadata))
     result = {"output": str(args.output), "export_s": time.perf_counter() - start,
               "model_metadata": metadata}
     if not args.quiet:

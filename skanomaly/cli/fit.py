@@ -19,6 +19,7 @@ from ._common import (
     default_layers,
     make_detector,
     make_model,
+    map_sigma,
     resolve_weights,
     size_text,
     tiles_text,
@@ -100,14 +101,14 @@ def fit_command(args) -> dict:
             X_cal = read_stack(calibration_paths, resize, True, "", input_size)[0]
             calibrate(model, X_cal)
             if spatial:  # predicted masks: the conformal quantile of their pixels
-                model.calibrate_pixels(X_cal)
+                model.calibrate_pixels(X_cal, sigma=map_sigma(args))
             timings["calibrate_s"] = time.perf_counter() - start
         if validation is not None:
             start = time.perf_counter()
             X_val, y_val, masks_val = validation
             calibrate(model, X_val, y_val)
             if spatial and masks_val is not None:
-                model.calibrate_pixels(X_val, masks_val)
+                model.calibrate_pixels(X_val, masks_val, sigma=map_sigma(args))
             timings["calibrate_s"] = time.perf_counter() - start
     for w in caught:  # an in-sample fallback becomes the note; other warnings go on
         if issubclass(w.category, CalibrationWarning):  # the final threshold is in-sample
@@ -134,6 +135,8 @@ def fit_command(args) -> dict:
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "tile_resize": args.tile_resize if args.tile_size else None,
+        # blur of the maps in pixels: predict and export use it
+        "map_sigma": map_sigma(args) if spatial else None,
         "train_dir": str(args.train_dir),
         "n_train": len(paths),
         "batch_size": args.batch_size,

@@ -13,6 +13,7 @@ from ._common import (
     check_model_file,
     check_output_dir,
     load_for_cli,
+    map_sigma_of,
     progress,
     score_batch,
     set_device,
@@ -71,6 +72,8 @@ def predict_command(args) -> dict:
                        "crop them to the training images' aspect ratio")
     detector = pipeline[-1]
     spatial = isinstance(detector, BaseSpatialDetector)
+    # the map blur of fit (model files from before --map-sigma: anomalib's 4 px)
+    sigma = map_sigma_of(metadata)
     n = len(paths)
     scores = np.empty(n)
     predictions = np.empty(n, dtype=np.int64)
@@ -97,7 +100,7 @@ def predict_command(args) -> dict:
                     masks[i] = np.zeros(size, dtype=bool)
         with user_errors("model"):  # one pass of the pipeline: scores and maps
             scores[first:stop], predictions[first:stop], batch_maps = score_batch(
-                pipeline, images, spatial, size)
+                pipeline, images, spatial, size, sigma)
             if spatial:
                 maps[first:stop] = list(batch_maps)
             if predicted is not None:  # the pixel threshold's own map size and blur

@@ -26,6 +26,7 @@ from ._common import (
     default_layers,
     make_detector,
     make_model,
+    map_sigma,
     progress,
     resolve_weights,
     score_batch,
@@ -247,11 +248,13 @@ def _fit_model(args, extractor, X_train, train_names, held=None):
     return model, fit, record
 
 
-def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16):
+def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16,
+           sigma: float = 4.0):
     """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps (each
-    at its image's size, as the command reads it: (n, h, w) float32 when the images
-    share a size, else a list; None for the others) of the fitted pipeline ``model``,
-    by batches of consecutive images of one size.
+    at its image's size, as the command reads it, blurred with a Gaussian of ``sigma``
+    pixels: (n, h, w) float32 when the images share a size, else a list; None for the
+    others) of the fitted pipeline ``model``, by batches of consecutive images of one
+    size.
 
     Each batch goes through the pipeline once (:func:`score_batch`).
     """
@@ -265,7 +268,7 @@ def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16):
         batch = images[start:stop] if isinstance(images, np.ndarray) else np.stack(
             images[start:stop])
         scores[start:stop], predictions[start:stop], batch_maps = score_batch(
-            model, batch, spatial, tuple(shapes[start]))
+            model, batch, spatial, tuple(shapes[start]), sigma)
         if spatial:
             maps[start:stop] = list(batch_maps)
     if spatial and len(set(shapes)) == 1:
@@ -341,7 +344,8 @@ def run_command(args) -> dict:
     start = time.perf_counter()
     spatial = args.detector in SPATIAL_DETECTORS
     images = test.images if test.model_images is None else test.model_images
-    scores, predictions, maps = _score(model, images, spatial, args.quiet)
+    sigma = map_sigma(args)
+    scores, predictions, maps = _score(model, images, spatial, args.quiet, sigma=sigma)
     timings["score_s"] = time.perf_counter() - start
 
     notes = [] if weights else [RANDOM_BACKBONE_NOTE]
@@ -372,6 +376,7 @@ def run_command(args) -> dict:
         "tile_size": args.tile_size,
         "tile_stride": (args.tile_stride or args.tile_size) if args.tile_size else None,
         "tile_resize": args.tile_resize if args.tile_size else None,
+        "map_sigma": sigma if spatial else None,
         "device": str(device),
         "data": data_info,
         "n_train": int(len(X_train)),
