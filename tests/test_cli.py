@@ -707,6 +707,8 @@ def test_fit_saves_a_streamed_calibrated_pipeline_with_metadata(tree, fitted):
     assert detector.calibration_ == metadata["calibration"] == "held-out"
     assert detector.offset_ == np.min(model.score_samples(held_out))
     assert metadata["threshold"] == -detector.offset_
+    # the pixel threshold of predicted masks is set on maps blurred as predict blurs them
+    assert detector.pixel_sigma_ == metadata["map_sigma"] == 8.0
     # the streamed moments are those of every training image's features (numpy), and
     # the model scores as one fitted on them in one go
     _, train = folder_images(tree / "train")

@@ -240,7 +240,9 @@ def test_cli_fits_thresholds_on_labelled_validation_images_and_writes_masks(tmp_
     anomaly = -model.score_samples(X_val)
     _, best_t = _brute_f1(anomaly, y_val == -1)
     np.testing.assert_array_equal(model.predict(X_val) == -1, anomaly >= best_t)
-    maps = model.anomaly_map(X_val)
+    # the maps blurred as the command line blurs them (--map-sigma, 8 px untiled)
+    assert detector.pixel_sigma_ == metadata["map_sigma"] == 8.0
+    maps = model.anomaly_map(X_val, sigma=8.0)
     _, best_pixel = _brute_f1(maps.ravel(), masks_val.ravel())
     np.testing.assert_array_equal(model.predict_mask(X_val), maps >= best_pixel)
 
