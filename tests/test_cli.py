@@ -807,7 +807,7 @@ def test_map_sigma_reaches_fit_predict_export_and_the_main_job(tree, tmp_path, c
     with pytest.raises(SystemExit) as exc:
         main(["fit", str(tree / "train"), "--model", str(path), *RESNET, "--map-sigma", "-1"])
     assert exc.value.code == 2
-    assert "argument --map-sigma: must be in [0, inf), got -1" in capsys.readouterr().err
+    assert "argument --map-sigma: must be in [0, 1000], got -1" in capsys.readouterr().err
 
 
 def test_predict_in_small_batches_and_without_labels(tree, fitted, tmp_path):

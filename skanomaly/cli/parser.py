@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from ._common import (
@@ -123,18 +122,20 @@ def _add_tiling(group) -> None:
                        help=TILE_RESIZE_HELP)
 
 
+#: largest --map-sigma: a blur wider than any image is no map
+MAX_MAP_SIGMA = 1000.0
 MAP_SIGMA_HELP = (
-    "standard deviation in pixels of the Gaussian blur of the anomaly maps (heatmaps, "
-    "pixel metrics and predicted masks), in pixels of the images as the model reads them, "
-    f"0 for none (default: {DEFAULT_MAP_SIGMA:g}, or {TILED_MAP_SIGMA:g} with --tile-size: "
-    "measured on the bundled textures, whose defects are tens of pixels, and on defects of "
-    "4-12 pixels at native resolution; anomalib uses 4)")
+    "standard deviation of the Gaussian blur of the anomaly maps (heatmaps, pixel metrics "
+    "and predicted masks) in pixels of the images as the model reads them, from 0 (no "
+    f"blur) to {MAX_MAP_SIGMA:g} (default: {DEFAULT_MAP_SIGMA:g}, or {TILED_MAP_SIGMA:g} "
+    "with --tile-size: measured on the bundled textures, whose defects are tens of "
+    "pixels, and on defects of 4-12 pixels at native resolution; anomalib uses 4)")
 
 
 def _add_map_sigma(group) -> None:
     """``--map-sigma`` on a parser or argument group."""
     group.add_argument("--map-sigma", metavar="PIXELS", help=MAP_SIGMA_HELP,
-                       type=_float_in(0, math.inf, low_closed=True, high_closed=False))
+                       type=_float_in(0, MAX_MAP_SIGMA, low_closed=True, high_closed=True))
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
