@@ -556,6 +556,9 @@ def usage_error(argv, capsys):
         (["--tile-size", "16", "--detector", "gaussian"],
          "--tile-size needs a detector over feature maps"),
         (["--tile-resize", "32"], "--tile-resize needs --tile-size"),
+        (["--n-features", "8", "--detector", "patchcore"],
+         "--n-features applies to --detector padim, not patchcore"),
+        (["--n-features", "0"], "argument --n-features: must be at least 1, got 0"),
         (["--tile-size", "16", "--tile-resize", "0"],
          "argument --tile-resize: must be at least 1 pixels, got 0"),
         (["--output-dir", "{tmp}/file.txt"],
@@ -764,6 +767,36 @@ def test_predict_scores_are_the_pipelines(tree, fitted, tmp_path):
         roc_auc_score(masks.ravel(), maps.ravel()))
     assert metrics["metrics"]["pixel_auroc"] != pytest.approx(
         roc_auc_score(masks.ravel(), model.anomaly_map(images, sigma=4.0).ravel()))
+
+
+def test_n_features_reaches_padim_in_fit_and_the_main_job(tree, tmp_path, capsys):
+    """--n-features sets PaDiM's n_features (all 192 channels of layer1 + layer2 here: the
+    scores of a pipeline built by hand with n_features=192); more than the layers have is
+    a one-line error."""
+    from skanomaly import make_anomaly_pipeline
+    from skanomaly.persistence import load_model
+
+    path = tmp_path / "all.skanomaly"
+    assert main(["fit", str(tree / "train"), "--model", str(path), *RESNET,
+                 "--n-features", "192"]) == 0
+    model, _ = load_model(path)
+    assert model[-1].n_features == 192 and len(model[-1].feature_indices_) == 192
+    _, train = folder_images(tree / "train")
+    _, test = folder_images(tree / "test")
+    reference = make_anomaly_pipeline(
+        FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None, random_state=0,
+                         device="cpu"),
+        PaDiMDetector(n_features=192, random_state=0, device="cpu")).fit(train)
+    np.testing.assert_allclose(model.score_samples(test), reference.score_samples(test),
+                               rtol=1e-9)
+    main_out = tmp_path / "main"
+    assert main([*BUNDLED, "--backbone", "resnet18", "--weights", "random", "--no-heatmaps",
+                 "--n-features", "50", "--output-dir", str(main_out)]) == 0
+    assert read_metrics(main_out)["detector_params"]["n_features"] == 50
+    capsys.readouterr()
+    err = usage_error([*BUNDLED, "--backbone", "resnet18", "--weights", "random",
+                       "--n-features", "500", "--output-dir", str(tmp_path / "x")], capsys)
+    assert "--n-features 500 exceeds the 448 channels of the backbone's layers" in err
 
 
 def test_map_sigma_reaches_fit_predict_export_and_the_main_job(tree, tmp_path, capsys):

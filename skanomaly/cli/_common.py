@@ -220,9 +220,14 @@ def make_detector(name: str, n_channels: int, n_train: int, args):
     )
 
     common = {"contamination": args.contamination, "device": args.device}
+    n_features = getattr(args, "n_features", None)
     if name == "padim":  # anomalib keeps 100 of resnet18's 448 channels
+        if n_features is not None and n_features > n_channels:
+            raise CLIError(f"--n-features {n_features} exceeds the {n_channels} channels of "
+                           "the backbone's layers")
         return PaDiMDetector(
-            n_features=min(100, n_channels), random_state=args.random_state, **common
+            n_features=min(100, n_channels) if n_features is None else n_features,
+            random_state=args.random_state, **common
         )
     if name == "patchcore":
         return PatchCoreDetector(random_state=args.random_state, **common)
@@ -297,7 +302,10 @@ def tiles_text(tile_size, tile_stride, tile_resize=None) -> str:
 
 
 def check_tiling(args) -> None:
-    """CLIError for tiling options that cannot work, before any image is read."""
+    """CLIError for tiling (and detector) options that cannot work, before any image is
+    read."""
+    if getattr(args, "n_features", None) is not None and args.detector != "padim":
+        raise CLIError(f"--n-features applies to --detector padim, not {args.detector}")
     if args.tile_size is None:
         for option in ("tile_stride", "tile_resize"):
             if getattr(args, option, None) is not None:

@@ -133,9 +133,14 @@ MAP_SIGMA_HELP = (
 
 
 def _add_map_sigma(group) -> None:
-    """``--map-sigma`` on a parser or argument group."""
+    """``--map-sigma`` and ``--n-features`` on a parser or argument group."""
     group.add_argument("--map-sigma", metavar="PIXELS", help=MAP_SIGMA_HELP,
                        type=_float_in(0, MAX_MAP_SIGMA, low_closed=True, high_closed=True))
+    group.add_argument(
+        "--n-features", type=_int_at_least(1), metavar="N",
+        help="padim: channels kept, drawn at random from the layers' (default: 100, "
+        "anomalib's, or all if fewer); all of them (144 for the default layers) localised "
+        "small defects best in tiles zoomed 4 times (see the tiling guide)")
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
