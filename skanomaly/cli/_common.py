@@ -301,8 +301,8 @@ def tiles_text(tile_size, tile_stride, tile_resize=None) -> str:
     return text
 
 
-def check_tiling(args) -> None:
-    """CLIError for tiling (and detector) options that cannot work, before any image is
+def check_model_options(args) -> None:
+    """CLIError for tiling and detector options that cannot work, before any image is
     read."""
     if getattr(args, "n_features", None) is not None and args.detector != "padim":
         raise CLIError(f"--n-features applies to --detector padim, not {args.detector}")
@@ -337,7 +337,7 @@ def map_sigma_of(metadata: dict) -> float:
     return 4.0 if sigma is None else float(sigma)
 
 
-def score_batch(model, images, spatial: bool, size, sigma: float = 4.0):
+def score_batch(model, images, spatial: bool, size, sigma: float):
     """Anomaly scores, predictions and (spatial detectors) maps at ``size`` (an int or
     (height, width): the images' own size as the command reads them), blurred with a
     Gaussian of ``sigma`` pixels, of one batch from ONE pass of the pipeline:

@@ -14,8 +14,8 @@ from ._common import (
     SPATIAL_DETECTORS,
     CLIError,
     check_dir,
+    check_model_options,
     check_model_path,
-    check_tiling,
     default_layers,
     make_detector,
     make_model,
@@ -55,7 +55,7 @@ def fit_command(args) -> dict:
                        "one), not both")
     if args.validation_mask_dir is not None and args.validation_dir is None:
         raise CLIError("--validation-mask-dir needs --validation-dir")
-    check_tiling(args)
+    check_model_options(args)
     check_model_path(args.model)
     with user_errors("--device"):
         resolve_device(args.device)

@@ -132,7 +132,7 @@ MAP_SIGMA_HELP = (
     "pixels, and on defects of 4-12 pixels at native resolution; anomalib uses 4)")
 
 
-def _add_map_sigma(group) -> None:
+def _add_detector_options(group) -> None:
     """``--map-sigma`` and ``--n-features`` on a parser or argument group."""
     group.add_argument("--map-sigma", metavar="PIXELS", help=MAP_SIGMA_HELP,
                        type=_float_in(0, MAX_MAP_SIGMA, low_closed=True, high_closed=True))
@@ -195,7 +195,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                      "--validation-dir images must come out at one size; predict and "
                      "export read images as the training images were read")
     _add_tiling(fit)
-    _add_map_sigma(fit)
+    _add_detector_options(fit)
     fit.add_argument("--batch-size", type=_int_at_least(1), default=32,
                      help="images read and absorbed per batch (default: 32)")
     fit.add_argument("--contamination", default=0.1,
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-sample scores of the fitted images (cross-fitting or leave-one-out). "
         "The bundled data hold out --n-calibration images instead",
     )
-    _add_map_sigma(model)
+    _add_detector_options(model)
     model.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)",
     )

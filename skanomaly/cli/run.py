@@ -21,8 +21,8 @@ from ._common import (
     RANDOM_BACKBONE_NOTE,
     SPATIAL_DETECTORS,
     CLIError,
+    check_model_options,
     check_output_dir,
-    check_tiling,
     default_layers,
     make_detector,
     make_model,
@@ -166,7 +166,7 @@ def check_settings(args) -> None:
             if folder is not None and not folder.is_dir():
                 problem = "is not a directory" if folder.exists() else "does not exist"
                 raise CLIError(f"{option} {folder} {problem}")
-    check_tiling(args)
+    check_model_options(args)
     with user_errors("--device"):
         resolve_device(args.device)
     check_output_dir(args.output_dir)
@@ -248,8 +248,7 @@ def _fit_model(args, extractor, X_train, train_names, held=None):
     return model, fit, record
 
 
-def _score(model, images, spatial: bool, quiet: bool, batch_size: int = 16,
-           sigma: float = 4.0):
+def _score(model, images, spatial: bool, quiet: bool, sigma: float, batch_size: int = 16):
     """Anomaly scores (n,), predictions (n,) int and, for spatial detectors, maps (each
     at its image's size, as the command reads it, blurred with a Gaussian of ``sigma``
     pixels: (n, h, w) float32 when the images share a size, else a list; None for the
@@ -345,7 +344,7 @@ def run_command(args) -> dict:
     spatial = args.detector in SPATIAL_DETECTORS
     images = test.images if test.model_images is None else test.model_images
     sigma = map_sigma(args)
-    scores, predictions, maps = _score(model, images, spatial, args.quiet, sigma=sigma)
+    scores, predictions, maps = _score(model, images, spatial, args.quiet, sigma)
     timings["score_s"] = time.perf_counter() - start
 
     notes = [] if weights else [RANDOM_BACKBONE_NOTE]

@@ -364,8 +364,14 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
         """Mean and scatter of a gathered block ``x`` (k, n, d) into ``mean`` (k, d) and
         ``scatter`` (k, d, d); ``x`` is centred in place, ``product`` is scratch.
         Returns ``scatter``."""
-        block_mean = torch.mean(x, 1, out=mean)
-        x.sub_(block_mean.unsqueeze(1))
+        return PaDiMDetector._centred_scatter(x, torch.mean(x, 1, out=mean), scatter,
+                                              product)
+
+    @staticmethod
+    def _centred_scatter(x, mean, scatter, product) -> torch.Tensor:
+        """Scatter (k, d, d) of a gathered block ``x`` (k, n, d) about ``mean`` (k, d)
+        into ``scatter``; ``x`` is centred in place, ``product`` is scratch."""
+        x.sub_(mean.unsqueeze(1))
         block = torch.bmm(x.mT, x, out=product)
         # symmetric by definition; bmm may leave last-bit asymmetries
         return torch.add(block, block.mT, out=scatter).mul_(0.5)
@@ -558,9 +564,7 @@ class PaDiMDetector(IncrementalMixin, BaseSpatialDetector):
             chosen = positions[start: start + step]
             m = len(chosen)
             x = self._gather(X, idx, chosen, gather)  # (m, n, d), aligned as the fit's
-            x.sub_(mean[chosen].unsqueeze(1))
-            w = torch.bmm(x.mT, x, out=product[:m])
-            w = torch.add(w, w.mT, out=symmetric[:m]).mul_(0.5)
+            w = self._centred_scatter(x, mean[chosen], symmetric[:m], product[:m])
             try:
                 loo = leave_one_out_from_residuals(x, w, n, ddof=1, reg=reg, squared=False,
                                                    buffers=scratch)
